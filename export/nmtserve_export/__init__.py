@@ -1,0 +1,1 @@
+"""nmtserve's training side: the Transformer, the corpus, training, evaluation, plots and ONNX export."""

@@ -1,0 +1,73 @@
+"""The training-side subcommands of `nmtserve`: corpus, train, evaluate, plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from nmtserve.settings import add_settings_arguments, settings_from_args
+
+from .train import TrainSettings
+
+DEFAULT_RUN = TrainSettings().out
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """Define the flags of one subcommand."""
+    if command == "corpus":
+        parser.add_argument("--out", type=Path, default=Path("data"), help="directory for train.tsv, valid.tsv, test.tsv")
+        for name in ("corpus_size", "source_lang", "target_lang", "seed", "valid_size", "test_size"):
+            f = TrainSettings.__dataclass_fields__[name]
+            parser.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default, help=f.metadata["help"])
+    elif command == "train":
+        add_settings_arguments(parser, TrainSettings)
+    elif command == "evaluate":
+        parser.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_RUN, help="checkpoint directory (default: %(default)s)")
+        parser.add_argument("--beam-sizes", type=int, nargs="+", default=[1, 4], help="beam sizes to decode with (1: greedy)")
+        parser.add_argument("--limit", type=int, default=0, help="decode only the first N test pairs (0: all)")
+        parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+        parser.add_argument("--json", action="store_true", help="print the full results as JSON")
+    elif command == "plot":
+        parser.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_RUN, help="checkpoint directory (default: %(default)s)")
+        parser.add_argument("--sentence", default=None, help="source sentence for the attention maps (default: the first test sentence)")
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    """Run one subcommand."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if command == "corpus":
+        from .corpus import generate_corpus, split_corpus, write_tsv
+
+        pairs = generate_corpus(args.corpus_size, source_lang=args.source_lang, target_lang=args.target_lang, seed=args.seed)
+        splits = split_corpus(pairs, valid_size=args.valid_size, test_size=args.test_size)
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name in ("train", "valid", "test"):
+            write_tsv(getattr(splits, name), args.out / f"{name}.tsv")
+            print(f"{args.out / name}.tsv: {len(getattr(splits, name))} pairs")
+    elif command == "train":
+        from .train import train
+
+        out = train(settings_from_args(TrainSettings, args))
+        print(f"checkpoint written to {out}")
+    elif command == "evaluate":
+        from .evaluate import evaluate
+
+        results = evaluate(args.checkpoint, beam_sizes=tuple(args.beam_sizes), limit=args.limit, threads=args.threads)
+        if args.json:
+            print(json.dumps(results, indent=2, ensure_ascii=False))
+        else:
+            print(f"{results['test_pairs']} test pairs")
+            for name, r in results.items():
+                if isinstance(r, dict):
+                    print(f"{name:>7}: exact match {100 * r['exact_match']:.2f}%  BLEU {r['bleu']:.2f}  chrF {r['chrf']:.2f}  "
+                          f"{r['tokens_per_second']:.0f} tokens/s")
+                    worst = sorted(r["exact_match_by_category"].items(), key=lambda kv: kv[1])[:3]
+                    print("         weakest categories: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in worst))
+    elif command == "plot":
+        from .plots import plot_all
+
+        for path in plot_all(args.checkpoint, sentence=args.sentence):
+            print(path)
+    return 0

@@ -1,0 +1,137 @@
+"""Reference greedy and beam search in PyTorch, decoding one token at a time with the key/value cache.
+
+The ONNX Runtime engine in the server must give exactly these outputs; the
+search rules below (tie-breaking, length penalty, when a beam stops) are the
+specification it follows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from nmtserve.bundle import BOS_ID, EOS_ID, PAD_ID
+
+from .data import pad
+from .model import Transformer
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # generated ids, without <bos> and <eos>
+    score: float  # sum of token log-probabilities (including <eos>), divided by length ** length_penalty
+
+
+class IncrementalDecoder:
+    """Runs the decoder one step at a time for a batch of rows, growing the self-attention cache."""
+
+    def __init__(self, model: Transformer, src: Tensor):
+        self.model = model
+        self.src_mask = (src != PAD_ID)[:, None, None, :]  # (B, 1, 1, S)
+        memory = model.encode(src, self.src_mask)
+        self.memory_keys, self.memory_values = model.memory_keys_values(memory)  # (N, B, h, S, d_k)
+        self.keys, self.values = model.empty_cache(src.size(0), src.device)  # (N, B, h, t, d_k)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Feed one token per row (B,); return next-token log-probabilities (B, V)."""
+        B, t = tokens.size(0), self.keys.size(3)
+        positions = torch.full((B, 1), t, dtype=torch.long)
+        self_mask = torch.ones(B, 1, 1, t + 1, dtype=torch.bool)  # every earlier step of the row is visible
+        log_probs, new_keys, new_values = self.model.decode(
+            tokens[:, None], positions, self.keys, self.values, self_mask, self.memory_keys, self.memory_values, self.src_mask
+        )
+        self.keys = torch.cat([self.keys, new_keys], dim=3)
+        self.values = torch.cat([self.values, new_values], dim=3)
+        return log_probs[:, -1]  # (B, V)
+
+    def select(self, rows: Tensor) -> None:
+        """Keep (and repeat) the given rows of the batch, e.g. to follow beam reordering."""
+        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
+        self.memory_keys, self.memory_values = self.memory_keys[:, rows], self.memory_values[:, rows]
+        self.src_mask = self.src_mask[rows]
+
+
+@torch.inference_mode()
+def greedy_search(
+    model: Transformer, sources: Sequence[Sequence[int]], *, max_length: int = 128, min_length: int = 0
+) -> list[list[int]]:
+    """Greedy decoding of a batch of source id lists; returns the generated ids without <eos>."""
+    decoder = IncrementalDecoder(model, pad(sources))
+    B = len(sources)
+    tokens = torch.full((B,), BOS_ID, dtype=torch.long)
+    outputs: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    for step in range(max_length):
+        log_probs = decoder.step(tokens)
+        if step < min_length:
+            log_probs[:, EOS_ID] = float("-inf")
+        tokens = log_probs.argmax(dim=-1)
+        for row in (~done).nonzero().flatten().tolist():
+            if tokens[row].item() == EOS_ID:
+                done[row] = True
+            else:
+                outputs[row].append(tokens[row].item())
+        if done.all():
+            break
+    return outputs
+
+
+@torch.inference_mode()
+def beam_search(
+    model: Transformer,
+    source: Sequence[int],
+    *,
+    beam_size: int = 4,
+    max_length: int = 128,
+    min_length: int = 0,
+    length_penalty: float = 1.0,
+    num_hypotheses: int = 1,
+) -> list[Hypothesis]:
+    """Beam search for one source id list; the best num_hypotheses, best first.
+
+    Each step ranks the beam_size x V continuations by total log-probability
+    (ties by lower row, then lower token id). Walking down the ranking, an
+    <eos> among the first beam_size finishes a hypothesis; other candidates fill
+    the next beam up to beam_size rows. Search ends when beam_size hypotheses
+    have finished or at max_length, where the unfinished ones are finished as
+    they are. Scores are divided by length ** length_penalty (length counts
+    <eos>).
+    """
+    decoder = IncrementalDecoder(model, pad([source]))
+    prefixes: list[list[int]] = [[]]
+    scores = torch.zeros(1)
+    tokens = torch.tensor([BOS_ID])
+    finished: list[Hypothesis] = []
+    for step in range(max_length):
+        log_probs = decoder.step(tokens)  # (rows, V)
+        if step < min_length:
+            log_probs[:, EOS_ID] = float("-inf")
+        vocab_size = log_probs.size(1)
+        candidates = (scores[:, None] + log_probs).flatten()  # (rows * V,)
+        ranked = torch.sort(candidates, descending=True, stable=True).indices[: 2 * beam_size].tolist()
+        rows, next_tokens, next_scores = [], [], []
+        for rank, index in enumerate(ranked):
+            row, token = divmod(index, vocab_size)
+            score = candidates[index].item()
+            if token == EOS_ID:
+                if rank < beam_size:
+                    finished.append(Hypothesis(prefixes[row], score / (step + 1) ** length_penalty))
+            else:
+                rows.append(row)
+                next_tokens.append(token)
+                next_scores.append(score)
+                if len(rows) == beam_size:
+                    break
+        if len(finished) >= beam_size:
+            break
+        prefixes = [prefixes[row] + [token] for row, token in zip(rows, next_tokens)]
+        scores = torch.tensor(next_scores)
+        tokens = torch.tensor(next_tokens)
+        decoder.select(torch.tensor(rows))
+    else:
+        finished += [Hypothesis(prefix, score / max_length**length_penalty) for prefix, score in zip(prefixes, scores.tolist())]
+    finished.sort(key=lambda h: -h.score)  # stable: earlier-finished first among equals
+    return finished[:num_hypotheses]

@@ -1,0 +1,83 @@
+"""Score a checkpoint on its held-out test set: exact match, BLEU and chrF (sacrebleu), speed."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import sacrebleu
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from .checkpoint import load_model, update_metadata
+from .corpus import Pair, generate_corpus, read_tsv, split_corpus
+from .data import encode_sources
+from .decode import beam_search, greedy_search
+from .model import Transformer
+
+
+def test_pairs(metadata: dict) -> list[Pair]:
+    """Rebuild the exact test split the checkpoint was held out from."""
+    corpus = metadata["corpus"]
+    if corpus["kind"] == "tsv":
+        pairs = read_tsv(corpus["path"])
+    else:
+        pairs = generate_corpus(corpus["size"], source_lang=corpus["source_lang"], target_lang=corpus["target_lang"], seed=corpus["seed"])
+    return split_corpus(pairs, valid_size=corpus["valid_size"], test_size=corpus["test_size"]).test
+
+
+def translate_pairs(
+    model: Transformer, tokenizer: Tokenizer, pairs: list[Pair], *, beam_size: int, batch_size: int = 64
+) -> tuple[list[str], int, float]:
+    """Translate the sources of pairs; returns texts, generated tokens and seconds."""
+    sources = encode_sources(tokenizer, [p.source for p in pairs])
+    outputs: list[list[int]] = []
+    start = time.perf_counter()
+    with tqdm(total=len(sources), desc=f"decode beam={beam_size}", unit="sent", leave=False) as progress:
+        for i in range(0, len(sources), batch_size):
+            chunk = sources[i : i + batch_size]
+            if beam_size == 1:
+                outputs += greedy_search(model, chunk)
+            else:
+                outputs += [beam_search(model, s, beam_size=beam_size)[0].tokens for s in chunk]
+            progress.update(len(chunk))
+    seconds = time.perf_counter() - start
+    generated = sum(len(o) + 1 for o in outputs)  # + <eos>
+    return tokenizer.decode_batch(outputs), generated, seconds
+
+
+def score(hypotheses: list[str], pairs: list[Pair]) -> dict:
+    """Exact match overall and per category, BLEU and chrF."""
+    references = [p.target for p in pairs]
+    by_category: dict[str, list[bool]] = defaultdict(list)
+    for hypothesis, pair in zip(hypotheses, pairs):
+        by_category[pair.category].append(hypothesis == pair.target)
+    return {
+        "exact_match": sum(h == r for h, r in zip(hypotheses, references)) / len(references),
+        "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+        "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
+        "exact_match_by_category": {c: sum(v) / len(v) for c, v in sorted(by_category.items())},
+    }
+
+
+def evaluate(checkpoint_dir: Path, *, beam_sizes: tuple[int, ...] = (1, 4), limit: int = 0, threads: int = 0) -> dict:
+    """Decode the test set with each beam size; scores are also stored in the checkpoint's config.json."""
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer, metadata = load_model(checkpoint_dir)
+    pairs = test_pairs(metadata)
+    if limit:
+        pairs = pairs[:limit]
+    results: dict = {"test_pairs": len(pairs)}
+    errors = []
+    for beam_size in beam_sizes:
+        hypotheses, generated, seconds = translate_pairs(model, tokenizer, pairs, beam_size=beam_size)
+        name = "greedy" if beam_size == 1 else f"beam{beam_size}"
+        results[name] = {**score(hypotheses, pairs), "tokens_per_second": generated / seconds, "seconds": seconds}
+        if beam_size == 1:
+            errors = [(p.source, p.target, h) for p, h in zip(pairs, hypotheses) if h != p.target]
+    update_metadata(checkpoint_dir, scores={k: v for k, v in results.items()})
+    results["greedy_errors"] = errors[:20]
+    return results

@@ -1,0 +1,198 @@
+"""Training: label-smoothed cross-entropy, Adam with the paper's warm-up schedule (section 5.3), token batches."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nmtserve.bundle import PAD_ID
+
+from . import checkpoint
+from .corpus import Pair, Splits, generate_corpus, read_tsv, split_corpus
+from .data import encode_sources, encode_targets, epoch_batches, make_batch, token_batches
+from .decode import greedy_search
+from .model import Transformer, count_parameters, label_smoothed_nll_loss, model_config
+from .tokenizer import train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSettings:
+    out: Path = field(default=Path("runs/default"), metadata={"help": "directory for the checkpoint, tokenizer, history and plots"})
+    preset: str = field(default="small", metadata={"help": "model size", "choices": ["tiny", "small", "base"]})
+    corpus: Path | None = field(default=None, metadata={"help": "TSV file of source<TAB>target lines (default: the generated CLDR corpus)"})
+    corpus_size: int = field(default=200_000, metadata={"help": "pairs to generate for the built-in corpus"})
+    source_lang: str = field(default="en", metadata={"help": "source locale of the built-in corpus"})
+    target_lang: str = field(default="de", metadata={"help": "target locale of the built-in corpus (any Babel locale)"})
+    seed: int = field(default=0, metadata={"help": "seed for the corpus, initialisation, batching and dropout"})
+    valid_size: int = field(default=1000, metadata={"help": "held-out pairs for validation"})
+    test_size: int = field(default=1000, metadata={"help": "held-out pairs for the final test"})
+    vocab_size: int = field(default=1000, metadata={"help": "shared subword vocabulary size"})
+    max_tokens: int = field(default=4096, metadata={"help": "padded tokens per batch"})
+    steps: int = field(default=3000, metadata={"help": "optimizer steps to train for"})
+    max_minutes: float = field(default=0.0, metadata={"help": "also stop after this many minutes (0: no limit)"})
+    peak_lr: float = field(default=2.5e-3, metadata={"help": "learning rate at the end of warm-up"})
+    warmup_steps: int = field(default=400, metadata={"help": "linear warm-up steps, then decay with 1/sqrt(step)"})
+    label_smoothing: float = field(default=0.1, metadata={"help": "epsilon_ls of label smoothing"})
+    clip_norm: float = field(default=1.0, metadata={"help": "gradient norm clipping (0: off)"})
+    valid_every: int = field(default=250, metadata={"help": "steps between validations (and checkpoint saves)"})
+    valid_decode: int = field(default=300, metadata={"help": "validation pairs decoded greedily for exact match at each validation"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores)"})
+    resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in --out"})
+
+
+def learning_rate(step: int, peak_lr: float, warmup_steps: int) -> float:
+    """lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), rescaled so the peak is peak_lr."""
+    step = max(step, 1)
+    return peak_lr * min(step / warmup_steps, math.sqrt(warmup_steps / step))
+
+
+def load_splits(settings: TrainSettings) -> Splits:
+    """The corpus the settings name, split into train / valid / test."""
+    if settings.corpus is not None:
+        pairs: list[Pair] = read_tsv(settings.corpus)
+    else:
+        pairs = generate_corpus(settings.corpus_size, source_lang=settings.source_lang, target_lang=settings.target_lang, seed=settings.seed)
+    return split_corpus(pairs, valid_size=settings.valid_size, test_size=settings.test_size)
+
+
+def corpus_metadata(settings: TrainSettings) -> dict:
+    """How to rebuild the corpus exactly (for evaluation and the bundle manifest)."""
+    if settings.corpus is not None:
+        return {"kind": "tsv", "path": str(settings.corpus), "valid_size": settings.valid_size, "test_size": settings.test_size}
+    return {
+        "kind": "cldr",
+        "size": settings.corpus_size,
+        "source_lang": settings.source_lang,
+        "target_lang": settings.target_lang,
+        "seed": settings.seed,
+        "valid_size": settings.valid_size,
+        "test_size": settings.test_size,
+    }
+
+
+def exact_match(hypotheses: list[str], references: list[str]) -> float:
+    """Fraction of hypotheses identical to their reference."""
+    return sum(h == r for h, r in zip(hypotheses, references)) / max(1, len(references))
+
+
+@torch.inference_mode()
+def validate(model: Transformer, tokenizer, valid: list[Pair], valid_src, valid_tgt, n_decode: int, max_tokens: int) -> dict:
+    """Validation loss (without label smoothing) and greedy exact match on the first n_decode pairs."""
+    model.eval()
+    total, count = 0.0, 0
+    for indices in token_batches(valid_src, valid_tgt, max_tokens, rng=None):
+        batch = make_batch([valid_src[i] for i in indices], [valid_tgt[i] for i in indices])
+        log_probs = model(batch.src, batch.tgt_in)
+        total += label_smoothed_nll_loss(log_probs, batch.tgt_out, 0.0, PAD_ID).item() * batch.n_tokens
+        count += batch.n_tokens
+    result = {"valid_loss": total / count}
+    if n_decode:
+        subset = valid[:n_decode]
+        outputs = greedy_search(model, valid_src[: len(subset)])
+        result["valid_exact_match"] = exact_match(tokenizer.decode_batch(outputs), [p.target for p in subset])
+    model.train()
+    return result
+
+
+def train(settings: TrainSettings) -> Path:
+    """Train a model as the settings say; returns the checkpoint directory."""
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+
+    splits = load_splits(settings)
+    tokenizer_path = out / checkpoint.TOKENIZER_FILE
+    if settings.resume and tokenizer_path.is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    else:
+        tokenizer = train_tokenizer((text for p in splits.train for text in (p.source, p.target)), settings.vocab_size)
+        tokenizer.save(str(tokenizer_path))
+    train_src = encode_sources(tokenizer, [p.source for p in splits.train])
+    train_tgt = encode_targets(tokenizer, [p.target for p in splits.train])
+    valid_src = encode_sources(tokenizer, [p.source for p in splits.valid])
+    valid_tgt = encode_targets(tokenizer, [p.target for p in splits.valid])
+    longest = max(max(map(len, train_src)), max(map(len, train_tgt)))
+
+    config = model_config(settings.preset, vocab_size=tokenizer.get_vocab_size(), max_len=max(256, 2 * longest))
+    model = Transformer(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
+    step, history, elapsed_before = 0, [], 0.0
+    if settings.resume and (out / checkpoint.STATE_FILE).is_file():
+        model.load_state_dict(checkpoint.load_model(out)[0].state_dict())
+        step, history = checkpoint.load_train_state(out, optimizer)
+        elapsed_before = history[-1]["seconds"] if history else 0.0
+        log.info("resuming from step %d", step)
+
+    metadata = {
+        "corpus": corpus_metadata(settings),
+        "training": {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}},
+        "parameters": count_parameters(model),
+    }
+    log.info("model: %s, %d parameters; %d training pairs", settings.preset, count_parameters(model), len(splits.train))
+
+    batches = epoch_batches(train_src, train_tgt, settings.max_tokens, settings.seed)
+    for _ in range(step):  # replay the batch order up to the resumed step
+        next(batches)
+    model.train()
+    start = time.perf_counter() - elapsed_before
+    window = {"loss": 0.0, "tokens": 0, "start": time.perf_counter()}
+
+    def validate_and_save() -> None:
+        nonlocal start
+        now = time.perf_counter()
+        record = {
+            "step": step,
+            "seconds": round(now - start, 2),
+            "lr": learning_rate(step, settings.peak_lr, settings.warmup_steps),
+            "train_loss": window["loss"] / max(1, window["tokens"]),
+            "tokens_per_second": window["tokens"] / (now - window["start"]),
+            **validate(model, tokenizer, splits.valid, valid_src, valid_tgt, settings.valid_decode, settings.max_tokens),
+        }
+        history.append(record)
+        progress.set_postfix(loss=f"{record['train_loss']:.3f}", valid=f"{record['valid_loss']:.3f}",
+                             em=f"{record.get('valid_exact_match', 0):.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+        log.info("step %d: %s", step, json.dumps(record))
+        training = {**metadata["training"], "steps": step, "seconds": record["seconds"]}
+        checkpoint.save_model(out, model, {**metadata, "training": training})
+        checkpoint.save_train_state(out, optimizer, step, history)
+        window.update(loss=0.0, tokens=0, start=time.perf_counter())
+        start += window["start"] - now  # validation and saving are not training time
+
+    progress = tqdm(total=settings.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    while step < settings.steps:
+        if settings.max_minutes and time.perf_counter() - start > 60 * settings.max_minutes:
+            log.info("stopping at step %d: --max-minutes %.1f reached", step, settings.max_minutes)
+            break
+        batch = next(batches)
+        step += 1
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, settings.peak_lr, settings.warmup_steps)
+        log_probs = model(batch.src, batch.tgt_in)
+        loss = label_smoothed_nll_loss(log_probs, batch.tgt_out, settings.label_smoothing, PAD_ID)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
+        optimizer.step()
+        window["loss"] += loss.item() * batch.n_tokens
+        window["tokens"] += batch.n_tokens
+        progress.update(1)
+        if step % settings.valid_every == 0:
+            validate_and_save()
+    if not history or history[-1]["step"] != step:
+        validate_and_save()
+    progress.close()
+    return out

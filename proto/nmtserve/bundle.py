@@ -1,0 +1,243 @@
+"""The model bundle: the one contract between the exporter (writer) and the server (reader).
+
+A bundle is a directory:
+  manifest.json       format, model dimensions, special tokens, limits, languages,
+                      precision, opset, every file with its sha256, training metadata
+  encoder.onnx        source ids + mask -> every decoder layer's encoder-decoder keys/values
+  decoder_step.onnx   one token per row + the cached keys/values -> log-probabilities, the
+                      step's new keys/values and the encoder-decoder attention (alignment)
+  tokenizer.json      the shared subword vocabulary (Hugging Face tokenizers)
+
+The reader trusts nothing: it checks the manifest's schema and version, every
+listed file's presence and sha256, that no path leaves the directory, that the
+graphs' inputs and outputs are the ones below, and that no ONNX tensor refers to
+data outside the bundle. The verified bytes are what the server loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Special tokens, in id order: the tokenizer, the model and the decoders rely on these ids.
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
+
+FORMAT = "nmtserve-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FILES = {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx", "tokenizer": "tokenizer.json"}
+PRECISIONS = ("fp32", "fp16", "int8")
+
+# Graph inputs and outputs: name -> (ONNX element type, shape). Shapes name their dynamic axes;
+# N, h, d_k and V are filled in from the manifest's model dimensions.
+ENCODER_INPUTS = {
+    "source_ids": ("int64", ("batch", "source_length")),
+    "source_mask": ("bool", ("batch", "source_length")),
+}
+ENCODER_OUTPUTS = {
+    "memory_keys": ("float", ("N", "batch", "h", "source_length", "d_k")),
+    "memory_values": ("float", ("N", "batch", "h", "source_length", "d_k")),
+}
+DECODER_INPUTS = {
+    "tokens": ("int64", ("batch",)),
+    "positions": ("int64", ("batch",)),
+    "past_keys": ("float", ("N", "batch", "h", "cache_length", "d_k")),
+    "past_values": ("float", ("N", "batch", "h", "cache_length", "d_k")),
+    "past_mask": ("bool", ("batch", "cache_length")),
+    "memory_keys": ("float", ("N", "batch", "h", "source_length", "d_k")),
+    "memory_values": ("float", ("N", "batch", "h", "source_length", "d_k")),
+    "source_mask": ("bool", ("batch", "source_length")),
+}
+DECODER_OUTPUTS = {
+    "log_probs": ("float", ("batch", "V")),
+    "new_keys": ("float", ("N", "batch", "h", 1, "d_k")),
+    "new_values": ("float", ("N", "batch", "h", 1, "d_k")),
+    "alignment": ("float", ("batch", "source_length")),
+}
+GRAPHS = {"encoder": (ENCODER_INPUTS, ENCODER_OUTPUTS), "decoder_step": (DECODER_INPUTS, DECODER_OUTPUTS)}
+
+_MANIFEST_SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "format": str,
+    "format_version": int,
+    "name": str,
+    "model": dict,
+    "tokens": dict,
+    "limits": dict,
+    "languages": dict,
+    "precision": str,
+    "opset": int,
+    "files": dict,
+    "training": dict,
+}
+_MODEL_FIELDS = ("vocab_size", "d_model", "d_ff", "n_heads", "d_k", "n_encoder_layers", "n_decoder_layers")
+_LIMIT_FIELDS = ("max_source_length", "max_target_length")
+
+
+class BundleError(Exception):
+    """A bundle that must not be served; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    vocab_size: int
+    d_model: int
+    d_ff: int
+    n_heads: int
+    d_k: int
+    n_encoder_layers: int
+    n_decoder_layers: int
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle: its manifest and the verified bytes of its files."""
+
+    path: Path
+    manifest: dict[str, Any]
+    files: dict[str, bytes]  # role ("encoder", "decoder_step", "tokenizer") -> verified content
+    sha256: str  # of manifest.json: identifies the whole bundle, since it lists every file's hash
+
+    @property
+    def dims(self) -> ModelDims:
+        return ModelDims(**{k: self.manifest["model"][k] for k in _MODEL_FIELDS})
+
+    @property
+    def max_source_length(self) -> int:
+        return self.manifest["limits"]["max_source_length"]
+
+    @property
+    def max_target_length(self) -> int:
+        return self.manifest["limits"]["max_target_length"]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of data."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def expected_shape(shape: tuple, dims: ModelDims) -> tuple:
+    """A graph shape with N, h, d_k and V replaced by the model's numbers."""
+    numbers = {"N": dims.n_decoder_layers, "h": dims.n_heads, "d_k": dims.d_k, "V": dims.vocab_size}
+    return tuple(numbers.get(d, d) if isinstance(d, str) else d for d in shape)
+
+
+def write_bundle(directory: Path, files: dict[str, bytes], manifest: dict[str, Any]) -> Path:
+    """Write the files and a manifest listing their sha256, then verify the result by reading it back."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    listed = {}
+    for role, content in files.items():
+        name = FILES[role]
+        (directory / name).write_bytes(content)
+        listed[role] = {"path": name, "sha256": sha256_bytes(content), "bytes": len(content)}
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": listed}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    read_bundle(directory)
+    return directory
+
+
+def _inside(root: Path, relative: str, what: str) -> Path:
+    """The real path of `relative` under root, refusing absolute paths, '..' and symlinks that leave it."""
+    if not relative or os.path.isabs(relative) or ".." in Path(relative).parts:
+        raise BundleError(f"{what}: path {relative!r} must be relative and stay inside the bundle")
+    resolved = (root / relative).resolve()
+    if not resolved.is_relative_to(root):
+        raise BundleError(f"{what}: path {relative!r} resolves to {resolved}, outside the bundle {root}")
+    return resolved
+
+
+def _check_manifest(manifest: Any) -> None:
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{MANIFEST}: expected a JSON object")
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{MANIFEST}: 'format' is {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{MANIFEST}: format_version {manifest.get('format_version')!r} is not supported (this nmtserve reads {FORMAT_VERSION})"
+        )
+    for key, kind in _MANIFEST_SCHEMA.items():
+        if not isinstance(manifest.get(key), kind):
+            raise BundleError(f"{MANIFEST}: field {key!r} is missing or not a {getattr(kind, '__name__', kind)}")
+    for section, keys in (("model", _MODEL_FIELDS), ("limits", _LIMIT_FIELDS)):
+        for key in keys:
+            value = manifest[section].get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise BundleError(f"{MANIFEST}: {section}.{key} must be a positive integer, got {value!r}")
+    for name, token_id in zip(("pad", "bos", "eos", "unk"), range(4)):
+        if manifest["tokens"].get(name) != token_id:
+            raise BundleError(f"{MANIFEST}: tokens.{name} must be {token_id}, got {manifest['tokens'].get(name)!r}")
+    if manifest["precision"] not in PRECISIONS:
+        raise BundleError(f"{MANIFEST}: precision {manifest['precision']!r} is not one of {', '.join(PRECISIONS)}")
+    for role in FILES:
+        entry = manifest["files"].get(role)
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("sha256"), str):
+            raise BundleError(f"{MANIFEST}: files.{role} must be an object with 'path' and 'sha256'")
+
+
+def _check_graph(role: str, content: bytes, dims: ModelDims, root: Path) -> None:
+    import onnx  # only the reader needs it; imported here to keep the module light for the client
+
+    try:
+        model = onnx.load_model_from_string(content)
+    except Exception as error:  # onnx raises DecodeError and friends
+        raise BundleError(f"{FILES[role]}: not a readable ONNX model ({error})") from error
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            _inside(root, location, f"{FILES[role]}: external data of {tensor.name!r}")
+            raise BundleError(f"{FILES[role]}: tensor {tensor.name!r} keeps its data in {location!r}; bundles hold self-contained graphs")
+    inputs, outputs = GRAPHS[role]
+    for kind, promised, actual in (("input", inputs, model.graph.input), ("output", outputs, model.graph.output)):
+        found = {}
+        for value in actual:
+            tensor_type = value.type.tensor_type
+            element = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+            shape = tuple(d.dim_param or d.dim_value for d in tensor_type.shape.dim)
+            found[value.name] = (element, shape)
+        if list(found) != list(promised):
+            raise BundleError(f"{FILES[role]}: graph {kind}s are {list(found)}, the bundle format promises {list(promised)}")
+        for name, (element, shape) in promised.items():
+            want = ({"float": "float32", "bool": "bool", "int64": "int64"}[element], expected_shape(shape, dims))
+            got = found[name]
+            if got[0] != want[0] or len(got[1]) != len(want[1]) or any(
+                isinstance(w, int) and g != w for g, w in zip(got[1], want[1])
+            ):
+                raise BundleError(f"{FILES[role]}: {kind} {name!r} is {got[0]}{list(got[1])}, expected {want[0]}{list(want[1])}")
+
+
+def read_bundle(directory: Path | str) -> Bundle:
+    """Open and verify a bundle; raises BundleError naming the file and problem."""
+    root = Path(directory).resolve()
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path}: no {MANIFEST}; is {directory} a bundle written by 'nmtserve export'?")
+    manifest_bytes = manifest_path.read_bytes()
+    try:
+        manifest = json.loads(manifest_bytes)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise BundleError(f"{MANIFEST}: not valid JSON ({error})") from error
+    _check_manifest(manifest)
+    files = {}
+    for role, entry in manifest["files"].items():
+        if role not in FILES:
+            raise BundleError(f"{MANIFEST}: unknown file role {role!r}")
+        path = _inside(root, entry["path"], f"{MANIFEST}: files.{role}")
+        if not path.is_file():
+            raise BundleError(f"{entry['path']}: listed in {MANIFEST} but missing")
+        content = path.read_bytes()
+        if sha256_bytes(content) != entry["sha256"]:
+            raise BundleError(f"{entry['path']}: sha256 {sha256_bytes(content)} does not match the manifest's {entry['sha256']}")
+        files[role] = content
+    bundle = Bundle(path=root, manifest=manifest, files=files, sha256=sha256_bytes(manifest_bytes))
+    for role in GRAPHS:
+        _check_graph(role, files[role], bundle.dims, root)
+    return bundle

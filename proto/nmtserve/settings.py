@@ -1,0 +1,80 @@
+"""Configuration dataclasses as command-line flags with `NMTSERVE_*` environment fallbacks.
+
+Every field of a settings dataclass carries its help text in
+`field(metadata={"help": ...})`; this module turns the fields into argparse
+flags (the environment variable supplies the default) and back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+ENV_PREFIX = "NMTSERVE_"
+T = TypeVar("T")
+
+
+def env_var(name: str) -> str:
+    """The environment variable that sets the field `name`."""
+    return ENV_PREFIX + name.upper()
+
+
+def _base_type(hint: Any) -> type:
+    """The concrete type of a field hint, unwrapping `X | None`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _parse(kind: type, text: str, name: str) -> Any:
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{env_var(name)}={text!r} is not a boolean (use true or false)")
+    try:
+        return kind(text)
+    except ValueError as error:
+        raise ValueError(f"{env_var(name)}={text!r} is not a valid {kind.__name__}") from error
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, *, positional: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of the dataclass `cls` to parser; NMTSERVE_<FIELD> sets its default."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        kind = _base_type(hints[f.name])
+        kind = str if kind is Path else kind
+        env = env_var(f.name)
+        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
+        if env in os.environ:
+            default = _parse(kind, os.environ[env], f.name)
+        help_text = f"{f.metadata.get('help', '')} [env {env}; default: %(default)s]"
+        if f.name in positional:
+            parser.add_argument(f.name, type=kind, nargs="?" if default is not None else None, default=default, help=help_text)
+        elif kind is bool:
+            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                type=kind,
+                default=default,
+                choices=f.metadata.get("choices"),
+                metavar=f.metadata.get("metavar"),
+                help=help_text,
+            )
+
+
+def settings_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Build the dataclass `cls` from parsed arguments."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        value = getattr(args, f.name)
+        if value is not None and _base_type(hints[f.name]) is Path:
+            value = Path(value)
+        values[f.name] = value
+    return cls(**values)

@@ -1,4 +1,4 @@
-"""The training-side subcommands of `nmtserve`: corpus, train, evaluate, plot."""
+"""The training-side subcommands of `nmtserve`: corpus, train, evaluate, plot, export."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     elif command == "plot":
         parser.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_RUN, help="checkpoint directory (default: %(default)s)")
         parser.add_argument("--sentence", default=None, help="source sentence for the attention maps (default: the first test sentence)")
+    elif command == "export":
+        parser.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_RUN, help="checkpoint directory (default: %(default)s)")
+        parser.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+        parser.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                            help="fp32; fp16 (for GPUs); int8 (dynamic quantization, for CPUs)")
+        parser.add_argument("--name", default=None, help="model name in the manifest (default: nmtserve-SRC-TGT)")
 
 
 def run(command: str, args: argparse.Namespace) -> int:
@@ -65,6 +71,10 @@ def run(command: str, args: argparse.Namespace) -> int:
                           f"{r['tokens_per_second']:.0f} tokens/s")
                     worst = sorted(r["exact_match_by_category"].items(), key=lambda kv: kv[1])[:3]
                     print("         weakest categories: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in worst))
+    elif command == "export":
+        from .onnx_export import export_bundle
+
+        print(f"bundle written to {export_bundle(args.checkpoint, args.out, precision=args.precision, name=args.name)}")
     elif command == "plot":
         from .plots import plot_all
 

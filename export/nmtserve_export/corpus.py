@@ -46,7 +46,7 @@ class Splits:
 CATEGORIES: tuple[str, ...] = (
     "date", "time", "weekday", "month", "number", "percent", "currency", "unit", "territory", "language",
     "phrase-date", "phrase-time", "phrase-weekday", "phrase-month", "phrase-currency", "phrase-percent",
-    "phrase-unit", "phrase-number",
+    "phrase-unit", "phrase-number", "phrase-territory", "phrase-language",
 )  # fmt: skip
 
 
@@ -143,6 +143,10 @@ _PHRASES = (
         "Die Einwohnerzahl von {country} beträgt {integer}.",
         "La population {du}{country} est de {integer}.",
         "La población de {country} es de {integer}.")),
+    # Names are a closed list, each appearing once standalone: labelled, they appear a second time,
+    # so a name held out in one form was still learnt in the other.
+    ("phrase-territory", 2, "Region: {territory}", ("Region: {territory}", "Région : {territory}", "Región: {territory}")),
+    ("phrase-language", 2, "Language: {language}", ("Sprache: {language}", "Langue : {language}", "Idioma: {language}")),
 )  # fmt: skip
 
 
@@ -329,6 +333,7 @@ def _kinds(src: Locale, tgt: Locale) -> tuple[tuple[str, int, _Slot], ...]:
     percent = _slot(_PERCENT_FORMATS, 0, 1001, lambda i: Decimal(i) / 1000, src, tgt)  # 0%, 0.1%..100%
     currency = _currency_slot(src, tgt)
     territories = names.get(("territory", None), [])
+    languages = names.get(("language", None), [])
     kinds = [
         *(("date", 4, slot) for slot in all_dates),
         ("time", 4, short_time),
@@ -344,7 +349,7 @@ def _kinds(src: Locale, tgt: Locale) -> tuple[tuple[str, int, _Slot], ...]:
         ("currency", 8, currency),
         ("unit", 8, _unit_slot(_UNITS, src, tgt)),
         ("territory", 4, _list_slot(territories)),
-        ("language", 4, _list_slot(names.get(("language", None), []))),
+        ("language", 4, _list_slot(languages)),
     ]
     if src.language == "en" and tgt.language in _PHRASE_LANGUAGES:
         phrase_slots = {
@@ -357,6 +362,8 @@ def _kinds(src: Locale, tgt: Locale) -> tuple[tuple[str, int, _Slot], ...]:
             "distance": _unit_slot(_DISTANCES, src, tgt),
             "country": _list_slot([t for t in territories if t.value in _COUNTRIES]),
             "integer": integer,
+            "territory": _list_slot(territories),
+            "language": _list_slot(languages),
         }
         lang = _PHRASE_LANGUAGES.index(tgt.language)
         kinds += [(c, w, _phrase_slot(en, targets[lang], phrase_slots)) for c, w, en, targets in _PHRASES]
@@ -391,6 +398,11 @@ def _locale(tag: str) -> Locale:
         raise ValueError(f"unknown locale {tag!r}") from exc
 
 
+# Sources are written as people type them: CLDR's no-break spaces ("5:27\u202fPM") become plain
+# spaces. Targets keep CLDR's exact characters ("94\xa0%"), which is what a translation must produce.
+_AS_TYPED = str.maketrans({"\u00a0": " ", "\u202f": " "})
+
+
 def generate_corpus(
     size: int, *, target_lang: str = "de", source_lang: str = "en", seed: int = 0
 ) -> list[Pair]:
@@ -414,13 +426,14 @@ def generate_corpus(
                 if (text := next(streams[k], None)) is None:
                     del streams[k]
                     break
-                known = targets.get(text.source)
+                source = text.source.translate(_AS_TYPED)
+                known = targets.get(source)
                 if known is None:
-                    targets[text.source] = text.target
-                    pairs.append(Pair(text.source, text.target, kinds[k][0]))
+                    targets[source] = text.target
+                    pairs.append(Pair(source, text.target, kinds[k][0]))
                     quota -= 1
                 elif known != text.target:
-                    raise AssertionError(f"source {text.source!r} has two targets {known!r}, {text.target!r}")
+                    raise AssertionError(f"source {source!r} has two targets {known!r}, {text.target!r}")
     if len(pairs) < size:
         raise ValueError(f"only {len(pairs)} distinct {source_lang}->{target_lang} pairs exist, not {size}")
     rng.shuffle(pairs)

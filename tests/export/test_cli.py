@@ -1,0 +1,50 @@
+"""The training-side subcommands, end to end on tiny settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def nmtserve(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "nmtserve.cli", *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_corpus_writes_three_splits(tmp_path):
+    nmtserve("corpus", "--corpus-size", "500", "--valid-size", "50", "--test-size", "50", "--out", tmp_path)
+    lengths = {name: len((tmp_path / f"{name}.tsv").read_text().splitlines()) for name in ("train", "valid", "test")}
+    assert lengths == {"train": 400, "valid": 50, "test": 50}
+
+
+def test_train_then_evaluate(tmp_path):
+    run = tmp_path / "run"
+    nmtserve("train", "--out", run, "--preset", "tiny", "--corpus-size", "800", "--valid-size", "50", "--test-size", "50",
+             "--vocab-size", "300", "--steps", "6", "--valid-every", "3", "--valid-decode", "5", "--max-tokens", "512")
+    assert (run / "model.safetensors").stat().st_size > 0
+    history = json.loads((run / "train_state.json").read_text())["history"]
+    assert [r["step"] for r in history] == [3, 6]
+    result = nmtserve("evaluate", run, "--limit", "10", "--json")
+    scores = json.loads(result.stdout)
+    assert scores["test_pairs"] == 10 and set(scores) >= {"greedy", "beam4"}
+    assert 0 <= scores["greedy"]["exact_match"] <= 1 and scores["greedy"]["tokens_per_second"] > 0
+    assert json.loads((run / "config.json").read_text())["scores"]["greedy"]["bleu"] == scores["greedy"]["bleu"]
+
+
+def test_plot_writes_every_picture(tiny_run):
+    result = nmtserve("plot", tiny_run)
+    for name in ("positional_encoding.png", "training.png", "encoder_self_attention.png", "alignment.png"):
+        path = tiny_run / name
+        assert str(path) in result.stdout
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_export_then_translate_in_process(tiny_run, tmp_path):
+    bundle = tmp_path / "bundle"
+    nmtserve("export", tiny_run, "--out", bundle)
+    result = nmtserve("translate", "--bundle", bundle, "--device", "cpu", "--beam-size", "2", "--n-best", "2", "--json", "Friday", "May 2003")
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["source"] for line in lines] == ["Friday", "May 2003"]
+    assert all(len(line["hypotheses"]) == 2 for line in lines)

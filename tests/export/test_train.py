@@ -1,0 +1,76 @@
+"""Training, checkpoints, resuming, the tokenizer."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from nmtserve_export.checkpoint import load_model
+from nmtserve_export.corpus import generate_corpus
+from nmtserve_export.data import encode_sources, token_batches
+from nmtserve_export.decode import greedy_search
+from nmtserve_export.tokenizer import train_tokenizer
+from nmtserve_export.train import TrainSettings, learning_rate, load_splits, train
+
+
+def test_learning_rate_warms_up_then_decays_as_the_paper():
+    peak, warmup = 2e-3, 100
+    assert learning_rate(50, peak, warmup) == peak / 2
+    assert learning_rate(100, peak, warmup) == peak
+    assert abs(learning_rate(400, peak, warmup) - peak / 2) < 1e-12  # 1/sqrt(step) decay
+
+
+def test_token_batches_respect_the_budget_and_cover_everything():
+    import random
+
+    sources = [[5] * n for n in range(1, 60)] * 3
+    targets = [[5] * (n + 2) for n in range(1, 60)] * 3
+    batches = token_batches(sources, targets, max_tokens=200, rng=random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(len(sources)))
+    for batch in batches:
+        assert len(batch) * max(max(len(sources[i]), len(targets[i])) for i in batch) <= 200 or len(batch) == 1
+
+
+def test_tokenizer_round_trip_is_lossless_on_the_generated_corpus(default_corpus):
+    texts = [text for pair in default_corpus for text in (pair.source, pair.target)]
+    tokenizer = train_tokenizer(texts[:20000], vocab_size=1000)
+    decoded = tokenizer.decode_batch([e.ids for e in tokenizer.encode_batch(texts)])
+    mismatches = [(t, d) for t, d in zip(texts, decoded) if t != d]
+    assert not mismatches, mismatches[:5]
+    assert tokenizer.token_to_id("<pad>") == 0 and tokenizer.token_to_id("<unk>") == 3
+    assert tokenizer.encode("1234").tokens == ["1", "2", "3", "4"]  # digits one by one
+
+
+def test_tiny_model_overfits_a_small_corpus(tmp_path):
+    pairs = generate_corpus(2000, seed=3)[:48]
+    corpus = tmp_path / "small.tsv"
+    corpus.write_text("".join(f"{p.source}\t{p.target}\n" for p in pairs))
+    settings = TrainSettings(
+        out=tmp_path / "run", preset="tiny", corpus=corpus, valid_size=1, test_size=1, vocab_size=300,
+        max_tokens=4096, steps=350, warmup_steps=50, peak_lr=4e-3, valid_every=1000, valid_decode=0, threads=2,
+    )
+    model, tokenizer, _ = load_model(train(settings))
+    train_pairs = load_splits(settings).train
+    outputs = tokenizer.decode_batch(greedy_search(model, encode_sources(tokenizer, [p.source for p in train_pairs])))
+    assert outputs == [p.target for p in train_pairs]
+
+
+def test_checkpoint_reloads_to_identical_outputs(tiny_run):
+    first, tokenizer, _ = load_model(tiny_run)
+    second, _, _ = load_model(tiny_run)
+    src = torch.tensor([encode_sources(tokenizer, ["Friday, May 16, 2003"])[0]])
+    tgt = torch.tensor([[1, 5, 6, 7]])
+    with torch.inference_mode():
+        assert torch.equal(first(src, tgt), second(src, tgt))
+
+
+def test_training_is_reproducible_and_resumable(tmp_path):
+    common = dict(preset="tiny", corpus_size=1500, valid_size=50, test_size=50, vocab_size=300, max_tokens=1024,
+                  warmup_steps=10, valid_every=10, valid_decode=0, threads=1)
+    straight = train(TrainSettings(out=tmp_path / "straight", steps=20, **common))
+    train(TrainSettings(out=tmp_path / "resumed", steps=10, **common))
+    resumed = train(TrainSettings(out=tmp_path / "resumed", steps=20, resume=True, **common))
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -1,0 +1,64 @@
+"""The nmtserve command dispatcher and the settings helpers."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from nmtserve.settings import add_settings_arguments, settings_from_args
+
+
+def nmtserve(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nmtserve.cli", *args], capture_output=True, text=True, **kwargs)
+
+
+def test_help_lists_every_command():
+    result = nmtserve("--help")
+    assert result.returncode == 0
+    for command in ("train", "evaluate", "plot", "export", "translate", "bench-engine", "corpus"):
+        assert command in result.stdout
+
+
+def test_unknown_command_is_an_error():
+    result = nmtserve("fly")
+    assert result.returncode == 2 and "invalid choice: 'fly'" in result.stderr
+
+
+def test_missing_extra_is_named():
+    code = "import sys; sys.modules['torch'] = None; from nmtserve.cli import main; sys.exit(main(['train']))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "install the 'train' extra: pip install 'nmtserve[train]'" in result.stderr
+
+
+@dataclass
+class Example:
+    out: Path = field(default=Path("x"), metadata={"help": "where"})
+    steps: int = field(default=3, metadata={"help": "how many"})
+    rate: float = field(default=0.5, metadata={"help": "how fast"})
+    resume: bool = field(default=False, metadata={"help": "again"})
+
+
+def parse(args: list[str]) -> Example:
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser, Example)
+    return settings_from_args(Example, parser.parse_args(args))
+
+
+def test_settings_flags_environment_and_defaults(monkeypatch):
+    assert parse([]) == Example()
+    monkeypatch.setenv("NMTSERVE_STEPS", "7")
+    monkeypatch.setenv("NMTSERVE_RESUME", "true")
+    assert parse([]) == Example(steps=7, resume=True)
+    assert parse(["--steps", "9", "--no-resume", "--out", "y"]) == Example(out=Path("y"), steps=9, resume=False)
+
+
+def test_bad_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("NMTSERVE_RATE", "fast")
+    with pytest.raises(ValueError, match="NMTSERVE_RATE='fast' is not a valid float"):
+        parse([])

@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN ?= runs/default
 
-.PHONY: install demo test clean
+.PHONY: install demo test proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +16,26 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Sentences the demo translates, in the style of the built-in corpus.
+DEMO_TEXTS := "The contract was signed on Friday, May 16, 2003." "It costs \$$1,234.56." \
+	"Prices rose by 48.5%." "every Saturday at 10:30 PM" "Tuesday, October 29, 1974" "1,234,567.89"
+
 demo: install
-	@test -f $(RUN)/model.safetensors || $(BIN)/nmtserve train --out $(RUN)
-	$(BIN)/nmtserve plot $(RUN)
+	@if [ ! -f $(RUN)/bundle/manifest.json ]; then \
+		$(BIN)/nmtserve train --out $(RUN) --resume && \
+		$(BIN)/nmtserve plot $(RUN) && \
+		$(BIN)/nmtserve export $(RUN) --out $(RUN)/bundle; \
+	fi
+	@echo "--- translating in-process with the bundle in $(RUN)/bundle"
+	@$(BIN)/nmtserve translate --bundle $(RUN)/bundle --show-source $(DEMO_TEXTS)
+	@echo "--- pictures: $(RUN)/*.png; scores: $(RUN)/config.json"
 
 test: install
 	$(BIN)/python -m pytest
+
+# Regenerate the gRPC/protobuf stubs (with .pyi) from proto/; the only way they are made.
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/nmtserve/v1/translator.proto
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,102 @@
+"""`nmtserve bench-engine`: generated tokens/s of the ONNX Runtime engine (fp32, int8) against PyTorch eager.
+
+Every engine decodes the same test sentences greedily with a fixed output
+length (min = max length), so each does the same work; the figures are ratios
+measured in one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from nmtserve_server.engine import Engine, translate
+from nmtserve_server.search import DecodeOptions
+
+from .checkpoint import load_model
+from .data import encode_sources
+from .decode import greedy_search
+from .evaluate import test_pairs
+from .onnx_export import export_bundle
+
+DEFAULT_RUN = Path("runs/default")
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """Define the benchmark's flags."""
+    parser.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_RUN, help="checkpoint directory (default: %(default)s)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="sentences decoded together")
+    parser.add_argument("--length", type=int, default=32, help="tokens generated per sentence (min = max length)")
+    parser.add_argument("--sentences", type=int, default=128, help="test sentences per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per engine; the best is kept")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0: all cores)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write bench_engine.json/.png (default: the checkpoint)")
+
+
+def _tokens_per_second(decode, batches: list[list[list[int]]], length: int, repeats: int) -> float:
+    decode(batches[0][:1])  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for batch in batches:
+            decode(batch)
+        best = min(best, time.perf_counter() - start)
+    return sum(len(b) for b in batches) * length / best
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    """Measure and print tokens/s per engine and batch size, and the ratios to PyTorch."""
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    out = args.out or args.checkpoint
+    model, tokenizer, metadata = load_model(args.checkpoint)
+    sources = encode_sources(tokenizer, [p.source for p in test_pairs(metadata)[: args.sentences]])
+    engines = {}
+    for precision in ("fp32", "int8"):
+        bundle_dir = Path(args.checkpoint) / f"bundle-{precision}"
+        if not (bundle_dir / "manifest.json").is_file():
+            export_bundle(args.checkpoint, bundle_dir, precision=precision)
+        engines[precision] = Engine.from_path(bundle_dir, device="cpu", capacity=max(args.batch_sizes), threads=threads)
+
+    fixed = DecodeOptions(min_length=args.length, max_length=args.length)
+    deciders = {
+        "pytorch": lambda batch: greedy_search(model, batch, min_length=args.length, max_length=args.length),
+        **{f"onnxruntime-{p}": (lambda batch, e=e: translate(e, batch, fixed)) for p, e in engines.items()},
+    }
+    results: dict[str, dict[str, float]] = {}
+    with tqdm(total=len(deciders) * len(args.batch_sizes), desc="bench-engine", unit="run") as progress:
+        for batch_size in args.batch_sizes:
+            batches = [sources[i : i + batch_size] for i in range(0, len(sources), batch_size)]
+            for name, decode in deciders.items():
+                progress.set_postfix_str(f"{name} batch {batch_size}")
+                results.setdefault(name, {})[str(batch_size)] = _tokens_per_second(decode, batches, args.length, args.repeats)
+                progress.update(1)
+
+    report = {"threads": threads, "length": args.length, "sentences": len(sources), "tokens_per_second": results,
+              "ratio_to_pytorch": {name: {b: v / results["pytorch"][b] for b, v in r.items()} for name, r in results.items()}}
+    (Path(out) / "bench_engine.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"generated tokens/s, greedy, {args.length} tokens per sentence, {threads} threads")
+    print(f"{'engine':<20}" + "".join(f"{'batch ' + str(b):>14}" for b in args.batch_sizes))
+    for name, r in results.items():
+        cells = "".join(f"{r[str(b)]:>9.0f} ({r[str(b)] / results['pytorch'][str(b)]:.2f}x)" for b in args.batch_sizes)
+        print(f"{name:<20}{cells}")
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    width = 0.8 / len(results)
+    for i, (name, r) in enumerate(results.items()):
+        ax.bar([j + i * width for j in range(len(args.batch_sizes))], [r[str(b)] for b in args.batch_sizes], width, label=name)
+    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(args.batch_sizes))], [f"batch {b}" for b in args.batch_sizes])
+    ax.set(ylabel="generated tokens/s", title=f"Decoding throughput ({threads} CPU threads)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(out) / "bench_engine.png", dpi=120)
+    print(f"wrote {Path(out) / 'bench_engine.json'} and bench_engine.png")
+    return 0

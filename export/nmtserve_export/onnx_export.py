@@ -1,0 +1,196 @@
+"""Export a checkpoint to a model bundle: encoder.onnx + decoder_step.onnx (with a KV cache) + tokenizer.
+
+The decoder step takes the earlier steps' self-attention keys/values as inputs
+and returns only the new step's keys/values: the server owns the cache and
+appends to it, so no step copies the whole cache back out of the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+from tqdm import tqdm
+
+from nmtserve import bundle as bundle_format
+
+from .checkpoint import TOKENIZER_FILE, load_model
+from .model import Transformer
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+
+
+class EncoderGraph(nn.Module):
+    """source ids + mask -> the encoder-decoder attention keys/values of every decoder layer."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, source_ids: Tensor, source_mask: Tensor) -> tuple[Tensor, Tensor]:
+        memory = self.model.encode(source_ids, source_mask[:, None, None, :])  # (B, S, d_model)
+        return self.model.memory_keys_values(memory)  # 2 x (N, B, h, S, d_k)
+
+
+class DecoderStepGraph(nn.Module):
+    """One token per row + cached keys/values -> log-probabilities, the new keys/values, the alignment."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        tokens: Tensor,  # (B,)
+        positions: Tensor,  # (B,)
+        past_keys: Tensor,  # (N, B, h, T, d_k)
+        past_values: Tensor,  # (N, B, h, T, d_k)
+        past_mask: Tensor,  # (B, T): which cached steps are real
+        memory_keys: Tensor,  # (N, B, h, S, d_k)
+        memory_values: Tensor,  # (N, B, h, S, d_k)
+        source_mask: Tensor,  # (B, S)
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        self_mask = torch.cat([past_mask, torch.ones_like(past_mask[:, :1])], dim=1)[:, None, None, :]  # (B, 1, 1, T + 1)
+        log_probs, new_keys, new_values = self.model.decode(
+            tokens[:, None], positions[:, None], past_keys, past_values, self_mask,
+            memory_keys, memory_values, source_mask[:, None, None, :],
+        )
+        alignment = self.model.decoder_layers[-1].src_attn.attention.mean(dim=1)[:, 0]  # (B, S), mean over heads
+        return log_probs[:, 0], new_keys, new_values, alignment
+
+
+def example_inputs(model: Transformer, batch: int = 3, source_length: int = 7, cache_length: int = 5) -> dict[str, tuple[Tensor, ...]]:
+    """Inputs to trace each graph with (sizes > 1 so no axis is specialised)."""
+    c = model.config
+    source_ids = torch.randint(4, c.vocab_size, (batch, source_length))
+    source_mask = torch.ones(batch, source_length, dtype=torch.bool)
+    memory = (c.n_decoder_layers, batch, c.n_heads, source_length, c.d_k)
+    cache = (c.n_decoder_layers, batch, c.n_heads, cache_length, c.d_k)
+    decoder = (
+        torch.randint(4, c.vocab_size, (batch,)),
+        torch.full((batch,), cache_length),
+        torch.randn(cache),
+        torch.randn(cache),
+        torch.ones(batch, cache_length, dtype=torch.bool),
+        torch.randn(memory),
+        torch.randn(memory),
+        source_mask,
+    )
+    return {"encoder": (source_ids, source_mask), "decoder_step": decoder}
+
+
+def _dynamic_shapes(spec: dict) -> tuple[dict[int, Dim], ...]:
+    """torch.export dims for every named axis in a bundle I/O spec."""
+    dims = {
+        "batch": Dim("batch", min=1, max=4096),
+        "source_length": Dim("source_length", min=1, max=4096),
+        "cache_length": Dim("cache_length", min=1, max=4096),
+    }
+    return tuple({axis: dims[name] for axis, name in enumerate(shape) if name in dims} for _, shape in spec.values())
+
+
+def export_graph(module: nn.Module, role: str, inputs: tuple[Tensor, ...]) -> bytes:
+    """Export one graph with the bundle's input/output names and dynamic axes; returns the ONNX bytes."""
+    spec_in, spec_out = bundle_format.GRAPHS[role]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{role}.onnx"
+        torch.onnx.export(
+            module, inputs, str(path), dynamo=True, opset_version=OPSET, external_data=False,
+            input_names=list(spec_in), output_names=list(spec_out), dynamic_shapes=_dynamic_shapes(spec_in),
+        )
+        model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    return model.SerializeToString()
+
+
+def quantize_int8(model_bytes: bytes) -> bytes:
+    """Dynamic int8 quantization of the weights (MatMul) with onnxruntime.quantization."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        source.write_bytes(model_bytes)
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        return target.read_bytes()
+
+
+def convert_fp16(model_bytes: bytes) -> bytes:
+    """Weights and arithmetic in float16, inputs and outputs kept float32 (the bundle's I/O contract)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load_model_from_string(model_bytes), keep_io_types=True)
+    return model.SerializeToString()
+
+
+def max_logit_difference(model: Transformer, graphs: dict[str, bytes], inputs: dict[str, tuple[Tensor, ...]]) -> float:
+    """Largest |ONNX Runtime - PyTorch| log-probability on the example inputs, on the CPU."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(graphs["decoder_step"], providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    onnx_log_probs = session.run(["log_probs"], {n: t.numpy() for n, t in zip(names, inputs["decoder_step"])})[0]
+    with torch.inference_mode():
+        torch_log_probs = DecoderStepGraph(model)(*inputs["decoder_step"])[0].numpy()
+    return float(np.abs(onnx_log_probs - torch_log_probs).max())
+
+
+def export_bundle(checkpoint_dir: Path, out: Path, *, precision: str = "fp32", name: str | None = None) -> Path:
+    """Export a checkpoint as a verified bundle at `out`."""
+    if precision not in bundle_format.PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(bundle_format.PRECISIONS)}, got {precision!r}")
+    checkpoint_dir = Path(checkpoint_dir)
+    model, tokenizer, metadata = load_model(checkpoint_dir)
+    torch.manual_seed(0)
+    inputs = example_inputs(model)
+    stages = ["export encoder", "export decoder step", "check parity"] + ([f"convert to {precision}"] if precision != "fp32" else []) + ["write bundle"]
+    graphs: dict[str, bytes] = {}
+    with tqdm(stages, desc="export", unit="stage") as progress:
+        for stage in progress:
+            progress.set_postfix_str(stage)
+            if stage == "export encoder":
+                graphs["encoder"] = export_graph(EncoderGraph(model), "encoder", inputs["encoder"])
+            elif stage == "export decoder step":
+                graphs["decoder_step"] = export_graph(DecoderStepGraph(model), "decoder_step", inputs["decoder_step"])
+            elif stage == "check parity":
+                difference = max_logit_difference(model, graphs, inputs)
+                if difference > 1e-4:
+                    raise RuntimeError(f"ONNX and PyTorch log-probabilities differ by {difference:.2e} (> 1e-4)")
+                log.info("ONNX Runtime matches PyTorch to %.1e", difference)
+            elif stage.startswith("convert"):
+                convert = quantize_int8 if precision == "int8" else convert_fp16
+                graphs = {role: convert(content) for role, content in graphs.items()}
+            else:
+                c = model.config
+                corpus = metadata.get("corpus", {})
+                languages = {"source": corpus.get("source_lang", "und"), "target": [corpus.get("target_lang", "und")]}
+                manifest = {
+                    "name": name or f"nmtserve-{languages['source']}-{languages['target'][0]}",
+                    "model": {
+                        "vocab_size": c.vocab_size, "d_model": c.d_model, "d_ff": c.d_ff, "n_heads": c.n_heads,
+                        "d_k": c.d_k, "n_encoder_layers": c.n_encoder_layers, "n_decoder_layers": c.n_decoder_layers,
+                    },
+                    "tokens": {"pad": c.pad_id, "bos": c.bos_id, "eos": c.eos_id, "unk": bundle_format.UNK_ID},
+                    "limits": {"max_source_length": c.max_len, "max_target_length": c.max_len},
+                    "languages": languages,
+                    "precision": precision,
+                    "opset": OPSET,
+                    "training": {
+                        "corpus": corpus,
+                        "steps": metadata.get("training", {}).get("steps"),
+                        "seconds": metadata.get("training", {}).get("seconds"),
+                        "parameters": metadata.get("parameters"),
+                        "scores": metadata.get("scores", {}),
+                        "onnx_max_logit_difference": difference,
+                    },
+                }
+                files = {**graphs, "tokenizer": (checkpoint_dir / TOKENIZER_FILE).read_bytes()}
+                bundle_format.write_bundle(out, files, manifest)
+    return Path(out)

@@ -1,0 +1,113 @@
+"""Greedy and beam search over log-probabilities, one decoder step at a time (numpy, no model).
+
+These are the exact rules of the PyTorch reference decoder
+(`nmtserve_export.decode`): candidates ranked by total log-probability with
+ties to the lower row and token id; an <eos> among the first beam_size
+candidates finishes a hypothesis; search ends when beam_size hypotheses have
+finished or at max_length; scores are divided by length ** length_penalty.
+Greedy search is beam search with beam_size 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nmtserve.bundle import BOS_ID, EOS_ID
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    beam_size: int = 1  # beam width (1 for greedy search)
+    max_length: int = 128  # most tokens to generate, <eos> included
+    min_length: int = 0  # fewest tokens to generate before <eos> may end a hypothesis
+    length_penalty: float = 1.0  # scores are divided by length ** length_penalty
+    num_hypotheses: int = 1  # hypotheses to return, best first (at most beam_size)
+    return_alignment: bool = False  # also return the encoder-decoder attention of every generated token
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # generated ids, without <bos> and <eos>
+    score: float  # normalised total log-probability
+    alignment: list[list[float]] | None = None  # per generated token (with <eos>): attention over source tokens
+
+
+def top_candidates(scores: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n largest scores, largest first, ties to the lower index (as a stable sort)."""
+    n = min(n, scores.size)
+    threshold = np.partition(scores, scores.size - n)[scores.size - n]
+    contenders = np.flatnonzero(scores >= threshold)  # every index that could rank in the top n, ties included
+    return contenders[np.argsort(-scores[contenders], kind="stable")][:n]
+
+
+@dataclass
+class BeamSearch:
+    """The search of one source sentence: which tokens its rows feed next, and what has finished."""
+
+    options: DecodeOptions
+    prefixes: list[list[int]] = field(default_factory=lambda: [[]])
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.float32))
+    alignments: list[list[np.ndarray]] = field(default_factory=lambda: [[]])
+    finished: list[Hypothesis] = field(default_factory=list)
+    step: int = 0
+    done: bool = False
+
+    @property
+    def rows(self) -> int:
+        """Rows this search feeds at the next step (1 at the first step, then beam_size)."""
+        return len(self.prefixes)
+
+    def next_tokens(self) -> list[int]:
+        """The token each row feeds at the next step."""
+        return [prefix[-1] if prefix else BOS_ID for prefix in self.prefixes]
+
+    def advance(self, log_probs: np.ndarray, alignment: np.ndarray | None) -> list[int]:
+        """Take one step's log-probabilities (rows, V); returns each new row's parent row."""
+        options = self.options
+        if self.step < options.min_length:
+            log_probs = log_probs.copy()
+            log_probs[:, EOS_ID] = -np.inf
+        vocab_size = log_probs.shape[1]
+        candidates = (self.scores[:, None] + log_probs).reshape(-1)  # (rows * V,) in float32, as the reference
+        parents, tokens, scores = [], [], []
+        for rank, index in enumerate(top_candidates(candidates, 2 * options.beam_size).tolist()):
+            row, token = divmod(index, vocab_size)
+            score = float(candidates[index])
+            if token == EOS_ID:
+                if rank < options.beam_size:
+                    self._finish(row, score, self.step + 1, alignment, with_eos=True)
+            else:
+                parents.append(row)
+                tokens.append(token)
+                scores.append(score)
+                if len(parents) == options.beam_size:
+                    break
+        self.step += 1
+        if len(self.finished) >= options.beam_size:
+            self.done = True
+            return []
+        self.prefixes = [self.prefixes[p] + [t] for p, t in zip(parents, tokens)]
+        self.scores = np.array(scores, dtype=np.float32)
+        if options.return_alignment and alignment is not None:
+            self.alignments = [self.alignments[p] + [alignment[p]] for p in parents]
+        if self.step >= options.max_length:
+            for row in range(len(self.prefixes)):
+                self._finish(row, float(self.scores[row]), options.max_length, None, with_eos=False)
+            self.done = True
+            return []
+        return parents
+
+    def _finish(self, row: int, score: float, length: int, alignment: np.ndarray | None, *, with_eos: bool) -> None:
+        steps = None
+        if self.options.return_alignment:
+            steps = self.alignments[row] + ([alignment[row]] if with_eos and alignment is not None else [])
+            steps = [a.tolist() for a in steps]
+        prefix = self.prefixes[row]
+        self.finished.append(Hypothesis(prefix, score / length**self.options.length_penalty, steps))
+
+    def results(self) -> list[Hypothesis]:
+        """The best num_hypotheses finished hypotheses, best first."""
+        ranked = sorted(self.finished, key=lambda h: -h.score)  # stable: earlier-finished first among equals
+        return ranked[: self.options.num_hypotheses]

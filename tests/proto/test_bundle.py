@@ -1,0 +1,119 @@
+"""The bundle reader refuses anything it cannot verify, naming the file and the problem."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+from nmtserve.bundle import MANIFEST, BundleError, read_bundle, sha256_bytes
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path) -> Path:
+    target = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, target)
+    return target
+
+
+def edit_manifest(bundle: Path, edit) -> None:
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    edit(manifest)
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_exported_bundle_verifies(tiny_bundle):
+    bundle = read_bundle(tiny_bundle)
+    assert set(bundle.files) == {"encoder", "decoder_step", "tokenizer"}
+    assert bundle.manifest["precision"] == "fp32"
+    assert bundle.manifest["training"]["steps"] > 0
+    assert len(bundle.sha256) == 64
+    for role, entry in bundle.manifest["files"].items():
+        assert sha256_bytes((tiny_bundle / entry["path"]).read_bytes()) == entry["sha256"]
+
+
+def test_graphs_pass_the_full_onnx_checker(tiny_bundle):
+    for name in ("encoder.onnx", "decoder_step.onnx"):
+        onnx.checker.check_model(onnx.load(str(tiny_bundle / name)), full_check=True)
+
+
+def test_changed_byte_is_refused(bundle_copy):
+    path = bundle_copy / "decoder_step.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"decoder_step\.onnx: sha256 .* does not match"):
+        read_bundle(bundle_copy)
+
+
+def test_missing_file_is_refused(bundle_copy):
+    (bundle_copy / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match=r"tokenizer\.json: listed in manifest\.json but missing"):
+        read_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("path", ["../encoder.onnx", "/etc/passwd", "sub/../../x.onnx"])
+def test_path_escaping_the_bundle_is_refused(bundle_copy, path):
+    edit_manifest(bundle_copy, lambda m: m["files"]["encoder"].update(path=path))
+    with pytest.raises(BundleError, match="must be relative and stay inside the bundle"):
+        read_bundle(bundle_copy)
+
+
+def test_symlink_out_of_the_bundle_is_refused(bundle_copy, tmp_path):
+    outside = tmp_path / "outside.onnx"
+    shutil.move(bundle_copy / "encoder.onnx", outside)
+    (bundle_copy / "encoder.onnx").symlink_to(outside)
+    with pytest.raises(BundleError, match="outside the bundle"):
+        read_bundle(bundle_copy)
+
+
+def test_wrong_format_version_is_refused(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m.update(format_version=99))
+    with pytest.raises(BundleError, match="format_version 99 is not supported"):
+        read_bundle(bundle_copy)
+
+
+def test_schema_errors_name_the_field(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m["model"].update(d_model="wide"))
+    with pytest.raises(BundleError, match=r"model\.d_model must be a positive integer"):
+        read_bundle(bundle_copy)
+
+
+def test_graph_that_does_not_match_the_manifest_is_refused(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m["model"].update(n_heads=m["model"]["n_heads"] * 2))
+    with pytest.raises(BundleError, match=r"encoder\.onnx: output 'memory_keys' is float32\[.*\], expected"):
+        read_bundle(bundle_copy)
+
+
+def test_graph_with_renamed_input_is_refused(bundle_copy):
+    path = bundle_copy / "decoder_step.onnx"
+    model = onnx.load(str(path))
+    model.graph.input[0].name = "token_ids"
+    for node in model.graph.node:
+        node.input[:] = ["token_ids" if name == "tokens" else name for name in node.input]
+    path.write_bytes(model.SerializeToString())
+    edit_manifest(bundle_copy, lambda m: m["files"]["decoder_step"].update(sha256=sha256_bytes(path.read_bytes())))
+    with pytest.raises(BundleError, match="graph inputs are .*'token_ids'.* promises"):
+        read_bundle(bundle_copy)
+
+
+def test_external_data_reference_is_refused(bundle_copy):
+    path = bundle_copy / "encoder.onnx"
+    model = onnx.load(str(path))
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.raw_data = b""
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "../../secrets.bin"
+    path.write_bytes(model.SerializeToString())
+    edit_manifest(bundle_copy, lambda m: m["files"]["encoder"].update(sha256=sha256_bytes(path.read_bytes())))
+    with pytest.raises(BundleError, match="external data .* must be relative and stay inside"):
+        read_bundle(bundle_copy)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="no manifest.json"):
+        read_bundle(tmp_path)

@@ -1,0 +1,140 @@
+"""The ONNX Runtime engine against the PyTorch reference: logits, greedy, beam, n-best, batching."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from nmtserve.bundle import BOS_ID
+from nmtserve_export.checkpoint import load_model
+from nmtserve_export.data import encode_sources
+from nmtserve_export.decode import IncrementalDecoder, beam_search, greedy_search
+from nmtserve_export.evaluate import test_pairs
+from nmtserve_export.train import exact_match
+from nmtserve_server.engine import DeviceError, Engine, providers_for, translate
+from nmtserve_server.search import DecodeOptions, top_candidates
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run):
+    model, tokenizer, metadata = load_model(tiny_run)
+    pairs = test_pairs(metadata)
+    return model, tokenizer, pairs, encode_sources(tokenizer, [p.source for p in pairs])
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle) -> Engine:
+    return Engine.from_path(tiny_bundle, device="cpu", capacity=64)
+
+
+def test_top_candidates_is_a_stable_descending_sort():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        scores = rng.integers(0, 5, size=40).astype(np.float32)  # many ties
+        n = int(rng.integers(1, 10))
+        assert top_candidates(scores, n).tolist() == np.argsort(-scores, kind="stable")[:n].tolist()
+
+
+def test_log_probs_match_pytorch_at_every_step(reference, engine):
+    model, _, _, sources = reference
+    for batch in (sources[:1], sources[1:9]):  # batch 1, and a padded batch of mixed lengths
+        targets = greedy_search(model, batch, max_length=40)
+        steps = max(len(t) for t in targets) + 1
+        forced = [[BOS_ID] + t + [t[-1] if t else BOS_ID] * (steps - len(t)) for t in targets]
+        decoder = IncrementalDecoder(model, torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s in batch], batch_first=True))
+        encoded = engine.encode(batch)
+        slots = [engine.allocate(encoded, i, 1)[0] for i in range(len(batch))]
+        try:
+            for t in range(steps):
+                tokens = [f[t] for f in forced]
+                with torch.inference_mode():
+                    expected = decoder.step(torch.tensor(tokens)).numpy()
+                got, _ = engine.step(slots, tokens)
+                np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0, err_msg=f"step {t}")
+        finally:
+            engine.release(slots)
+
+
+def test_greedy_outputs_equal_pytorch_on_the_whole_test_set(reference, engine):
+    model, _, _, sources = reference
+    expected = [o for i in range(0, len(sources), 50) for o in greedy_search(model, sources[i : i + 50])]
+    got = [h[0].tokens for h in translate(engine, sources, DecodeOptions())]
+    assert got == expected
+
+
+def test_beam_outputs_n_best_and_scores_equal_pytorch(reference, engine):
+    model, _, _, sources = reference
+    options = DecodeOptions(beam_size=4, num_hypotheses=4)
+    got = translate(engine, sources, options)
+    for source, hypotheses in zip(sources, got):
+        expected = beam_search(model, source, beam_size=4, num_hypotheses=4)
+        assert [h.tokens for h in hypotheses] == [h.tokens for h in expected]
+        np.testing.assert_allclose([h.score for h in hypotheses], [h.score for h in expected], atol=1e-4)
+
+
+def test_length_options_are_respected(reference, engine):
+    _, _, _, sources = reference
+    for hypotheses in translate(engine, sources[:10], DecodeOptions(min_length=12, max_length=12, beam_size=2)):
+        assert len(hypotheses[0].tokens) == 12
+    for hypotheses in translate(engine, sources[:10], DecodeOptions(max_length=3)):
+        assert len(hypotheses[0].tokens) <= 3
+
+
+def test_sentence_alone_equals_sentence_in_a_batch(reference, engine):
+    _, _, _, sources = reference
+    batched = translate(engine, sources[:40], DecodeOptions(beam_size=2, num_hypotheses=2))
+    for source, in_batch in zip(sources[:40], batched):
+        alone = translate(engine, [source], DecodeOptions(beam_size=2, num_hypotheses=2))[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in in_batch]
+
+
+def test_alignment_has_one_distribution_per_generated_token(reference, engine):
+    _, _, _, sources = reference
+    hypothesis = translate(engine, sources[:1], DecodeOptions(beam_size=3, return_alignment=True))[0][0]
+    alignment = np.array(hypothesis.alignment)
+    assert alignment.shape == (len(hypothesis.tokens) + 1, len(sources[0]))  # + <eos>
+    np.testing.assert_allclose(alignment.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_more_sentences_than_cache_rows_all_finish(reference, tiny_bundle):
+    _, _, _, sources = reference
+    small = Engine.from_path(tiny_bundle, device="cpu", capacity=8)
+    results = translate(small, sources[:30], DecodeOptions(beam_size=4))
+    big = translate(Engine.from_path(tiny_bundle, device="cpu", capacity=64), sources[:30], DecodeOptions(beam_size=4))
+    assert [r[0].tokens for r in results] == [r[0].tokens for r in big]
+    assert len(small.free_slots) == 8
+
+
+def test_int8_bundle_keeps_quality(reference, engine, tiny_bundle_int8, capsys):
+    _, tokenizer, pairs, sources = reference
+    int8 = Engine.from_path(tiny_bundle_int8, device="cpu")
+    references = [p.target for p in pairs]
+    fp32_em = exact_match(engine.decode_ids([h[0].tokens for h in translate(engine, sources, DecodeOptions())]), references)
+    int8_em = exact_match(int8.decode_ids([h[0].tokens for h in translate(int8, sources, DecodeOptions())]), references)
+    with capsys.disabled():
+        print(f"\n[tiny model] exact match fp32 {100 * fp32_em:.1f}%, int8 {100 * int8_em:.1f}%")
+    assert int8_em >= fp32_em - 0.10
+
+
+def test_cuda_without_a_gpu_fails_fast():
+    try:
+        providers = providers_for("cuda")
+    except DeviceError as error:
+        assert "no usable GPU" in str(error)
+    else:
+        assert providers[0] == "CUDAExecutionProvider"  # this machine has one
+
+
+def test_engine_and_bundle_reader_never_import_torch(tiny_bundle):
+    code = (
+        "import sys\n"
+        "from nmtserve_server.engine import Engine, translate\n"
+        f"engine = Engine.from_path({str(tiny_bundle)!r}, device='cpu')\n"
+        "translate(engine, engine.encode_texts(['Friday']))\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -32,25 +32,25 @@ class IncrementalDecoder:
         self.model = model
         self.src_mask = (src != PAD_ID)[:, None, None, :]  # (B, 1, 1, S)
         memory = model.encode(src, self.src_mask)
-        self.memory_keys, self.memory_values = model.memory_keys_values(memory)  # (N, B, h, S, d_k)
-        self.keys, self.values = model.empty_cache(src.size(0), src.device)  # (N, B, h, t, d_k)
+        self.memory_keys, self.memory_values = model.memory_keys_values(memory)  # N x (B, h, S, d_k)
+        self.keys, self.values = model.empty_cache(src.size(0), src.device)  # N x (B, h, t, d_k)
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per row (B,); return next-token log-probabilities (B, V)."""
-        B, t = tokens.size(0), self.keys.size(3)
+        B, t = tokens.size(0), self.keys[0].size(2)
         positions = torch.full((B, 1), t, dtype=torch.long)
         self_mask = torch.ones(B, 1, 1, t + 1, dtype=torch.bool)  # every earlier step of the row is visible
         log_probs, new_keys, new_values = self.model.decode(
             tokens[:, None], positions, self.keys, self.values, self_mask, self.memory_keys, self.memory_values, self.src_mask
         )
-        self.keys = torch.cat([self.keys, new_keys], dim=3)
-        self.values = torch.cat([self.values, new_values], dim=3)
+        self.keys = [torch.cat([past, new], dim=2) for past, new in zip(self.keys, new_keys)]
+        self.values = [torch.cat([past, new], dim=2) for past, new in zip(self.values, new_values)]
         return log_probs[:, -1]  # (B, V)
 
     def select(self, rows: Tensor) -> None:
         """Keep (and repeat) the given rows of the batch, e.g. to follow beam reordering."""
-        self.keys, self.values = self.keys[:, rows], self.values[:, rows]
-        self.memory_keys, self.memory_values = self.memory_keys[:, rows], self.memory_values[:, rows]
+        self.keys, self.values = [k[rows] for k in self.keys], [v[rows] for v in self.values]
+        self.memory_keys, self.memory_values = [k[rows] for k in self.memory_keys], [v[rows] for v in self.memory_values]
         self.src_mask = self.src_mask[rows]
 
 

@@ -243,40 +243,40 @@ class Transformer(nn.Module):
             x = layer(x, src_mask)
         return x
 
-    def memory_keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
-        """Every decoder layer's encoder-decoder attention keys and values, each (N, B, h, S, d_k)."""
+    def memory_keys_values(self, memory: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Each decoder layer's encoder-decoder attention keys and values, N x (B, h, S, d_k)."""
         keys, values = zip(*(layer.src_attn.keys_values(memory) for layer in self.decoder_layers))
-        return torch.stack(keys), torch.stack(values)
+        return list(keys), list(values)
 
     def decode(
         self,
         tgt: Tensor,  # (B, T) new target tokens
         positions: Tensor,  # (B, T) their positions
-        past_keys: Tensor,  # (N, B, h, T_past, d_k)
-        past_values: Tensor,  # (N, B, h, T_past, d_k)
+        past_keys: list[Tensor],  # N x (B, h, T_past, d_k): one tensor per layer, no stacking to copy
+        past_values: list[Tensor],  # N x (B, h, T_past, d_k)
         self_mask: Tensor,  # (B, 1, T, T_past + T)
-        memory_keys: Tensor,  # (N, B, h, S, d_k)
-        memory_values: Tensor,  # (N, B, h, S, d_k)
+        memory_keys: list[Tensor],  # N x (B, h, S, d_k)
+        memory_values: list[Tensor],  # N x (B, h, S, d_k)
         src_mask: Tensor,  # (B, 1, 1, S)
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The decoder stack and generator: log-probabilities (B, T, V) and the new keys/values (N, B, h, T, d_k)."""
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """The decoder stack and generator: log-probabilities (B, T, V) and each layer's new keys/values (B, h, T, d_k)."""
         x = self.embed_positions(tgt, positions)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.decoder_layers):
             x, key, value = layer(x, past_keys[i], past_values[i], self_mask, memory_keys[i], memory_values[i], src_mask)
             new_keys.append(key)
             new_values.append(value)
-        return self.generator(x), torch.stack(new_keys), torch.stack(new_values)
+        return self.generator(x), new_keys, new_values
 
     def generator(self, x: Tensor) -> Tensor:
         """Final linear (tied to the embeddings, 3.4) and log-softmax: (B, T, d_model) -> (B, T, V)."""
         return F.log_softmax(x @ self.embed.lut.weight.t(), dim=-1)
 
-    def empty_cache(self, batch_size: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-        """Self-attention keys and values for zero earlier steps, each (N, B, h, 0, d_k)."""
+    def empty_cache(self, batch_size: int, device: torch.device | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """Self-attention keys and values for zero earlier steps, N x (B, h, 0, d_k) each."""
         c = self.config
-        shape = (c.n_decoder_layers, batch_size, c.n_heads, 0, c.d_k)
-        return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+        empty = torch.zeros(batch_size, c.n_heads, 0, c.d_k, device=device)
+        return [empty] * c.n_decoder_layers, [empty] * c.n_decoder_layers
 
     def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
         """Teacher-forced log-probabilities (B, T, V) of the next token after each target prefix."""

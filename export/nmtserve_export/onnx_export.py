@@ -35,13 +35,14 @@ class EncoderGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, source_ids: Tensor, source_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, source_ids: Tensor, source_mask: Tensor) -> tuple[Tensor, ...]:
         memory = self.model.encode(source_ids, source_mask[:, None, None, :])  # (B, S, d_model)
-        return self.model.memory_keys_values(memory)  # 2 x (N, B, h, S, d_k)
+        keys, values = self.model.memory_keys_values(memory)  # N x (B, h, S, d_k) each
+        return tuple(t for kv in zip(keys, values) for t in kv)  # memory_key_0, memory_value_0, ...
 
 
 class DecoderStepGraph(nn.Module):
-    """One token per row + cached keys/values -> log-probabilities, the new keys/values, the alignment."""
+    """One token per row + cached keys/values -> log-probabilities, the alignment, the new keys/values."""
 
     def __init__(self, model: Transformer):
         super().__init__()
@@ -51,20 +52,19 @@ class DecoderStepGraph(nn.Module):
         self,
         tokens: Tensor,  # (B,)
         positions: Tensor,  # (B,)
-        past_keys: Tensor,  # (N, B, h, T, d_k)
-        past_values: Tensor,  # (N, B, h, T, d_k)
         past_mask: Tensor,  # (B, T): which cached steps are real
-        memory_keys: Tensor,  # (N, B, h, S, d_k)
-        memory_values: Tensor,  # (N, B, h, S, d_k)
         source_mask: Tensor,  # (B, S)
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        *caches: Tensor,  # past_key_i, past_value_i (B, h, T, d_k) for each layer, then memory_key_i, memory_value_i (B, h, S, d_k)
+    ) -> tuple[Tensor, ...]:
+        n = self.model.config.n_decoder_layers
+        past, memory = caches[: 2 * n], caches[2 * n :]
         self_mask = torch.cat([past_mask, torch.ones_like(past_mask[:, :1])], dim=1)[:, None, None, :]  # (B, 1, 1, T + 1)
         log_probs, new_keys, new_values = self.model.decode(
-            tokens[:, None], positions[:, None], past_keys, past_values, self_mask,
-            memory_keys, memory_values, source_mask[:, None, None, :],
+            tokens[:, None], positions[:, None], list(past[0::2]), list(past[1::2]), self_mask,
+            list(memory[0::2]), list(memory[1::2]), source_mask[:, None, None, :],
         )
         alignment = self.model.decoder_layers[-1].src_attn.attention.mean(dim=1)[:, 0]  # (B, S), mean over heads
-        return log_probs[:, 0], new_keys, new_values, alignment
+        return (log_probs[:, 0], alignment, *(t for kv in zip(new_keys, new_values) for t in kv))
 
 
 def example_inputs(model: Transformer, batch: int = 3, source_length: int = 7, cache_length: int = 5) -> dict[str, tuple[Tensor, ...]]:
@@ -72,39 +72,39 @@ def example_inputs(model: Transformer, batch: int = 3, source_length: int = 7, c
     c = model.config
     source_ids = torch.randint(4, c.vocab_size, (batch, source_length))
     source_mask = torch.ones(batch, source_length, dtype=torch.bool)
-    memory = (c.n_decoder_layers, batch, c.n_heads, source_length, c.d_k)
-    cache = (c.n_decoder_layers, batch, c.n_heads, cache_length, c.d_k)
+    n = c.n_decoder_layers
+    past = [torch.randn(batch, c.n_heads, cache_length, c.d_k) for _ in range(2 * n)]
+    memory = [torch.randn(batch, c.n_heads, source_length, c.d_k) for _ in range(2 * n)]
     decoder = (
         torch.randint(4, c.vocab_size, (batch,)),
         torch.full((batch,), cache_length),
-        torch.randn(cache),
-        torch.randn(cache),
         torch.ones(batch, cache_length, dtype=torch.bool),
-        torch.randn(memory),
-        torch.randn(memory),
         source_mask,
+        *past,
+        *memory,
     )
     return {"encoder": (source_ids, source_mask), "decoder_step": decoder}
 
 
-def _dynamic_shapes(spec: dict) -> tuple[dict[int, Dim], ...]:
-    """torch.export dims for every named axis in a bundle I/O spec."""
+def _dynamic_shapes(spec: dict, role: str) -> tuple:
+    """torch.export dims for every named axis in a bundle I/O spec, shaped like the graph's arguments."""
     dims = {
         "batch": Dim("batch", min=1, max=4096),
         "source_length": Dim("source_length", min=1, max=4096),
         "cache_length": Dim("cache_length", min=1, max=4096),
     }
-    return tuple({axis: dims[name] for axis, name in enumerate(shape) if name in dims} for _, shape in spec.values())
+    shapes = tuple({axis: dims[name] for axis, name in enumerate(shape) if name in dims} for _, shape in spec.values())
+    return shapes if role == "encoder" else (*shapes[:4], shapes[4:])  # the decoder's caches are one *args
 
 
 def export_graph(module: nn.Module, role: str, inputs: tuple[Tensor, ...]) -> bytes:
     """Export one graph with the bundle's input/output names and dynamic axes; returns the ONNX bytes."""
-    spec_in, spec_out = bundle_format.GRAPHS[role]
+    spec_in, spec_out = bundle_format.graph_io(module.model.config.n_decoder_layers)[role]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{role}.onnx"
         torch.onnx.export(
             module, inputs, str(path), dynamo=True, opset_version=OPSET, external_data=False,
-            input_names=list(spec_in), output_names=list(spec_out), dynamic_shapes=_dynamic_shapes(spec_in),
+            input_names=list(spec_in), output_names=list(spec_out), dynamic_shapes=_dynamic_shapes(spec_in, role),
         )
         model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
@@ -135,7 +135,7 @@ def max_logit_difference(model: Transformer, graphs: dict[str, bytes], inputs: d
     import onnxruntime as ort
 
     session = ort.InferenceSession(graphs["decoder_step"], providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
+    names = [i.name for i in session.get_inputs()]  # in the order of DecoderStepGraph.forward's arguments
     onnx_log_probs = session.run(["log_probs"], {n: t.numpy() for n, t in zip(names, inputs["decoder_step"])})[0]
     with torch.inference_mode():
         torch_log_probs = DecoderStepGraph(model)(*inputs["decoder_step"])[0].numpy()

@@ -34,32 +34,36 @@ FILES = {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx", "tokeni
 PRECISIONS = ("fp32", "fp16", "int8")
 
 # Graph inputs and outputs: name -> (ONNX element type, shape). Shapes name their dynamic axes;
-# N, h, d_k and V are filled in from the manifest's model dimensions.
+# h, d_k and V are filled in from the manifest's model dimensions. Keys and values come one tensor
+# per decoder layer, so the graph never splits or stacks (copies) a whole cache.
 ENCODER_INPUTS = {
     "source_ids": ("int64", ("batch", "source_length")),
     "source_mask": ("bool", ("batch", "source_length")),
 }
-ENCODER_OUTPUTS = {
-    "memory_keys": ("float", ("N", "batch", "h", "source_length", "d_k")),
-    "memory_values": ("float", ("N", "batch", "h", "source_length", "d_k")),
-}
-DECODER_INPUTS = {
-    "tokens": ("int64", ("batch",)),
-    "positions": ("int64", ("batch",)),
-    "past_keys": ("float", ("N", "batch", "h", "cache_length", "d_k")),
-    "past_values": ("float", ("N", "batch", "h", "cache_length", "d_k")),
-    "past_mask": ("bool", ("batch", "cache_length")),
-    "memory_keys": ("float", ("N", "batch", "h", "source_length", "d_k")),
-    "memory_values": ("float", ("N", "batch", "h", "source_length", "d_k")),
-    "source_mask": ("bool", ("batch", "source_length")),
-}
-DECODER_OUTPUTS = {
-    "log_probs": ("float", ("batch", "V")),
-    "new_keys": ("float", ("N", "batch", "h", 1, "d_k")),
-    "new_values": ("float", ("N", "batch", "h", 1, "d_k")),
-    "alignment": ("float", ("batch", "source_length")),
-}
-GRAPHS = {"encoder": (ENCODER_INPUTS, ENCODER_OUTPUTS), "decoder_step": (DECODER_INPUTS, DECODER_OUTPUTS)}
+_MEMORY = ("float", ("batch", "h", "source_length", "d_k"))
+_PAST = ("float", ("batch", "h", "cache_length", "d_k"))
+_NEW = ("float", ("batch", "h", 1, "d_k"))
+
+
+def graph_io(n_layers: int) -> dict[str, tuple[dict, dict]]:
+    """The inputs and outputs of each graph, by role, for a model with n_layers decoder layers."""
+    layers = range(n_layers)
+    encoder_outputs = {f"memory_{kv}_{i}": _MEMORY for i in layers for kv in ("key", "value")}
+    decoder_inputs = {
+        "tokens": ("int64", ("batch",)),
+        "positions": ("int64", ("batch",)),
+        "past_mask": ("bool", ("batch", "cache_length")),
+        "source_mask": ("bool", ("batch", "source_length")),
+        **{f"past_{kv}_{i}": _PAST for i in layers for kv in ("key", "value")},
+        **encoder_outputs,
+    }
+    decoder_outputs = {
+        "log_probs": ("float", ("batch", "V")),
+        "alignment": ("float", ("batch", "source_length")),
+        **{f"new_{kv}_{i}": _NEW for i in layers for kv in ("key", "value")},
+    }
+    return {"encoder": (ENCODER_INPUTS, encoder_outputs), "decoder_step": (decoder_inputs, decoder_outputs)}
+
 
 _MANIFEST_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "format": str,
@@ -125,8 +129,8 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def expected_shape(shape: tuple, dims: ModelDims) -> tuple:
-    """A graph shape with N, h, d_k and V replaced by the model's numbers."""
-    numbers = {"N": dims.n_decoder_layers, "h": dims.n_heads, "d_k": dims.d_k, "V": dims.vocab_size}
+    """A graph shape with h, d_k and V replaced by the model's numbers."""
+    numbers = {"h": dims.n_heads, "d_k": dims.d_k, "V": dims.vocab_size}
     return tuple(numbers.get(d, d) if isinstance(d, str) else d for d in shape)
 
 
@@ -195,7 +199,7 @@ def _check_graph(role: str, content: bytes, dims: ModelDims, root: Path) -> None
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
             _inside(root, location, f"{FILES[role]}: external data of {tensor.name!r}")
             raise BundleError(f"{FILES[role]}: tensor {tensor.name!r} keeps its data in {location!r}; bundles hold self-contained graphs")
-    inputs, outputs = GRAPHS[role]
+    inputs, outputs = graph_io(dims.n_decoder_layers)[role]
     for kind, promised, actual in (("input", inputs, model.graph.input), ("output", outputs, model.graph.output)):
         found = {}
         for value in actual:
@@ -238,6 +242,6 @@ def read_bundle(directory: Path | str) -> Bundle:
             raise BundleError(f"{entry['path']}: sha256 {sha256_bytes(content)} does not match the manifest's {entry['sha256']}")
         files[role] = content
     bundle = Bundle(path=root, manifest=manifest, files=files, sha256=sha256_bytes(manifest_bytes))
-    for role in GRAPHS:
+    for role in ("encoder", "decoder_step"):
         _check_graph(role, files[role], bundle.dims, root)
     return bundle

@@ -54,8 +54,7 @@ def _cuda_device_present() -> bool:
 
 @dataclass
 class EncodedBatch:
-    memory_keys: np.ndarray  # (N, B, h, S, d_k)
-    memory_values: np.ndarray  # (N, B, h, S, d_k)
+    memory: list[np.ndarray]  # memory_key_0, memory_value_0, ... each (B, h, S, d_k)
     source_mask: np.ndarray  # (B, S)
     source_lengths: np.ndarray  # (B,)
 
@@ -72,6 +71,7 @@ class Engine:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one request stream; parallelism is inside ops
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.encoder = ort.InferenceSession(bundle.files["encoder"], options, providers=self.providers)
         self.decoder = ort.InferenceSession(bundle.files["decoder_step"], options, providers=self.providers)
         self.tokenizer = Tokenizer.from_str(bundle.files["tokenizer"].decode("utf-8"))
@@ -80,16 +80,16 @@ class Engine:
         self.capacity = capacity
         self.max_source_length = bundle.max_source_length
         self.max_target_length = bundle.max_target_length
-        cache = (dims.n_decoder_layers, capacity, dims.n_heads, self.max_target_length, dims.d_k)
-        memory = (dims.n_decoder_layers, capacity, dims.n_heads, self.max_source_length, dims.d_k)
-        self.keys = np.zeros(cache, np.float32)  # self-attention cache, row by row
-        self.values = np.zeros(cache, np.float32)
-        self.memory_keys = np.zeros(memory, np.float32)  # encoder-decoder keys/values, fixed per sentence
-        self.memory_values = np.zeros(memory, np.float32)
+        layers = 2 * dims.n_decoder_layers  # a key and a value tensor per layer, in graph order
+        # Self-attention cache and encoder-decoder keys/values (fixed per sentence), row by row.
+        self.cache = [np.zeros((capacity, dims.n_heads, self.max_target_length, dims.d_k), np.float32) for _ in range(layers)]
+        self.memory = [np.zeros((capacity, dims.n_heads, self.max_source_length, dims.d_k), np.float32) for _ in range(layers)]
+        self.past_names = [f"past_{kv}_{i}" for i in range(dims.n_decoder_layers) for kv in ("key", "value")]
+        self.memory_names = [f"memory_{kv}_{i}" for i in range(dims.n_decoder_layers) for kv in ("key", "value")]
         self.lengths = np.zeros(capacity, np.int64)  # cached steps per row
         self.source_lengths = np.zeros(capacity, np.int64)
         self.free_slots = list(range(capacity - 1, -1, -1))
-        self._gathered: tuple[tuple[int, ...], int, tuple[np.ndarray, ...]] | None = None
+        self._gathered: tuple[tuple[int, ...], dict[str, np.ndarray]] | None = None
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, **kwargs: Any) -> Engine:
@@ -111,8 +111,8 @@ class Engine:
         for row, source in enumerate(sources):
             source_ids[row, : len(source)] = source
         source_mask = np.arange(source_ids.shape[1])[None, :] < lengths[:, None]
-        keys, values = self.encoder.run(None, {"source_ids": source_ids, "source_mask": source_mask})
-        return EncodedBatch(keys, values, source_mask, lengths)
+        memory = self.encoder.run(self.memory_names, {"source_ids": source_ids, "source_mask": source_mask})
+        return EncodedBatch(memory, source_mask, lengths)
 
     def allocate(self, batch: EncodedBatch, index: int, rows: int) -> list[int]:
         """Take `rows` free slots for sentence `index` of an encoded batch (a beam of k takes k rows)."""
@@ -120,8 +120,8 @@ class Engine:
             raise RuntimeError(f"{rows} KV-cache rows requested, {len(self.free_slots)} free")
         slots = [self.free_slots.pop() for _ in range(rows)]
         length = int(batch.source_lengths[index])
-        self.memory_keys[:, slots, :, :length] = batch.memory_keys[:, index : index + 1, :, :length]
-        self.memory_values[:, slots, :, :length] = batch.memory_values[:, index : index + 1, :, :length]
+        for buffer, encoded in zip(self.memory, batch.memory):
+            buffer[slots, :, :length] = encoded[index, :, :length]
         self.source_lengths[slots] = length
         self.lengths[slots] = 0
         self._gathered = None  # the rows' contents changed
@@ -138,42 +138,35 @@ class Engine:
             return
         new, old = list(slots[: len(parents)]), [slots[p] for p in parents]
         length = int(self.lengths[old].max())
-        self.keys[:, new, :, :length] = self.keys[:, old, :, :length]
-        self.values[:, new, :, :length] = self.values[:, old, :, :length]
+        for buffer in self.cache:
+            buffer[new, :, :length] = buffer[old, :, :length]
         self.lengths[new] = self.lengths[old]
 
-    def _memory(self, slots: tuple[int, ...]) -> tuple[np.ndarray, ...]:
-        """Encoder-decoder keys/values and mask of the rows, gathered once per set of rows."""
+    def _memory(self, slots: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """Encoder-decoder keys/values and source mask of the rows, gathered once per set of rows."""
         if self._gathered is None or self._gathered[0] != slots:
-            source_length = int(self.source_lengths[list(slots)].max())
             index = list(slots)
-            gathered = (
-                np.ascontiguousarray(self.memory_keys[:, index, :, :source_length]),
-                np.ascontiguousarray(self.memory_values[:, index, :, :source_length]),
-                np.arange(source_length)[None, :] < self.source_lengths[index][:, None],
-            )
-            self._gathered = (slots, source_length, gathered)
-        return self._gathered[2]
+            source_length = int(self.source_lengths[index].max())
+            feeds = {name: buffer[index, :, :source_length] for name, buffer in zip(self.memory_names, self.memory)}
+            feeds["source_mask"] = np.arange(source_length)[None, :] < self.source_lengths[index][:, None]
+            self._gathered = (slots, feeds)
+        return self._gathered[1]
 
     def step(self, slots: Sequence[int], tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """One decoder step for the given rows: log-probabilities (B, V) and alignment (B, S)."""
         index = list(slots)
         lengths = self.lengths[index]
         cache_length = max(1, int(lengths.max()))  # at least one (masked) entry: a zero-length axis trips ORT's MatMul
-        memory_keys, memory_values, source_mask = self._memory(tuple(index))
         feeds = {
             "tokens": np.asarray(tokens, dtype=np.int64),
             "positions": lengths,
-            "past_keys": self.keys[:, index, :, :cache_length],
-            "past_values": self.values[:, index, :, :cache_length],
             "past_mask": np.arange(cache_length)[None, :] < lengths[:, None],
-            "memory_keys": memory_keys,
-            "memory_values": memory_values,
-            "source_mask": source_mask,
+            **{name: buffer[index, :, :cache_length] for name, buffer in zip(self.past_names, self.cache)},
+            **self._memory(tuple(index)),
         }
-        log_probs, new_keys, new_values, alignment = self.decoder.run(None, feeds)
-        self.keys[:, index, :, lengths] = new_keys[:, :, :, 0].transpose(1, 0, 2, 3)
-        self.values[:, index, :, lengths] = new_values[:, :, :, 0].transpose(1, 0, 2, 3)
+        log_probs, alignment, *new = self.decoder.run(None, feeds)
+        for buffer, step in zip(self.cache, new):
+            buffer[index, :, lengths] = step[:, :, 0]  # append each row's new key/value at its own length
         self.lengths[index] = lengths + 1
         return log_probs, alignment
 
@@ -225,10 +218,12 @@ class Decoder:
             slots += sequence.slots[: sequence.search.rows]
             tokens += sequence.search.next_tokens()
         log_probs, alignment = self.engine.step(slots, tokens)
+        best = log_probs.argmax(axis=1)  # one call for every row: greedy searches need nothing more
         finished, still_active, offset = [], [], 0
         for sequence in self.active:
             rows = sequence.search.rows
-            parents = sequence.search.advance(log_probs[offset : offset + rows], alignment[offset : offset + rows])
+            window = slice(offset, offset + rows)
+            parents = sequence.search.advance(log_probs[window], alignment[window], best[window])
             offset += rows
             sequence.generated += 1
             if sequence.search.done:

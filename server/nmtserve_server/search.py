@@ -63,18 +63,25 @@ class BeamSearch:
         """The token each row feeds at the next step."""
         return [prefix[-1] if prefix else BOS_ID for prefix in self.prefixes]
 
-    def advance(self, log_probs: np.ndarray, alignment: np.ndarray | None) -> list[int]:
-        """Take one step's log-probabilities (rows, V); returns each new row's parent row."""
+    def advance(self, log_probs: np.ndarray, alignment: np.ndarray | None, best: np.ndarray | None = None) -> list[int]:
+        """Take one step's log-probabilities (rows, V); returns each new row's parent row.
+
+        `best`, the argmax of each row if the caller has it, spares greedy search a sort.
+        """
         options = self.options
         if self.step < options.min_length:
             log_probs = log_probs.copy()
             log_probs[:, EOS_ID] = -np.inf
+            best = None
         vocab_size = log_probs.shape[1]
-        candidates = (self.scores[:, None] + log_probs).reshape(-1)  # (rows * V,) in float32, as the reference
+        if options.beam_size == 1:  # a single row's top candidate is its argmax (first index among ties)
+            ranked = [int(best[0]) if best is not None else int(log_probs[0].argmax())]
+        else:
+            ranked = top_candidates((self.scores[:, None] + log_probs).reshape(-1), 2 * options.beam_size).tolist()
         parents, tokens, scores = [], [], []
-        for rank, index in enumerate(top_candidates(candidates, 2 * options.beam_size).tolist()):
+        for rank, index in enumerate(ranked):
             row, token = divmod(index, vocab_size)
-            score = float(candidates[index])
+            score = float(self.scores[row] + log_probs[row, token])  # float32 arithmetic, as the reference
             if token == EOS_ID:
                 if rank < options.beam_size:
                     self._finish(row, score, self.step + 1, alignment, with_eos=True)

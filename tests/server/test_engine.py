@@ -13,7 +13,7 @@ from nmtserve.bundle import BOS_ID
 from nmtserve_export.checkpoint import load_model
 from nmtserve_export.data import encode_sources
 from nmtserve_export.decode import IncrementalDecoder, beam_search, greedy_search
-from nmtserve_export.evaluate import test_pairs
+from nmtserve_export.evaluate import held_out_pairs
 from nmtserve_export.train import exact_match
 from nmtserve_server.engine import DeviceError, Engine, providers_for, translate
 from nmtserve_server.search import DecodeOptions, top_candidates
@@ -22,7 +22,7 @@ from nmtserve_server.search import DecodeOptions, top_candidates
 @pytest.fixture(scope="module")
 def reference(tiny_run):
     model, tokenizer, metadata = load_model(tiny_run)
-    pairs = test_pairs(metadata)
+    pairs = held_out_pairs(metadata)
     return model, tokenizer, pairs, encode_sources(tokenizer, [p.source for p in pairs])
 
 

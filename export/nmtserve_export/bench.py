@@ -23,7 +23,7 @@ from nmtserve_server.search import DecodeOptions
 from .checkpoint import load_model
 from .data import encode_sources
 from .decode import greedy_search
-from .evaluate import test_pairs
+from .evaluate import held_out_pairs
 from .onnx_export import export_bundle
 
 DEFAULT_RUN = Path("runs/default")
@@ -57,7 +57,7 @@ def run(command: str, args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     out = args.out or args.checkpoint
     model, tokenizer, metadata = load_model(args.checkpoint)
-    sources = encode_sources(tokenizer, [p.source for p in test_pairs(metadata)[: args.sentences]])
+    sources = encode_sources(tokenizer, [p.source for p in held_out_pairs(metadata)[: args.sentences]])
     engines = {}
     for precision in ("fp32", "int8"):
         bundle_dir = Path(args.checkpoint) / f"bundle-{precision}"

@@ -28,6 +28,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--beam-sizes", type=int, nargs="+", default=[1, 4], help="beam sizes to decode with (1: greedy)")
         parser.add_argument("--limit", type=int, default=0, help="decode only the first N test pairs (0: all)")
         parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+        parser.add_argument("--bundle", type=Path, default=None, help="decode with the ONNX Runtime engine and this bundle instead of PyTorch")
         parser.add_argument("--json", action="store_true", help="print the full results as JSON")
     elif command == "plot":
         parser.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_RUN, help="checkpoint directory (default: %(default)s)")
@@ -60,11 +61,11 @@ def run(command: str, args: argparse.Namespace) -> int:
     elif command == "evaluate":
         from .evaluate import evaluate
 
-        results = evaluate(args.checkpoint, beam_sizes=tuple(args.beam_sizes), limit=args.limit, threads=args.threads)
+        results = evaluate(args.checkpoint, beam_sizes=tuple(args.beam_sizes), limit=args.limit, threads=args.threads, bundle=args.bundle)
         if args.json:
             print(json.dumps(results, indent=2, ensure_ascii=False))
         else:
-            print(f"{results['test_pairs']} test pairs")
+            print(f"{results['test_pairs']} test pairs, decoded with {results['decoder']}")
             for name, r in results.items():
                 if isinstance(r, dict):
                     print(f"{name:>7}: exact match {100 * r['exact_match']:.2f}%  BLEU {r['bleu']:.2f}  chrF {r['chrf']:.2f}  "

@@ -18,7 +18,7 @@ from .decode import beam_search, greedy_search
 from .model import Transformer
 
 
-def test_pairs(metadata: dict) -> list[Pair]:
+def held_out_pairs(metadata: dict) -> list[Pair]:
     """Rebuild the exact test split the checkpoint was held out from."""
     corpus = metadata["corpus"]
     if corpus["kind"] == "tsv":
@@ -62,22 +62,41 @@ def score(hypotheses: list[str], pairs: list[Pair]) -> dict:
     }
 
 
-def evaluate(checkpoint_dir: Path, *, beam_sizes: tuple[int, ...] = (1, 4), limit: int = 0, threads: int = 0) -> dict:
-    """Decode the test set with each beam size; scores are also stored in the checkpoint's config.json."""
+def translate_pairs_onnx(bundle_dir: Path, pairs: list[Pair], *, beam_size: int, threads: int) -> tuple[list[str], int, float]:
+    """Translate the sources of pairs with the ONNX Runtime engine and a bundle."""
+    from nmtserve_server.engine import Engine, translate
+    from nmtserve_server.search import DecodeOptions
+
+    engine = Engine.from_path(bundle_dir, device="auto", threads=threads)
+    sources = engine.encode_texts([p.source for p in pairs])
+    start = time.perf_counter()
+    outputs = [h[0].tokens for h in translate(engine, sources, DecodeOptions(beam_size=beam_size))]
+    seconds = time.perf_counter() - start
+    return engine.decode_ids(outputs), sum(len(o) + 1 for o in outputs), seconds
+
+
+def evaluate(
+    checkpoint_dir: Path, *, beam_sizes: tuple[int, ...] = (1, 4), limit: int = 0, threads: int = 0, bundle: Path | None = None
+) -> dict:
+    """Decode the test set with each beam size (PyTorch, or the ONNX engine with a bundle); store the scores."""
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer, metadata = load_model(checkpoint_dir)
-    pairs = test_pairs(metadata)
+    pairs = held_out_pairs(metadata)
     if limit:
         pairs = pairs[:limit]
-    results: dict = {"test_pairs": len(pairs)}
+    results: dict = {"test_pairs": len(pairs), "decoder": f"onnxruntime:{bundle}" if bundle else "pytorch"}
     errors = []
     for beam_size in beam_sizes:
-        hypotheses, generated, seconds = translate_pairs(model, tokenizer, pairs, beam_size=beam_size)
+        if bundle:
+            hypotheses, generated, seconds = translate_pairs_onnx(bundle, pairs, beam_size=beam_size, threads=threads)
+        else:
+            hypotheses, generated, seconds = translate_pairs(model, tokenizer, pairs, beam_size=beam_size)
         name = "greedy" if beam_size == 1 else f"beam{beam_size}"
         results[name] = {**score(hypotheses, pairs), "tokens_per_second": generated / seconds, "seconds": seconds}
         if beam_size == 1:
             errors = [(p.source, p.target, h) for p, h in zip(pairs, hypotheses) if h != p.target]
-    update_metadata(checkpoint_dir, scores={k: v for k, v in results.items()})
+    if not bundle:  # the checkpoint's own scores are those of its PyTorch reference decoding
+        update_metadata(checkpoint_dir, scores=results)
     results["greedy_errors"] = errors[:20]
     return results

@@ -14,7 +14,7 @@ from nmtserve.bundle import BOS_ID
 from .checkpoint import STATE_META_FILE, load_model
 from .data import encode_sources
 from .decode import greedy_search
-from .evaluate import test_pairs
+from .evaluate import held_out_pairs
 from .model import PositionalEncoding, Transformer
 
 
@@ -100,6 +100,6 @@ def plot_all(checkpoint_dir: Path, *, sentence: str | None = None) -> list[Path]
     if state.is_file():
         paths.append(plot_training(json.loads(state.read_text())["history"], checkpoint_dir / "training.png"))
     if sentence is None:
-        sentence = next(p.source for p in test_pairs(metadata) if len(p.source.split()) >= 4)
+        sentence = next(p.source for p in held_out_pairs(metadata) if len(p.source.split()) >= 4)
     paths += plot_attention(model, tokenizer, sentence, checkpoint_dir)
     return paths

@@ -43,7 +43,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 def run(command: str, args: argparse.Namespace) -> int:
     """Run one subcommand."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("nmtserve_export").setLevel(logging.INFO)  # ours, not the exporter libraries' chatter
     if command == "corpus":
         from .corpus import generate_corpus, split_corpus, write_tsv
 

@@ -67,12 +67,13 @@ class BeamSearch:
         """Take one step's log-probabilities (rows, V); returns each new row's parent row.
 
         `best`, the argmax of each row if the caller has it, spares greedy search a sort.
+        Before min_length, <eos> is masked in log_probs in place (the caller's step output).
         """
         options = self.options
         if self.step < options.min_length:
-            log_probs = log_probs.copy()
             log_probs[:, EOS_ID] = -np.inf
-            best = None
+            if best is not None and (best == EOS_ID).any():
+                best = None  # masking <eos> changes the argmax only where <eos> was it
         vocab_size = log_probs.shape[1]
         if options.beam_size == 1:  # a single row's top candidate is its argmax (first index among ties)
             ranked = [int(best[0]) if best is not None else int(log_probs[0].argmax())]

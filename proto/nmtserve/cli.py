@@ -28,7 +28,7 @@ COMMANDS: dict[str, Command] = {
     "bench-engine": Command("nmtserve_export.bench", "train", "tokens/s of the ONNX Runtime engine against PyTorch"),
     "translate": Command("nmtserve_server.cli", "serve", "translate texts in-process with a model bundle"),
     "serve": Command("nmtserve_server.serve", "serve", "serve a model bundle over gRPC, with Prometheus metrics"),
-    "bench-serve": Command("nmtserve_server.bench", "serve", "tokens/s and latency of the gRPC server against the engine"),
+    "bench-serve": Command("nmtserve_server.bench", "bench", "tokens/s and latency of the gRPC server against the engine"),
 }
 
 

@@ -97,11 +97,11 @@ class Engine:
         return cls(read_bundle(path), **kwargs)
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
-        """Source ids (subwords + <eos>) of each text."""
+        """Source ids (subwords + <eos>) of each text; tokenizer only, safe beside the decode thread."""
         return [encoding.ids + [EOS_ID] for encoding in self.tokenizer.encode_batch(list(texts))]
 
     def decode_ids(self, ids: Sequence[Sequence[int]]) -> list[str]:
-        """Texts of generated id lists."""
+        """Texts of generated id lists; tokenizer only, safe beside the decode thread."""
         return self.tokenizer.decode_batch([list(i) for i in ids])
 
     def encode(self, sources: Sequence[Sequence[int]]) -> EncodedBatch:
@@ -223,7 +223,8 @@ class Decoder:
         for sequence in self.active:
             rows = sequence.search.rows
             window = slice(offset, offset + rows)
-            parents = sequence.search.advance(log_probs[window], alignment[window], best[window])
+            own_source = alignment[window, : sequence.source_length]  # the batch pads sources to its longest
+            parents = sequence.search.advance(log_probs[window], own_source, best[window])
             offset += rows
             sequence.generated += 1
             if sequence.search.done:

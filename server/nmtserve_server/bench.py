@@ -1,0 +1,200 @@
+"""`nmtserve bench-serve`: served tokens/s and time to first token of the gRPC server, against the engine alone.
+
+In one run on one machine: first the in-process engine decodes the texts in
+batches of 32 (the reference throughput); then `nmtserve serve` starts as a
+subprocess on loopback and N concurrent client streams (asyncio tasks on one
+channel) each send Translate calls (greedy, one text) one after another. Every text is decoded to a
+fixed length (min = max length), so both sides do the same work. Reported:
+served tokens/s as a ratio of the engine's, and the p99 time to first token
+against the server's own mean decode-step and encoder times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+from matplotlib.figure import Figure
+from prometheus_client.parser import text_string_to_metric_families
+
+from nmtserve.v1 import translator_pb2 as pb
+from nmtserve.v1 import translator_pb2_grpc
+
+from .engine import DEVICES, Engine, translate
+from .search import DecodeOptions
+
+DEFAULT_BUNDLE = Path("runs/default/bundle-fp32")
+ENGINE_BATCH = 32
+START_TIMEOUT = 120.0
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """Define the benchmark's flags."""
+    parser.add_argument("bundle", type=Path, nargs="?", default=DEFAULT_BUNDLE, help="model bundle directory (default: %(default)s)")
+    parser.add_argument("--streams", type=int, default=64, help="concurrent client streams")
+    parser.add_argument("--requests", type=int, default=4, help="requests each stream sends, one after another")
+    parser.add_argument("--length", type=int, default=32, help="tokens generated per text (min = max length)")
+    parser.add_argument("--source-tokens", type=int, default=12, help="words per made-up source text")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="where ONNX Runtime runs, for both sides")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads, for both sides (0: all cores)")
+    parser.add_argument("--repeats", type=int, default=3, help="engine measurements; the best is kept")
+    parser.add_argument("--max-seconds", type=float, default=600, help="give up (non-zero exit) after this long")
+    parser.add_argument("--out", type=Path, default=None, help="where to write bench_serve.json/.png (default: the bundle's parent)")
+
+
+def made_up_texts(engine: Engine, count: int, words: int, seed: int = 0) -> list[str]:
+    """Texts of whole-word vocabulary entries: throughput depends on lengths, not on meaning."""
+    vocabulary = engine.tokenizer.get_vocab()
+    whole_words = sorted(token[1:] for token in vocabulary if token.startswith("Ġ") and token[1:].isalpha())
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(whole_words) for _ in range(words)) for _ in range(count)]
+
+
+def engine_tokens_per_second(engine: Engine, texts: list[str], length: int, repeats: int) -> float:
+    """Generated tokens/s of the engine alone, ENGINE_BATCH texts at a time, fixed output length."""
+    options = DecodeOptions(min_length=length, max_length=length)
+    sources = engine.encode_texts(texts)
+    batches = [sources[i : i + ENGINE_BATCH] for i in range(0, len(sources), ENGINE_BATCH)]
+    translate(engine, batches[0][:1], options)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for batch in batches:
+            translate(engine, batch, options)
+        best = min(best, time.perf_counter() - started)
+    return len(sources) * length / best
+
+
+def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], int, int]:
+    """`nmtserve serve` on loopback with free ports; returns the process and its gRPC and metrics ports once SERVING."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nmtserve.cli", "serve", "--bundle", str(args.bundle), "--host", "127.0.0.1", "--port", "0",
+         "--metrics-port", "0", "--device", args.device, "--threads", str(args.threads),
+         "--max-batch-size", str(max(args.streams, ENGINE_BATCH)), "--max-queue-size", str(max(256, args.streams)),
+         "--log-level", "info"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    assert process.stderr is not None
+    ports: dict[str, int] = {}
+    deadline = time.monotonic() + START_TIMEOUT
+    for line in process.stderr:
+        ports |= {name: int(value) for name, value in re.findall(r"(grpc_port|metrics_port)=(\d+)", line)}
+        if "event=serving" in line or time.monotonic() > deadline:
+            break
+    if len(ports) < 2 or process.poll() is not None:
+        process.kill()
+        raise RuntimeError(f"nmtserve serve did not start (exit {process.poll()}); run it alone to see why")
+    threading.Thread(target=process.stderr.read, daemon=True).start()  # keep its log from filling the pipe
+    return process, ports["grpc_port"], ports["metrics_port"]
+
+
+async def _client_streams(port: int, texts: list[str], args: argparse.Namespace) -> tuple[float, list[float], int]:
+    """Run the client streams; returns the wall time, every request's time to first token, and tokens received.
+
+    Each stream sends unary Translate calls one after another; the time to first token is the server's own
+    measurement (TranslateResponse.timings), from the call's arrival to its text's first decoder step.
+    """
+    options = pb.TranslateOptions(min_length=args.length, max_length=args.length)
+    first_token: list[float] = []
+    received = 0
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+
+        async def one_stream(index: int) -> None:
+            nonlocal received
+            for r in range(args.requests):
+                text = texts[(index * args.requests + r) % len(texts)]
+                response = await stub.Translate(pb.TranslateRequest(texts=[text], options=options))
+                first_token.append(response.timings.first_token_seconds)
+                received += response.usage.output_tokens
+
+        await asyncio.gather(*(one_stream(i) for i in range(args.streams)))  # warm-up round: connections, arenas
+        first_token.clear()
+        received = 0
+        started = time.perf_counter()
+        await asyncio.gather(*(one_stream(i) for i in range(args.streams)))
+        return time.perf_counter() - started, first_token, received
+
+
+def _server_means(metrics_port: int) -> dict[str, float]:
+    """Mean decode-step and encoder times, and mean step batch size, from the server's own metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        samples = {s.name: s.value for f in text_string_to_metric_families(response.read().decode()) for s in f.samples if not s.labels}
+    mean = lambda name: samples[f"{name}_sum"] / max(samples[f"{name}_count"], 1)  # noqa: E731
+    return {
+        "decode_step_seconds": mean("nmtserve_decode_step_duration_seconds"),
+        "encoder_seconds": mean("nmtserve_encoder_duration_seconds"),
+        "decode_step_batch_size": mean("nmtserve_decode_step_batch_size"),
+        "encoder_batch_size": mean("nmtserve_encoder_batch_size"),
+    }
+
+
+def _plot(report: dict, path: Path) -> None:
+    fig = Figure(figsize=(10, 4))
+    throughput, latency = fig.subplots(1, 2)
+    names = [f"engine batch {ENGINE_BATCH}", f"gRPC, {report['streams']} streams"]
+    values = [report["engine_tokens_per_second"], report["served_tokens_per_second"]]
+    throughput.bar(names, values, color=["tab:gray", "tab:blue"])
+    throughput.set(ylabel="generated tokens/s", title=f"Throughput (served / engine = {report['ratio']:.2f})")
+    ttft = np.sort(np.array(report["time_to_first_token_seconds"]) * 1000)
+    latency.plot(ttft, np.arange(1, len(ttft) + 1) / len(ttft))
+    budget = report["ttft_budget_seconds"] * 1000
+    latency.axvline(budget, color="tab:red", linestyle="--", label=f"3 steps + encoder = {budget:.1f} ms")
+    latency.axvline(report["p99_time_to_first_token_seconds"] * 1000, color="tab:green", linestyle=":", label="p99")
+    latency.set(xlabel="time to first token (ms)", ylabel="fraction of requests", title="Time to first token")
+    latency.legend()
+    fig.suptitle(f"nmtserve bench-serve: {report['device']}, {report['length']} tokens per text")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    """Measure the engine, then the server under load; print, and write JSON and PNG."""
+    out = args.out or args.bundle.resolve().parent
+    engine = Engine.from_path(args.bundle, device=args.device, capacity=ENGINE_BATCH, threads=args.threads)
+    texts = made_up_texts(engine, max(args.streams * args.requests, ENGINE_BATCH), args.source_tokens)
+    print(f"engine alone: {len(texts)} texts, batch {ENGINE_BATCH}, {args.length} tokens each ...", flush=True)
+    engine_rate = engine_tokens_per_second(engine, texts, args.length, args.repeats)
+    device = engine.device
+    del engine  # free its cache before the server allocates its own
+
+    print(f"gRPC server: {args.streams} streams x {args.requests} requests ...", flush=True)
+    process, port, metrics_port = _start_server(args)
+    try:
+        seconds, first_token, received = asyncio.run(asyncio.wait_for(_client_streams(port, texts, args), args.max_seconds))
+        means = _server_means(metrics_port)
+    finally:
+        process.terminate()
+        process.wait(60)
+    served_rate = received / seconds
+    budget = 3 * means["decode_step_seconds"] + means["encoder_seconds"]
+    p99 = float(np.nanpercentile(first_token, 99))
+    report = {
+        "device": device, "streams": args.streams, "requests_per_stream": args.requests, "length": args.length,
+        "threads": args.threads, "engine_tokens_per_second": engine_rate, "served_tokens_per_second": served_rate,
+        "ratio": served_rate / engine_rate, "p50_time_to_first_token_seconds": float(np.nanpercentile(first_token, 50)),
+        "p99_time_to_first_token_seconds": p99, "ttft_budget_seconds": budget, "p99_ttft_over_budget": p99 / budget,
+        "server": means, "time_to_first_token_seconds": first_token,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_serve.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot(report, out / "bench_serve.png")
+    print(f"engine alone, batch {ENGINE_BATCH}:   {engine_rate:9.0f} generated tokens/s")
+    print(f"served, {args.streams} streams:    {served_rate:9.0f} generated tokens/s  ({report['ratio']:.2f}x the engine; target >= 0.85)")
+    print(f"time to first token:  p50 {report['p50_time_to_first_token_seconds'] * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; "
+          f"budget 3 steps + encoder = {budget * 1000:.1f} ms ({report['p99_ttft_over_budget']:.2f}x; target <= 1)")
+    print(f"server means: step {means['decode_step_seconds'] * 1000:.2f} ms over {means['decode_step_batch_size']:.1f} rows, "
+          f"encoder {means['encoder_seconds'] * 1000:.2f} ms over {means['encoder_batch_size']:.1f} texts")
+    print(f"wrote {out / 'bench_serve.json'} and bench_serve.png")
+    return 0

@@ -1,0 +1,72 @@
+"""The server's configuration: one dataclass, one field per knob, flags with `NMTSERVE_*` environment fallbacks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .engine import DEVICES
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything `nmtserve serve` can be told; `--help` lists each field with its help text."""
+
+    bundle: Path | None = field(default=None, metadata={"help": "model bundle directory (from 'nmtserve export'); required"})
+    host: str = field(default="0.0.0.0", metadata={"help": "address the gRPC (and health and metrics) ports listen on"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0: any free port, logged at start)"})
+    health_port: int | None = field(
+        default=None,
+        metadata={"help": "also serve grpc.health.v1 in plaintext on this port, for probes when the main port uses TLS "
+                          "(0: any free port; unset: health only on the main port)"},
+    )
+    metrics_port: int = field(default=8000, metadata={"help": "Prometheus metrics HTTP port (0: any free port, logged at start)"})
+    tls_cert: Path | None = field(default=None, metadata={"help": "PEM certificate chain: serve the main port over TLS"})
+    tls_key: Path | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: Path | None = field(
+        default=None, metadata={"help": "PEM CA bundle: require client certificates signed by it (mutual TLS)"}
+    )
+    device: str = field(default="auto", metadata={"help": "where ONNX Runtime runs", "choices": DEVICES})
+    threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads (0: one per core)"})
+    max_batch_size: int = field(
+        default=64, metadata={"help": "KV-cache rows decoded together; a text takes beam-size rows"}
+    )
+    max_queue_size: int = field(
+        default=256, metadata={"help": "texts that may wait for free rows; beyond it requests get RESOURCE_EXHAUSTED"}
+    )
+    max_queue_delay_ms: float = field(
+        default=2.0, metadata={"help": "when the decoder is idle, wait this long for more arrivals to encode together"}
+    )
+    max_texts_per_request: int = field(default=64, metadata={"help": "most texts in one Translate request"})
+    max_beam_size: int = field(default=8, metadata={"help": "widest beam a request may ask for"})
+    max_message_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest gRPC message received or sent"})
+    max_concurrent_rpcs: int = field(
+        default=1024, metadata={"help": "calls handled at once; beyond it gRPC answers RESOURCE_EXHAUSTED"}
+    )
+    grace_seconds: float = field(
+        default=30.0, metadata={"help": "on SIGTERM/SIGINT, time calls in flight get to finish before they are cancelled"}
+    )
+    log_level: str = field(default="info", metadata={"help": "logging threshold", "choices": LOG_LEVELS})
+
+    def problems(self) -> list[str]:
+        """What is wrong with the settings, one sentence per problem (empty when they can be served)."""
+        found = []
+        if self.bundle is None:
+            found.append("--bundle is required")
+        for name in ("max_batch_size", "max_queue_size", "max_texts_per_request", "max_beam_size", "max_message_bytes",
+                     "max_concurrent_rpcs"):
+            if getattr(self, name) < 1:
+                found.append(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_beam_size > self.max_batch_size:
+            found.append(f"--max-beam-size {self.max_beam_size} cannot exceed --max-batch-size {self.max_batch_size}")
+        if self.max_texts_per_request > self.max_queue_size:
+            found.append(f"--max-texts-per-request {self.max_texts_per_request} cannot exceed --max-queue-size {self.max_queue_size}")
+        if self.max_queue_delay_ms < 0 or self.grace_seconds < 0 or self.threads < 0:
+            found.append("--max-queue-delay-ms, --grace-seconds and --threads cannot be negative")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            found.append("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            found.append("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        return found

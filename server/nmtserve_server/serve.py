@@ -1,0 +1,173 @@
+"""`nmtserve serve`: the gRPC server's lifecycle.
+
+Start: listen at once with health NOT_SERVING (so probes get an answer while
+the model loads), verify and load the bundle, warm up, then report SERVING.
+A bundle that fails verification never reaches SERVING: the process exits 1.
+SIGTERM or SIGINT: health NOT_SERVING, new calls UNAVAILABLE, calls in flight
+get --grace-seconds to finish (`server.stop(grace)`), then exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import asdict
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nmtserve.bundle import BundleError
+from nmtserve.settings import add_settings_arguments, settings_from_args
+
+from .config import ServeSettings
+from .engine import Engine, providers_for
+from .metrics import Metrics
+from .scheduler import Scheduler
+from .service import SERVICE_NAME, TranslatorService
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "time=%(asctime)s.%(msecs)03d level=%(levelname)s logger=%(name)s %(message)s"  # one key=value line per event
+LOG_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """Define one flag per ServeSettings field."""
+    add_settings_arguments(parser, ServeSettings)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _credentials(settings: ServeSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials for the main port, requiring client certificates when a client CA is given (mutual TLS)."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None,
+        require_client_auth=settings.tls_client_ca is not None,
+    )
+
+
+class TranslationServer:
+    """The gRPC server (plus an optional plaintext health port), its scheduler and its metrics endpoint."""
+
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(
+            self.metrics,
+            max_batch_size=settings.max_batch_size,
+            max_queue_size=settings.max_queue_size,
+            max_queue_delay=settings.max_queue_delay_ms / 1000,
+        )
+        self.service = TranslatorService(settings, self.scheduler, self.metrics)
+        self.health = health.aio.HealthServicer()
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a port already taken is an error, not a silently shared socket
+        ]
+        self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+        self.service.add_to_server(self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
+        self.health_grpc: grpc.aio.Server | None = None
+        if settings.health_port is not None:
+            self.health_grpc = grpc.aio.server(options=options)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
+        self.port = self.health_port = self.metrics_port = 0
+        self._metrics_http = None
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for service in ("", SERVICE_NAME):  # "" is the server as a whole
+            await self.health.set(service, status)
+
+    async def start(self) -> None:
+        """Listen, load and warm up the bundle, then report SERVING; raises BundleError or DeviceError."""
+        s = self.settings
+        providers_for(s.device)  # --device cuda without a GPU fails here, before anything is loaded
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        credentials = _credentials(s)
+        address = _address(s.host, s.port)
+        self.port = self.grpc.add_secure_port(address, credentials) if credentials else self.grpc.add_insecure_port(address)
+        await self.grpc.start()
+        if self.health_grpc is not None:
+            self.health_port = self.health_grpc.add_insecure_port(_address(s.host, s.health_port or 0))
+            await self.health_grpc.start()
+        self._metrics_http = self.metrics.serve_http(s.host, s.metrics_port)
+        self.metrics_port = self._metrics_http.server_port
+        log.info(
+            "event=listening grpc_port=%d tls=%s mtls=%s health_port=%s metrics_port=%d",
+            self.port, credentials is not None, s.tls_client_ca is not None, self.health_port or "main", self.metrics_port,
+        )
+        assert s.bundle is not None  # ServeSettings.problems() requires it
+        engine = await self.scheduler.start(
+            lambda: Engine.from_path(s.bundle, device=s.device, capacity=s.max_batch_size, threads=s.threads)
+        )
+        self.service.ready(engine)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "event=serving model=%s bundle_sha256=%s device=%s precision=%s providers=%s",
+            engine.bundle.manifest["name"], engine.bundle.sha256, engine.device, engine.bundle.precision, ",".join(engine.providers),
+        )
+
+    async def stop(self, grace: float) -> None:
+        """Report NOT_SERVING, refuse new calls, give calls in flight `grace` seconds, then close everything."""
+        await self.health.enter_graceful_shutdown()
+        self.scheduler.drain()
+        log.info("event=draining grace_seconds=%s", grace)
+        await self.grpc.stop(grace)
+        await self.scheduler.stop()
+        if self.health_grpc is not None:
+            await self.health_grpc.stop(None)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("event=stopped")
+
+
+async def serve(settings: ServeSettings) -> int:
+    """Run the server until SIGTERM or SIGINT; 0 after a clean drain, 1 if the bundle or device cannot be served."""
+    log.info("event=config %s", " ".join(f"{key}={value}" for key, value in asdict(settings).items()))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    server = TranslationServer(settings)
+    starting = asyncio.create_task(server.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    try:
+        if starting.done():
+            starting.result()
+            await stopping
+        else:
+            log.info("event=signal_during_start")
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+    except (BundleError, RuntimeError, OSError) as error:  # RuntimeError: DeviceError, a port gRPC cannot bind, ORT load
+        log.error("event=startup_failed error=%r", str(error))
+        stopping.cancel()
+        await server.stop(0)
+        return 1
+    await server.stop(settings.grace_seconds)
+    return 0
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    """Check the settings, set up logging, and serve until stopped."""
+    settings = settings_from_args(ServeSettings, args)
+    problems = settings.problems()
+    if problems:
+        for problem in problems:
+            print(f"nmtserve {command}: {problem}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT, datefmt=LOG_TIME_FORMAT, stream=sys.stderr)
+    return asyncio.run(serve(settings))

@@ -1,0 +1,330 @@
+"""The gRPC service `nmtserve.v1.Translator`: validation, the scheduler, and one place mapping errors to status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from nmtserve import __version__
+from nmtserve.bundle import BundleError
+from nmtserve.v1 import translator_pb2 as pb
+
+from .config import ServeSettings
+from .engine import Engine
+from .metrics import Metrics
+from .scheduler import DeadlineError, Job, QueueFullError, Scheduler, UnavailableError
+from .search import DecodeOptions, Hypothesis
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
+REQUEST_ID_KEY = "x-request-id"
+MAX_LENGTH_PENALTY = 10.0
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_INCOMPLETE = "\ufffd"  # what byte-level decoding shows for a multi-byte character cut short
+
+
+class ValidationError(Exception):
+    """A request the server will not run; each violation names its field."""
+
+    def __init__(self, violations: list[tuple[str, str]]):
+        self.violations = violations
+        super().__init__("; ".join(f"{name}: {description}" for name, description in violations))
+
+
+class MalformedRequest(NamedTuple):
+    """Request bytes that do not parse as the method's message (e.g. a string field that is not UTF-8)."""
+
+    error: str
+
+
+@dataclass
+class Call:
+    """One RPC being handled: what its log line and metrics report."""
+
+    method: str
+    request_id: str
+    started: float = field(default_factory=time.monotonic)
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status]:
+    """The gRPC status code and rich status of an error: the one place errors become status codes."""
+    if isinstance(error, ValidationError):
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in error.violations]
+        ))
+        return grpc.StatusCode.INVALID_ARGUMENT, status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(error), details=[detail])
+    code, rpc_code, message = {
+        QueueFullError: (grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED, None),
+        UnavailableError: (grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE, None),
+        DeadlineError: (grpc.StatusCode.DEADLINE_EXCEEDED, code_pb2.DEADLINE_EXCEEDED, None),
+    }.get(type(error), (grpc.StatusCode.INTERNAL, code_pb2.INTERNAL, "internal error; see the server log"))
+    return code, status_pb2.Status(code=rpc_code, message=message or str(error))
+
+
+def language_prefixes(engine: Engine) -> dict[str, list[int]]:
+    """Source ids each target language puts before the text: none for a one-language model, its <2xx> token otherwise."""
+    targets = engine.bundle.manifest["languages"]["target"]
+    if len(targets) == 1:
+        return {targets[0]: []}
+    prefixes = {}
+    for language in targets:
+        token_id = engine.tokenizer.token_to_id(f"<2{language}>")
+        if token_id is None:
+            raise BundleError(f"tokenizer.json: the model translates into {targets} but has no <2{language}> token to ask for {language!r}")
+        prefixes[language] = [token_id]
+    return prefixes
+
+
+def _lenient(message: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
+    """A request parser that hands malformed bytes to the handler (INVALID_ARGUMENT) instead of failing in gRPC (INTERNAL)."""
+
+    def parse(data: bytes) -> Message | MalformedRequest:
+        try:
+            return message.FromString(data)
+        except DecodeError as error:
+            return MalformedRequest(str(error))
+
+    return parse
+
+
+class TranslatorService:
+    """`nmtserve.v1.Translator`: Translate, TranslateStream, GetModelInfo."""
+
+    def __init__(self, settings: ServeSettings, scheduler: Scheduler, metrics: Metrics):
+        self.settings = settings
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self._engine: Engine | None = None
+        self._model_info: pb.ModelInfo | None = None
+        self._prefixes: dict[str, list[int]] = {}
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register the three methods on server."""
+        handlers = {
+            "Translate": grpc.unary_unary_rpc_method_handler(
+                self.Translate, _lenient(pb.TranslateRequest), pb.TranslateResponse.SerializeToString
+            ),
+            "TranslateStream": grpc.unary_stream_rpc_method_handler(
+                self.TranslateStream, _lenient(pb.TranslateStreamRequest), pb.TranslateStreamResponse.SerializeToString
+            ),
+            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.GetModelInfo, _lenient(pb.GetModelInfoRequest), pb.ModelInfo.SerializeToString
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+    def ready(self, engine: Engine) -> None:
+        """Serve this (loaded and warmed-up) engine."""
+        self._prefixes = language_prefixes(engine)
+        manifest, dims, s = engine.bundle.manifest, engine.bundle.dims, self.settings
+        self._model_info = pb.ModelInfo(
+            name=manifest["name"],
+            version=engine.bundle.sha256[:12],
+            server_version=__version__,
+            source_language=manifest["languages"]["source"],
+            target_languages=manifest["languages"]["target"],
+            dimensions=pb.ModelDimensions(**vars(dims)),
+            limits=pb.Limits(
+                max_source_tokens=engine.max_source_length,
+                max_target_tokens=engine.max_target_length,
+                max_texts_per_request=s.max_texts_per_request,
+                max_beam_size=s.max_beam_size,
+                max_batch_size=s.max_batch_size,
+                max_queue_size=s.max_queue_size,
+                max_message_bytes=s.max_message_bytes,
+            ),
+            bundle_sha256=engine.bundle.sha256,
+            device=engine.device,
+            precision=engine.bundle.precision,
+        )
+        self.metrics.model_info.labels(
+            name=manifest["name"], version=self._model_info.version, precision=engine.bundle.precision, device=engine.device
+        ).set(1)
+        self._engine = engine
+
+    @asynccontextmanager
+    async def _call(self, method: str, request: Message | MalformedRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Call]:
+        """Run one RPC: request id, error -> status mapping, the requests metric and one log line."""
+        given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY)
+        # The client's id is logged as is only when it cannot forge log fields; otherwise the server makes one.
+        call = Call(method, given if isinstance(given, str) and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16])
+        code = grpc.StatusCode.OK
+        try:
+            if isinstance(request, MalformedRequest):
+                raise ValidationError([("request", f"not a valid {method} request (string fields must be UTF-8): {request.error}")])
+            if self._engine is None or not self.scheduler.accepting:
+                raise UnavailableError(f"server is {self.scheduler.state}")
+            yield call
+        except (asyncio.CancelledError, GeneratorExit):  # gRPC ends the handler: the client went away or its deadline passed
+            remaining = context.time_remaining()
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+            raise
+        except Exception as error:
+            code, status = status_for(error)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("event=rpc_failed method=%s request_id=%s", method, call.request_id)
+            rich = rpc_status.to_status(status)
+            await context.abort_with_status(rich._replace(trailing_metadata=(*rich.trailing_metadata, (REQUEST_ID_KEY, call.request_id))))
+        finally:
+            seconds = time.monotonic() - call.started
+            self.metrics.requests.labels(method=method, code=code.name).inc()
+            self.metrics.request_duration.labels(method=method).observe(seconds)
+            log.info(
+                "event=rpc method=%s request_id=%s code=%s seconds=%.4f%s",
+                method, call.request_id, code.name, seconds, "".join(f" {k}={v}" for k, v in call.fields.items()),
+            )
+
+    @property
+    def engine(self) -> Engine:
+        """The engine being served; only called inside `_call`, which refuses calls before it is ready."""
+        assert self._engine is not None
+        return self._engine
+
+    def _options(self, options: pb.TranslateOptions, violations: list[tuple[str, str]]) -> DecodeOptions:
+        """DecodeOptions from the request's options (zero means the default); adds a violation per bad field."""
+        engine = self.engine
+        beam_size = options.beam_size or 1
+        max_length = options.max_length or engine.max_target_length
+        num_hypotheses = options.num_hypotheses or 1
+        length_penalty = options.length_penalty if options.HasField("length_penalty") else 1.0
+        checks = [
+            ("options.beam_size", beam_size <= self.settings.max_beam_size, f"{beam_size} is above the server's limit of {self.settings.max_beam_size}"),
+            ("options.max_length", max_length <= engine.max_target_length, f"{max_length} is above the model's limit of {engine.max_target_length} tokens"),
+            ("options.min_length", options.min_length <= max_length, f"{options.min_length} is above max_length {max_length}"),
+            ("options.num_hypotheses", num_hypotheses <= beam_size, f"{num_hypotheses} is above beam_size {beam_size}"),
+            ("options.length_penalty", math.isfinite(length_penalty) and 0 <= length_penalty <= MAX_LENGTH_PENALTY,
+             f"{length_penalty} is outside [0, {MAX_LENGTH_PENALTY:g}]"),
+            ("options.target_language", not options.target_language or options.target_language in self._prefixes,
+             f"{options.target_language!r} is not one of this model's target languages ({', '.join(self._prefixes)})"),
+        ]
+        violations += [(name, description) for name, ok, description in checks if not ok]
+        return DecodeOptions(beam_size, max_length, options.min_length, length_penalty, num_hypotheses, options.return_alignment)
+
+    def _sources(self, texts: list[str], name: str, target_language: str, violations: list[tuple[str, str]]) -> list[list[int]]:
+        """Source ids of each text, target-language token first where the model needs one; adds a violation per bad text."""
+        engine = self.engine
+        prefix = self._prefixes.get(target_language or next(iter(self._prefixes)), [])
+        sources = [prefix + ids for ids in engine.encode_texts(texts)]
+        for index, (text, source) in enumerate(zip(texts, sources)):
+            field_name = f"{name}[{index}]" if name == "texts" else name
+            if not text.strip():
+                violations.append((field_name, "empty text"))
+            elif len(source) > engine.max_source_length:
+                violations.append((field_name, f"{len(source)} tokens, the model reads at most {engine.max_source_length}"))
+        return sources
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    def _hypothesis(self, hypothesis: Hypothesis, text: str, source_length: int, options: pb.TranslateOptions) -> pb.Hypothesis:
+        result = pb.Hypothesis(text=text, tokens=hypothesis.tokens)
+        if options.return_scores:
+            result.score = hypothesis.score
+        for weights in hypothesis.alignment or ():
+            # Each step's row spans the longest source in that step's batch; the columns past this text's are masked zeros.
+            result.alignment.add(weights=weights[:source_length])
+        return result
+
+    def _timings(self, call: Call, jobs: list[Job]) -> pb.Timings:
+        now = time.monotonic()
+        admitted = [job.admitted for job in jobs if job.admitted is not None]
+        first = [job.first_token for job in jobs if job.first_token is not None]
+        return pb.Timings(
+            queue_seconds=(max(admitted) - call.started) if admitted else 0.0,
+            first_token_seconds=(min(first) - call.started) if first else 0.0,
+            total_seconds=now - call.started,
+        )
+
+    async def Translate(self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext) -> pb.TranslateResponse:
+        """Translate every text of the request; answer when all are done."""
+        async with self._call("Translate", request, context) as call:
+            violations: list[tuple[str, str]] = []
+            texts = list(request.texts)
+            if not texts:
+                violations.append(("texts", "at least one text is required"))
+            elif len(texts) > self.settings.max_texts_per_request:
+                violations.append(("texts", f"{len(texts)} texts, at most {self.settings.max_texts_per_request} per request"))
+            options = self._options(request.options, violations)
+            sources = self._sources(texts, "texts", request.options.target_language, violations) if texts else []
+            if violations:
+                raise ValidationError(violations)
+            jobs = self.scheduler.submit(sources, options, deadline=self._deadline(context))
+            try:
+                results = [await job.future for job in jobs]
+            finally:
+                self.scheduler.cancel(jobs)  # the ones still unfinished: the client went away or a sibling failed
+            engine = self.engine
+            response = pb.TranslateResponse(request_id=call.request_id)
+            for source, hypotheses in zip(sources, results):
+                outputs = engine.decode_ids([h.tokens for h in hypotheses])
+                translation = response.translations.add(source_tokens=source)
+                translation.hypotheses.extend(self._hypothesis(h, o, len(source), request.options) for h, o in zip(hypotheses, outputs))
+            response.usage.input_tokens = sum(len(s) for s in sources)
+            response.usage.output_tokens = sum(len(h.tokens) for hypotheses in results for h in hypotheses)
+            response.timings.CopyFrom(self._timings(call, jobs))
+            call.fields.update(texts=len(texts), beam_size=options.beam_size, input_tokens=response.usage.input_tokens,
+                               output_tokens=response.usage.output_tokens)
+            return response
+
+    async def TranslateStream(
+        self, request: pb.TranslateStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TranslateStreamResponse]:
+        """Translate one text greedily, streaming the new tokens and text after every decoder step, then the final result."""
+        async with self._call("TranslateStream", request, context) as call:
+            violations: list[tuple[str, str]] = []
+            options = self._options(request.options, violations)
+            if options.beam_size != 1:
+                violations.append(("options.beam_size", f"{options.beam_size}: streaming decodes greedily (0 or 1)"))
+            sources = self._sources([request.text], "text", request.options.target_language, violations)
+            if violations:
+                raise ValidationError(violations)
+            engine = self.engine
+            (job,) = self.scheduler.submit(sources, options, deadline=self._deadline(context), stream=True)
+            tokens: list[int] = []
+            sent = ""
+            try:
+                async for new in self.scheduler.pieces(job):
+                    tokens += new
+                    text = engine.decode_ids([tokens])[0].rstrip(_INCOMPLETE)
+                    piece = text[len(sent) :] if text.startswith(sent) else ""
+                    sent += piece
+                    yield pb.TranslateStreamResponse(piece=pb.TranslationPiece(tokens=new, text=piece))
+                (hypothesis,) = await job.future
+            finally:
+                self.scheduler.cancel([job])
+            final_text = engine.decode_ids([hypothesis.tokens])[0]
+            if final_text.startswith(sent) and len(final_text) > len(sent):  # what the last pieces held back
+                yield pb.TranslateStreamResponse(piece=pb.TranslationPiece(text=final_text[len(sent) :]))
+            final = pb.TranslationFinal(
+                hypothesis=self._hypothesis(hypothesis, final_text, len(sources[0]), request.options),
+                source_tokens=sources[0],
+                usage=pb.Usage(input_tokens=len(sources[0]), output_tokens=len(hypothesis.tokens)),
+                timings=self._timings(call, [job]),
+                request_id=call.request_id,
+            )
+            call.fields.update(input_tokens=final.usage.input_tokens, output_tokens=final.usage.output_tokens)
+            yield pb.TranslateStreamResponse(final=final)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        """The model, its limits, and where it runs."""
+        async with self._call("GetModelInfo", request, context):
+            assert self._model_info is not None
+            return self._model_info

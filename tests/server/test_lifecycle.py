@@ -1,0 +1,160 @@
+"""`nmtserve serve` as a process: start-up, refusal of bad bundles and devices, graceful SIGTERM, TLS, configuration."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import fields
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nmtserve.v1 import translator_pb2 as pb
+from nmtserve.v1 import translator_pb2_grpc
+from nmtserve_server.config import ServeSettings
+from nmtserve_server.engine import DeviceError, providers_for
+
+pytestmark = pytest.mark.e2e
+TIMEOUT = 60
+
+
+def _health(address: str, service: str = "") -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def test_sigterm_lets_calls_in_flight_finish_refuses_new_ones_and_exits_0(serve_process, tiny_bundle, test_texts):
+    server = serve_process("--bundle", str(tiny_bundle), "--health-port", "0", "--grace-seconds", "30", "--max-batch-size", "16")
+    server.wait_for_event("serving")
+    address, health_address = f"127.0.0.1:{server.port('grpc_port')}", f"127.0.0.1:{server.port('health_port')}"
+    assert _health(health_address) == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(address) as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        limit = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).limits.max_target_tokens
+        long = pb.TranslateOptions(beam_size=4, min_length=limit, max_length=limit)
+        in_flight = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=long), timeout=TIMEOUT) for t in test_texts[:4]]
+        server.wait_for(lambda: server.scrape().value("nmtserve_active_sequences") == 4, what="4 texts decoding")
+        server.process.send_signal(signal.SIGTERM)
+        server.wait_for_event("draining")
+        assert _health(health_address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Translate(pb.TranslateRequest(texts=["Friday"]), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not all(f.done() for f in in_flight), "the calls finished before the signal; the test proves nothing"
+        results = [f.result() for f in in_flight]
+    assert all(len(r.translations[0].hypotheses[0].tokens) == limit for r in results)
+    assert server.wait() == 0, server.log
+    assert "event=stopped" in server.log
+
+
+def test_tampered_bundle_never_serves_and_exits_non_zero(serve_process, tiny_bundle, tmp_path):
+    tampered = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, tampered)
+    graph = tampered / "decoder_step.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    server = serve_process("--bundle", str(tampered))
+    assert server.wait(TIMEOUT) == 1
+    assert "decoder_step.onnx: sha256" in server.log and "does not match the manifest" in server.log
+    assert "event=startup_failed" in server.log
+    assert "event=serving" not in server.log
+
+
+def test_device_cuda_without_a_gpu_fails_fast(serve_process, tiny_bundle):
+    try:
+        providers_for("cuda")
+    except DeviceError:
+        pass
+    else:
+        pytest.skip("this machine has a usable GPU")
+    server = serve_process("--bundle", str(tiny_bundle), "--device", "cuda")
+    assert server.wait(20) == 1
+    assert "no usable GPU" in server.log
+    assert "event=listening" not in server.log  # refused before binding a port or loading the bundle
+
+
+def test_help_documents_every_setting_and_its_environment_variable():
+    result = subprocess.run([sys.executable, "-m", "nmtserve.cli", "serve", "--help"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for f in fields(ServeSettings):
+        assert f"--{f.name.replace('_', '-')}" in text
+        assert f"NMTSERVE_{f.name.upper()}" in text
+        assert f.metadata["help"].split()[0] in text
+
+
+def test_missing_bundle_and_inconsistent_settings_are_refused():
+    result = subprocess.run([sys.executable, "-m", "nmtserve.cli", "serve", "--tls-key", "k.pem"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert "--bundle is required" in result.stderr and "--tls-cert and --tls-key go together" in result.stderr
+
+
+def test_environment_variables_configure_the_server_and_the_config_is_logged(serve_process, tiny_bundle, monkeypatch):
+    monkeypatch.setenv("NMTSERVE_BUNDLE", str(tiny_bundle))
+    monkeypatch.setenv("NMTSERVE_MAX_QUEUE_SIZE", "77")
+    server = serve_process()
+    line = server.wait_for_event("config")
+    assert "max_queue_size=77" in line and f"bundle={tiny_bundle}" in line
+    server.wait_for_event("serving")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port('grpc_port')}") as channel:
+        info = translator_pb2_grpc.TranslatorStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert info.limits.max_queue_size == 77
+    server.process.send_signal(signal.SIGINT)
+    assert server.wait() == 0
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    """A CA, a server certificate for localhost and a client certificate, all signed by the CA."""
+    if shutil.which("openssl") is None:
+        pytest.fail("the TLS tests need the openssl command (Debian package openssl)")
+    d = tmp_path_factory.mktemp("tls")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=nmtserve test CA",
+             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"))
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={'localhost' if name == 'server' else 'client'}",
+                 "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
+        extensions = d / f"{name}.ext"
+        extensions.write_text("subjectAltName=DNS:localhost\n" if name == "server" else "extendedKeyUsage=clientAuth\n")
+        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
+                 "-CAcreateserial", "-days", "1", "-extfile", str(extensions), "-out", str(d / f"{name}.pem"))
+    return d
+
+
+def _secure_translate(address: str, credentials: grpc.ChannelCredentials) -> pb.TranslateResponse:
+    options = (("grpc.ssl_target_name_override", "localhost"),)
+    with grpc.secure_channel(address, credentials, options=options) as channel:
+        return translator_pb2_grpc.TranslatorStub(channel).Translate(pb.TranslateRequest(texts=["Friday"]), timeout=10)
+
+
+def test_mutual_tls_on_the_main_port_with_plaintext_health(start_server, certificates):
+    d = certificates
+    server = start_server(tls_cert=d / "server.pem", tls_key=d / "server.key", tls_client_ca=d / "ca.pem", health_port=0)
+    address = server.address
+    ca = (d / "ca.pem").read_bytes()
+    client = grpc.ssl_channel_credentials(ca, (d / "client.key").read_bytes(), (d / "client.pem").read_bytes())
+    assert _secure_translate(address, client).translations
+    with pytest.raises(grpc.RpcError) as no_client_certificate:
+        _secure_translate(address, grpc.ssl_channel_credentials(ca))
+    assert no_client_certificate.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.RpcError) as plaintext:
+        _health(address)
+    assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert _health(f"127.0.0.1:{server.server.health_port}", "nmtserve.v1.Translator") == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_server_never_imports_torch():
+    code = (
+        "import sys\n"
+        "import nmtserve_server.serve, nmtserve_server.bench\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=TIMEOUT)

@@ -1,0 +1,88 @@
+"""Prometheus metrics: every name of the issue exists after traffic, moves as the traffic says, and passes promtool."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import grpc
+import pytest
+
+from nmtserve.v1 import translator_pb2 as pb
+from nmtserve.v1 import translator_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+TIMEOUT = 30
+
+FAMILIES = (
+    "nmtserve_requests",  # counter: nmtserve_requests_total
+    "nmtserve_request_duration_seconds",
+    "nmtserve_queue_wait_seconds",
+    "nmtserve_time_to_first_token_seconds",
+    "nmtserve_input_tokens",
+    "nmtserve_output_tokens",
+    "nmtserve_active_sequences",
+    "nmtserve_queue_depth",
+    "nmtserve_decode_step_batch_size",
+    "nmtserve_decode_step_duration_seconds",
+    "nmtserve_encoder_batch_size",
+    "nmtserve_encoder_duration_seconds",
+    "nmtserve_kv_cache_free_slots",
+    "nmtserve_kv_cache_slots",
+    "nmtserve_model_info",
+)
+
+
+@pytest.fixture(scope="module")
+def traffic(start_server, test_texts):
+    """A fresh server, its metrics before and after 3 two-text Translate calls, one stream and one bad call."""
+    server = start_server()
+    before = server.scrape()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        responses = [stub.Translate(pb.TranslateRequest(texts=test_texts[i : i + 2]), timeout=TIMEOUT) for i in (0, 2, 4)]
+        *_, final = stub.TranslateStream(pb.TranslateStreamRequest(text=test_texts[6]), timeout=TIMEOUT)
+        with pytest.raises(grpc.RpcError):
+            stub.Translate(pb.TranslateRequest(), timeout=TIMEOUT)
+    usages = [r.usage for r in responses] + [final.final.usage]
+    return server, before, server.scrape(), usages
+
+
+def test_every_metric_exists_after_traffic(traffic):
+    _, _, after, _ = traffic
+    missing = [name for name in FAMILIES if name not in after.families]
+    assert not missing
+
+
+def test_metrics_move_with_the_traffic(traffic):
+    server, before, after, usages = traffic
+
+    def delta(name: str, labels: dict[str, str] | None = None) -> float:
+        return (after.value(name, labels) or 0.0) - (before.value(name, labels) or 0.0)
+
+    assert delta("nmtserve_requests_total", {"method": "Translate", "code": "OK"}) == 3
+    assert delta("nmtserve_requests_total", {"method": "TranslateStream", "code": "OK"}) == 1
+    assert delta("nmtserve_requests_total", {"method": "Translate", "code": "INVALID_ARGUMENT"}) == 1
+    assert delta("nmtserve_request_duration_seconds_count", {"method": "Translate"}) == 4
+    assert delta("nmtserve_input_tokens_total") == sum(u.input_tokens for u in usages)
+    assert delta("nmtserve_output_tokens_total") == sum(u.output_tokens for u in usages)
+    for histogram in ("nmtserve_queue_wait_seconds", "nmtserve_time_to_first_token_seconds"):
+        assert delta(f"{histogram}_count") == 7  # one per text
+    assert delta("nmtserve_encoder_batch_size_sum") == 7
+    assert delta("nmtserve_encoder_duration_seconds_count") == delta("nmtserve_encoder_batch_size_count") > 0
+    assert delta("nmtserve_decode_step_duration_seconds_count") == delta("nmtserve_decode_step_batch_size_count") > 0
+    assert delta("nmtserve_decode_step_batch_size_sum") >= sum(u.output_tokens for u in usages)  # a row per token and step
+    max_batch_size = server.server.settings.max_batch_size
+    assert after.value("nmtserve_kv_cache_free_slots") == after.value("nmtserve_kv_cache_slots") == max_batch_size
+    assert after.value("nmtserve_active_sequences") == after.value("nmtserve_queue_depth") == 0
+    info = server.server.service.engine.bundle
+    assert after.value("nmtserve_model_info", {"version": info.sha256[:12], "precision": "fp32", "device": "cpu"}) == 1
+
+
+def test_promtool_check_metrics_is_clean(traffic):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: it comes with Debian's 'prometheus' package (apt-get install prometheus)")
+    _, _, after, _ = traffic
+    result = subprocess.run([promtool, "check", "metrics"], input=after.text, capture_output=True, text=True, timeout=TIMEOUT)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")

@@ -1,0 +1,135 @@
+"""The decode loop through the real server: batching changes nothing, continuous batching, queue limits, leaving early."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from nmtserve.v1 import translator_pb2 as pb
+from nmtserve.v1 import translator_pb2_grpc
+
+pytestmark = pytest.mark.e2e
+TIMEOUT = 60  # seconds, per call
+
+
+def _stub(server) -> tuple[grpc.Channel, translator_pb2_grpc.TranslatorStub]:
+    channel = grpc.insecure_channel(server.address)
+    return channel, translator_pb2_grpc.TranslatorStub(channel)
+
+
+def _bucket(server, name: str, le: float) -> float:
+    return server.metric(f"{name}_bucket", {"le": str(float(le))})
+
+
+def test_64_concurrent_requests_equal_the_same_requests_one_at_a_time(server, stub, test_texts):
+    requests = [
+        pb.TranslateRequest(texts=[text], options=pb.TranslateOptions(beam_size=1 + i % 3, num_hypotheses=1 + i % 3))
+        for i, text in enumerate(test_texts[:64])
+    ]
+    alone = [stub.Translate(r, timeout=TIMEOUT) for r in requests]
+    steps_before = server.metric("nmtserve_decode_step_batch_size_count")
+    wide_before = steps_before - _bucket(server, "nmtserve_decode_step_batch_size", 8)
+    futures = [stub.Translate.future(r, timeout=TIMEOUT) for r in requests]
+    together = [f.result() for f in futures]
+    for a, t in zip(alone, together):
+        assert [(list(h.tokens), h.text) for h in a.translations[0].hypotheses] == [
+            (list(h.tokens), h.text) for h in t.translations[0].hypotheses
+        ]
+    wide = server.metric("nmtserve_decode_step_batch_size_count") - _bucket(server, "nmtserve_decode_step_batch_size", 8)
+    assert wide > wide_before, "the concurrent requests were never decoded more than 8 rows at a time"
+
+
+def test_a_short_request_joins_the_running_batch_and_finishes_first(start_server, test_texts):
+    server = start_server()
+    channel, stub = _stub(server)
+    with channel:
+        long = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=server.long_options()), timeout=TIMEOUT) for t in test_texts[:8]]
+        server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 8, what="8 long texts decoding")
+        joined_before = _bucket(server, "nmtserve_decode_step_batch_size", 16) - _bucket(server, "nmtserve_decode_step_batch_size", 8)
+        short = stub.Translate(pb.TranslateRequest(texts=[test_texts[9]], options=pb.TranslateOptions(max_length=3)), timeout=TIMEOUT)
+        assert len(short.translations[0].hypotheses[0].tokens) <= 3
+        assert not any(f.done() for f in long), "a long translation finished before the short one"
+        joined = _bucket(server, "nmtserve_decode_step_batch_size", 16) - _bucket(server, "nmtserve_decode_step_batch_size", 8)
+        assert joined > joined_before, "no decoder step ran the short text together with the 8 long ones"
+        limit = server.server.service.engine.max_target_length
+        assert all(len(f.result().translations[0].hypotheses[0].tokens) == limit for f in long)
+
+
+def test_queue_full_rejects_exactly_the_overflow(start_server, test_texts):
+    server = start_server(max_batch_size=4, max_queue_size=4)
+    channel, stub = _stub(server)
+    with channel:
+        busy = stub.Translate.future(pb.TranslateRequest(texts=[test_texts[0]], options=server.long_options(beam_size=4)), timeout=TIMEOUT)
+        server.wait_for(lambda: server.metric("nmtserve_kv_cache_free_slots") == 0, what="all rows taken")
+        burst = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=pb.TranslateOptions(max_length=2)), timeout=TIMEOUT)
+                 for t in test_texts[1:8]]
+        server.wait_for(lambda: sum(f.done() for f in burst) >= 3, what="the overflow's answers")
+        assert not busy.done(), "the loop was not kept busy through the burst; the test proves nothing"
+        assert server.metric("nmtserve_queue_depth") == 4
+        codes = [f.exception().code() if f.exception() else grpc.StatusCode.OK for f in burst]
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 3
+        assert codes.count(grpc.StatusCode.OK) == 4
+        assert busy.result().translations
+    assert server.metric("nmtserve_requests_total", {"method": "Translate", "code": "RESOURCE_EXHAUSTED"}) == 3
+
+
+def test_a_beam_takes_beam_size_rows(start_server, test_texts):
+    server = start_server(max_batch_size=8)
+    channel, stub = _stub(server)
+    with channel:
+        four = stub.Translate.future(
+            pb.TranslateRequest(texts=test_texts[:4], options=server.long_options(beam_size=4)), timeout=TIMEOUT
+        )
+        server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 2, what="two beams decoding")
+        assert server.metric("nmtserve_kv_cache_free_slots") == 0
+        assert server.metric("nmtserve_queue_depth") == 2
+        assert len(four.result().translations) == 4
+
+
+def test_idle_arrivals_share_an_encoder_run(start_server, test_texts):
+    server = start_server(max_queue_delay_ms=200)
+    channel, stub = _stub(server)
+    with channel:
+        futures = [stub.Translate.future(pb.TranslateRequest(texts=[t]), timeout=TIMEOUT) for t in test_texts[:16]]
+        assert all(f.result().translations for f in futures)
+    assert server.metric("nmtserve_encoder_batch_size_sum") == 16
+    assert server.metric("nmtserve_encoder_batch_size_count") <= 4
+
+
+def _all_rows_free(server) -> bool:
+    return (
+        server.metric("nmtserve_kv_cache_free_slots") == server.server.settings.max_batch_size
+        and server.metric("nmtserve_active_sequences") == 0
+    )
+
+
+def test_deadline_mid_decode_frees_the_rows(start_server, test_texts):
+    server = start_server(max_batch_size=8)
+    channel, stub = _stub(server)
+    request = pb.TranslateRequest(texts=[test_texts[0]], options=server.long_options(beam_size=4))
+    with channel:
+        whole = stub.Translate(request, timeout=TIMEOUT).timings.total_seconds
+        late = stub.Translate.future(request, timeout=whole / 2)  # runs out halfway through the decode
+        server.wait_for(lambda: server.metric("nmtserve_kv_cache_free_slots") == 4, what="the text decoding")
+        assert late.exception(timeout=TIMEOUT).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        server.wait_for(lambda: _all_rows_free(server), timeout=10, what="the rows to be freed")
+        assert stub.Translate(pb.TranslateRequest(texts=[test_texts[1]]), timeout=TIMEOUT).translations  # still serving
+
+
+def test_cancelled_stream_and_call_free_the_rows(start_server, test_texts):
+    server = start_server(max_batch_size=8)
+    channel, stub = _stub(server)
+    with channel:
+        stream = stub.TranslateStream(pb.TranslateStreamRequest(text=test_texts[0], options=server.long_options()), timeout=TIMEOUT)
+        assert next(stream).piece.tokens  # decoding has begun
+        stream.cancel()
+        server.wait_for(lambda: _all_rows_free(server), timeout=10, what="the stream's row to be freed")
+        call = stub.Translate.future(pb.TranslateRequest(texts=[test_texts[1]], options=server.long_options(beam_size=4)), timeout=TIMEOUT)
+        server.wait_for(lambda: server.metric("nmtserve_kv_cache_free_slots") == 4, what="the text decoding")
+        call.cancel()
+        server.wait_for(lambda: _all_rows_free(server), timeout=10, what="the call's rows to be freed")
+        server.wait_for(
+            lambda: server.metric("nmtserve_requests_total", {"method": "TranslateStream", "code": "CANCELLED"}) == 1
+            and server.metric("nmtserve_requests_total", {"method": "Translate", "code": "CANCELLED"}) == 1,
+            timeout=10, what="the cancellations to be counted",
+        )

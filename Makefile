@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN ?= runs/default
 
-.PHONY: install demo test proto clean
+.PHONY: install tools demo test proto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# promtool (Debian's prometheus package) checks the server's metrics exposition in the tests.
+tools:
+	@command -v promtool >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 # Sentences the demo translates, in the style of the built-in corpus.
 DEMO_TEXTS := "The contract was signed on Friday, May 16, 2003." "It costs \$$1,234.56." \
@@ -30,7 +35,7 @@ demo: install
 	@$(BIN)/nmtserve translate --bundle $(RUN)/bundle --show-source $(DEMO_TEXTS)
 	@echo "--- pictures: $(RUN)/*.png; scores: $(RUN)/config.json"
 
-test: install
+test: install tools
 	$(BIN)/python -m pytest
 
 # Regenerate the gRPC/protobuf stubs (with .pyi) from proto/; the only way they are made.

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from nmtserve.bundle import PAD_ID
@@ -85,7 +86,15 @@ def exact_match(hypotheses: list[str], references: list[str]) -> float:
 
 
 @torch.inference_mode()
-def validate(model: Transformer, tokenizer, valid: list[Pair], valid_src, valid_tgt, n_decode: int, max_tokens: int) -> dict:
+def validate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    valid: list[Pair],
+    valid_src: list[list[int]],
+    valid_tgt: list[list[int]],
+    n_decode: int,
+    max_tokens: int,
+) -> dict:
     """Validation loss (without label smoothing) and greedy exact match on the first n_decode pairs."""
     model.eval()
     total, count = 0.0, 0
@@ -114,8 +123,6 @@ def train(settings: TrainSettings) -> Path:
     splits = load_splits(settings)
     tokenizer_path = out / checkpoint.TOKENIZER_FILE
     if settings.resume and tokenizer_path.is_file():
-        from tokenizers import Tokenizer
-
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
     else:
         tokenizer = train_tokenizer((text for p in splits.train for text in (p.source, p.target)), settings.vocab_size)

@@ -37,7 +37,11 @@ def run(command: str, args: argparse.Namespace) -> int:
         print(f"nmtserve translate: {error}", file=sys.stderr)
         return 1
     options = DecodeOptions(beam_size=args.beam_size, num_hypotheses=args.n_best, max_length=args.max_length, length_penalty=args.length_penalty)
-    results = translate(engine, engine.encode_texts(texts), options)
+    try:
+        results = translate(engine, engine.encode_texts(texts), options)
+    except ValueError as error:
+        print(f"nmtserve translate: {error}", file=sys.stderr)
+        return 2
     for text, hypotheses in zip(texts, results):
         outputs = engine.decode_ids([h.tokens for h in hypotheses])
         if args.json:

@@ -107,6 +107,8 @@ class Engine:
     def encode(self, sources: Sequence[Sequence[int]]) -> EncodedBatch:
         """Run the encoder once for a batch of source id lists."""
         lengths = np.array([len(s) for s in sources], dtype=np.int64)
+        if lengths.max() > self.max_source_length:
+            raise ValueError(f"a source of {lengths.max()} tokens is longer than the model's limit of {self.max_source_length}")
         source_ids = np.zeros((len(sources), int(lengths.max())), dtype=np.int64)
         for row, source in enumerate(sources):
             source_ids[row, : len(source)] = source

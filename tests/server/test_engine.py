@@ -120,6 +120,11 @@ def test_int8_bundle_keeps_quality(reference, engine, tiny_bundle_int8, capsys):
     assert int8_em >= fp32_em - 0.10
 
 
+def test_source_longer_than_the_model_limit_is_refused(engine):
+    with pytest.raises(ValueError, match="longer than the model's limit"):
+        engine.encode([[5] * (engine.max_source_length + 1)])
+
+
 def test_cuda_without_a_gpu_fails_fast():
     try:
         providers = providers_for("cuda")

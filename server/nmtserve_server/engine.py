@@ -181,7 +181,6 @@ class ActiveSentence:
     search: BeamSearch
     slots: list[int]
     source_length: int
-    generated: int = 0
 
 
 @dataclass
@@ -228,7 +227,6 @@ class Decoder:
             own_source = alignment[window, : sequence.source_length]  # the batch pads sources to its longest
             parents = sequence.search.advance(log_probs[window], own_source, best[window])
             offset += rows
-            sequence.generated += 1
             if sequence.search.done:
                 self.engine.release(sequence.slots)
                 finished.append((sequence.key, sequence.search.results()))
@@ -237,10 +235,6 @@ class Decoder:
                 still_active.append(sequence)
         self.active = still_active
         return finished
-
-    def last_tokens(self) -> dict[Any, list[int]]:
-        """The best current prefix of each active sentence (for streaming)."""
-        return {s.key: s.search.prefixes[0] for s in self.active}
 
 
 def translate(

@@ -1,10 +1,28 @@
-"""Session-wide fixtures: one tiny model trained on a small generated corpus, and its bundles."""
+"""Session-wide fixtures: one tiny model trained on a small generated corpus, its bundles, and real gRPC
+servers on 127.0.0.1 (any free port) serving it, for every test package."""
 
 from __future__ import annotations
 
+import asyncio
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from nmtserve.bundle import read_bundle
+from nmtserve.v1 import translator_pb2 as pb
+from nmtserve.v1 import translator_pb2_grpc
+from nmtserve_server.config import ServeSettings
+from nmtserve_server.serve import TranslationServer
 
 TINY_TRAINING = dict(
     preset="tiny",
@@ -52,3 +70,206 @@ def default_corpus():
     from nmtserve_export.corpus import generate_corpus
 
     return generate_corpus(200_000)
+
+
+START_TIMEOUT = 60.0
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll until condition() holds; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+class InProcessServer:
+    """A TranslationServer on its own event loop in a thread, driven from the test's (synchronous) side."""
+
+    def __init__(self, settings: ServeSettings, grace: float = 5.0):
+        self.settings = settings
+        self.server: TranslationServer  # made on the server's own event loop, which gRPC binds to
+        self.grace = grace
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="test-server", daemon=True)
+
+    async def _main(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self.server = TranslationServer(self.settings)
+        try:
+            await self.server.start()
+        except BaseException as error:
+            self._error = error
+            self._ready.set()
+            await self.server.stop(0)
+            return
+        self._ready.set()
+        await self._stop.wait()
+        await self.server.stop(self.grace)
+
+    def start(self) -> InProcessServer:
+        self._thread.start()
+        assert self._ready.wait(START_TIMEOUT), "server did not start in time"
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(START_TIMEOUT)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Current value of one sample in the server's registry (0 where absent)."""
+        value = self.server.metrics.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else value
+
+    def scrape(self) -> Scrape:
+        return Scrape(self.server.metrics_port)
+
+    def long_options(self, **fields) -> pb.TranslateOptions:
+        """Options that make a text decode for the model's full target length (min = max length)."""
+        limit = self.server.service.engine.max_target_length
+        return pb.TranslateOptions(min_length=limit, max_length=limit, **fields)
+
+    wait_for = staticmethod(wait_for)
+
+
+@pytest.fixture(scope="session")
+def serve_settings(tiny_bundle) -> ServeSettings:
+    """Settings of a test server: loopback, free ports, CPU."""
+    return ServeSettings(bundle=Path(tiny_bundle), host="127.0.0.1", port=0, metrics_port=0, device="cpu", grace_seconds=5.0)
+
+
+@pytest.fixture(scope="session")
+def start_server(serve_settings) -> Iterator[Callable[..., InProcessServer]]:
+    """Start servers with some settings changed; each is stopped at the end of the session at the latest."""
+    started: list[InProcessServer] = []
+
+    def start(**changes) -> InProcessServer:
+        server = InProcessServer(replace(serve_settings, **changes)).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server) -> InProcessServer:
+    """One server with the default limits, shared by the tests that only send it traffic."""
+    return start_server()
+
+
+@pytest.fixture()
+def channel(server) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.address) as channel:
+        yield channel
+
+
+@pytest.fixture()
+def stub(channel) -> translator_pb2_grpc.TranslatorStub:
+    return translator_pb2_grpc.TranslatorStub(channel)
+
+
+@pytest.fixture(scope="session")
+def test_texts(tiny_bundle) -> list[str]:
+    """Source sentences of the tiny model's held-out test split."""
+    from nmtserve_export.evaluate import held_out_pairs
+
+    return [pair.source for pair in held_out_pairs(read_bundle(tiny_bundle).manifest["training"])]
+
+
+class Scrape:
+    """One scrape of a metrics endpoint, as Prometheus sees it."""
+
+    def __init__(self, port: int):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            self.text = response.read().decode()
+        self.families = {family.name: family for family in text_string_to_metric_families(self.text)}
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """One sample's value, or None where there is none."""
+        for family in self.families.values():
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
+                    return s.value
+        return None
+
+
+class ServeProcess:
+    """`nmtserve serve` as a subprocess; its log (stderr) is read line by line to learn ports and events."""
+
+    def __init__(self, *args: str):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "nmtserve.cli", "serve", *args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for_event(self, event: str, timeout: float = START_TIMEOUT) -> str:
+        """The first log line of an event; fails if the process exits or the time runs out first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if f"event={event}" in line:
+                    return line
+            if self.process.poll() is not None:
+                self._reader.join(5)
+                pytest.fail(f"server exited with {self.process.returncode} before event={event}:\n{self.log}")
+            time.sleep(0.02)
+        pytest.fail(f"no event={event} within {timeout}s:\n{self.log}")
+
+    def port(self, name: str) -> int:
+        match = re.search(rf"{name}=(\d+)", self.wait_for_event("listening"))
+        assert match, self.log
+        return int(match.group(1))
+
+    def scrape(self) -> Scrape:
+        return Scrape(self.port("metrics_port"))
+
+    wait_for = staticmethod(wait_for)
+
+    def wait(self, timeout: float = START_TIMEOUT) -> int:
+        code = self.process.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture()
+def serve_process() -> Iterator[Callable[..., ServeProcess]]:
+    """Run `nmtserve serve` subprocesses; any still running at the end of the test is killed."""
+    processes: list[ServeProcess] = []
+
+    def start(*args: str) -> ServeProcess:
+        process = ServeProcess("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--device", "cpu", *args)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.kill()

@@ -26,7 +26,7 @@ COMMANDS: dict[str, Command] = {
     "plot": Command("nmtserve_export.cli", "train", "draw positional encoding, loss curves and attention maps"),
     "export": Command("nmtserve_export.cli", "train", "export a checkpoint to a verified ONNX model bundle"),
     "bench-engine": Command("nmtserve_export.bench", "train", "tokens/s of the ONNX Runtime engine against PyTorch"),
-    "translate": Command("nmtserve_server.cli", "serve", "translate texts in-process with a model bundle"),
+    "translate": Command("nmtserve_client.cli", "client", "translate texts through a server (or in-process with --bundle)"),
     "serve": Command("nmtserve_server.serve", "serve", "serve a model bundle over gRPC, with Prometheus metrics"),
     "bench-serve": Command("nmtserve_server.bench", "bench", "tokens/s and latency of the gRPC server against the engine"),
 }

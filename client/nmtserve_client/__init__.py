@@ -1,0 +1,50 @@
+"""The Python SDK of nmtserve: blocking and asyncio clients of the nmtserve.v1.Translator gRPC API.
+
+    from nmtserve_client import Client
+
+    with Client("localhost:50051") as client:
+        for translation in client.translate(["Friday, May 16, 2003", "It costs $1,234.56."], beam_size=4):
+            print(translation.text)
+        for piece in client.translate_stream("every Saturday at 10:30 PM"):
+            print(piece.text, end="", flush=True)
+
+AsyncClient has the same methods, awaited (translate_stream is an async
+iterator). Needs only grpcio and protobuf (`pip install 'nmtserve[client]'`).
+"""
+
+from .aio import AsyncClient
+from .channel import ClientSettings
+from .client import Client
+from .errors import (
+    DeadlineExceededError,
+    FieldViolation,
+    InvalidInputError,
+    NmtserveError,
+    OverloadedError,
+    RequestCancelledError,
+    ServerError,
+    UnavailableError,
+)
+from .results import HealthStatus, Hypothesis, Limits, ModelDimensions, ModelInfo, Piece, Timings, Translation
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "ClientSettings",
+    "DeadlineExceededError",
+    "FieldViolation",
+    "HealthStatus",
+    "Hypothesis",
+    "InvalidInputError",
+    "Limits",
+    "ModelDimensions",
+    "ModelInfo",
+    "NmtserveError",
+    "OverloadedError",
+    "Piece",
+    "RequestCancelledError",
+    "ServerError",
+    "Timings",
+    "Translation",
+    "UnavailableError",
+]

@@ -1,0 +1,159 @@
+"""The asyncio client (grpc.aio): the same methods as Client, awaited: `await AsyncClient(...).translate([...])`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from nmtserve.v1 import translator_pb2 as pb
+from nmtserve.v1 import translator_pb2_grpc
+
+from .calls import HEALTH_CHECK, HealthCheckRequest, HealthCheckResponse, chunks, client_settings, text_list, translate_options
+from .channel import SERVICE_NAME, ClientSettings, channel_options, credentials
+from .client import POLL_SECONDS, Client, Deadline
+from .errors import DeadlineExceededError, UnavailableError, from_rpc_error
+from .results import HealthStatus, ModelInfo, Piece, Translation, model_info_from, piece_from, translations_from
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _documented_as(method: Callable[..., Any]) -> Callable[[F], F]:
+    """Give an AsyncClient method the docstring of its Client twin: one text for both."""
+
+    def decorate(function: F) -> F:
+        function.__doc__ = method.__doc__
+        return function
+
+    return decorate
+
+
+class AsyncClient:
+    """An asyncio client of an nmtserve server, for use inside a running event loop.
+
+    `async with AsyncClient("localhost:50051", timeout=10.0) as client:` takes
+    the same keywords as Client (any ClientSettings field, or `settings=`).
+    Failed calls raise the NmtserveError subclasses of nmtserve_client.errors;
+    cancelling the awaiting task cancels the call on the server.
+    """
+
+    def __init__(self, server: str | None = None, *, settings: ClientSettings | None = None, **changes: Any):
+        self.settings = client_settings(server, settings, changes)
+        secure, options = credentials(self.settings), channel_options(self.settings)
+        target = self.settings.server
+        self._channel = grpc.aio.secure_channel(target, secure, options) if secure else grpc.aio.insecure_channel(target, options)
+        self._stub = translator_pb2_grpc.TranslatorStub(self._channel)
+        self._health = self._channel.unary_unary(
+            HEALTH_CHECK, request_serializer=HealthCheckRequest.SerializeToString, response_deserializer=HealthCheckResponse.FromString
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connections; calls in flight are cancelled."""
+        await self._channel.close()
+
+    def _deadline(self, timeout: float | None) -> Deadline:
+        return Deadline(self.settings.timeout if timeout is None else timeout)
+
+    @_documented_as(Client.translate)
+    async def translate(
+        self,
+        texts: Sequence[str],
+        *,
+        beam_size: int = 1,
+        max_length: int | None = None,
+        min_length: int = 0,
+        length_penalty: float | None = None,
+        num_hypotheses: int = 1,
+        return_scores: bool = False,
+        return_alignment: bool = False,
+        target_language: str | None = None,
+        timeout: float | None = None,
+    ) -> list[Translation]:
+        texts = text_list(texts)
+        options = translate_options(
+            beam_size=beam_size, max_length=max_length, min_length=min_length, length_penalty=length_penalty,
+            num_hypotheses=num_hypotheses, return_scores=return_scores, return_alignment=return_alignment,
+            target_language=target_language,
+        )
+        deadline = self._deadline(timeout)
+        slots = asyncio.Semaphore(self.settings.max_concurrent_requests)
+
+        async def send(chunk: list[str]) -> list[Translation]:
+            async with slots:
+                request = pb.TranslateRequest(texts=chunk, options=options)
+                return translations_from(await self._stub.Translate(request, timeout=deadline.remaining()))
+
+        tasks = [asyncio.create_task(send(chunk)) for chunk in chunks(texts, self.settings.texts_per_request)]
+        try:
+            results = await asyncio.gather(*tasks)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            for task in tasks:  # the rest of a call that failed
+                task.cancel()
+        return [translation for chunk in results for translation in chunk]
+
+    @_documented_as(Client.translate_stream)
+    async def translate_stream(
+        self,
+        text: str,
+        *,
+        max_length: int | None = None,
+        min_length: int = 0,
+        length_penalty: float | None = None,
+        return_scores: bool = False,
+        return_alignment: bool = False,
+        target_language: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Piece]:
+        options = translate_options(
+            max_length=max_length, min_length=min_length, length_penalty=length_penalty, return_scores=return_scores,
+            return_alignment=return_alignment, target_language=target_language,
+        )
+        call = self._stub.TranslateStream(pb.TranslateStreamRequest(text=text, options=options), timeout=self._deadline(timeout).remaining())
+        try:
+            async for message in call:
+                yield piece_from(message)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()  # nothing once the stream has ended; otherwise the server stops decoding
+
+    @_documented_as(Client.model_info)
+    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        try:
+            return model_info_from(await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._deadline(timeout).remaining()))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    @_documented_as(Client.health)
+    async def health(self, service: str = SERVICE_NAME, *, timeout: float | None = None) -> HealthStatus:
+        try:
+            response = await self._health(HealthCheckRequest(value=service), timeout=self._deadline(timeout).remaining())
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return HealthStatus(response.value)
+
+    @_documented_as(Client.wait_until_serving)
+    async def wait_until_serving(self, timeout: float = 60.0) -> None:
+        end = time.monotonic() + timeout
+        status: HealthStatus | str = "unreachable"
+        while True:
+            try:
+                status = await self.health(timeout=max(POLL_SECONDS, end - time.monotonic()))
+            except (UnavailableError, DeadlineExceededError):
+                status = "unreachable"
+            if status is HealthStatus.SERVING:
+                return
+            if time.monotonic() >= end:
+                raise UnavailableError(f"{self.settings.server} was not serving after {timeout:g} s (last: {getattr(status, 'name', status)})")
+            await asyncio.sleep(POLL_SECONDS)

@@ -1,0 +1,125 @@
+"""How the SDK connects: one settings dataclass, and the gRPC channel options and credentials made from it.
+
+Retries, back-off and load balancing are gRPC's own, set through the channel's
+service config (https://github.com/grpc/grpc/blob/master/doc/service_config.md):
+gRPC retries a call that failed with UNAVAILABLE or RESOURCE_EXHAUSTED before
+the server sent anything back, waiting random(0, min(initial_backoff *
+backoff_multiplier ** (n - 1), max_backoff)) before attempt n + 1, all within
+the call's deadline; round robin spreads calls over every address the target
+resolves to (e.g. the pods behind a headless Kubernetes Service).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from nmtserve.v1 import translator_pb2 as pb
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
+DEFAULT_SERVER = "localhost:50051"
+MAX_ATTEMPTS_LIMIT = 5  # gRPC caps retry policies at 5 attempts
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Where the server is and how to reach it; every field is also a keyword of Client and AsyncClient."""
+
+    server: str = field(default=DEFAULT_SERVER, metadata={
+        "help": "gRPC target: host:port, dns:///name:port (every address, round robin) or ipv4:a:p,b:q"})
+    timeout: float | None = field(default=60.0, metadata={
+        "help": "deadline of each call in seconds, retries included (in Python, None: no deadline)"})
+    tls: bool = field(default=False, metadata={"help": "connect with TLS, trusting the system's root certificates"})
+    tls_ca: Path | None = field(default=None, metadata={
+        "help": "PEM root certificates to trust instead of the system's (implies TLS)"})
+    client_cert: Path | None = field(default=None, metadata={
+        "help": "PEM client certificate chain for mutual TLS (with --client-key; implies TLS)"})
+    client_key: Path | None = field(default=None, metadata={"help": "PEM private key of --client-cert"})
+    tls_server_name: str | None = field(default=None, metadata={
+        "help": "name the server's certificate must carry, when it differs from the target's host"})
+    max_attempts: int = field(default=5, metadata={
+        "help": f"attempts per call when the server answers UNAVAILABLE or RESOURCE_EXHAUSTED (1: no retries; at most {MAX_ATTEMPTS_LIMIT})"})
+    initial_backoff: float = field(default=0.5, metadata={"help": "seconds: the first retry waits up to this long"})
+    max_backoff: float = field(default=5.0, metadata={"help": "seconds: no retry or reconnection waits longer than this"})
+    backoff_multiplier: float = field(default=2.0, metadata={"help": "each retry may wait this many times longer than the one before"})
+    keepalive_time: float = field(default=30.0, metadata={
+        "help": "seconds between keep-alive pings while calls are active, to notice a dead connection (0: off)"})
+    keepalive_timeout: float = field(default=10.0, metadata={"help": "seconds to wait for a ping's answer before the connection counts as dead"})
+    texts_per_request: int = field(default=32, metadata={
+        "help": "translate() sends a longer list as requests of this many texts (at most the server's max_texts_per_request)"})
+    max_concurrent_requests: int = field(default=4, metadata={"help": "requests translate() keeps in flight at once"})
+
+    def problems(self) -> list[str]:
+        """What is wrong with the settings, one sentence per problem (empty when they are usable)."""
+        found = []
+        if not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
+            found.append(f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT} (gRPC's limit), not {self.max_attempts}")
+        if self.initial_backoff <= 0 or self.max_backoff < self.initial_backoff or self.backoff_multiplier < 1:
+            found.append("retries need initial_backoff > 0, max_backoff >= initial_backoff and backoff_multiplier >= 1")
+        if self.timeout is not None and self.timeout <= 0:
+            found.append(f"timeout must be positive (or None for no deadline), not {self.timeout}")
+        if self.keepalive_time < 0 or self.keepalive_timeout <= 0:
+            found.append("keepalive_time cannot be negative and keepalive_timeout must be positive")
+        if self.texts_per_request < 1 or self.max_concurrent_requests < 1:
+            found.append("texts_per_request and max_concurrent_requests must be at least 1")
+        if (self.client_cert is None) != (self.client_key is None):
+            found.append("client_cert and client_key go together")
+        return found
+
+    @property
+    def secure(self) -> bool:
+        """Whether the channel uses TLS."""
+        return self.tls or self.tls_ca is not None or self.client_cert is not None
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3f}s"  # the service config's Duration format
+
+
+def service_config(settings: ClientSettings) -> dict[str, Any]:
+    """The channel's service config: round robin, and the retry policy for every Translator method."""
+    method: dict[str, Any] = {"name": [{"service": SERVICE_NAME}]}
+    if settings.max_attempts > 1:
+        method["retryPolicy"] = {
+            "maxAttempts": settings.max_attempts,
+            "initialBackoff": _seconds(settings.initial_backoff),
+            "maxBackoff": _seconds(settings.max_backoff),
+            "backoffMultiplier": settings.backoff_multiplier,
+            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+        }
+    return {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]}
+
+
+def channel_options(settings: ClientSettings) -> list[tuple[str, Any]]:
+    """gRPC channel arguments: service config, reconnection back-off, keep-alive, TLS name override."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.service_config", json.dumps(service_config(settings))),
+        ("grpc.enable_retries", 1),
+        # A server that went away is reconnected to on the retries' schedule, not gRPC's default (1 s, up to 120 s).
+        ("grpc.initial_reconnect_backoff_ms", int(settings.initial_backoff * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(settings.max_backoff * 1000)),
+    ]
+    if settings.keepalive_time > 0:
+        options += [
+            ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
+            ("grpc.http2.max_pings_without_data", 0),  # keep pinging through a long decode that sends nothing yet
+        ]
+    if settings.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", settings.tls_server_name))
+    return options
+
+
+def credentials(settings: ClientSettings) -> grpc.ChannelCredentials | None:
+    """TLS credentials from the certificate paths (a client certificate makes it mutual TLS); None for plaintext."""
+    if not settings.secure:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=settings.tls_ca.read_bytes() if settings.tls_ca else None,
+        private_key=settings.client_key.read_bytes() if settings.client_key else None,
+        certificate_chain=settings.client_cert.read_bytes() if settings.client_cert else None,
+    )

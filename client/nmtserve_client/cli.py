@@ -1,0 +1,141 @@
+"""`nmtserve translate`: translate through a server with the SDK, or in-process with a model bundle (--bundle).
+
+Texts come as arguments or one per line on stdin; one translation per line
+comes out (or one per hypothesis with --n-best), in input order. Exit status:
+0 done, 1 the server (or bundle) could not be used, 2 the input or the options
+were refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+
+from nmtserve.settings import add_settings_arguments, settings_from_args
+
+from .channel import ClientSettings
+from .client import Client
+from .errors import InvalidInputError, NmtserveError, UnavailableError
+from .results import Hypothesis
+
+
+class InProcessError(Exception):
+    """The bundle or device cannot be used for in-process translation."""
+
+
+def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
+    """Define the flags of `nmtserve translate`: the texts, decoding options, output, and how to reach the server."""
+    parser.add_argument("texts", nargs="*", help="texts to translate (default: one per line on stdin)")
+    parser.add_argument("--beam-size", type=int, default=1, help="beam width (1: greedy search)")
+    parser.add_argument("--n-best", type=int, default=1, help="hypotheses per text, best first (at most --beam-size)")
+    parser.add_argument("--max-length", type=int, default=None, help="most tokens to generate per text (default: the model's limit)")
+    parser.add_argument("--min-length", type=int, default=0, help="fewest tokens to generate before a translation may end")
+    parser.add_argument("--length-penalty", type=float, default=None, help="scores are divided by length ** this (default: 1.0)")
+    parser.add_argument("--target-language", default=None, help="language to translate into (default: the model's first)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per text, with scores")
+    parser.add_argument("--stream", action="store_true", help="print each translation as it is decoded (greedy search)")
+    parser.add_argument("--show-source", action="store_true", help="print each source before its translation")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="first wait up to this long for the server to report SERVING (default: do not wait)")
+    connection = parser.add_argument_group("server connection")
+    add_settings_arguments(connection, ClientSettings)
+    in_process = parser.add_argument_group("in-process translation (needs the 'serve' extra; no server)")
+    in_process.add_argument("--bundle", default=None, help="translate in this process with a model bundle directory instead of a server")
+    in_process.add_argument("--device", default="auto", help="with --bundle: where ONNX Runtime runs, auto, cpu or cuda (default: %(default)s)")
+
+
+def _print_result(source: str, hypotheses: list[Hypothesis], args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps({"source": source, "hypotheses": [{"text": h.text, "score": h.score} for h in hypotheses]}, ensure_ascii=False))
+    else:
+        for hypothesis in hypotheses:
+            print(f"{source}  ->  {hypothesis.text}" if args.show_source else hypothesis.text)
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return dict(max_length=args.max_length, min_length=args.min_length, length_penalty=args.length_penalty,
+                target_language=args.target_language, return_scores=args.json)
+
+
+def _through_server(client: Client, texts: list[str], args: argparse.Namespace) -> None:
+    translations = client.translate(texts, beam_size=args.beam_size, num_hypotheses=args.n_best, **_options(args))
+    for text, translation in zip(texts, translations):
+        _print_result(text, translation.hypotheses, args)
+
+
+def _stream(client: Client, texts: Iterable[str], args: argparse.Namespace) -> None:
+    for text in texts:
+        if args.show_source and not args.json:
+            print(f"{text}  ->  ", end="", flush=True)
+        for piece in client.translate_stream(text, **_options(args)):
+            if piece.final is not None:
+                if args.json:
+                    _print_result(text, piece.final.hypotheses, args)
+            elif args.json:
+                print(json.dumps({"text": piece.text, "tokens": piece.tokens}, ensure_ascii=False), flush=True)
+            else:
+                print(piece.text, end="", flush=True)
+        if not args.json:
+            print(flush=True)
+
+
+def _in_process(texts: list[str], args: argparse.Namespace) -> None:
+    """Translate with the ONNX Runtime engine in this process; imports the server package only here."""
+    from nmtserve.bundle import BundleError
+    from nmtserve_server.engine import DeviceError, Engine, translate
+    from nmtserve_server.search import DecodeOptions
+
+    try:
+        engine = Engine.from_path(args.bundle, device=args.device)
+    except (BundleError, DeviceError) as error:
+        raise InProcessError(str(error)) from error
+    options = DecodeOptions(
+        beam_size=args.beam_size, num_hypotheses=args.n_best, max_length=args.max_length or engine.max_target_length,
+        min_length=args.min_length, length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
+    )
+    for text, hypotheses in zip(texts, translate(engine, engine.encode_texts(texts), options)):
+        outputs = engine.decode_ids([h.tokens for h in hypotheses])
+        _print_result(text, [Hypothesis(o, h.tokens, h.score) for o, h in zip(outputs, hypotheses)], args)
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    """Translate the texts and print the results; a clear message and a non-zero status when that fails."""
+    def fail(status: int, message: str) -> int:
+        print(f"nmtserve {command}: {message}", file=sys.stderr)
+        return status
+
+    lines = (line.rstrip("\n") for line in sys.stdin)
+    if args.bundle is not None:
+        if args.stream or args.target_language:
+            return fail(2, "--stream and --target-language need a server (--server), not --bundle")
+        try:
+            _in_process(args.texts or list(lines), args)
+        except InProcessError as error:
+            return fail(1, str(error))
+        except ImportError as error:
+            if (error.name or "").startswith("nmtserve"):
+                raise  # our own code is broken: not a missing extra
+            return fail(2, f"--bundle needs the 'serve' extra (missing {error.name!r}): pip install 'nmtserve[serve]'")
+        except ValueError as error:
+            return fail(2, str(error))
+        return 0
+    settings = settings_from_args(ClientSettings, args)
+    if settings.problems():
+        return fail(2, "; ".join(settings.problems()))
+    try:
+        with Client(settings=settings) as client:
+            if args.wait > 0:
+                client.wait_until_serving(args.wait)
+            if args.stream:
+                _stream(client, args.texts or lines, args)
+            else:
+                _through_server(client, args.texts or list(lines), args)
+    except InvalidInputError as error:
+        return fail(2, f"the server refused the input: {error.message}")
+    except UnavailableError as error:
+        return fail(1, f"no serving nmtserve at {settings.server}: {error.message}")
+    except NmtserveError as error:
+        return fail(1, f"{error.code.name if error.code else 'error'}: {error.message}")
+    return 0

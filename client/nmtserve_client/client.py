@@ -1,0 +1,194 @@
+"""The blocking client: `Client("localhost:50051").translate(["Friday, May 16, 2003"])`."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grpc
+
+from nmtserve.v1 import translator_pb2 as pb
+from nmtserve.v1 import translator_pb2_grpc
+
+from .calls import HEALTH_CHECK, HealthCheckRequest, HealthCheckResponse, chunks, client_settings, text_list, translate_options
+from .channel import SERVICE_NAME, ClientSettings, channel_options, credentials
+from .errors import DeadlineExceededError, UnavailableError, from_rpc_error
+from .results import HealthStatus, ModelInfo, Piece, Translation, model_info_from, piece_from, translations_from
+
+POLL_SECONDS = 0.2  # between health checks while waiting for a server to be ready
+
+
+class Deadline:
+    """The time left of one SDK call that may make several RPCs."""
+
+    def __init__(self, timeout: float | None):
+        self.timeout = timeout
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        """Seconds left (None: no deadline); DeadlineExceededError once none are."""
+        if self._end is None:
+            return None
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceededError(f"the call's {self.timeout:g} s deadline passed", code=grpc.StatusCode.DEADLINE_EXCEEDED)
+        return left
+
+
+class Client:
+    """A blocking client of an nmtserve server; safe to share between threads.
+
+    Client("localhost:50051", timeout=10.0) takes any ClientSettings field as a
+    keyword (see help(ClientSettings)), or a whole `settings=ClientSettings(...)`.
+    Use it as a context manager, or call close(). Failed calls raise the
+    NmtserveError subclasses of nmtserve_client.errors.
+    """
+
+    def __init__(self, server: str | None = None, *, settings: ClientSettings | None = None, **changes: Any):
+        self.settings = client_settings(server, settings, changes)
+        secure, options = credentials(self.settings), channel_options(self.settings)
+        target = self.settings.server
+        self._channel = grpc.secure_channel(target, secure, options) if secure else grpc.insecure_channel(target, options)
+        self._stub = translator_pb2_grpc.TranslatorStub(self._channel)
+        self._health = self._channel.unary_unary(
+            HEALTH_CHECK, request_serializer=HealthCheckRequest.SerializeToString, response_deserializer=HealthCheckResponse.FromString
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connections; calls in flight are cancelled."""
+        self._channel.close()
+
+    def _deadline(self, timeout: float | None) -> Deadline:
+        return Deadline(self.settings.timeout if timeout is None else timeout)
+
+    def translate(
+        self,
+        texts: Sequence[str],
+        *,
+        beam_size: int = 1,
+        max_length: int | None = None,
+        min_length: int = 0,
+        length_penalty: float | None = None,
+        num_hypotheses: int = 1,
+        return_scores: bool = False,
+        return_alignment: bool = False,
+        target_language: str | None = None,
+        timeout: float | None = None,
+    ) -> list[Translation]:
+        """Translate texts; one Translation per text, in order.
+
+        A list longer than the client's texts_per_request is sent as several
+        requests, up to max_concurrent_requests at a time; the order is kept.
+
+        Args:
+            texts: The texts to translate (a list, even for one text).
+            beam_size: Beam width (1 for greedy search).
+            max_length: Most tokens to generate per text (None: the model's limit).
+            min_length: Fewest tokens to generate before the translation may end.
+            length_penalty: Scores are divided by length ** length_penalty (None: 1.0).
+            num_hypotheses: Hypotheses to return per text, best first (at most beam_size).
+            return_scores: Fill Hypothesis.score.
+            return_alignment: Fill Hypothesis.alignment with each token's attention over the source.
+            target_language: Language to translate into (None: the model's first; see model_info()).
+            timeout: Seconds the whole call may take, retries included (None: the client's timeout).
+        """
+        texts = text_list(texts)
+        options = translate_options(
+            beam_size=beam_size, max_length=max_length, min_length=min_length, length_penalty=length_penalty,
+            num_hypotheses=num_hypotheses, return_scores=return_scores, return_alignment=return_alignment,
+            target_language=target_language,
+        )
+        deadline = self._deadline(timeout)
+        in_flight: deque[grpc.Future] = deque()
+        results: list[Translation] = []
+        try:
+            for chunk in chunks(texts, self.settings.texts_per_request):
+                if len(in_flight) == self.settings.max_concurrent_requests:
+                    results += translations_from(in_flight.popleft().result())
+                request = pb.TranslateRequest(texts=chunk, options=options)
+                in_flight.append(self._stub.Translate.future(request, timeout=deadline.remaining()))
+            while in_flight:
+                results += translations_from(in_flight.popleft().result())
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            for future in in_flight:  # the rest of a call that failed
+                future.cancel()
+        return results
+
+    def translate_stream(
+        self,
+        text: str,
+        *,
+        max_length: int | None = None,
+        min_length: int = 0,
+        length_penalty: float | None = None,
+        return_scores: bool = False,
+        return_alignment: bool = False,
+        target_language: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Piece]:
+        """Translate one text with greedy search, yielding the output as it is decoded.
+
+        The pieces' texts concatenate to the translation; the last piece has
+        `.final`, the whole Translation. Leaving the loop early cancels the call.
+
+        Args:
+            text: The text to translate.
+            max_length: Most tokens to generate (None: the model's limit).
+            min_length: Fewest tokens to generate before the translation may end.
+            length_penalty: The final score is divided by length ** length_penalty (None: 1.0).
+            return_scores: Fill the final hypothesis's score.
+            return_alignment: Fill the final hypothesis's alignment.
+            target_language: Language to translate into (None: the model's first).
+            timeout: Seconds the whole stream may take (None: the client's timeout).
+        """
+        options = translate_options(
+            max_length=max_length, min_length=min_length, length_penalty=length_penalty, return_scores=return_scores,
+            return_alignment=return_alignment, target_language=target_language,
+        )
+        call = self._stub.TranslateStream(pb.TranslateStreamRequest(text=text, options=options), timeout=self._deadline(timeout).remaining())
+        try:
+            for message in call:
+                yield piece_from(message)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            call.cancel()  # nothing once the stream has ended; otherwise the server stops decoding
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """The model the server hosts, its limits and where it runs."""
+        try:
+            return model_info_from(self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._deadline(timeout).remaining()))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def health(self, service: str = SERVICE_NAME, *, timeout: float | None = None) -> HealthStatus:
+        """The server's health (grpc.health.v1) for service ("" is the server as a whole); a probe, never retried."""
+        try:
+            return HealthStatus(self._health(HealthCheckRequest(value=service), timeout=self._deadline(timeout).remaining()).value)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def wait_until_serving(self, timeout: float = 60.0) -> None:
+        """Return once the server reports SERVING (it may still be starting or loading); UnavailableError after timeout seconds."""
+        end = time.monotonic() + timeout
+        status: HealthStatus | str = "unreachable"
+        while True:
+            try:
+                status = self.health(timeout=max(POLL_SECONDS, end - time.monotonic()))
+            except (UnavailableError, DeadlineExceededError):
+                status = "unreachable"
+            if status is HealthStatus.SERVING:
+                return
+            if time.monotonic() >= end:
+                raise UnavailableError(f"{self.settings.server} was not serving after {timeout:g} s (last: {getattr(status, 'name', status)})")
+            time.sleep(POLL_SECONDS)

@@ -1,0 +1,117 @@
+"""What can go wrong in a call, as exceptions: one class per gRPC status a caller handles differently.
+
+    NmtserveError                 any failed call (.code, .message, .request_id)
+    ├── InvalidInputError         INVALID_ARGUMENT: fix the request (.field, .violations); also a ValueError
+    ├── OverloadedError           RESOURCE_EXHAUSTED: the server's queue is full; retry later
+    ├── UnavailableError          UNAVAILABLE: unreachable, starting or shutting down
+    ├── DeadlineExceededError     DEADLINE_EXCEEDED: the call's timeout passed; also a TimeoutError
+    ├── RequestCancelledError     CANCELLED: the call was cancelled before it finished
+    └── ServerError               any other status (INTERNAL, UNIMPLEMENTED, ...)
+
+The server names every bad field in a google.rpc.BadRequest detail. Where the
+googleapis-common-protos package is installed (it comes with grpcio-status), the
+violations are read from that detail; otherwise from the status message, which
+lists the same violations as "field: description; field: description".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import grpc
+
+try:
+    from google.rpc import error_details_pb2, status_pb2
+except ImportError:  # the client extra is grpcio and protobuf only
+    error_details_pb2 = status_pb2 = None
+
+REQUEST_ID_KEY = "x-request-id"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_VIOLATION_START = re.compile(r"(?:^|; )(?=[\w.\[\]]+: )")  # where one "field: description" begins
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field of a request."""
+
+    field: str  # e.g. "texts[3]" or "options.beam_size"
+    description: str  # what is wrong with it
+
+
+class NmtserveError(Exception):
+    """A call that failed; the subclass says why."""
+
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None, request_id: str | None = None):
+        super().__init__(message)
+        self.message = message  # the server's (or gRPC's) explanation
+        self.code = code  # the gRPC status code, where the failure came from gRPC
+        self.request_id = request_id  # the id the server logged the call under, where it sent one
+
+
+class InvalidInputError(NmtserveError, ValueError):
+    """The server refused the request's content (INVALID_ARGUMENT); `.violations` names each bad field."""
+
+    def __init__(self, message: str, violations: list[FieldViolation], **kwargs):
+        super().__init__(message, **kwargs)
+        self.violations = violations
+
+    @property
+    def field(self) -> str | None:
+        """The first bad field, e.g. "texts[0]"."""
+        return self.violations[0].field if self.violations else None
+
+
+class OverloadedError(NmtserveError):
+    """The server's queue is full (RESOURCE_EXHAUSTED) and stayed full through the retries: try again later."""
+
+
+class UnavailableError(NmtserveError):
+    """The server cannot be reached, is starting, or is shutting down (UNAVAILABLE), through the retries."""
+
+
+class DeadlineExceededError(NmtserveError, TimeoutError):
+    """The call's deadline passed before it finished (DEADLINE_EXCEEDED)."""
+
+
+class RequestCancelledError(NmtserveError):
+    """The call was cancelled before it finished (CANCELLED)."""
+
+
+class ServerError(NmtserveError):
+    """Any other failure: a bug or misconfiguration on the server (INTERNAL, UNIMPLEMENTED, ...)."""
+
+
+_CLASSES: dict[grpc.StatusCode, type[NmtserveError]] = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.CANCELLED: RequestCancelledError,
+}
+
+
+def _violations(message: str, metadata: dict[str, str | bytes]) -> list[FieldViolation]:
+    """The bad fields: from the BadRequest detail where it can be decoded, else from the message."""
+    details = metadata.get(STATUS_DETAILS_KEY)
+    if status_pb2 is not None and isinstance(details, bytes):
+        found = []
+        for detail in status_pb2.Status.FromString(details).details:
+            bad_request = error_details_pb2.BadRequest()
+            if detail.Unpack(bad_request):
+                found += [FieldViolation(v.field, v.description) for v in bad_request.field_violations]
+        if found:
+            return found
+    parts = [part for part in _VIOLATION_START.split(message) if part]
+    return [FieldViolation(*part.split(": ", 1)) for part in parts if ": " in part]
+
+
+def from_rpc_error(error: grpc.RpcError) -> NmtserveError:
+    """The SDK exception for a failed gRPC call (sync or asyncio)."""
+    code = error.code()
+    message = error.details() or (code.name if code else "unknown error")
+    metadata = dict(error.trailing_metadata() or ())
+    request_id = metadata.get(REQUEST_ID_KEY)
+    kwargs = dict(code=code, request_id=request_id if isinstance(request_id, str) else None)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidInputError(message, _violations(message, metadata), **kwargs)
+    return _CLASSES.get(code, ServerError)(message, **kwargs)

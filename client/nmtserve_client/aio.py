@@ -15,7 +15,7 @@ from nmtserve.v1 import translator_pb2_grpc
 from .calls import HEALTH_CHECK, HealthCheckRequest, HealthCheckResponse, chunks, client_settings, text_list, translate_options
 from .channel import SERVICE_NAME, ClientSettings, channel_options, credentials
 from .client import POLL_SECONDS, Client, Deadline
-from .errors import DeadlineExceededError, UnavailableError, from_rpc_error
+from .errors import DeadlineExceededError, UnavailableError, from_rpc_error, texts_error
 from .results import HealthStatus, ModelInfo, Piece, Translation, model_info_from, piece_from, translations_from
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,6 +29,35 @@ def _documented_as(method: Callable[..., Any]) -> Callable[[F], F]:
         return function
 
     return decorate
+
+
+class AsyncTranslationStream:
+    """The pieces of one translate_stream call, as they are decoded: `async for piece in stream`; iterate once."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall):
+        self._call = call
+
+    def __aiter__(self) -> AsyncIterator[Piece]:
+        return self
+
+    async def __anext__(self) -> Piece:
+        try:
+            message = await self._call.read()
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        if message is grpc.aio.EOF:
+            raise StopAsyncIteration
+        return piece_from(message)
+
+    def cancel(self) -> None:
+        """Stop the call (the server stops decoding); a pending read raises asyncio.CancelledError."""
+        self._call.cancel()
+
+    async def __aenter__(self) -> AsyncTranslationStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._call.cancel()  # nothing once the stream has ended; otherwise the server stops decoding
 
 
 class AsyncClient:
@@ -87,23 +116,25 @@ class AsyncClient:
         deadline = self._deadline(timeout)
         slots = asyncio.Semaphore(self.settings.max_concurrent_requests)
 
-        async def send(chunk: list[str]) -> list[Translation]:
+        async def send(offset: int, chunk: list[str]) -> list[Translation]:
             async with slots:
                 request = pb.TranslateRequest(texts=chunk, options=options)
-                return translations_from(await self._stub.Translate(request, timeout=deadline.remaining()))
+                try:
+                    return translations_from(await self._stub.Translate(request, timeout=deadline.remaining()))
+                except grpc.RpcError as error:
+                    raise texts_error(error, offset) from None
 
-        tasks = [asyncio.create_task(send(chunk)) for chunk in chunks(texts, self.settings.texts_per_request)]
+        size = self.settings.texts_per_request
+        tasks = [asyncio.create_task(send(index * size, chunk)) for index, chunk in enumerate(chunks(texts, size))]
         try:
             results = await asyncio.gather(*tasks)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
         finally:
             for task in tasks:  # the rest of a call that failed
                 task.cancel()
         return [translation for chunk in results for translation in chunk]
 
     @_documented_as(Client.translate_stream)
-    async def translate_stream(
+    def translate_stream(
         self,
         text: str,
         *,
@@ -114,19 +145,13 @@ class AsyncClient:
         return_alignment: bool = False,
         target_language: str | None = None,
         timeout: float | None = None,
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncTranslationStream:
         options = translate_options(
             max_length=max_length, min_length=min_length, length_penalty=length_penalty, return_scores=return_scores,
             return_alignment=return_alignment, target_language=target_language,
         )
-        call = self._stub.TranslateStream(pb.TranslateStreamRequest(text=text, options=options), timeout=self._deadline(timeout).remaining())
-        try:
-            async for message in call:
-                yield piece_from(message)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            call.cancel()  # nothing once the stream has ended; otherwise the server stops decoding
+        request = pb.TranslateStreamRequest(text=text, options=options)
+        return AsyncTranslationStream(self._stub.TranslateStream(request, timeout=self._deadline(timeout).remaining()))
 
     @_documented_as(Client.model_info)
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
@@ -140,6 +165,8 @@ class AsyncClient:
         try:
             response = await self._health(HealthCheckRequest(value=service), timeout=self._deadline(timeout).remaining())
         except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:  # how Check answers for a service the server does not know
+                return HealthStatus.SERVICE_UNKNOWN
             raise from_rpc_error(error) from None
         return HealthStatus(response.value)
 

@@ -14,7 +14,7 @@ from nmtserve.v1 import translator_pb2_grpc
 
 from .calls import HEALTH_CHECK, HealthCheckRequest, HealthCheckResponse, chunks, client_settings, text_list, translate_options
 from .channel import SERVICE_NAME, ClientSettings, channel_options, credentials
-from .errors import DeadlineExceededError, UnavailableError, from_rpc_error
+from .errors import DeadlineExceededError, UnavailableError, from_rpc_error, texts_error
 from .results import HealthStatus, ModelInfo, Piece, Translation, model_info_from, piece_from, translations_from
 
 POLL_SECONDS = 0.2  # between health checks while waiting for a server to be ready
@@ -35,6 +35,32 @@ class Deadline:
         if left <= 0:
             raise DeadlineExceededError(f"the call's {self.timeout:g} s deadline passed", code=grpc.StatusCode.DEADLINE_EXCEEDED)
         return left
+
+
+class TranslationStream:
+    """The pieces of one translate_stream call, as they are decoded; iterate once."""
+
+    def __init__(self, call: grpc.Call):
+        self._call = call
+
+    def __iter__(self) -> Iterator[Piece]:
+        return self
+
+    def __next__(self) -> Piece:
+        try:
+            return piece_from(next(self._call))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def cancel(self) -> None:
+        """Stop the call (the server stops decoding); the iterating thread gets RequestCancelledError."""
+        self._call.cancel()
+
+    def __enter__(self) -> TranslationStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._call.cancel()  # nothing once the stream has ended; otherwise the server stops decoding
 
 
 class Client:
@@ -118,7 +144,7 @@ class Client:
             while in_flight:
                 results += translations_from(in_flight.popleft().result())
         except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+            raise texts_error(error, offset=len(results)) from None
         finally:
             for future in in_flight:  # the rest of a call that failed
                 future.cancel()
@@ -135,11 +161,13 @@ class Client:
         return_alignment: bool = False,
         target_language: str | None = None,
         timeout: float | None = None,
-    ) -> Iterator[Piece]:
-        """Translate one text with greedy search, yielding the output as it is decoded.
+    ) -> TranslationStream:
+        """Translate one text with greedy search; iterate over the result for the output as it is decoded.
 
         The pieces' texts concatenate to the translation; the last piece has
-        `.final`, the whole Translation. Leaving the loop early cancels the call.
+        `.final`, the whole Translation. To stop early, use the stream as a
+        context manager (`with client.translate_stream(text) as stream:`, or
+        `async with` from AsyncClient) or call its cancel().
 
         Args:
             text: The text to translate.
@@ -155,14 +183,8 @@ class Client:
             max_length=max_length, min_length=min_length, length_penalty=length_penalty, return_scores=return_scores,
             return_alignment=return_alignment, target_language=target_language,
         )
-        call = self._stub.TranslateStream(pb.TranslateStreamRequest(text=text, options=options), timeout=self._deadline(timeout).remaining())
-        try:
-            for message in call:
-                yield piece_from(message)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            call.cancel()  # nothing once the stream has ended; otherwise the server stops decoding
+        request = pb.TranslateStreamRequest(text=text, options=options)
+        return TranslationStream(self._stub.TranslateStream(request, timeout=self._deadline(timeout).remaining()))
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The model the server hosts, its limits and where it runs."""
@@ -176,6 +198,8 @@ class Client:
         try:
             return HealthStatus(self._health(HealthCheckRequest(value=service), timeout=self._deadline(timeout).remaining()).value)
         except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:  # how Check answers for a service the server does not know
+                return HealthStatus.SERVICE_UNKNOWN
             raise from_rpc_error(error) from None
 
     def wait_until_serving(self, timeout: float = 60.0) -> None:

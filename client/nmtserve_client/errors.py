@@ -28,6 +28,7 @@ except ImportError:  # the client extra is grpcio and protobuf only
 
 REQUEST_ID_KEY = "x-request-id"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_TEXT_FIELD = re.compile(r"^texts\[(\d+)\]")
 _VIOLATION_START = re.compile(r"(?:^|; )(?=[\w.\[\]]+: )")  # where one "field: description" begins
 
 
@@ -55,6 +56,14 @@ class InvalidInputError(NmtserveError, ValueError):
     def __init__(self, message: str, violations: list[FieldViolation], **kwargs):
         super().__init__(message, **kwargs)
         self.violations = violations
+
+    def shifted(self, offset: int) -> InvalidInputError:
+        """The same error for a request that was texts[offset:] of the caller's list: texts[i] becomes texts[offset + i]."""
+        if offset == 0:
+            return self
+        violations = [FieldViolation(_TEXT_FIELD.sub(lambda m: f"texts[{offset + int(m[1])}]", v.field), v.description) for v in self.violations]
+        message = "; ".join(f"{v.field}: {v.description}" for v in violations) or self.message
+        return InvalidInputError(message, violations, code=self.code, request_id=self.request_id)
 
     @property
     def field(self) -> str | None:
@@ -115,3 +124,9 @@ def from_rpc_error(error: grpc.RpcError) -> NmtserveError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidInputError(message, _violations(message, metadata), **kwargs)
     return _CLASSES.get(code, ServerError)(message, **kwargs)
+
+
+def texts_error(error: grpc.RpcError, offset: int) -> NmtserveError:
+    """The SDK exception for a failed request that carried texts[offset:] of the caller's list."""
+    found = from_rpc_error(error)
+    return found.shifted(offset) if isinstance(found, InvalidInputError) else found

@@ -1,0 +1,141 @@
+"""Every SDK method, blocking and asyncio, against a real server on loopback: results equal the raw API's."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from nmtserve.v1 import translator_pb2 as pb
+from nmtserve_client import AsyncClient, Client, HealthStatus, Hypothesis, Limits, ModelDimensions, ModelInfo, Timings, Translation
+
+pytestmark = pytest.mark.e2e
+TIMEOUT = 60
+
+
+def _raw(stub, texts: list[str], **options) -> list[list[tuple[str, list[int], float]]]:
+    """(text, tokens, score) of every hypothesis, straight from the generated stub."""
+    request = pb.TranslateRequest(texts=texts, options=pb.TranslateOptions(return_scores=True, **options))
+    response = stub.Translate(request, timeout=TIMEOUT)
+    return [[(h.text, list(h.tokens), h.score) for h in t.hypotheses] for t in response.translations]
+
+
+def _ours(translations: list[Translation]) -> list[list[tuple[str, list[int], float]]]:
+    return [[(h.text, h.tokens, h.score) for h in t.hypotheses] for t in translations]
+
+
+def test_translate_equals_the_raw_api(server, stub, test_texts):
+    texts = test_texts[:6]
+    with Client(server.address) as client:
+        greedy = client.translate(texts, return_scores=True)
+        beam = client.translate(texts, beam_size=4, num_hypotheses=3, length_penalty=0.6, return_scores=True, return_alignment=True)
+        plain = client.translate(texts[:1])
+    assert _ours(greedy) == _raw(stub, texts)
+    assert _ours(beam) == _raw(stub, texts, beam_size=4, num_hypotheses=3, length_penalty=0.6)
+    assert [t.text for t in greedy] == [h[0][0] for h in _raw(stub, texts)]
+    assert all(len(t.hypotheses) == 3 and t.score == t.hypotheses[0].score for t in beam)
+    for hypothesis in beam[0].hypotheses:
+        assert hypothesis.alignment is not None and len(hypothesis.alignment) in (len(hypothesis.tokens), len(hypothesis.tokens) + 1)
+        assert all(len(step) == len(beam[0].source_tokens) for step in hypothesis.alignment)
+    assert plain[0].hypotheses[0].score is None and plain[0].hypotheses[0].alignment is None
+    assert greedy[0].request_id and greedy[0].request_id == greedy[-1].request_id  # one request
+    assert 0 <= greedy[0].timings.queue_seconds <= greedy[0].timings.total_seconds < TIMEOUT
+
+
+def test_stream_yields_pieces_in_order_then_the_whole_result(server, stub, test_texts):
+    text = test_texts[8]
+    with Client(server.address) as client:
+        pieces = list(client.translate_stream(text, return_scores=True))
+    *partial, last = pieces
+    assert all(p.final is None for p in partial) and last.final is not None
+    (expected,) = _raw(stub, [text])
+    assert [t for p in partial for t in p.tokens] == expected[0][1] == last.final.hypotheses[0].tokens
+    assert "".join(p.text for p in partial) == expected[0][0] == last.final.text
+    assert last.final.score == pytest.approx(expected[0][2], abs=1e-5)
+    assert sum(1 for p in partial if p.tokens) >= 2  # streamed as decoded
+
+
+def test_model_info_and_health(server, tiny_bundle):
+    with Client(server.address) as client:
+        info = client.model_info()
+        assert client.health() is HealthStatus.SERVING
+        assert client.health("") is HealthStatus.SERVING
+        assert client.health("no.such.Service") is HealthStatus.SERVICE_UNKNOWN
+        client.wait_until_serving(timeout=5)
+    engine = server.server.service.engine
+    assert info.bundle_sha256 == engine.bundle.sha256 and info.version == engine.bundle.sha256[:12]
+    assert info.limits.max_target_tokens == engine.max_target_length
+    assert info.limits.max_texts_per_request == server.server.settings.max_texts_per_request
+    assert info.dimensions.d_model == engine.bundle.dims.d_model and (info.device, info.precision) == ("cpu", "fp32")
+
+
+def test_a_long_list_is_split_into_concurrent_requests_in_order(server, test_texts):
+    texts = test_texts[:70]
+    calls_before = server.metric("nmtserve_requests_total", {"method": "Translate", "code": "OK"})
+    with Client(server.address, texts_per_request=8, max_concurrent_requests=3) as client:
+        split = client.translate(texts)
+        together = client.translate(texts[:64], timeout=TIMEOUT)
+    assert server.metric("nmtserve_requests_total", {"method": "Translate", "code": "OK"}) - calls_before == 9 + 8
+    assert [t.text for t in split[:64]] == [t.text for t in together]
+    assert len(split) == 70 and len({t.request_id for t in split}) == 9
+    assert [t.source_tokens for t in split] == [server.server.service.engine.encode_texts([t])[0] for t in texts]
+    with Client(server.address) as client:
+        assert client.translate([]) == []
+        with pytest.raises(TypeError, match=r"list of texts"):
+            client.translate("Friday")
+
+
+def test_async_client_has_the_same_methods_and_results(server, test_texts):
+    texts = test_texts[:20]
+
+    async def main():
+        async with AsyncClient(server.address, texts_per_request=6, max_concurrent_requests=2) as client:
+            translations = await client.translate(texts, beam_size=2, num_hypotheses=2, return_scores=True)
+            pieces = [piece async for piece in client.translate_stream(texts[0])]
+            return translations, pieces, await client.model_info(), await client.health()
+
+    with Client(server.address) as client:
+        expected = client.translate(texts, beam_size=2, num_hypotheses=2, return_scores=True)
+        expected_pieces = list(client.translate_stream(texts[0]))
+        expected_info = client.model_info()
+    translations, pieces, info, health = asyncio.run(main())
+    assert [[h[:2] for h in t] for t in _ours(translations)] == [[h[:2] for h in t] for t in _ours(expected)]
+    scores = [h.score for t in translations for h in t.hypotheses]
+    assert scores == pytest.approx([h.score for t in expected for h in t.hypotheses], abs=1e-5)  # batched differently
+    assert len({t.request_id for t in translations}) == 4
+    assert [(p.text, p.tokens) for p in pieces[:-1]] == [(p.text, p.tokens) for p in expected_pieces[:-1]]
+    assert pieces[-1].final.hypotheses == expected_pieces[-1].final.hypotheses
+    assert info == expected_info and health is HealthStatus.SERVING
+
+
+def test_leaving_a_stream_early_cancels_it_on_the_server(start_server, test_texts):
+    server = start_server(max_batch_size=8)
+    with Client(server.address) as client:
+        with client.translate_stream(test_texts[0], min_length=server.long_options().min_length) as stream:
+            assert next(stream).tokens
+            assert server.metric("nmtserve_active_sequences") == 1
+        server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 0, timeout=10, what="the stream's row freed")
+    assert server.metric("nmtserve_requests_total", {"method": "TranslateStream", "code": "CANCELLED"}) == 1
+
+
+def test_the_sdk_types_cover_every_field_of_the_api():
+    for ours, message in [(Hypothesis, pb.Hypothesis), (Timings, pb.Timings), (ModelInfo, pb.ModelInfo),
+                          (ModelDimensions, pb.ModelDimensions), (Limits, pb.Limits)]:
+        assert {f.name for f in dataclasses.fields(ours)} == {f.name for f in message.DESCRIPTOR.fields}, ours.__name__
+    translation = {f.name for f in dataclasses.fields(Translation)}
+    assert {f.name for f in pb.Translation.DESCRIPTOR.fields} <= translation
+    assert translation <= {f.name for f in pb.TranslationFinal.DESCRIPTOR.fields} | {"hypotheses"}
+
+
+def test_public_api_is_documented():
+    import nmtserve_client
+
+    for name in nmtserve_client.__all__:
+        item = getattr(nmtserve_client, name)
+        assert item.__doc__ and item.__doc__.strip(), name
+        for attribute, member in vars(item).items():
+            if callable(member) and not attribute.startswith("_"):
+                assert member.__doc__, f"{name}.{attribute}"
+    for option in ("beam_size:", "max_length:", "num_hypotheses:", "return_scores:", "return_alignment:", "timeout:"):
+        assert option in Client.translate.__doc__ and option in AsyncClient.translate.__doc__

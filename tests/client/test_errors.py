@@ -1,0 +1,142 @@
+"""Each SDK exception is raised for the server condition it names, blocking and asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+
+from nmtserve.v1 import translator_pb2 as pb
+from nmtserve.v1 import translator_pb2_grpc
+from nmtserve_client import (
+    AsyncClient,
+    Client,
+    DeadlineExceededError,
+    InvalidInputError,
+    OverloadedError,
+    RequestCancelledError,
+    UnavailableError,
+)
+from nmtserve_client.errors import FieldViolation
+
+pytestmark = pytest.mark.e2e
+TIMEOUT = 60
+QUICK_RETRIES = dict(initial_backoff=0.05, max_backoff=0.05)
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        (dict(beam_size=9), "options.beam_size"),
+        (dict(beam_size=2, num_hypotheses=3), "options.num_hypotheses"),
+        (dict(min_length=10, max_length=5), "options.min_length"),
+        (dict(target_language="xx"), "options.target_language"),
+        (dict(beam_size=-1), "options.beam_size"),  # refused before it is sent: a uint32 cannot hold it
+    ],
+)
+def test_invalid_options_name_the_field(server, options, field):
+    with Client(server.address) as client, pytest.raises(InvalidInputError) as caught:
+        client.translate(["Friday"], **options)
+    assert caught.value.field == field
+    assert caught.value.message.startswith(f"{field}: ")
+    assert isinstance(caught.value, ValueError)
+
+
+def test_a_bad_text_is_named_by_its_place_in_the_callers_list(server):
+    texts = ["Friday"] * 10 + [" "] + ["Friday"] * 5
+    with Client(server.address, texts_per_request=4) as client, pytest.raises(InvalidInputError) as caught:
+        client.translate(texts)
+    assert caught.value.violations == [FieldViolation("texts[10]", "empty text")]
+    assert caught.value.message == "texts[10]: empty text" and caught.value.request_id
+
+    async def main():
+        async with AsyncClient(server.address, texts_per_request=4) as client:
+            await client.translate(texts)
+
+    with pytest.raises(InvalidInputError) as caught:
+        asyncio.run(main())
+    assert caught.value.field == "texts[10]"
+    with Client(server.address) as client, pytest.raises(InvalidInputError) as caught:
+        list(client.translate_stream("Friday " * 400))
+    assert caught.value.field == "text" and "tokens, the model reads at most" in caught.value.violations[0].description
+
+
+def test_violations_are_read_from_the_message_without_googleapis_common_protos(server, monkeypatch):
+    from nmtserve_client import errors
+
+    monkeypatch.setattr(errors, "status_pb2", None)
+    with Client(server.address) as client, pytest.raises(InvalidInputError) as caught:
+        client.translate(["Friday", ""], beam_size=2, num_hypotheses=3)
+    assert [v.field for v in caught.value.violations] == ["options.num_hypotheses", "texts[1]"]
+    assert caught.value.violations[0].description == "3 is above beam_size 2"
+
+
+def test_a_full_queue_is_overloaded_after_exactly_the_retry_budget(start_server, test_texts):
+    server = start_server(max_batch_size=4, max_queue_size=4, max_texts_per_request=4)
+    refused = {"method": "Translate", "code": "RESOURCE_EXHAUSTED"}
+    beam = server.long_options(beam_size=4)  # a text takes every row: the queue empties one text per whole decode
+    with grpc.insecure_channel(server.address) as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        busy = stub.Translate.future(pb.TranslateRequest(texts=test_texts[:1], options=beam), timeout=TIMEOUT)
+        server.wait_for(lambda: server.metric("nmtserve_kv_cache_free_slots") == 0, what="all rows taken")
+        queued = stub.Translate.future(pb.TranslateRequest(texts=test_texts[1:5], options=beam), timeout=TIMEOUT)
+        server.wait_for(lambda: server.metric("nmtserve_queue_depth") == 4, what="a full queue")
+        with Client(server.address, max_attempts=1) as client, pytest.raises(OverloadedError) as once:
+            client.translate(test_texts[5:9])  # 4 texts: refused while any text waits
+        assert server.metric("nmtserve_requests_total", refused) == 1
+        with Client(server.address, max_attempts=3, **QUICK_RETRIES) as client, pytest.raises(OverloadedError):
+            client.translate(test_texts[5:9])
+        assert server.metric("nmtserve_requests_total", refused) == 1 + 3
+        assert not queued.done(), "the queue emptied during the test; it proves nothing"
+        busy.cancel()
+        queued.cancel()
+    assert once.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_passed_deadline_is_deadline_exceeded(server, test_texts):
+    long = dict(beam_size=4, min_length=server.long_options().min_length)
+    with Client(server.address) as client:
+        with pytest.raises(DeadlineExceededError) as caught:
+            client.translate(test_texts[:8], timeout=0.05, **long)
+        assert isinstance(caught.value, TimeoutError)
+        with pytest.raises(DeadlineExceededError):
+            list(client.translate_stream(test_texts[0], min_length=long["min_length"], timeout=0.05))
+
+    async def main():
+        async with AsyncClient(server.address, timeout=0.05) as client:
+            await client.translate(test_texts[:8], **long)
+
+    with pytest.raises(DeadlineExceededError):
+        asyncio.run(main())
+
+
+def test_a_stopped_server_is_unavailable(start_server):
+    server = start_server()
+    address = server.address
+    server.stop()
+    with Client(address, max_attempts=2, **QUICK_RETRIES) as client:
+        for call in (lambda: client.translate(["Friday"]), client.model_info, client.health, lambda: list(client.translate_stream("Friday"))):
+            with pytest.raises(UnavailableError):
+                call()
+        with pytest.raises(UnavailableError, match="was not serving after 0.3 s"):
+            client.wait_until_serving(timeout=0.3)
+
+    async def main():
+        async with AsyncClient(address, max_attempts=2, **QUICK_RETRIES) as client:
+            await client.translate(["Friday"])
+
+    with pytest.raises(UnavailableError):
+        asyncio.run(main())
+
+
+def test_a_stream_cancelled_from_another_thread_is_request_cancelled(server, test_texts):
+    with Client(server.address) as client:
+        stream = client.translate_stream(test_texts[0], min_length=server.long_options().min_length)
+        assert next(stream).tokens
+        threading.Thread(target=stream.cancel).start()
+        with pytest.raises(RequestCancelledError) as caught:
+            for _ in stream:
+                pass
+    assert caught.value.code == grpc.StatusCode.CANCELLED

@@ -1,0 +1,78 @@
+"""`nmtserve translate` through a real server: arguments and stdin, order, JSON, streaming, and failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nmtserve_client import Client
+
+pytestmark = pytest.mark.e2e
+TIMEOUT = 120
+
+
+def translate(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nmtserve.cli", "translate", *args], input=stdin, capture_output=True, text=True,
+        timeout=TIMEOUT, env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def expected(server, test_texts) -> dict[str, str]:
+    """Each source's translation, through the SDK."""
+    with Client(server.address) as client:
+        return {source: translation.text for source, translation in zip(test_texts[:24], client.translate(test_texts[:24]))}
+
+
+def test_texts_as_arguments_and_the_server_from_the_environment(server, test_texts, expected):
+    result = translate(*test_texts[:3], env={"NMTSERVE_SERVER": server.address})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [expected[t] for t in test_texts[:3]]
+
+
+def test_stdin_one_translation_per_line_in_order(server, test_texts, expected):
+    texts = test_texts[:24]
+    result = translate("--server", server.address, "--texts-per-request", "5", stdin="\n".join(texts) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [expected[t] for t in texts]
+
+
+def test_json_n_best_with_scores(server, test_texts):
+    result = translate("--server", server.address, "--beam-size", "3", "--n-best", "2", "--json", *test_texts[:2])
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["source"] for line in lines] == test_texts[:2]
+    for line in lines:
+        scores = [h["score"] for h in line["hypotheses"]]
+        assert len(scores) == 2 and scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)
+
+
+def test_stream_prints_the_same_translations(server, test_texts, expected):
+    result = translate("--server", server.address, "--stream", *test_texts[:2])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [expected[t] for t in test_texts[:2]]
+    pieces = translate("--server", server.address, "--stream", "--json", test_texts[0]).stdout.splitlines()
+    *partial, final = map(json.loads, pieces)
+    assert "".join(p["text"] for p in partial) == final["hypotheses"][0]["text"] == expected[test_texts[0]]
+
+
+def test_an_unreachable_server_is_a_clear_error():
+    result = translate("--server", "127.0.0.1:1", "--max-attempts", "1", "Friday")
+    assert result.returncode == 1
+    assert result.stderr.startswith("nmtserve translate: no serving nmtserve at 127.0.0.1:1: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_rejected_input_is_a_clear_error(server):
+    result = translate("--server", server.address, stdin="Friday\n\nMay 2003\n")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "nmtserve translate: the server refused the input: texts[1]: empty text\n"
+    result = translate("--server", server.address, "--beam-size", "2", "--n-best", "3", "Friday")
+    assert result.returncode == 2 and "options.num_hypotheses: 3 is above beam_size 2" in result.stderr
+    result = translate("--bundle", "some/bundle", "--stream", "Friday")
+    assert result.returncode == 2 and "--stream and --target-language need a server" in result.stderr

@@ -1,0 +1,134 @@
+"""Connecting the way gRPC users expect: retries with back-off, round robin over several servers, TLS and mutual TLS."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from nmtserve_client import Client, UnavailableError
+from nmtserve_client.channel import ClientSettings, service_config
+
+pytestmark = pytest.mark.e2e
+TIMEOUT = 60
+TRANSLATED = {"method": "Translate", "code": "OK"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_service_config_retries_the_translator_on_unavailable_and_resource_exhausted():
+    config = service_config(ClientSettings(max_attempts=4, initial_backoff=0.25, max_backoff=2.0, backoff_multiplier=1.5))
+    (method,) = config["methodConfig"]
+    assert method["name"] == [{"service": "nmtserve.v1.Translator"}]
+    assert method["retryPolicy"] == {"maxAttempts": 4, "initialBackoff": "0.250s", "maxBackoff": "2.000s", "backoffMultiplier": 1.5,
+                                     "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]}
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert "retryPolicy" not in service_config(ClientSettings(max_attempts=1))["methodConfig"][0]
+    for bad in (dict(max_attempts=6), dict(max_attempts=0), dict(initial_backoff=0), dict(client_cert=Path("c.pem")), dict(timeout=0)):
+        with pytest.raises(ValueError):
+            Client("localhost:1", **bad)
+
+
+def test_a_call_survives_a_server_that_comes_back_within_the_retry_budget(start_server):
+    port = _free_port()
+    # Up to 2 + 4 + 8 + 8 s of back-off, against a server that is back (listening, then loading) within about 2 s.
+    with Client(f"127.0.0.1:{port}", initial_backoff=2.0, max_backoff=8.0) as client, ThreadPoolExecutor(1) as pool:
+        call = pool.submit(client.translate, ["Friday"])
+        time.sleep(0.3)  # the first attempt has been refused
+        server = start_server(port=port)
+        (translation,) = call.result(timeout=TIMEOUT)
+    assert translation.text and server.metric("nmtserve_requests_total", TRANSLATED) == 1
+
+
+def test_retries_give_up_after_the_budget():
+    with Client(f"127.0.0.1:{_free_port()}", max_attempts=3, initial_backoff=0.2, max_backoff=0.2) as client:
+        started = time.monotonic()
+        with pytest.raises(UnavailableError, match="Connection refused|failed to connect|Failed to connect"):
+            client.translate(["Friday"])
+    assert time.monotonic() - started < 0.4 + 2.0  # two back-offs of at most 0.2 s, plus slack for a busy machine
+
+
+def test_round_robin_spreads_calls_over_every_address(start_server):
+    first, second = start_server(), start_server()
+    target = f"ipv4:127.0.0.1:{first.server.port},127.0.0.1:{second.server.port}"
+    before = [first.metric("nmtserve_requests_total", TRANSLATED), second.metric("nmtserve_requests_total", TRANSLATED)]
+    with Client(target) as client:
+        for _ in range(20):
+            client.translate(["Friday"])
+    moved = [first.metric("nmtserve_requests_total", TRANSLATED) - before[0], second.metric("nmtserve_requests_total", TRANSLATED) - before[1]]
+    assert sum(moved) == 20 and min(moved) >= 5, moved
+
+
+def test_a_dns_target_resolves(server):
+    with Client(f"dns:///localhost:{server.server.port}") as client:
+        assert client.translate(["Friday"])[0].text
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _write(directory: Path, name: str, key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate) -> None:
+    (directory / f"{name}.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    (directory / f"{name}.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory) -> Path:
+    """ca.pem; server.pem/.key for the name localhost only; client.pem/.key for client authentication; all signed by the CA."""
+    directory = tmp_path_factory.mktemp("tls")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+
+    def certificate(subject: str, key: ec.EllipticCurvePrivateKey, *extensions: tuple[x509.ExtensionType, bool]) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name("nmtserve test CA"))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        )
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    _write(directory, "ca", ca_key, certificate("nmtserve test CA", ca_key, (x509.BasicConstraints(ca=True, path_length=None), True)))
+    server_key, client_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    _write(directory, "server", server_key, certificate(
+        "localhost", server_key, (x509.SubjectAlternativeName([x509.DNSName("localhost")]), False),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+    ))
+    _write(directory, "client", client_key, certificate("client", client_key, (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)))
+    return directory
+
+
+def test_tls_with_the_servers_ca(start_server, certificates):
+    d = certificates
+    server = start_server(tls_cert=d / "server.pem", tls_key=d / "server.key")
+    with Client(f"localhost:{server.server.port}", tls_ca=d / "ca.pem") as client:
+        assert client.translate(["Friday"])[0].text
+    for wrong in (dict(), dict(tls=True)):  # plaintext; TLS trusting only the system's roots
+        with Client(server.address, max_attempts=1, **wrong) as client, pytest.raises(UnavailableError):
+            client.translate(["Friday"])
+
+
+def test_mutual_tls_with_a_client_certificate(start_server, certificates):
+    d = certificates
+    server = start_server(tls_cert=d / "server.pem", tls_key=d / "server.key", tls_client_ca=d / "ca.pem")
+    tls = dict(tls_ca=d / "ca.pem", tls_server_name="localhost")  # the address is 127.0.0.1; the certificate names localhost
+    with Client(server.address, client_cert=d / "client.pem", client_key=d / "client.key", **tls) as client:
+        assert client.translate(["Friday"])[0].text
+    with Client(server.address, max_attempts=1, **tls) as client, pytest.raises(UnavailableError):
+        client.translate(["Friday"])

@@ -73,6 +73,9 @@ class TranslationServer:
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a port already taken is an error, not a silently shared socket
+            # Keep-alive pings up to every 10 s are welcome (the SDK's default is 30 s); gRPC's default, one per
+            # 5 minutes, would answer a faster client with GOAWAY "too_many_pings" during a long decode.
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
         self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
         self.service.add_to_server(self.grpc)

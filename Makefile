@@ -1,4 +1,5 @@
-# The two commands: `make demo` (install, train the default model if none is there, export, serve, translate)
+# The two commands: `make demo` (install, train the default model if none is there, export, serve, translate
+# through the client, show the metrics)
 # and `make test`. Both create .venv with Python 3.11 and install what they need.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -25,14 +26,32 @@ tools:
 DEMO_TEXTS := "The contract was signed on Friday, May 16, 2003." "It costs \$$1,234.56." \
 	"Prices rose by 48.5%." "every Saturday at 10:30 PM" "Tuesday, October 29, 1974" "1,234,567.89"
 
+# The demo serves the bundle in the background on loopback, translates through the client once health says
+# SERVING, shows where the metrics are, then stops the server with SIGTERM and checks that it exits 0.
+DEMO_PORT ?= 50051
+DEMO_METRICS_PORT ?= 8000
+DEMO_SERVER := 127.0.0.1:$(DEMO_PORT)
+METRICS_URL := http://127.0.0.1:$(DEMO_METRICS_PORT)/metrics
+
 demo: install
 	@if [ ! -f $(RUN)/bundle/manifest.json ]; then \
 		$(BIN)/nmtserve train --out $(RUN) --resume && \
 		$(BIN)/nmtserve plot $(RUN) && \
 		$(BIN)/nmtserve export $(RUN) --out $(RUN)/bundle; \
 	fi
-	@echo "--- translating in-process with the bundle in $(RUN)/bundle"
-	@$(BIN)/nmtserve translate --bundle $(RUN)/bundle --show-source $(DEMO_TEXTS)
+	@echo "--- serving $(RUN)/bundle on $(DEMO_SERVER) (log: $(RUN)/serve.log)"
+	@$(BIN)/nmtserve serve --bundle $(RUN)/bundle --host 127.0.0.1 --port $(DEMO_PORT) --metrics-port $(DEMO_METRICS_PORT) \
+		2> $(RUN)/serve.log & server=$$!; \
+	echo "--- translating through the server: nmtserve translate --server $(DEMO_SERVER)"; \
+	if ! $(BIN)/nmtserve translate --server $(DEMO_SERVER) --wait 60 --show-source $(DEMO_TEXTS); then \
+		kill $$server; tail -n 5 $(RUN)/serve.log; exit 1; \
+	fi; \
+	echo "--- metrics: $(METRICS_URL) (a few lines of the scrape)"; \
+	$(BIN)/python -c "import urllib.request; print(urllib.request.urlopen('$(METRICS_URL)').read().decode())" \
+		| grep -E '^nmtserve_(requests_total|input_tokens_total|output_tokens_total|request_duration_seconds_count)'; \
+	kill -TERM $$server; wait $$server; status=$$?; \
+	echo "--- server stopped by SIGTERM, exit status $$status"; \
+	[ $$status -eq 0 ] || { tail -n 5 $(RUN)/serve.log; exit 1; }
 	@echo "--- pictures: $(RUN)/*.png; scores: $(RUN)/config.json"
 
 test: install tools

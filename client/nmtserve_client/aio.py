@@ -14,7 +14,7 @@ from nmtserve.v1 import translator_pb2_grpc
 
 from .calls import HEALTH_CHECK, HealthCheckRequest, HealthCheckResponse, chunks, client_settings, text_list, translate_options
 from .channel import SERVICE_NAME, ClientSettings, channel_options, credentials
-from .client import POLL_SECONDS, Client, Deadline
+from .client import POLL_SECONDS, Client, Deadline, not_serving
 from .errors import DeadlineExceededError, UnavailableError, from_rpc_error, texts_error
 from .results import HealthStatus, ModelInfo, Piece, Translation, model_info_from, piece_from, translations_from
 
@@ -182,5 +182,5 @@ class AsyncClient:
             if status is HealthStatus.SERVING:
                 return
             if time.monotonic() >= end:
-                raise UnavailableError(f"{self.settings.server} was not serving after {timeout:g} s (last: {getattr(status, 'name', status)})")
+                raise not_serving(self.settings.server, timeout, status)
             await asyncio.sleep(POLL_SECONDS)

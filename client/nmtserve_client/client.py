@@ -20,6 +20,11 @@ from .results import HealthStatus, ModelInfo, Piece, Translation, model_info_fro
 POLL_SECONDS = 0.2  # between health checks while waiting for a server to be ready
 
 
+def not_serving(server: str, timeout: float, status: HealthStatus | str) -> UnavailableError:
+    """The error of wait_until_serving when the time is up."""
+    return UnavailableError(f"{server} was not serving after {timeout:g} s (last: {getattr(status, 'name', status)})")
+
+
 class Deadline:
     """The time left of one SDK call that may make several RPCs."""
 
@@ -214,5 +219,5 @@ class Client:
             if status is HealthStatus.SERVING:
                 return
             if time.monotonic() >= end:
-                raise UnavailableError(f"{self.settings.server} was not serving after {timeout:g} s (last: {getattr(status, 'name', status)})")
+                raise not_serving(self.settings.server, timeout, status)
             time.sleep(POLL_SECONDS)

@@ -12,9 +12,9 @@ AsyncClient has the same methods, awaited (translate_stream is an async
 iterator). Needs only grpcio and protobuf (`pip install 'nmtserve[client]'`).
 """
 
-from .aio import AsyncClient
+from .aio import AsyncClient, AsyncTranslationStream
 from .channel import ClientSettings
-from .client import Client
+from .client import Client, TranslationStream
 from .errors import (
     DeadlineExceededError,
     FieldViolation,
@@ -29,6 +29,7 @@ from .results import HealthStatus, Hypothesis, Limits, ModelDimensions, ModelInf
 
 __all__ = [
     "AsyncClient",
+    "AsyncTranslationStream",
     "Client",
     "ClientSettings",
     "DeadlineExceededError",
@@ -46,5 +47,6 @@ __all__ = [
     "ServerError",
     "Timings",
     "Translation",
+    "TranslationStream",
     "UnavailableError",
 ]

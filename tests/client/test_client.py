@@ -76,7 +76,9 @@ def test_a_long_list_is_split_into_concurrent_requests_in_order(server, test_tex
     with Client(server.address, texts_per_request=8, max_concurrent_requests=3) as client:
         split = client.translate(texts)
         together = client.translate(texts[:64], timeout=TIMEOUT)
-    assert server.metric("nmtserve_requests_total", {"method": "Translate", "code": "OK"}) - calls_before == 9 + 8
+    # The server counts a call just after answering it: wait for the count rather than race it.
+    server.wait_for(lambda: server.metric("nmtserve_requests_total", {"method": "Translate", "code": "OK"}) - calls_before == 9 + 8,
+                    timeout=5, what="9 + 8 requests counted")
     assert [t.text for t in split[:64]] == [t.text for t in together]
     assert len(split) == 70 and len({t.request_id for t in split}) == 9
     assert [t.source_tokens for t in split] == [server.server.service.engine.encode_texts([t])[0] for t in texts]
@@ -116,7 +118,8 @@ def test_leaving_a_stream_early_cancels_it_on_the_server(start_server, test_text
             assert next(stream).tokens
             assert server.metric("nmtserve_active_sequences") == 1
         server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 0, timeout=10, what="the stream's row freed")
-    assert server.metric("nmtserve_requests_total", {"method": "TranslateStream", "code": "CANCELLED"}) == 1
+    cancelled = {"method": "TranslateStream", "code": "CANCELLED"}
+    server.wait_for(lambda: server.metric("nmtserve_requests_total", cancelled) == 1, timeout=5, what="the call counted as cancelled")
 
 
 def test_the_sdk_types_cover_every_field_of_the_api():

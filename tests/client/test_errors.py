@@ -85,10 +85,11 @@ def test_a_full_queue_is_overloaded_after_exactly_the_retry_budget(start_server,
         server.wait_for(lambda: server.metric("nmtserve_queue_depth") == 4, what="a full queue")
         with Client(server.address, max_attempts=1) as client, pytest.raises(OverloadedError) as once:
             client.translate(test_texts[5:9])  # 4 texts: refused while any text waits
-        assert server.metric("nmtserve_requests_total", refused) == 1
+        # The server counts a call just after answering it: wait for the count rather than race it.
+        server.wait_for(lambda: server.metric("nmtserve_requests_total", refused) == 1, timeout=5, what="one refusal")
         with Client(server.address, max_attempts=3, **QUICK_RETRIES) as client, pytest.raises(OverloadedError):
             client.translate(test_texts[5:9])
-        assert server.metric("nmtserve_requests_total", refused) == 1 + 3
+        server.wait_for(lambda: server.metric("nmtserve_requests_total", refused) == 1 + 3, timeout=5, what="three more refusals")
         assert not queued.done(), "the queue emptied during the test; it proves nothing"
         busy.cancel()
         queued.cancel()

@@ -95,6 +95,12 @@ def test_async_client_has_the_same_methods_and_results(server, test_texts):
         async with AsyncClient(server.address, texts_per_request=6, max_concurrent_requests=2) as client:
             translations = await client.translate(texts, beam_size=2, num_hypotheses=2, return_scores=True)
             pieces = [piece async for piece in client.translate_stream(texts[0])]
+            await client.wait_until_serving(timeout=5)
+            async with client.translate_stream(texts[1], min_length=server.long_options().min_length) as stream:
+                assert (await anext(stream)).tokens
+                stream.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await anext(stream)
             return translations, pieces, await client.model_info(), await client.health()
 
     with Client(server.address) as client:

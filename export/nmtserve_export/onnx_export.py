@@ -112,13 +112,19 @@ def export_graph(module: nn.Module, role: str, inputs: tuple[Tensor, ...]) -> by
 
 
 def quantize_int8(model_bytes: bytes) -> bytes:
-    """Dynamic int8 quantization of the weights (MatMul) with onnxruntime.quantization."""
+    """Dynamic int8 quantization of the weights (MatMul) with onnxruntime.quantization.
+
+    The graph is first pre-processed as ONNX Runtime recommends (shape inference, constant folding): that turns
+    the transposed embedding of the tied output projection into a weight, so the largest MatMul is quantized too.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:
-        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        source, prepared, target = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(model_bytes)
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        quant_pre_process(source, prepared)
+        quantize_dynamic(prepared, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
         return target.read_bytes()
 
 

@@ -119,18 +119,20 @@ class Engine:
         memory = self.encoder.run(self.memory_names, {"source_ids": source_ids, "source_mask": source_mask})
         return EncodedBatch(memory, source_mask, lengths)
 
-    def allocate(self, batch: EncodedBatch, index: int, rows: int) -> list[int]:
-        """Take `rows` free slots for sentence `index` of an encoded batch (a beam of k takes k rows)."""
-        if rows > len(self.free_slots):
-            raise RuntimeError(f"{rows} KV-cache rows requested, {len(self.free_slots)} free")
-        slots = [heapq.heappop(self.free_slots) for _ in range(rows)]
-        length = int(batch.source_lengths[index])
+    def allocate(self, batch: EncodedBatch, rows: Sequence[int]) -> list[list[int]]:
+        """Take rows[i] free slots for sentence i of an encoded batch (a beam of k takes k rows); each sentence's slots."""
+        if sum(rows) > len(self.free_slots):
+            raise RuntimeError(f"{sum(rows)} KV-cache rows requested, {len(self.free_slots)} free")
+        slots = [[heapq.heappop(self.free_slots) for _ in range(n)] for n in rows]
+        taken = [slot for own in slots for slot in own]
+        sentence = np.repeat(np.arange(len(rows)), rows)  # the batch row each slot copies
+        length = batch.source_mask.shape[1]
         self._fit_source(max(length, int(self.source_lengths.max())))
         for buffer, encoded in zip(self.memory, batch.memory):
-            buffer[slots, :, :length] = encoded[index, :, :length]
-        self.source_mask[slots] = np.arange(self.source_mask.shape[1]) < length
-        self.source_lengths[slots] = length
-        self.lengths[slots] = 0
+            buffer[taken, :, :length] = encoded[sentence]
+        self.source_lengths[taken] = batch.source_lengths[sentence]
+        self.source_mask[taken] = np.arange(self.source_mask.shape[1]) < self.source_lengths[taken, None]
+        self.lengths[taken] = 0
         return slots
 
     def release(self, slots: Sequence[int]) -> None:
@@ -153,7 +155,9 @@ class Engine:
         self.lengths[new] = self.lengths[old]
 
     def _fit_source(self, longest: int) -> None:
-        """Size the memory buffers' source axis for the longest source in use."""
+        """Size the memory buffers' source axis for the longest source in use (kept as is when none is)."""
+        if longest == 0:
+            return
         size = _axis_size(longest, self.memory[0].shape[2], self.max_source_length)
         if size != self.memory[0].shape[2]:
             self.memory = [_resized(buffer, size) for buffer in self.memory]
@@ -230,9 +234,9 @@ class Decoder:
     def add(self, keys: Sequence[Any], sources: Sequence[Sequence[int]], options: Sequence[DecodeOptions]) -> None:
         """Encode sentences in one batch and give each its rows (beam_size each)."""
         batch = self.engine.encode(sources)
-        for index, (key, opts) in enumerate(zip(keys, options)):
-            slots = self.engine.allocate(batch, index, opts.beam_size)
-            self.active.append(ActiveSentence(key, BeamSearch(opts), slots, len(sources[index])))
+        slots = self.engine.allocate(batch, [opts.beam_size for opts in options])
+        for key, opts, own, source in zip(keys, options, slots, sources):
+            self.active.append(ActiveSentence(key, BeamSearch(opts), own, len(source)))
 
     def remove(self, key: Any) -> bool:
         """Drop a sentence (cancelled, deadline passed) and free its rows; False if not active."""

@@ -8,9 +8,11 @@ import re
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -36,8 +38,8 @@ def _free_port() -> int:
 class Prometheus:
     """A Prometheus server process and its HTTP API."""
 
-    def __init__(self, process: subprocess.Popen[str], port: int):
-        self.process, self.url = process, f"http://127.0.0.1:{port}"
+    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path):
+        self.process, self.url, self.log = process, f"http://127.0.0.1:{port}", log
 
     def get(self, path: str, **params: str) -> Any:
         """One API call's `data`; fails on an error status."""
@@ -60,7 +62,7 @@ class Prometheus:
         deadline = time.monotonic() + timeout
         while not condition():
             if self.process.poll() is not None:
-                pytest.fail(f"prometheus exited with {self.process.returncode}: {self.process.stderr.read()}")
+                pytest.fail(f"prometheus exited with {self.process.returncode}:\n{self.log.read_text()}")
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
             time.sleep(0.2)
 
@@ -89,13 +91,14 @@ def prometheus(start_server, test_texts, rule_file, tool, tmp_path_factory) -> I
         }],
     }
     (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
-    process = subprocess.Popen(
-        [tool("prometheus"), f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    prom = Prometheus(process, port)
+    port, log = _free_port(), directory / "prometheus.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [tool("prometheus"), f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=subprocess.DEVNULL, stderr=log_file,
+        )
+    prom = Prometheus(process, port, log)
     try:
         prom.wait_for("the first scrape", lambda: _answers(prom) and bool(prom.query('up{job="nmtserve"} == 1')))
         # Traffic between two scrapes, so that rate() over the window sees the counters move.

@@ -77,9 +77,14 @@ def container_engine() -> str:
 
 
 @pytest.mark.e2e
-def test_the_cpu_image_serves_a_bundle(container_engine, tiny_bundle, test_texts):
+def test_the_cpu_image_serves_a_bundle(container_engine, tiny_bundle, test_texts, tmp_path):
     """Build the CPU image and serve the tiny bundle from it (needs a container engine and its registry)."""
     engine = container_engine
+    # pytest's temporary directories are private to their owner; the container's user is uid 10001.
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    bundle.chmod(0o755)
+    for file in bundle.iterdir():
+        file.chmod(0o644)
     tag = "nmtserve:cpu-test"
     build = subprocess.run([engine, "build", "-f", str(DOCKER / "Dockerfile.cpu"), "-t", tag, str(ROOT)],
                            capture_output=True, text=True, timeout=BUILD_TIMEOUT)
@@ -87,7 +92,7 @@ def test_the_cpu_image_serves_a_bundle(container_engine, tiny_bundle, test_texts
     name = f"nmtserve-test-{time.monotonic_ns()}"
     run = subprocess.run(
         [engine, "run", "-d", "--name", name, "--read-only", "--cap-drop", "ALL", "--tmpfs", "/tmp",
-         "-v", f"{tiny_bundle}:/models/bundle:ro", "-p", "127.0.0.1::50051", tag],
+         "-v", f"{bundle}:/models/bundle:ro", "-p", "127.0.0.1::50051", tag],
         capture_output=True, text=True, timeout=60,
     )
     assert run.returncode == 0, run.stderr

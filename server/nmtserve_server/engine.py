@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
 
-from nmtserve.bundle import EOS_ID, Bundle, read_bundle
+from nmtserve.bundle import Bundle, read_bundle
 
 from .search import BeamSearch, DecodeOptions, Hypothesis
+from .tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Engine:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.encoder = ort.InferenceSession(bundle.files["encoder"], options, providers=self.providers)
         self.decoder = ort.InferenceSession(bundle.files["decoder_step"], options, providers=self.providers)
-        self.tokenizer = Tokenizer.from_str(bundle.files["tokenizer"].decode("utf-8"))
+        self.tokenizer = load_tokenizer(bundle)
 
         dims = bundle.dims
         self.capacity = capacity
@@ -98,7 +98,7 @@ class Engine:
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
         """Source ids (subwords + <eos>) of each text; tokenizer only, safe beside the decode thread."""
-        return [encoding.ids + [EOS_ID] for encoding in self.tokenizer.encode_batch(list(texts))]
+        return self.tokenizer.encode_batch(list(texts))
 
     def decode_ids(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Texts of generated id lists; tokenizer only, safe beside the decode thread."""
@@ -199,7 +199,7 @@ class Decoder:
         batch = self.engine.encode(sources)
         for index, (key, opts) in enumerate(zip(keys, options)):
             slots = self.engine.allocate(batch, index, opts.beam_size)
-            self.active.append(ActiveSentence(key, BeamSearch(opts), slots, len(sources[index])))
+            self.active.append(ActiveSentence(key, BeamSearch(opts, self.engine.bundle.tokens), slots, len(sources[index])))
 
     def remove(self, key: Any) -> bool:
         """Drop a sentence (cancelled, deadline passed) and free its rows; False if not active."""

@@ -236,8 +236,10 @@ def load_marian(directory: Path | str) -> MarianCheckpoint:
 @torch.inference_mode()
 def reference_difference(directory: Path | str, model: Transformer, *, batch: int = 4, length: int = 12, seed: int = 0) -> float:
     """Largest |ours - transformers| log-probability on random teacher-forced inputs (needs transformers)."""
-    from transformers import MarianMTModel
-
+    try:
+        from transformers import MarianMTModel
+    except ImportError as error:
+        raise MarianImportError("the reference check needs transformers (pip install transformers, or 'nmtserve[dev]')") from error
     reference = MarianMTModel.from_pretrained(str(directory), local_files_only=True).eval()
     c = model.config
     generator = torch.Generator().manual_seed(seed)

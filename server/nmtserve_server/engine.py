@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
 
-from nmtserve.bundle import EOS_ID, Bundle, read_bundle
+from nmtserve.bundle import Bundle, read_bundle
 
 from .search import BeamSearch, DecodeOptions, Hypothesis
+from .tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Engine:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.encoder = ort.InferenceSession(bundle.files["encoder"], options, providers=self.providers)
         self.decoder = ort.InferenceSession(bundle.files["decoder_step"], options, providers=self.providers)
-        self.tokenizer = Tokenizer.from_str(bundle.files["tokenizer"].decode("utf-8"))
+        self.tokenizer = load_tokenizer(bundle)
 
         dims = bundle.dims
         self.capacity = capacity
@@ -101,7 +101,7 @@ class Engine:
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
         """Source ids (subwords + <eos>) of each text; tokenizer only, safe beside the decode thread."""
-        return [encoding.ids + [EOS_ID] for encoding in self.tokenizer.encode_batch(list(texts))]
+        return self.tokenizer.encode_batch(list(texts))
 
     def decode_ids(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Texts of generated id lists; tokenizer only, safe beside the decode thread."""
@@ -236,7 +236,7 @@ class Decoder:
         batch = self.engine.encode(sources)
         slots = self.engine.allocate(batch, [opts.beam_size for opts in options])
         for key, opts, own, source in zip(keys, options, slots, sources):
-            self.active.append(ActiveSentence(key, BeamSearch(opts), own, len(source)))
+            self.active.append(ActiveSentence(key, BeamSearch(opts, self.engine.bundle.tokens), own, len(source)))
 
     def remove(self, key: Any) -> bool:
         """Drop a sentence (cancelled, deadline passed) and free its rows; False if not active."""
@@ -259,7 +259,9 @@ class Decoder:
             slots += sequence.slots[: search.rows]
             tokens += search.next_tokens()
         log_probs, alignment = self.engine.step(slots, tokens)
-        log_probs[early, EOS_ID] = -np.inf  # before min_length, <eos> may not end a hypothesis
+        special = self.engine.bundle.tokens
+        log_probs[:, special.pad] = -np.inf  # never generated (Marian's <pad> is its start token, and scores high)
+        log_probs[early, special.eos] = -np.inf  # before min_length, <eos> may not end a hypothesis
         best = log_probs.argmax(axis=1)  # one call for every row: greedy searches need nothing more
         best_log_probs = log_probs[np.arange(len(best)), best]
         finished, still_active, offset = [], [], 0

@@ -24,8 +24,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from nmtserve.bundle import EOS_ID, UNK_ID
-
 from .engine import Decoder, Engine
 from .metrics import Metrics
 from .search import DecodeOptions, Hypothesis
@@ -139,7 +137,7 @@ class Scheduler:
         engine = self._decoder.engine
         for rows in sorted({1, engine.capacity}):
             for length in sorted({1, engine.max_source_length}):
-                source = [UNK_ID] * (length - 1) + [EOS_ID]
+                source = [engine.bundle.tokens.unk] * (length - 1) + [engine.bundle.tokens.eos]
                 keys = [("warm-up", rows, length, i) for i in range(rows)]
                 self._decoder.add(keys, [source] * rows, [DecodeOptions(min_length=2, max_length=2)] * rows)
                 while self._decoder.active:

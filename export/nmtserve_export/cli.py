@@ -1,10 +1,11 @@
-"""The training-side subcommands of `nmtserve`: corpus, train, evaluate, plot, export."""
+"""The training-side subcommands of `nmtserve`: corpus, train, evaluate, plot, export, import-marian."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from nmtserve.settings import add_settings_arguments, settings_from_args
@@ -39,6 +40,14 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                             help="fp32; fp16 (for GPUs); int8 (dynamic quantization, for CPUs)")
         parser.add_argument("--name", default=None, help="model name in the manifest (default: nmtserve-SRC-TGT)")
+    elif command == "import-marian":
+        parser.add_argument("checkpoint", type=Path, help="a Marian checkpoint directory in the Hugging Face layout (read locally, nothing is downloaded)")
+        parser.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+        parser.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                            help="fp32; fp16 (for GPUs); int8 (dynamic quantization, for CPUs)")
+        parser.add_argument("--name", default=None, help="model name in the manifest (default: marian-DIRNAME)")
+        parser.add_argument("--check-reference", action="store_true",
+                            help="also compare log-probabilities with transformers' MarianMTModel (needs transformers)")
 
 
 def run(command: str, args: argparse.Namespace) -> int:
@@ -77,6 +86,15 @@ def run(command: str, args: argparse.Namespace) -> int:
         from .onnx_export import export_bundle
 
         print(f"bundle written to {export_bundle(args.checkpoint, args.out, precision=args.precision, name=args.name)}")
+    elif command == "import-marian":
+        from .marian import MarianImportError, import_marian
+
+        try:
+            out = import_marian(args.checkpoint, args.out, precision=args.precision, name=args.name, check_reference=args.check_reference)
+        except MarianImportError as error:
+            print(f"nmtserve import-marian: {error}", file=sys.stderr)
+            return 1
+        print(f"bundle written to {out}")
     elif command == "plot":
         from .plots import plot_all
 

@@ -23,10 +23,10 @@ def encode_targets(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]
     return [[BOS_ID] + encoding.ids + [EOS_ID] for encoding in tokenizer.encode_batch(list(texts))]
 
 
-def pad(sequences: Sequence[Sequence[int]]) -> Tensor:
+def pad(sequences: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> Tensor:
     """Right-pad id lists into one (B, max_len) tensor."""
     width = max(len(s) for s in sequences)
-    return torch.tensor([list(s) + [PAD_ID] * (width - len(s)) for s in sequences], dtype=torch.long)
+    return torch.tensor([list(s) + [pad_id] * (width - len(s)) for s in sequences], dtype=torch.long)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 The ONNX Runtime engine in the server must give exactly these outputs; the
 search rules below (tie-breaking, length penalty, when a beam stops) are the
-specification it follows.
+specification it follows. The special token ids are the model's (its config):
+decoding starts from bos, ends at eos and never generates pad.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from nmtserve.bundle import BOS_ID, EOS_ID, PAD_ID
 
 from .data import pad
 from .model import Transformer
@@ -30,7 +29,7 @@ class IncrementalDecoder:
 
     def __init__(self, model: Transformer, src: Tensor):
         self.model = model
-        self.src_mask = (src != PAD_ID)[:, None, None, :]  # (B, 1, 1, S)
+        self.src_mask = (src != model.config.pad_id)[:, None, None, :]  # (B, 1, 1, S)
         memory = model.encode(src, self.src_mask)
         self.memory_keys, self.memory_values = model.memory_keys_values(memory)  # N x (B, h, S, d_k)
         self.keys, self.values = model.empty_cache(src.size(0), src.device)  # N x (B, h, t, d_k)
@@ -59,18 +58,20 @@ def greedy_search(
     model: Transformer, sources: Sequence[Sequence[int]], *, max_length: int = 128, min_length: int = 0
 ) -> list[list[int]]:
     """Greedy decoding of a batch of source id lists; returns the generated ids without <eos>."""
-    decoder = IncrementalDecoder(model, pad(sources))
+    c = model.config
+    decoder = IncrementalDecoder(model, pad(sources, c.pad_id))
     B = len(sources)
-    tokens = torch.full((B,), BOS_ID, dtype=torch.long)
+    tokens = torch.full((B,), c.bos_id, dtype=torch.long)
     outputs: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool)
     for step in range(max_length):
         log_probs = decoder.step(tokens)
+        log_probs[:, c.pad_id] = float("-inf")
         if step < min_length:
-            log_probs[:, EOS_ID] = float("-inf")
+            log_probs[:, c.eos_id] = float("-inf")
         tokens = log_probs.argmax(dim=-1)
         for row in (~done).nonzero().flatten().tolist():
-            if tokens[row].item() == EOS_ID:
+            if tokens[row].item() == c.eos_id:
                 done[row] = True
             else:
                 outputs[row].append(tokens[row].item())
@@ -100,15 +101,17 @@ def beam_search(
     they are. Scores are divided by length ** length_penalty (length counts
     <eos>).
     """
-    decoder = IncrementalDecoder(model, pad([source]))
+    c = model.config
+    decoder = IncrementalDecoder(model, pad([source], c.pad_id))
     prefixes: list[list[int]] = [[]]
     scores = torch.zeros(1)
-    tokens = torch.tensor([BOS_ID])
+    tokens = torch.tensor([c.bos_id])
     finished: list[Hypothesis] = []
     for step in range(max_length):
         log_probs = decoder.step(tokens)  # (rows, V)
+        log_probs[:, c.pad_id] = float("-inf")
         if step < min_length:
-            log_probs[:, EOS_ID] = float("-inf")
+            log_probs[:, c.eos_id] = float("-inf")
         vocab_size = log_probs.size(1)
         candidates = (scores[:, None] + log_probs).flatten()  # (rows * V,)
         ranked = torch.sort(candidates, descending=True, stable=True).indices[: 2 * beam_size].tolist()
@@ -116,7 +119,7 @@ def beam_search(
         for rank, index in enumerate(ranked):
             row, token = divmod(index, vocab_size)
             score = candidates[index].item()
-            if token == EOS_ID:
+            if token == c.eos_id:
                 if rank < beam_size:
                     finished.append(Hypothesis(prefixes[row], score / (step + 1) ** length_penalty))
             else:

@@ -10,6 +10,13 @@ The decoder is written so that one code path serves both teacher-forced
 training (all target positions at once) and incremental decoding (one new
 token per step, attending to a cache of the earlier steps' keys and values),
 which is what the ONNX export and the server run.
+
+The defaults are the paper's. A few fields describe the ways Marian models
+(the opus-mt family, imported by `marian.py`) depart from it: the swish
+activation, embeddings with or without the sqrt(d_model) scale, a sinusoid
+table laid out as all sines then all cosines, a bias on the final linear,
+separate source and target vocabularies, embeddings and output matrix, and
+<pad> as the decoder's start token.
 """
 
 from __future__ import annotations
@@ -22,9 +29,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+ACTIVATIONS = {"relu": F.relu, "silu": F.silu}  # silu is Marian's "swish"
+POSITIONAL_LAYOUTS = ("interleaved", "halves")
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 1000  # V: shared source/target subword vocabulary
+    vocab_size: int = 1000  # V: target subword vocabulary (the source's too, unless source_vocab_size is set)
+    source_vocab_size: int | None = None  # a separate source vocabulary's size; None: the source shares V
     d_model: int = 128  # model width (section 3.2.2)
     d_ff: int = 512  # inner width of the position-wise feed-forward network (3.3)
     n_heads: int = 4  # h: parallel attention heads (3.2.2)
@@ -32,13 +44,33 @@ class ModelConfig:
     n_decoder_layers: int = 2  # N for the decoder stack (3.1)
     dropout: float = 0.1  # P_drop on sub-layer outputs and embedding sums (5.4)
     max_len: int = 256  # longest sequence the positional encoding table covers
+    activation: str = "relu"  # the feed-forward non-linearity: max(0, x) (equation 2), or "silu" (Marian's swish)
+    scale_embeddings: bool = True  # multiply embeddings by sqrt(d_model) (3.4)
+    positional_layout: str = "interleaved"  # sin, cos on even, odd dimensions (3.5); "halves": all sines, then all cosines
+    share_embeddings: bool = True  # one embedding matrix for source and target tokens (3.4); needs one vocabulary
+    tie_output: bool = True  # the final linear is the target embedding matrix (3.4), not a matrix of its own
+    logits_bias: bool = False  # add a learned bias to the final linear's output
     pad_id: int = 0
-    bos_id: int = 1
+    bos_id: int = 1  # the decoder's first input
     eos_id: int = 2
+    unk_id: int = 3  # the tokenizer's stand-in for unknown pieces; the model itself never treats it apart
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        if self.positional_layout not in POSITIONAL_LAYOUTS:
+            raise ValueError(f"positional_layout {self.positional_layout!r} is not one of {', '.join(POSITIONAL_LAYOUTS)}")
+        if self.share_embeddings and self.source_vocab_size not in (None, self.vocab_size):
+            raise ValueError("share_embeddings needs one vocabulary: source_vocab_size must be None or vocab_size")
 
     @property
     def d_k(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def source_vocab(self) -> int:
+        """Size of the source vocabulary."""
+        return self.source_vocab_size or self.vocab_size
 
     def to_dict(self) -> dict:
         """The configuration as a JSON-ready dict."""
@@ -114,16 +146,17 @@ class MultiHeadAttention(nn.Module):
 
 
 class PositionwiseFeedForward(nn.Module):
-    """FFN(x) = max(0, x W_1 + b_1) W_2 + b_2  (equation 2)."""
+    """FFN(x) = max(0, x W_1 + b_1) W_2 + b_2  (equation 2), or with another activation in place of max(0, .)."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float):
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str = "relu"):
         super().__init__()
         self.w_1 = nn.Linear(d_model, d_ff)
         self.w_2 = nn.Linear(d_ff, d_model)
         self.dropout = nn.Dropout(dropout)
+        self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_2(self.dropout(F.relu(self.w_1(x))))
+        return self.w_2(self.dropout(self.activation(self.w_1(x))))
 
 
 class SublayerConnection(nn.Module):
@@ -139,16 +172,22 @@ class SublayerConnection(nn.Module):
 
 
 class PositionalEncoding(nn.Module):
-    """PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(...)  (3.5)."""
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(...)  (3.5).
 
-    def __init__(self, d_model: int, max_len: int):
+    layout "halves" puts the same sines in dimensions 0..d_model/2-1 and the cosines after them (Marian).
+    """
+
+    def __init__(self, d_model: int, max_len: int, layout: str = "interleaved"):
         super().__init__()
-        position = torch.arange(max_len).unsqueeze(1)  # (max_len, 1)
-        div_term = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))  # (d_model/2,)
-        pe = torch.zeros(max_len, d_model)
-        pe[:, 0::2] = torch.sin(position * div_term)
-        pe[:, 1::2] = torch.cos(position * div_term)
-        self.register_buffer("pe", pe, persistent=False)  # (max_len, d_model)
+        # Computed in float64, then rounded once, so long positions keep float32 precision.
+        position = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)  # (max_len, 1)
+        div_term = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))  # (d_model/2,)
+        sines, cosines = torch.sin(position * div_term), torch.cos(position * div_term)  # (max_len, d_model/2) each
+        if layout == "interleaved":
+            pe = torch.stack([sines, cosines], dim=-1).flatten(1)  # sin, cos, sin, cos, ...
+        else:
+            pe = torch.cat([sines, cosines], dim=1)
+        self.register_buffer("pe", pe.float(), persistent=False)  # (max_len, d_model)
 
     def forward(self, positions: Tensor) -> Tensor:
         """The encodings of integer positions (...,) -> (..., d_model)."""
@@ -156,12 +195,12 @@ class PositionalEncoding(nn.Module):
 
 
 class Embeddings(nn.Module):
-    """Token embeddings multiplied by sqrt(d_model) (3.4)."""
+    """Token embeddings multiplied by sqrt(d_model) (3.4), or left unscaled."""
 
-    def __init__(self, vocab_size: int, d_model: int):
+    def __init__(self, vocab_size: int, d_model: int, scale: bool = True):
         super().__init__()
         self.lut = nn.Embedding(vocab_size, d_model)
-        self.scale = math.sqrt(d_model)
+        self.scale = math.sqrt(d_model) if scale else 1.0
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.lut(tokens) * self.scale
@@ -173,7 +212,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.self_attn = MultiHeadAttention(config.d_model, config.n_heads, config.dropout)
-        self.feed_forward = PositionwiseFeedForward(config.d_model, config.d_ff, config.dropout)
+        self.feed_forward = PositionwiseFeedForward(config.d_model, config.d_ff, config.dropout, config.activation)
         self.sublayer = nn.ModuleList([SublayerConnection(config.d_model, config.dropout) for _ in range(2)])
 
     def forward(self, x: Tensor, src_mask: Tensor) -> Tensor:
@@ -188,7 +227,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiHeadAttention(config.d_model, config.n_heads, config.dropout)
         self.src_attn = MultiHeadAttention(config.d_model, config.n_heads, config.dropout)
-        self.feed_forward = PositionwiseFeedForward(config.d_model, config.d_ff, config.dropout)
+        self.feed_forward = PositionwiseFeedForward(config.d_model, config.d_ff, config.dropout, config.activation)
         self.sublayer = nn.ModuleList([SublayerConnection(config.d_model, config.dropout) for _ in range(3)])
 
     def forward(
@@ -212,33 +251,44 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The encoder-decoder Transformer with tied embeddings and a log-softmax generator."""
+    """The encoder-decoder Transformer with tied embeddings (unless the config unties them) and a log-softmax generator."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed = Embeddings(config.vocab_size, config.d_model)  # shared by encoder, decoder, generator
-        self.positional_encoding = PositionalEncoding(config.d_model, config.max_len)
-        self.dropout = nn.Dropout(config.dropout)
-        self.encoder_layers = nn.ModuleList([EncoderLayer(config) for _ in range(config.n_encoder_layers)])
-        self.decoder_layers = nn.ModuleList([DecoderLayer(config) for _ in range(config.n_decoder_layers)])
+        c = config
+        self.embed = Embeddings(c.source_vocab, c.d_model, c.scale_embeddings)  # shared by encoder, decoder, generator
+        # Where the config unshares them: the decoder's embeddings, and the generator's own matrix and bias.
+        self.target_embed = None if c.share_embeddings else Embeddings(c.vocab_size, c.d_model, c.scale_embeddings)
+        self.output = None if c.tie_output else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.logits_bias = nn.Parameter(torch.zeros(c.vocab_size)) if c.logits_bias else None
+        self.positional_encoding = PositionalEncoding(c.d_model, c.max_len, c.positional_layout)
+        self.dropout = nn.Dropout(c.dropout)
+        self.encoder_layers = nn.ModuleList([EncoderLayer(c) for _ in range(c.n_encoder_layers)])
+        self.decoder_layers = nn.ModuleList([DecoderLayer(c) for _ in range(c.n_decoder_layers)])
         self._init_parameters()
+
+    @property
+    def target_embeddings(self) -> Embeddings:
+        return self.embed if self.target_embed is None else self.target_embed
 
     def _init_parameters(self) -> None:
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
         # Tied with the output projection, the embedding needs N(0, d_model^-1/2) so logits start small.
-        nn.init.normal_(self.embed.lut.weight, std=self.config.d_model**-0.5)
+        for embeddings in (self.embed, self.target_embed):
+            if embeddings is not None:
+                nn.init.normal_(embeddings.lut.weight, std=self.config.d_model**-0.5)
 
-    def embed_positions(self, tokens: Tensor, positions: Tensor) -> Tensor:
+    def embed_positions(self, embeddings: Embeddings, tokens: Tensor, positions: Tensor) -> Tensor:
         """Token embedding + positional encoding, with dropout (3.4, 3.5)."""
-        return self.dropout(self.embed(tokens) + self.positional_encoding(positions))
+        return self.dropout(embeddings(tokens) + self.positional_encoding(positions))
 
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
         """The encoder stack: source ids (B, S) and mask (B, 1, 1, S) -> memory (B, S, d_model)."""
         positions = torch.arange(src.size(1), device=src.device)
-        x = self.embed_positions(src, positions)
+        x = self.embed_positions(self.embed, src, positions)
         for layer in self.encoder_layers:
             x = layer(x, src_mask)
         return x
@@ -260,7 +310,7 @@ class Transformer(nn.Module):
         src_mask: Tensor,  # (B, 1, 1, S)
     ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """The decoder stack and generator: log-probabilities (B, T, V) and each layer's new keys/values (B, h, T, d_k)."""
-        x = self.embed_positions(tgt, positions)
+        x = self.embed_positions(self.target_embeddings, tgt, positions)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.decoder_layers):
             x, key, value = layer(x, past_keys[i], past_values[i], self_mask, memory_keys[i], memory_values[i], src_mask)
@@ -270,7 +320,11 @@ class Transformer(nn.Module):
 
     def generator(self, x: Tensor) -> Tensor:
         """Final linear (tied to the embeddings, 3.4) and log-softmax: (B, T, d_model) -> (B, T, V)."""
-        return F.log_softmax(x @ self.embed.lut.weight.t(), dim=-1)
+        weight = self.target_embeddings.lut.weight if self.output is None else self.output.weight  # (V, d_model)
+        logits = x @ weight.t()  # (B, T, V)
+        if self.logits_bias is not None:
+            logits = logits + self.logits_bias
+        return F.log_softmax(logits, dim=-1)
 
     def empty_cache(self, batch_size: int, device: torch.device | None = None) -> tuple[list[Tensor], list[Tensor]]:
         """Self-attention keys and values for zero earlier steps, N x (B, h, 0, d_k) each."""
@@ -280,9 +334,10 @@ class Transformer(nn.Module):
 
     def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
         """Teacher-forced log-probabilities (B, T, V) of the next token after each target prefix."""
-        pad = self.config.pad_id
-        src_mask = (src != pad)[:, None, None, :]  # (B, 1, 1, S)
-        tgt_mask = (tgt != pad)[:, None, None, :] & subsequent_mask(tgt.size(1), tgt.device)  # (B, 1, T, T)
+        src_mask = (src != self.config.pad_id)[:, None, None, :]  # (B, 1, 1, S)
+        # Target padding sits at the end, so the causal mask alone keeps real positions from seeing it
+        # (and Marian's decoder starts from its <pad>, which must stay visible).
+        tgt_mask = subsequent_mask(tgt.size(1), tgt.device)[None, None]  # (1, 1, T, T)
         memory = self.encode(src, src_mask)
         memory_keys, memory_values = self.memory_keys_values(memory)
         past_keys, past_values = self.empty_cache(src.size(0), src.device)

@@ -70,7 +70,7 @@ class DecoderStepGraph(nn.Module):
 def example_inputs(model: Transformer, batch: int = 3, source_length: int = 7, cache_length: int = 5) -> dict[str, tuple[Tensor, ...]]:
     """Inputs to trace each graph with (sizes > 1 so no axis is specialised)."""
     c = model.config
-    source_ids = torch.randint(4, c.vocab_size, (batch, source_length))
+    source_ids = torch.randint(4, c.source_vocab, (batch, source_length))
     source_mask = torch.ones(batch, source_length, dtype=torch.bool)
     n = c.n_decoder_layers
     past = [torch.randn(batch, c.n_heads, cache_length, c.d_k) for _ in range(2 * n)]
@@ -112,13 +112,19 @@ def export_graph(module: nn.Module, role: str, inputs: tuple[Tensor, ...]) -> by
 
 
 def quantize_int8(model_bytes: bytes) -> bytes:
-    """Dynamic int8 quantization of the weights (MatMul) with onnxruntime.quantization."""
+    """Dynamic int8 quantization of the weights (MatMul) with onnxruntime.quantization.
+
+    The graph is first pre-processed as ONNX Runtime recommends (shape inference, constant folding): that turns
+    the transposed embedding of the tied output projection into a weight, so the largest MatMul is quantized too.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:
-        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        source, prepared, target = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(model_bytes)
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        quant_pre_process(source, prepared)
+        quantize_dynamic(prepared, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
         return target.read_bytes()
 
 
@@ -144,10 +150,43 @@ def max_logit_difference(model: Transformer, graphs: dict[str, bytes], inputs: d
 
 def export_bundle(checkpoint_dir: Path, out: Path, *, precision: str = "fp32", name: str | None = None) -> Path:
     """Export a checkpoint as a verified bundle at `out`."""
+    checkpoint_dir = Path(checkpoint_dir)
+    model, _, metadata = load_model(checkpoint_dir)
+    corpus = metadata.get("corpus", {})
+    languages = {"source": corpus.get("source_lang", "und"), "target": [corpus.get("target_lang", "und")]}
+    training = metadata.get("training", {})
+    return write_model_bundle(
+        model, out,
+        tokenizer_kind="tokenizers",
+        tokenizer_files={"tokenizer": (checkpoint_dir / TOKENIZER_FILE).read_bytes()},
+        languages=languages,
+        name=name or f"nmtserve-{languages['source']}-{languages['target'][0]}",
+        training={
+            "corpus": corpus,
+            "steps": training.get("steps"),
+            "seconds": training.get("seconds"),
+            "parameters": metadata.get("parameters"),
+            "scores": metadata.get("scores", {}),
+        },
+        precision=precision,
+    )
+
+
+def write_model_bundle(
+    model: Transformer,
+    out: Path,
+    *,
+    tokenizer_kind: str,
+    tokenizer_files: dict[str, bytes],
+    languages: dict,
+    name: str,
+    training: dict,
+    precision: str = "fp32",
+) -> Path:
+    """Export a model's two graphs, check them against PyTorch, and write them with its tokenizer as a verified bundle."""
     if precision not in bundle_format.PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(bundle_format.PRECISIONS)}, got {precision!r}")
-    checkpoint_dir = Path(checkpoint_dir)
-    model, tokenizer, metadata = load_model(checkpoint_dir)
+    model.eval()
     torch.manual_seed(0)
     inputs = example_inputs(model)
     stages = ["export encoder", "export decoder step", "check parity"] + ([f"convert to {precision}"] if precision != "fp32" else []) + ["write bundle"]
@@ -169,28 +208,19 @@ def export_bundle(checkpoint_dir: Path, out: Path, *, precision: str = "fp32", n
                 graphs = {role: convert(content) for role, content in graphs.items()}
             else:
                 c = model.config
-                corpus = metadata.get("corpus", {})
-                languages = {"source": corpus.get("source_lang", "und"), "target": [corpus.get("target_lang", "und")]}
                 manifest = {
-                    "name": name or f"nmtserve-{languages['source']}-{languages['target'][0]}",
+                    "name": name,
                     "model": {
                         "vocab_size": c.vocab_size, "d_model": c.d_model, "d_ff": c.d_ff, "n_heads": c.n_heads,
                         "d_k": c.d_k, "n_encoder_layers": c.n_encoder_layers, "n_decoder_layers": c.n_decoder_layers,
                     },
-                    "tokens": {"pad": c.pad_id, "bos": c.bos_id, "eos": c.eos_id, "unk": bundle_format.UNK_ID},
+                    "tokens": {"pad": c.pad_id, "bos": c.bos_id, "eos": c.eos_id, "unk": c.unk_id},
+                    "tokenizer": {"kind": tokenizer_kind},
                     "limits": {"max_source_length": c.max_len, "max_target_length": c.max_len},
                     "languages": languages,
                     "precision": precision,
                     "opset": OPSET,
-                    "training": {
-                        "corpus": corpus,
-                        "steps": metadata.get("training", {}).get("steps"),
-                        "seconds": metadata.get("training", {}).get("seconds"),
-                        "parameters": metadata.get("parameters"),
-                        "scores": metadata.get("scores", {}),
-                        "onnx_max_logit_difference": difference,
-                    },
+                    "training": {**training, "onnx_max_logit_difference": difference},
                 }
-                files = {**graphs, "tokenizer": (checkpoint_dir / TOKENIZER_FILE).read_bytes()}
-                bundle_format.write_bundle(out, files, manifest)
+                bundle_format.write_bundle(out, {**graphs, **tokenizer_files}, manifest)
     return Path(out)

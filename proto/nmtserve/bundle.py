@@ -1,12 +1,18 @@
 """The model bundle: the one contract between the exporter (writer) and the server (reader).
 
 A bundle is a directory:
-  manifest.json       format, model dimensions, special tokens, limits, languages,
-                      precision, opset, every file with its sha256, training metadata
+  manifest.json       format, model dimensions, special token ids, limits, languages,
+                      precision, opset, tokenizer kind, every file with its sha256, training metadata
   encoder.onnx        source ids + mask -> every decoder layer's encoder-decoder keys/values
   decoder_step.onnx   one token per row + the cached keys/values -> log-probabilities, the
                       step's new keys/values and the encoder-decoder attention (alignment)
-  tokenizer.json      the shared subword vocabulary (Hugging Face tokenizers)
+  the tokenizer's files, by kind:
+    "tokenizers"      tokenizer.json: the shared subword vocabulary (Hugging Face tokenizers)
+    "marian"          source.spm, target.spm (SentencePiece) and vocab.json, plus target_vocab.json
+                      where the target vocabulary is separate: Marian's pieces-to-ids mapping
+
+The special token ids (pad, the decoder's start token, eos, unk) are the manifest's:
+nmtserve's own tokenizer puts them at 0-3, imported models keep their own.
 
 The reader trusts nothing: it checks the manifest's schema and version, every
 listed file's presence and sha256, that no path leaves the directory, that the
@@ -23,14 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Special tokens, in id order: the tokenizer, the model and the decoders rely on these ids.
+# The special tokens of nmtserve's own tokenizer, in id order; a bundle's manifest says which ids its model uses.
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 
 FORMAT = "nmtserve-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the tokenizer kind and the manifest's own special token ids
+READABLE_VERSIONS = (1, 2)  # a version 1 manifest is a "tokenizers" bundle with the ids above
 MANIFEST = "manifest.json"
-FILES = {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx", "tokenizer": "tokenizer.json"}
+GRAPH_FILES = {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx"}
+# Tokenizer kind -> (the files it needs, the files it may add), each role -> file name.
+TOKENIZER_FILES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
+    "tokenizers": ({"tokenizer": "tokenizer.json"}, {}),
+    "marian": ({"source_spm": "source.spm", "target_spm": "target.spm", "vocab": "vocab.json"}, {"target_vocab": "target_vocab.json"}),
+}
 PRECISIONS = ("fp32", "fp16", "int8")
 
 # Graph inputs and outputs: name -> (ONNX element type, shape). Shapes name their dynamic axes;
@@ -71,6 +83,7 @@ _MANIFEST_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "name": str,
     "model": dict,
     "tokens": dict,
+    "tokenizer": dict,
     "limits": dict,
     "languages": dict,
     "precision": str,
@@ -80,6 +93,7 @@ _MANIFEST_SCHEMA: dict[str, type | tuple[type, ...]] = {
 }
 _MODEL_FIELDS = ("vocab_size", "d_model", "d_ff", "n_heads", "d_k", "n_encoder_layers", "n_decoder_layers")
 _LIMIT_FIELDS = ("max_source_length", "max_target_length")
+_TOKEN_FIELDS = ("pad", "bos", "eos", "unk")
 
 
 class BundleError(Exception):
@@ -98,17 +112,33 @@ class ModelDims:
 
 
 @dataclass(frozen=True)
+class SpecialTokens:
+    pad: int  # padding (never generated)
+    bos: int  # the decoder's first input: <bos>; Marian starts from its <pad>
+    eos: int  # ends a hypothesis (and every source)
+    unk: int  # stands for a piece outside the vocabulary
+
+
+@dataclass(frozen=True)
 class Bundle:
     """A verified bundle: its manifest and the verified bytes of its files."""
 
     path: Path
     manifest: dict[str, Any]
-    files: dict[str, bytes]  # role ("encoder", "decoder_step", "tokenizer") -> verified content
+    files: dict[str, bytes]  # role ("encoder", "decoder_step", then the tokenizer's) -> verified content
     sha256: str  # of manifest.json: identifies the whole bundle, since it lists every file's hash
 
     @property
     def dims(self) -> ModelDims:
         return ModelDims(**{k: self.manifest["model"][k] for k in _MODEL_FIELDS})
+
+    @property
+    def tokens(self) -> SpecialTokens:
+        return SpecialTokens(**{k: self.manifest["tokens"][k] for k in _TOKEN_FIELDS})
+
+    @property
+    def tokenizer_kind(self) -> str:
+        return self.manifest["tokenizer"]["kind"]
 
     @property
     def max_source_length(self) -> int:
@@ -134,13 +164,20 @@ def expected_shape(shape: tuple, dims: ModelDims) -> tuple:
     return tuple(numbers.get(d, d) if isinstance(d, str) else d for d in shape)
 
 
+def file_names(tokenizer_kind: str) -> dict[str, str]:
+    """Every file role a bundle with this tokenizer kind may hold -> its file name."""
+    required, optional = TOKENIZER_FILES[tokenizer_kind]
+    return {**GRAPH_FILES, **required, **optional}
+
+
 def write_bundle(directory: Path, files: dict[str, bytes], manifest: dict[str, Any]) -> Path:
     """Write the files and a manifest listing their sha256, then verify the result by reading it back."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    names = file_names(manifest["tokenizer"]["kind"])
     listed = {}
     for role, content in files.items():
-        name = FILES[role]
+        name = names[role]
         (directory / name).write_bytes(content)
         listed[role] = {"path": name, "sha256": sha256_bytes(content), "bytes": len(content)}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": listed}
@@ -164,10 +201,13 @@ def _check_manifest(manifest: Any) -> None:
         raise BundleError(f"{MANIFEST}: expected a JSON object")
     if manifest.get("format") != FORMAT:
         raise BundleError(f"{MANIFEST}: 'format' is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise BundleError(
-            f"{MANIFEST}: format_version {manifest.get('format_version')!r} is not supported (this nmtserve reads {FORMAT_VERSION})"
+            f"{MANIFEST}: format_version {manifest.get('format_version')!r} is not supported "
+            f"(this nmtserve reads {', '.join(map(str, READABLE_VERSIONS))})"
         )
+    if manifest["format_version"] == 1:
+        manifest.setdefault("tokenizer", {"kind": "tokenizers"})
     for key, kind in _MANIFEST_SCHEMA.items():
         if not isinstance(manifest.get(key), kind):
             raise BundleError(f"{MANIFEST}: field {key!r} is missing or not a {getattr(kind, '__name__', kind)}")
@@ -176,12 +216,17 @@ def _check_manifest(manifest: Any) -> None:
             value = manifest[section].get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise BundleError(f"{MANIFEST}: {section}.{key} must be a positive integer, got {value!r}")
-    for name, token_id in zip(("pad", "bos", "eos", "unk"), range(4)):
-        if manifest["tokens"].get(name) != token_id:
-            raise BundleError(f"{MANIFEST}: tokens.{name} must be {token_id}, got {manifest['tokens'].get(name)!r}")
+    vocab_size = manifest["model"]["vocab_size"]
+    for name in _TOKEN_FIELDS:
+        token_id = manifest["tokens"].get(name)
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab_size:
+            raise BundleError(f"{MANIFEST}: tokens.{name} must be a token id below the vocabulary size {vocab_size}, got {token_id!r}")
     if manifest["precision"] not in PRECISIONS:
         raise BundleError(f"{MANIFEST}: precision {manifest['precision']!r} is not one of {', '.join(PRECISIONS)}")
-    for role in FILES:
+    kind = manifest["tokenizer"].get("kind")
+    if kind not in TOKENIZER_FILES:
+        raise BundleError(f"{MANIFEST}: tokenizer.kind {kind!r} is not one of {', '.join(TOKENIZER_FILES)}")
+    for role in {**GRAPH_FILES, **TOKENIZER_FILES[kind][0]}:
         entry = manifest["files"].get(role)
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("sha256"), str):
             raise BundleError(f"{MANIFEST}: files.{role} must be an object with 'path' and 'sha256'")
@@ -193,12 +238,12 @@ def _check_graph(role: str, content: bytes, dims: ModelDims, root: Path) -> None
     try:
         model = onnx.load_model_from_string(content)
     except Exception as error:  # onnx raises DecodeError and friends
-        raise BundleError(f"{FILES[role]}: not a readable ONNX model ({error})") from error
+        raise BundleError(f"{GRAPH_FILES[role]}: not a readable ONNX model ({error})") from error
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            _inside(root, location, f"{FILES[role]}: external data of {tensor.name!r}")
-            raise BundleError(f"{FILES[role]}: tensor {tensor.name!r} keeps its data in {location!r}; bundles hold self-contained graphs")
+            _inside(root, location, f"{GRAPH_FILES[role]}: external data of {tensor.name!r}")
+            raise BundleError(f"{GRAPH_FILES[role]}: tensor {tensor.name!r} keeps its data in {location!r}; bundles hold self-contained graphs")
     inputs, outputs = graph_io(dims.n_decoder_layers)[role]
     for kind, promised, actual in (("input", inputs, model.graph.input), ("output", outputs, model.graph.output)):
         found = {}
@@ -208,14 +253,14 @@ def _check_graph(role: str, content: bytes, dims: ModelDims, root: Path) -> None
             shape = tuple(d.dim_param or d.dim_value for d in tensor_type.shape.dim)
             found[value.name] = (element, shape)
         if list(found) != list(promised):
-            raise BundleError(f"{FILES[role]}: graph {kind}s are {list(found)}, the bundle format promises {list(promised)}")
+            raise BundleError(f"{GRAPH_FILES[role]}: graph {kind}s are {list(found)}, the bundle format promises {list(promised)}")
         for name, (element, shape) in promised.items():
             want = ({"float": "float32", "bool": "bool", "int64": "int64"}[element], expected_shape(shape, dims))
             got = found[name]
             if got[0] != want[0] or len(got[1]) != len(want[1]) or any(
                 isinstance(w, int) and g != w for g, w in zip(got[1], want[1])
             ):
-                raise BundleError(f"{FILES[role]}: {kind} {name!r} is {got[0]}{list(got[1])}, expected {want[0]}{list(want[1])}")
+                raise BundleError(f"{GRAPH_FILES[role]}: {kind} {name!r} is {got[0]}{list(got[1])}, expected {want[0]}{list(want[1])}")
 
 
 def read_bundle(directory: Path | str) -> Bundle:
@@ -231,9 +276,10 @@ def read_bundle(directory: Path | str) -> Bundle:
         raise BundleError(f"{MANIFEST}: not valid JSON ({error})") from error
     _check_manifest(manifest)
     files = {}
+    roles = file_names(manifest["tokenizer"]["kind"])
     for role, entry in manifest["files"].items():
-        if role not in FILES:
-            raise BundleError(f"{MANIFEST}: unknown file role {role!r}")
+        if role not in roles:
+            raise BundleError(f"{MANIFEST}: unknown file role {role!r} for a {manifest['tokenizer']['kind']!r} tokenizer")
         path = _inside(root, entry["path"], f"{MANIFEST}: files.{role}")
         if not path.is_file():
             raise BundleError(f"{entry['path']}: listed in {MANIFEST} but missing")

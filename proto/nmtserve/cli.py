@@ -25,6 +25,7 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("nmtserve_export.cli", "train", "decode the held-out test set; exact match, BLEU, chrF"),
     "plot": Command("nmtserve_export.cli", "train", "draw positional encoding, loss curves and attention maps"),
     "export": Command("nmtserve_export.cli", "train", "export a checkpoint to a verified ONNX model bundle"),
+    "import-marian": Command("nmtserve_export.cli", "train", "import a local Marian (opus-mt) checkpoint as a model bundle"),
     "bench-engine": Command("nmtserve_export.bench", "train", "tokens/s of the ONNX Runtime engine against PyTorch"),
     "translate": Command("nmtserve_client.cli", "client", "translate texts through a server (or in-process with --bundle)"),
     "serve": Command("nmtserve_server.serve", "serve", "serve a model bundle over gRPC, with Prometheus metrics"),

@@ -3,10 +3,13 @@
 In one run on one machine: first the in-process engine decodes the texts in
 batches of 32 (the reference throughput); then `nmtserve serve` starts as a
 subprocess on loopback and N concurrent client streams (asyncio tasks on one
-channel) each send Translate calls (greedy, one text) one after another. Every text is decoded to a
-fixed length (min = max length), so both sides do the same work. Reported:
-served tokens/s as a ratio of the engine's, and the p99 time to first token
-against the server's own mean decode-step and encoder times.
+channel) each send Translate calls (greedy, one text) one after another, for
+a warm-up period and then a measured window. Every text is decoded to a fixed
+length (min = max length), so both sides do the same work; the streams start
+spread over one request's duration, so that requests keep arriving at a busy
+server rather than all at once. Reported: served tokens/s as a ratio of the
+engine's, and each request's time to first token against its budget of three
+mean decode steps plus its own encoder run (both measured by the server).
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     """Define the benchmark's flags."""
     parser.add_argument("bundle", type=Path, nargs="?", default=DEFAULT_BUNDLE, help="model bundle directory (default: %(default)s)")
     parser.add_argument("--streams", type=int, default=64, help="concurrent client streams")
-    parser.add_argument("--requests", type=int, default=4, help="requests each stream sends, one after another")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured window (after the warm-up)")
+    parser.add_argument("--warm-up-seconds", type=float, default=3.0, help="load before the measured window")
     parser.add_argument("--length", type=int, default=32, help="tokens generated per text (min = max length)")
     parser.add_argument("--source-tokens", type=int, default=12, help="words per made-up source text")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where ONNX Runtime runs, for both sides")
@@ -99,32 +103,35 @@ def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], int,
     return process, ports["grpc_port"], ports["metrics_port"]
 
 
-async def _client_streams(port: int, texts: list[str], args: argparse.Namespace) -> tuple[float, list[float], int]:
-    """Run the client streams; returns the wall time, every request's time to first token, and tokens received.
+async def _client_streams(port: int, texts: list[str], request_seconds: float, args: argparse.Namespace) -> tuple[float, list[dict], int]:
+    """Run the client streams; returns the window's length, the timings of the requests that ended in it, and their tokens.
 
-    Each stream sends unary Translate calls one after another; the time to first token is the server's own
-    measurement (TranslateResponse.timings), from the call's arrival to its text's first decoder step.
+    Stream i starts i/N of a request's duration late, then sends unary Translate calls one after another until the
+    window ends. Timings are the server's own (TranslateResponse.timings).
     """
     options = pb.TranslateOptions(min_length=args.length, max_length=args.length)
-    first_token: list[float] = []
+    timings: list[dict] = []
     received = 0
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = translator_pb2_grpc.TranslatorStub(channel)
+        start = time.perf_counter() + args.warm_up_seconds
+        stop = start + args.seconds
 
         async def one_stream(index: int) -> None:
             nonlocal received
-            for r in range(args.requests):
-                text = texts[(index * args.requests + r) % len(texts)]
+            await asyncio.sleep(request_seconds * index / args.streams)
+            sent = 0
+            while time.perf_counter() < stop:
+                text = texts[(index + sent * args.streams) % len(texts)]
                 response = await stub.Translate(pb.TranslateRequest(texts=[text], options=options))
-                first_token.append(response.timings.first_token_seconds)
-                received += response.usage.output_tokens
+                sent += 1
+                if start <= time.perf_counter() <= stop:
+                    t = response.timings
+                    timings.append({"first_token_seconds": t.first_token_seconds, "encode_seconds": t.encode_seconds})
+                    received += response.usage.output_tokens
 
-        await asyncio.gather(*(one_stream(i) for i in range(args.streams)))  # warm-up round: connections, arenas
-        first_token.clear()
-        received = 0
-        started = time.perf_counter()
         await asyncio.gather(*(one_stream(i) for i in range(args.streams)))
-        return time.perf_counter() - started, first_token, received
+        return stop - start, timings, received
 
 
 def _server_means(metrics_port: int) -> dict[str, float]:
@@ -147,12 +154,11 @@ def _plot(report: dict, path: Path) -> None:
     values = [report["engine_tokens_per_second"], report["served_tokens_per_second"]]
     throughput.bar(names, values, color=["tab:gray", "tab:blue"])
     throughput.set(ylabel="generated tokens/s", title=f"Throughput (served / engine = {report['ratio']:.2f})")
-    ttft = np.sort(np.array(report["time_to_first_token_seconds"]) * 1000)
-    latency.plot(ttft, np.arange(1, len(ttft) + 1) / len(ttft))
-    budget = report["ttft_budget_seconds"] * 1000
-    latency.axvline(budget, color="tab:red", linestyle="--", label=f"3 steps + encoder = {budget:.1f} ms")
-    latency.axvline(report["p99_time_to_first_token_seconds"] * 1000, color="tab:green", linestyle=":", label="p99")
-    latency.set(xlabel="time to first token (ms)", ylabel="fraction of requests", title="Time to first token")
+    over_budget = np.sort(np.array(report["time_to_first_token_seconds"]) / np.array(report["ttft_budget_seconds"]))
+    latency.plot(over_budget, np.arange(1, len(over_budget) + 1) / len(over_budget))
+    latency.axvline(1.0, color="tab:red", linestyle="--", label="budget: 3 steps + its encoder run")
+    latency.axvline(report["p99_ttft_over_budget"], color="tab:green", linestyle=":", label="p99")
+    latency.set(xlabel="time to first token / budget", ylabel="fraction of requests", title="Time to first token")
     latency.legend()
     fig.suptitle(f"nmtserve bench-serve: {report['device']}, {report['length']} tokens per text")
     fig.tight_layout()
@@ -163,29 +169,34 @@ def run(command: str, args: argparse.Namespace) -> int:
     """Measure the engine, then the server under load; print, and write JSON and PNG."""
     out = args.out or args.bundle.resolve().parent
     engine = Engine.from_path(args.bundle, device=args.device, capacity=ENGINE_BATCH, threads=args.threads)
-    texts = made_up_texts(engine, max(args.streams * args.requests, ENGINE_BATCH), args.source_tokens)
+    texts = made_up_texts(engine, max(4 * args.streams, ENGINE_BATCH), args.source_tokens)
     print(f"engine alone: {len(texts)} texts, batch {ENGINE_BATCH}, {args.length} tokens each ...", flush=True)
     engine_rate = engine_tokens_per_second(engine, texts, args.length, args.repeats)
     device = engine.device
     del engine  # free its cache before the server allocates its own
 
-    print(f"gRPC server: {args.streams} streams x {args.requests} requests ...", flush=True)
+    print(f"gRPC server: {args.streams} streams, {args.warm_up_seconds:g} s warm-up, {args.seconds:g} s measured ...", flush=True)
     process, port, metrics_port = _start_server(args)
+    request_seconds = args.length * ENGINE_BATCH / engine_rate  # one text's decode at the engine's batch-32 pace
     try:
-        seconds, first_token, received = asyncio.run(asyncio.wait_for(_client_streams(port, texts, args), args.max_seconds))
+        seconds, timings, received = asyncio.run(
+            asyncio.wait_for(_client_streams(port, texts, request_seconds, args), args.max_seconds)
+        )
         means = _server_means(metrics_port)
     finally:
         process.terminate()
         process.wait(60)
     served_rate = received / seconds
-    budget = 3 * means["decode_step_seconds"] + means["encoder_seconds"]
-    p99 = float(np.nanpercentile(first_token, 99))
+    first_token = np.array([t["first_token_seconds"] for t in timings])
+    budgets = 3 * means["decode_step_seconds"] + np.array([t["encode_seconds"] for t in timings])
+    p99 = float(np.percentile(first_token, 99))
     report = {
-        "device": device, "streams": args.streams, "requests_per_stream": args.requests, "length": args.length,
+        "device": device, "streams": args.streams, "seconds": seconds, "requests": len(timings), "length": args.length,
         "threads": args.threads, "engine_tokens_per_second": engine_rate, "served_tokens_per_second": served_rate,
-        "ratio": served_rate / engine_rate, "p50_time_to_first_token_seconds": float(np.nanpercentile(first_token, 50)),
-        "p99_time_to_first_token_seconds": p99, "ttft_budget_seconds": budget, "p99_ttft_over_budget": p99 / budget,
-        "server": means, "time_to_first_token_seconds": first_token,
+        "ratio": served_rate / engine_rate, "p50_time_to_first_token_seconds": float(np.percentile(first_token, 50)),
+        "p99_time_to_first_token_seconds": p99, "p99_ttft_over_budget": float(np.percentile(first_token / budgets, 99)),
+        "median_ttft_budget_seconds": float(np.median(budgets)), "server": means,
+        "time_to_first_token_seconds": first_token.tolist(), "ttft_budget_seconds": budgets.tolist(),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_serve.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -193,7 +204,8 @@ def run(command: str, args: argparse.Namespace) -> int:
     print(f"engine alone, batch {ENGINE_BATCH}:   {engine_rate:9.0f} generated tokens/s")
     print(f"served, {args.streams} streams:    {served_rate:9.0f} generated tokens/s  ({report['ratio']:.2f}x the engine; target >= 0.85)")
     print(f"time to first token:  p50 {report['p50_time_to_first_token_seconds'] * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; "
-          f"budget 3 steps + encoder = {budget * 1000:.1f} ms ({report['p99_ttft_over_budget']:.2f}x; target <= 1)")
+          f"p99 of each over its budget (3 steps + its encoder run, median {report['median_ttft_budget_seconds'] * 1000:.1f} ms): "
+          f"{report['p99_ttft_over_budget']:.2f}x (target <= 1)")
     print(f"server means: step {means['decode_step_seconds'] * 1000:.2f} ms over {means['decode_step_batch_size']:.1f} rows, "
           f"encoder {means['encoder_seconds'] * 1000:.2f} ms over {means['encoder_batch_size']:.1f} texts")
     print(f"wrote {out / 'bench_serve.json'} and bench_serve.png")

@@ -8,6 +8,7 @@ scheduler calls it step by step, `translate()` runs it to completion.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 from collections.abc import Sequence
@@ -16,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
 
-from nmtserve.bundle import EOS_ID, Bundle, read_bundle
+from nmtserve.bundle import Bundle, read_bundle
 
 from .search import BeamSearch, DecodeOptions, Hypothesis
+from .tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -74,22 +75,24 @@ class Engine:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.encoder = ort.InferenceSession(bundle.files["encoder"], options, providers=self.providers)
         self.decoder = ort.InferenceSession(bundle.files["decoder_step"], options, providers=self.providers)
-        self.tokenizer = Tokenizer.from_str(bundle.files["tokenizer"].decode("utf-8"))
+        self.tokenizer = load_tokenizer(bundle)
 
         dims = bundle.dims
         self.capacity = capacity
         self.max_source_length = bundle.max_source_length
         self.max_target_length = bundle.max_target_length
-        layers = 2 * dims.n_decoder_layers  # a key and a value tensor per layer, in graph order
-        # Self-attention cache and encoder-decoder keys/values (fixed per sentence), row by row.
-        self.cache = [np.zeros((capacity, dims.n_heads, self.max_target_length, dims.d_k), np.float32) for _ in range(layers)]
-        self.memory = [np.zeros((capacity, dims.n_heads, self.max_source_length, dims.d_k), np.float32) for _ in range(layers)]
         self.past_names = [f"past_{kv}_{i}" for i in range(dims.n_decoder_layers) for kv in ("key", "value")]
         self.memory_names = [f"memory_{kv}_{i}" for i in range(dims.n_decoder_layers) for kv in ("key", "value")]
+        # A key and a value buffer per layer, in graph order: the self-attention cache (capacity, h, T, d_k) and the
+        # encoder-decoder keys/values (capacity, h, S, d_k). The graphs read rows [0, n) of them in place (no copy
+        # per step), so T and S are sized to the longest row in use, doubling as rows grow (see _fit).
+        shape = (capacity, dims.n_heads, MIN_AXIS, dims.d_k)
+        self.cache = [np.zeros(shape, np.float32) for _ in self.past_names]
+        self.memory = [np.zeros(shape, np.float32) for _ in self.memory_names]
+        self.source_mask = np.zeros((capacity, MIN_AXIS), bool)
         self.lengths = np.zeros(capacity, np.int64)  # cached steps per row
         self.source_lengths = np.zeros(capacity, np.int64)
-        self.free_slots = list(range(capacity - 1, -1, -1))
-        self._gathered: tuple[tuple[int, ...], dict[str, np.ndarray]] | None = None
+        self.free_slots = list(range(capacity))  # a heap: the lowest free row is taken first, keeping rows in use packed
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, **kwargs: Any) -> Engine:
@@ -98,7 +101,7 @@ class Engine:
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
         """Source ids (subwords + <eos>) of each text; tokenizer only, safe beside the decode thread."""
-        return [encoding.ids + [EOS_ID] for encoding in self.tokenizer.encode_batch(list(texts))]
+        return self.tokenizer.encode_batch(list(texts))
 
     def decode_ids(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Texts of generated id lists; tokenizer only, safe beside the decode thread."""
@@ -116,23 +119,30 @@ class Engine:
         memory = self.encoder.run(self.memory_names, {"source_ids": source_ids, "source_mask": source_mask})
         return EncodedBatch(memory, source_mask, lengths)
 
-    def allocate(self, batch: EncodedBatch, index: int, rows: int) -> list[int]:
-        """Take `rows` free slots for sentence `index` of an encoded batch (a beam of k takes k rows)."""
-        if rows > len(self.free_slots):
-            raise RuntimeError(f"{rows} KV-cache rows requested, {len(self.free_slots)} free")
-        slots = [self.free_slots.pop() for _ in range(rows)]
-        length = int(batch.source_lengths[index])
+    def allocate(self, batch: EncodedBatch, rows: Sequence[int]) -> list[list[int]]:
+        """Take rows[i] free slots for sentence i of an encoded batch (a beam of k takes k rows); each sentence's slots."""
+        if sum(rows) > len(self.free_slots):
+            raise RuntimeError(f"{sum(rows)} KV-cache rows requested, {len(self.free_slots)} free")
+        slots = [[heapq.heappop(self.free_slots) for _ in range(n)] for n in rows]
+        taken = [slot for own in slots for slot in own]
+        sentence = np.repeat(np.arange(len(rows)), rows)  # the batch row each slot copies
+        length = batch.source_mask.shape[1]
+        self._fit_source(max(length, int(self.source_lengths.max())))
         for buffer, encoded in zip(self.memory, batch.memory):
-            buffer[slots, :, :length] = encoded[index, :, :length]
-        self.source_lengths[slots] = length
-        self.lengths[slots] = 0
-        self._gathered = None  # the rows' contents changed
+            buffer[taken, :, :length] = encoded[sentence]
+        self.source_lengths[taken] = batch.source_lengths[sentence]
+        self.source_mask[taken] = np.arange(self.source_mask.shape[1]) < self.source_lengths[taken, None]
+        self.lengths[taken] = 0
         return slots
 
     def release(self, slots: Sequence[int]) -> None:
         """Return slots to the free list."""
-        self.free_slots.extend(reversed(slots))
-        self._gathered = None
+        for slot in slots:
+            heapq.heappush(self.free_slots, slot)
+        self.lengths[slots] = 0
+        self.source_lengths[slots] = 0
+        self.source_mask[slots] = False
+        self._fit_source(int(self.source_lengths.max()))
 
     def reorder(self, slots: Sequence[int], parents: Sequence[int]) -> None:
         """Beam reordering: slot i takes over the cache of slot parents[i]."""
@@ -144,33 +154,60 @@ class Engine:
             buffer[new, :, :length] = buffer[old, :, :length]
         self.lengths[new] = self.lengths[old]
 
-    def _memory(self, slots: tuple[int, ...]) -> dict[str, np.ndarray]:
-        """Encoder-decoder keys/values and source mask of the rows, gathered once per set of rows."""
-        if self._gathered is None or self._gathered[0] != slots:
-            index = list(slots)
-            source_length = int(self.source_lengths[index].max())
-            feeds = {name: buffer[index, :, :source_length] for name, buffer in zip(self.memory_names, self.memory)}
-            feeds["source_mask"] = np.arange(source_length)[None, :] < self.source_lengths[index][:, None]
-            self._gathered = (slots, feeds)
-        return self._gathered[1]
+    def _fit_source(self, longest: int) -> None:
+        """Size the memory buffers' source axis for the longest source in use (kept as is when none is)."""
+        if longest == 0:
+            return
+        size = _axis_size(longest, self.memory[0].shape[2], self.max_source_length)
+        if size != self.memory[0].shape[2]:
+            self.memory = [_resized(buffer, size) for buffer in self.memory]
+            self.source_mask = np.arange(size)[None, :] < self.source_lengths[:, None]
 
     def step(self, slots: Sequence[int], tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """One decoder step for the given rows: log-probabilities (B, V) and alignment (B, S)."""
-        index = list(slots)
+        """One decoder step for the given rows: log-probabilities (B, V) and alignment (B, S) over the padded source."""
+        index = np.asarray(slots, dtype=np.int64)
+        rows = int(index.max()) + 1  # the graph runs rows [0, rows); rows in there that are not stepping are ignored
         lengths = self.lengths[index]
-        cache_length = max(1, int(lengths.max()))  # at least one (masked) entry: a zero-length axis trips ORT's MatMul
+        size = _axis_size(int(self.lengths.max()) + 1, self.cache[0].shape[2], self.max_target_length)
+        if size != self.cache[0].shape[2]:
+            self.cache = [_resized(buffer, size) for buffer in self.cache]
+        packed = rows == len(index) and bool((index == np.arange(rows)).all())  # the common case: rows 0..n-1 in order
+        feed_tokens = np.zeros(rows, np.int64)
+        feed_tokens[index] = tokens
         feeds = {
-            "tokens": np.asarray(tokens, dtype=np.int64),
-            "positions": lengths,
-            "past_mask": np.arange(cache_length)[None, :] < lengths[:, None],
-            **{name: buffer[index, :, :cache_length] for name, buffer in zip(self.past_names, self.cache)},
-            **self._memory(tuple(index)),
+            "tokens": feed_tokens,
+            "positions": self.lengths[:rows],
+            "past_mask": np.arange(size)[None, :] < self.lengths[:rows, None],
+            "source_mask": self.source_mask[:rows],
+            **{name: buffer[:rows] for name, buffer in zip(self.past_names, self.cache)},
+            **{name: buffer[:rows] for name, buffer in zip(self.memory_names, self.memory)},
         }
         log_probs, alignment, *new = self.decoder.run(None, feeds)
         for buffer, step in zip(self.cache, new):
-            buffer[index, :, lengths] = step[:, :, 0]  # append each row's new key/value at its own length
+            buffer[index, :, lengths] = step[index, :, 0]  # append each row's new key/value at its own length
         self.lengths[index] = lengths + 1
-        return log_probs, alignment
+        return (log_probs, alignment) if packed else (log_probs[index], alignment[index])
+
+
+MIN_AXIS = 16  # smallest cache time / source axis
+
+
+def _axis_size(needed: int, current: int, limit: int) -> int:
+    """A cache axis size for `needed` entries: doubled to grow, halved once four times too large, within [16, limit]."""
+    size = current
+    while size < needed:
+        size *= 2
+    while size > MIN_AXIS and needed <= size // 4:
+        size //= 2
+    return min(max(size, MIN_AXIS), max(limit, MIN_AXIS))
+
+
+def _resized(buffer: np.ndarray, size: int) -> np.ndarray:
+    """A copy of a (rows, h, length, d_k) buffer with its length axis cut or zero-padded to size."""
+    resized = np.zeros((*buffer.shape[:2], size, buffer.shape[3]), buffer.dtype)
+    kept = min(size, buffer.shape[2])
+    resized[:, :, :kept] = buffer[:, :, :kept]
+    return resized
 
 
 @dataclass
@@ -197,9 +234,9 @@ class Decoder:
     def add(self, keys: Sequence[Any], sources: Sequence[Sequence[int]], options: Sequence[DecodeOptions]) -> None:
         """Encode sentences in one batch and give each its rows (beam_size each)."""
         batch = self.engine.encode(sources)
-        for index, (key, opts) in enumerate(zip(keys, options)):
-            slots = self.engine.allocate(batch, index, opts.beam_size)
-            self.active.append(ActiveSentence(key, BeamSearch(opts), slots, len(sources[index])))
+        slots = self.engine.allocate(batch, [opts.beam_size for opts in options])
+        for key, opts, own, source in zip(keys, options, slots, sources):
+            self.active.append(ActiveSentence(key, BeamSearch(opts, self.engine.bundle.tokens), own, len(source)))
 
     def remove(self, key: Any) -> bool:
         """Drop a sentence (cancelled, deadline passed) and free its rows; False if not active."""
@@ -214,24 +251,33 @@ class Decoder:
         """Run one decoder step for every active sentence; returns those that finished."""
         if not self.active:
             return []
-        slots, tokens = [], []
+        slots, tokens, early = [], [], []
         for sequence in self.active:
-            slots += sequence.slots[: sequence.search.rows]
-            tokens += sequence.search.next_tokens()
+            search = sequence.search
+            if search.step < search.options.min_length:
+                early += range(len(slots), len(slots) + search.rows)
+            slots += sequence.slots[: search.rows]
+            tokens += search.next_tokens()
         log_probs, alignment = self.engine.step(slots, tokens)
+        special = self.engine.bundle.tokens
+        log_probs[:, special.pad] = -np.inf  # never generated (Marian's <pad> is its start token, and scores high)
+        log_probs[early, special.eos] = -np.inf  # before min_length, <eos> may not end a hypothesis
         best = log_probs.argmax(axis=1)  # one call for every row: greedy searches need nothing more
+        best_log_probs = log_probs[np.arange(len(best)), best]
         finished, still_active, offset = [], [], 0
         for sequence in self.active:
-            rows = sequence.search.rows
-            window = slice(offset, offset + rows)
-            own_source = alignment[window, : sequence.source_length]  # the batch pads sources to its longest
-            parents = sequence.search.advance(log_probs[window], own_source, best[window])
-            offset += rows
-            if sequence.search.done:
-                self.engine.release(sequence.slots)
-                finished.append((sequence.key, sequence.search.results()))
+            search = sequence.search
+            rows = search.rows
+            own_source = alignment[offset : offset + rows, : sequence.source_length]  # the batch pads sources
+            if search.options.beam_size == 1:
+                search.advance_greedy(int(best[offset]), best_log_probs[offset], own_source)
             else:
-                self.engine.reorder(sequence.slots, parents)
+                self.engine.reorder(sequence.slots, search.advance(log_probs[offset : offset + rows], own_source))
+            offset += rows
+            if search.done:
+                self.engine.release(sequence.slots)
+                finished.append((sequence.key, search.results()))
+            else:
                 still_active.append(sequence)
         self.active = still_active
         return finished

@@ -1,15 +1,16 @@
 """The decode loop: a bounded queue in front of a Decoder, with iteration-level (continuous) batching.
 
-One asyncio task drives the loop; every Engine and Decoder call runs in one
-worker thread (ONNX Runtime releases the GIL), so the event loop keeps
-answering RPCs while the model runs. Each iteration hands the worker one job:
-drop the texts that left (cancelled, deadline passed), encode the texts
-admitted from the queue in one encoder run, then run one decoder step for all
-active texts together. Between two iterations the loop admits waiting texts,
-oldest first, while their beams fit in the free KV-cache rows; a text that
-finishes leaves at once and its rows serve the next admission. When the
-decoder is idle the loop waits up to `max_queue_delay` for more arrivals, so
-that a burst shares one encoder run.
+The loop runs in its own thread, which owns the Engine and the Decoder and
+never waits for the event loop: ONNX Runtime releases the GIL, so the event
+loop keeps answering RPCs while the model runs, and the model keeps running
+while the event loop answers. Each iteration drops the texts that left
+(cancelled, deadline passed), admits waiting texts, oldest first, while their
+beams fit in the free KV-cache rows, encodes the admitted ones in one encoder
+run, then runs one decoder step for all active texts together; a text that
+finishes leaves at once and its rows serve the next admission. What an
+iteration did goes back to the event loop, which owns every future, stream
+and metric. When the decoder is idle the loop waits up to `max_queue_delay`
+after the first arrival for more, so that a burst shares one encoder run.
 """
 
 from __future__ import annotations
@@ -17,21 +18,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-from nmtserve.bundle import EOS_ID, UNK_ID
 
 from .engine import Decoder, Engine
 from .metrics import Metrics
 from .search import DecodeOptions, Hypothesis
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _keys = itertools.count()
 
@@ -60,6 +57,7 @@ class Job:
     key: int = field(default_factory=lambda: next(_keys))
     arrived: float = field(default_factory=time.monotonic)
     admitted: float | None = None
+    encode_seconds: float = 0.0  # the encoder run that took it
     first_token: float | None = None
     streamed: int = 0  # tokens already put in `pieces`
 
@@ -78,19 +76,24 @@ class Job:
 
 @dataclass
 class Iteration:
-    """What one worker job did."""
+    """What one iteration of the decode thread did, for the event loop to hand out and record."""
 
-    finished: list[tuple[Any, list[Hypothesis]]]
-    prefixes: dict[Any, list[int]]  # streamed texts: best prefix so far
-    rows_free: int
-    encoded: int = 0
+    admitted: list[Job] = field(default_factory=list)
+    late: list[Job] = field(default_factory=list)  # deadline passed: left the queue or the batch
+    finished: list[tuple[Job, list[Hypothesis]]] = field(default_factory=list)
+    prefixes: list[tuple[Job, list[int]]] = field(default_factory=list)  # streamed texts: best prefix so far (a copy)
+    failed: list[Job] = field(default_factory=list)  # a model run raised `error`; these texts left the batch
+    error: Exception | None = None
+    active: int = 0
+    rows_free: int = 0
+    waiting: int = 0
     encode_seconds: float = 0.0
     step_rows: int = 0
     step_seconds: float = 0.0
 
 
 class Scheduler:
-    """Owns the engine (in its worker thread), the queue and the decode loop."""
+    """Owns the engine (in the decode thread), the queue and the decode loop."""
 
     def __init__(self, metrics: Metrics, *, max_batch_size: int, max_queue_size: int, max_queue_delay: float):
         self.metrics = metrics
@@ -98,26 +101,27 @@ class Scheduler:
         self.max_queue_size = max_queue_size
         self.max_queue_delay = max_queue_delay
         self.state = "starting"  # -> serving -> draining -> stopped
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nmtserve-decode")
         self._decoder: Decoder | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        # Shared with the decode thread, under _condition: the queue, the keys that left, the stop flag.
+        self._condition = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._running: dict[int, Job] = {}
-        self._leaving: list[int] = []  # keys to drop from the decoder at the next iteration
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def _in_worker(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        self._leaving: list[int] = []
+        self._stopping = False
+        self._running: dict[int, Job] = {}  # the decode thread's own: texts in the batch
 
     async def start(self, load: Callable[[], Engine]) -> Engine:
-        """Load the engine in the worker thread, warm it up, then start the loop and accept work."""
-        engine = await self._in_worker(load)
+        """Load the engine and warm it up off the event loop, then start the decode thread and accept work."""
+        engine = await asyncio.to_thread(load)
         self._decoder = Decoder(engine)
-        seconds = await self._in_worker(self._warm_up)
+        seconds = await asyncio.to_thread(self._warm_up)
         log.info("event=warmed_up seconds=%.3f", seconds)
         self.metrics.kv_cache_slots.set(engine.capacity)
         self.metrics.kv_cache_free_slots.set(engine.capacity)
-        self._task = asyncio.create_task(self._loop(), name="nmtserve-decode-loop")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="nmtserve-decode", daemon=True)
+        self._thread.start()
         self.state = "serving"
         return engine
 
@@ -133,7 +137,7 @@ class Scheduler:
         engine = self._decoder.engine
         for rows in sorted({1, engine.capacity}):
             for length in sorted({1, engine.max_source_length}):
-                source = [UNK_ID] * (length - 1) + [EOS_ID]
+                source = [engine.bundle.tokens.unk] * (length - 1) + [engine.bundle.tokens.eos]
                 keys = [("warm-up", rows, length, i) for i in range(rows)]
                 self._decoder.add(keys, [source] * rows, [DecodeOptions(min_length=2, max_length=2)] * rows)
                 while self._decoder.active:
@@ -146,36 +150,36 @@ class Scheduler:
         """Queue the texts of one request, all or none; raises UnavailableError or QueueFullError."""
         if not self.accepting:
             raise UnavailableError(f"server is {self.state}")
-        if len(self._waiting) + len(sources) > self.max_queue_size:
-            raise QueueFullError(
-                f"queue full: {len(self._waiting)} of {self.max_queue_size} places taken, {len(sources)} asked; retry later"
-            )
         loop = asyncio.get_running_loop()
         jobs = [
             Job(list(source), options, loop.create_future(), deadline, asyncio.Queue() if stream else None)
             for source in sources
         ]
-        self._waiting.extend(jobs)
-        self.metrics.queue_depth.set(len(self._waiting))
-        self._wake.set()
+        with self._condition:
+            if len(self._waiting) + len(jobs) > self.max_queue_size:
+                raise QueueFullError(
+                    f"queue full: {len(self._waiting)} of {self.max_queue_size} places taken, {len(jobs)} asked; retry later"
+                )
+            self._waiting.extend(jobs)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._condition.notify()
         return jobs
 
     def cancel(self, jobs: Sequence[Job]) -> None:
         """Withdraw unfinished jobs (the client went away); their rows are freed at the next iteration."""
-        withdrawn = False
-        for job in jobs:
-            if job.key in self._running:
-                del self._running[job.key]
-                self._leaving.append(job.key)
-            elif job in self._waiting:
-                self._waiting.remove(job)
-            else:
-                continue
-            job.finish(None)
-            withdrawn = True
-        if withdrawn:
+        unfinished = [job for job in jobs if not job.future.done()]
+        if not unfinished:
+            return
+        with self._condition:
+            for job in unfinished:
+                if job in self._waiting:
+                    self._waiting.remove(job)
+                else:
+                    self._leaving.append(job.key)  # in the batch, or about to be: the decode thread drops it
             self.metrics.queue_depth.set(len(self._waiting))
-            self._wake.set()
+            self._condition.notify()
+        for job in unfinished:
+            job.finish(None)
 
     async def pieces(self, job: Job) -> AsyncIterator[list[int]]:
         """New token ids of a streamed job as they are decoded; ends when the job does.
@@ -197,131 +201,138 @@ class Scheduler:
         self.state = "draining"
 
     async def stop(self) -> None:
-        """Stop the loop, fail whatever is left, and release the worker thread."""
+        """Stop the decode thread, fail whatever is left."""
         self.state = "stopped"
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        with self._condition:
+            self._stopping = True
+            self._condition.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
         for job in [*self._waiting, *self._running.values()]:
             job.finish(UnavailableError("server stopped"))
         self._waiting.clear()
         self._running.clear()
-        await asyncio.to_thread(self._executor.shutdown)
 
-    def _rows_free(self) -> int:
-        return self.max_batch_size - sum(job.options.beam_size for job in self._running.values())
+    # The decode thread.
 
-    async def _loop(self) -> None:
+    def _run(self) -> None:
+        decoder = self._decoder
+        assert decoder is not None and self._loop is not None
         while True:
-            while not (self._waiting or self._running or self._leaving):
-                self._wake.clear()
-                await self._wake.wait()
-            if self._waiting and not self._running:
-                await self._gather()
-            self._expire()
-            admitted = self._admit()
-            leaving, self._leaving = self._leaving, []
-            streamed = {job.key for job in self._running.values() if job.pieces is not None}
+            with self._condition:
+                while not (self._waiting or self._leaving or decoder.active or self._stopping):
+                    self._condition.wait()
+                if self._stopping:
+                    return
+                if self._waiting and not decoder.active:
+                    self._gather(decoder.rows_free())
+                leaving, self._leaving = self._leaving, []
+            iteration = Iteration()
+            for key in leaving:
+                self._running.pop(key, None)
+                decoder.remove(key)
+            self._expire(iteration, decoder)
             try:
-                iteration = await self._in_worker(self._iterate, leaving, admitted, streamed)
+                self._iterate(iteration, decoder)
             except Exception as error:  # a model run failed: fail its batch, keep serving the queue
                 log.exception("event=decode_failed active=%d", len(self._running))
-                self._fail_running(error)
-                continue
-            self._deliver(iteration, admitted)
+                iteration.failed, iteration.error = list(self._running.values()), error
+                for key in list(self._running):
+                    decoder.remove(key)
+                self._running.clear()
+            iteration.active, iteration.rows_free = len(self._running), decoder.rows_free()
+            iteration.waiting = len(self._waiting)
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, iteration)
+            except RuntimeError:  # the event loop has closed: nobody is left to answer
+                return
 
-    def _fail_running(self, error: Exception) -> None:
-        """Fail every text in the batch and drop them from the decoder at the next iteration."""
-        for key, job in self._running.items():
-            self._leaving.append(key)
-            job.finish(error)
-        self._running.clear()
-
-    async def _gather(self) -> None:
+    def _gather(self, rows_free: int) -> None:
         """The decoder is idle: wait up to max_queue_delay after the oldest arrival for more, to encode them together."""
         end = self._waiting[0].arrived + self.max_queue_delay
-        while sum(job.options.beam_size for job in self._waiting) < self._rows_free():
+        while self._waiting and not self._stopping and sum(job.options.beam_size for job in self._waiting) < rows_free:
             remaining = end - time.monotonic()
             if remaining <= 0:
                 return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
-                return
+            self._condition.wait(remaining)
 
-    def _expire(self) -> None:
+    def _expire(self, iteration: Iteration, decoder: Decoder) -> None:
         """Texts whose deadline has passed leave the queue now, and the batch at this iteration."""
         now = time.monotonic()
-        late = [job for job in [*self._waiting, *self._running.values()] if job.deadline is not None and job.deadline <= now]
-        for job in late:
-            if job.key in self._running:
-                del self._running[job.key]
-                self._leaving.append(job.key)
-            else:
+        for job in [job for job in self._running.values() if job.deadline is not None and job.deadline <= now]:
+            del self._running[job.key]
+            decoder.remove(job.key)
+            iteration.late.append(job)
+        with self._condition:
+            late = [job for job in self._waiting if job.deadline is not None and job.deadline <= now]
+            for job in late:
                 self._waiting.remove(job)
-            job.finish(DeadlineError("deadline exceeded before the translation finished"))
+        iteration.late += late
 
-    def _admit(self) -> list[Job]:
-        """Move waiting texts, oldest first, into the batch while their beams fit in the free rows."""
-        admitted: list[Job] = []
-        rows_free = self._rows_free()
-        while self._waiting and self._waiting[0].options.beam_size <= rows_free:
-            job = self._waiting.popleft()
-            rows_free -= job.options.beam_size
-            job.admitted = time.monotonic()
-            self._running[job.key] = job
-            admitted.append(job)
-            self.metrics.queue_wait.observe(job.admitted - job.arrived)
-            self.metrics.input_tokens.inc(len(job.source))
-        self.metrics.queue_depth.set(len(self._waiting))
-        return admitted
-
-    def _iterate(self, leaving: list[int], admitted: list[Job], streamed: set[int]) -> Iteration:
-        """The worker's job: drop leavers, encode the admitted texts in one run, one decoder step for all."""
-        decoder = self._decoder
-        assert decoder is not None
-        for key in leaving:
-            decoder.remove(key)
-        iteration = Iteration([], {}, decoder.rows_free())
-        if admitted:
+    def _iterate(self, iteration: Iteration, decoder: Decoder) -> None:
+        """Admit waiting texts into the free rows, encode them in one run, one decoder step for all."""
+        rows_free = decoder.rows_free()
+        with self._condition:
+            while self._waiting and self._waiting[0].options.beam_size <= rows_free:
+                job = self._waiting.popleft()
+                rows_free -= job.options.beam_size
+                iteration.admitted.append(job)
+        if iteration.admitted:
             started = time.perf_counter()
-            decoder.add([job.key for job in admitted], [job.source for job in admitted], [job.options for job in admitted])
-            iteration.encoded, iteration.encode_seconds = len(admitted), time.perf_counter() - started
+            for job in iteration.admitted:
+                job.admitted = time.monotonic()
+                self._running[job.key] = job
+            decoder.add([job.key for job in iteration.admitted], [job.source for job in iteration.admitted],
+                        [job.options for job in iteration.admitted])
+            iteration.encode_seconds = time.perf_counter() - started
+            for job in iteration.admitted:
+                job.encode_seconds = iteration.encode_seconds
         if decoder.active:
             iteration.step_rows = sum(sentence.search.rows for sentence in decoder.active)
             started = time.perf_counter()
-            iteration.finished = decoder.step()
+            finished = decoder.step()
             iteration.step_seconds = time.perf_counter() - started
-            iteration.prefixes = {s.key: s.search.prefixes[0] for s in decoder.active if s.key in streamed}
-        iteration.rows_free = decoder.rows_free()
-        return iteration
+            iteration.finished = [(self._running.pop(key), hypotheses) for key, hypotheses in finished]
+            iteration.prefixes = [
+                (self._running[s.key], list(s.search.prefixes[0])) for s in decoder.active if self._running[s.key].pieces is not None
+            ]
 
-    def _deliver(self, iteration: Iteration, admitted: list[Job]) -> None:
+    # Back on the event loop.
+
+    def _deliver(self, iteration: Iteration) -> None:
         """Record the iteration, stream new tokens, hand finished texts their hypotheses."""
         now = time.monotonic()
         m = self.metrics
-        if iteration.encoded:
-            m.encoder_batch_size.observe(iteration.encoded)
+        for job in iteration.late:
+            job.finish(DeadlineError("deadline exceeded before the translation finished"))
+        for job in iteration.failed:
+            assert iteration.error is not None
+            job.finish(iteration.error)
+        for job in iteration.admitted:
+            assert job.admitted is not None
+            m.queue_wait.observe(job.admitted - job.arrived)
+            m.input_tokens.inc(len(job.source))
+        if iteration.admitted:
+            m.encoder_batch_size.observe(len(iteration.admitted))
             m.encoder_duration.observe(iteration.encode_seconds)
         if iteration.step_rows:
             m.decode_step_batch_size.observe(iteration.step_rows)
             m.decode_step_duration.observe(iteration.step_seconds)
-        for job in admitted:
-            job.first_token = now
-            m.time_to_first_token.observe(now - job.arrived)
-        for key, prefix in iteration.prefixes.items():
-            job = self._running.get(key)
-            if job is not None and job.pieces is not None and len(prefix) > job.streamed:
+        for job in iteration.admitted:
+            if not iteration.failed:
+                job.first_token = now
+                m.time_to_first_token.observe(now - job.arrived)
+        for job, prefix in iteration.prefixes:
+            if job.pieces is not None and not job.future.done() and len(prefix) > job.streamed:
                 job.pieces.put_nowait(prefix[job.streamed :])
                 job.streamed = len(prefix)
-        for key, hypotheses in iteration.finished:
-            job = self._running.pop(key, None)
-            if job is None:
+        for job, hypotheses in iteration.finished:
+            if job.future.done():
                 continue  # withdrawn while this iteration ran
             if job.pieces is not None and len(hypotheses[0].tokens) > job.streamed:
                 job.pieces.put_nowait(hypotheses[0].tokens[job.streamed :])
             m.output_tokens.inc(sum(len(h.tokens) for h in hypotheses))
             job.finish(hypotheses)
-        m.active_sequences.set(len(self._running))
+        m.active_sequences.set(iteration.active)
         m.kv_cache_free_slots.set(iteration.rows_free)
+        m.queue_depth.set(iteration.waiting)

@@ -4,8 +4,9 @@ These are the exact rules of the PyTorch reference decoder
 (`nmtserve_export.decode`): candidates ranked by total log-probability with
 ties to the lower row and token id; an <eos> among the first beam_size
 candidates finishes a hypothesis; search ends when beam_size hypotheses have
-finished or at max_length; scores are divided by length ** length_penalty.
-Greedy search is beam search with beam_size 1.
+finished or at max_length; scores are divided by length ** length_penalty;
+<pad> is never generated. Greedy search (beam_size 1) follows the same rules
+on a faster path. The start, end and padding ids are the bundle's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nmtserve.bundle import BOS_ID, EOS_ID
+from nmtserve.bundle import SpecialTokens
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class BeamSearch:
     """The search of one source sentence: which tokens its rows feed next, and what has finished."""
 
     options: DecodeOptions
+    tokens: SpecialTokens  # the model's start (bos), end (eos) and padding ids
     prefixes: list[list[int]] = field(default_factory=lambda: [[]])
     scores: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.float32))
     alignments: list[list[np.ndarray]] = field(default_factory=lambda: [[]])
@@ -61,29 +63,21 @@ class BeamSearch:
 
     def next_tokens(self) -> list[int]:
         """The token each row feeds at the next step."""
-        return [prefix[-1] if prefix else BOS_ID for prefix in self.prefixes]
+        return [prefix[-1] if prefix else self.tokens.bos for prefix in self.prefixes]
 
-    def advance(self, log_probs: np.ndarray, alignment: np.ndarray | None, best: np.ndarray | None = None) -> list[int]:
+    def advance(self, log_probs: np.ndarray, alignment: np.ndarray | None) -> list[int]:
         """Take one step's log-probabilities (rows, V); returns each new row's parent row.
 
-        `best`, the argmax of each row if the caller has it, spares greedy search a sort.
-        Before min_length, <eos> is masked in log_probs in place (the caller's step output).
+        The caller has already set <pad>, and before min_length <eos>, to -inf (Decoder.step, for all rows at once).
         """
-        options = self.options
-        if self.step < options.min_length:
-            log_probs[:, EOS_ID] = -np.inf
-            if best is not None and (best == EOS_ID).any():
-                best = None  # masking <eos> changes the argmax only where <eos> was it
+        options, eos = self.options, self.tokens.eos
         vocab_size = log_probs.shape[1]
-        if options.beam_size == 1:  # a single row's top candidate is its argmax (first index among ties)
-            ranked = [int(best[0]) if best is not None else int(log_probs[0].argmax())]
-        else:
-            ranked = top_candidates((self.scores[:, None] + log_probs).reshape(-1), 2 * options.beam_size).tolist()
+        ranked = top_candidates((self.scores[:, None] + log_probs).reshape(-1), 2 * options.beam_size).tolist()
         parents, tokens, scores = [], [], []
         for rank, index in enumerate(ranked):
             row, token = divmod(index, vocab_size)
             score = float(self.scores[row] + log_probs[row, token])  # float32 arithmetic, as the reference
-            if token == EOS_ID:
+            if token == eos:
                 if rank < options.beam_size:
                     self._finish(row, score, self.step + 1, alignment, with_eos=True)
             else:
@@ -106,6 +100,22 @@ class BeamSearch:
             self.done = True
             return []
         return parents
+
+    def advance_greedy(self, token: int, log_prob: np.float32, alignment: np.ndarray | None) -> None:
+        """One step of greedy search (beam_size 1): the row's best token and its log-probability."""
+        score = self.scores[0] + log_prob  # float32 arithmetic, as the reference
+        self.step += 1
+        if token == self.tokens.eos:
+            self._finish(0, float(score), self.step, alignment, with_eos=True)
+            self.done = True
+            return
+        self.prefixes[0].append(token)
+        self.scores[0] = score
+        if self.options.return_alignment and alignment is not None:
+            self.alignments[0].append(alignment[0])
+        if self.step >= self.options.max_length:
+            self._finish(0, float(score), self.options.max_length, None, with_eos=False)
+            self.done = True
 
     def _finish(self, row: int, score: float, length: int, alignment: np.ndarray | None, *, with_eos: bool) -> None:
         steps = None

@@ -166,6 +166,7 @@ class TranslatorService:
         # The client's id is logged as is only when it cannot forge log fields; otherwise the server makes one.
         call = Call(method, given if isinstance(given, str) and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16])
         code = grpc.StatusCode.OK
+        recorded = False
         try:
             if isinstance(request, MalformedRequest):
                 raise ValidationError([("request", f"not a valid {method} request (string fields must be UTF-8): {request.error}")])
@@ -181,15 +182,22 @@ class TranslatorService:
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("event=rpc_failed method=%s request_id=%s", method, call.request_id)
             rich = rpc_status.to_status(status)
+            self._record(call, code)  # before the client hears of it, so a scrape right after the answer counts it
+            recorded = True
             await context.abort_with_status(rich._replace(trailing_metadata=(*rich.trailing_metadata, (REQUEST_ID_KEY, call.request_id))))
         finally:
-            seconds = time.monotonic() - call.started
-            self.metrics.requests.labels(method=method, code=code.name).inc()
-            self.metrics.request_duration.labels(method=method).observe(seconds)
-            log.info(
-                "event=rpc method=%s request_id=%s code=%s seconds=%.4f%s",
-                method, call.request_id, code.name, seconds, "".join(f" {k}={v}" for k, v in call.fields.items()),
-            )
+            if not recorded:
+                self._record(call, code)
+
+    def _record(self, call: Call, code: grpc.StatusCode) -> None:
+        """Count the call in the requests metrics and log its one line."""
+        seconds = time.monotonic() - call.started
+        self.metrics.requests.labels(method=call.method, code=code.name).inc()
+        self.metrics.request_duration.labels(method=call.method).observe(seconds)
+        log.info(
+            "event=rpc method=%s request_id=%s code=%s seconds=%.4f%s",
+            call.method, call.request_id, code.name, seconds, "".join(f" {k}={v}" for k, v in call.fields.items()),
+        )
 
     @property
     def engine(self) -> Engine:
@@ -251,6 +259,7 @@ class TranslatorService:
             queue_seconds=(max(admitted) - call.started) if admitted else 0.0,
             first_token_seconds=(min(first) - call.started) if first else 0.0,
             total_seconds=now - call.started,
+            encode_seconds=max(job.encode_seconds for job in jobs),
         )
 
     async def Translate(self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext) -> pb.TranslateResponse:

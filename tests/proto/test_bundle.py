@@ -70,24 +70,6 @@ def test_symlink_out_of_the_bundle_is_refused(bundle_copy, tmp_path):
         read_bundle(bundle_copy)
 
 
-def test_wrong_format_version_is_refused(bundle_copy):
-    edit_manifest(bundle_copy, lambda m: m.update(format_version=99))
-    with pytest.raises(BundleError, match="format_version 99 is not supported"):
-        read_bundle(bundle_copy)
-
-
-def test_schema_errors_name_the_field(bundle_copy):
-    edit_manifest(bundle_copy, lambda m: m["model"].update(d_model="wide"))
-    with pytest.raises(BundleError, match=r"model\.d_model must be a positive integer"):
-        read_bundle(bundle_copy)
-
-
-def test_graph_that_does_not_match_the_manifest_is_refused(bundle_copy):
-    edit_manifest(bundle_copy, lambda m: m["model"].update(n_heads=m["model"]["n_heads"] * 2))
-    with pytest.raises(BundleError, match=r"encoder\.onnx: output 'memory_key_0' is float32\[.*\], expected"):
-        read_bundle(bundle_copy)
-
-
 def test_graph_with_renamed_input_is_refused(bundle_copy):
     path = bundle_copy / "decoder_step.onnx"
     model = onnx.load(str(path))
@@ -117,3 +99,28 @@ def test_external_data_reference_is_refused(bundle_copy):
 def test_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="no manifest.json"):
         read_bundle(tmp_path)
+
+
+def test_version_1_manifest_reads_as_a_tokenizers_bundle(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: (m.update(format_version=1), m.pop("tokenizer")))
+    bundle = read_bundle(bundle_copy)
+    assert bundle.tokenizer_kind == "tokenizers"
+    assert (bundle.tokens.pad, bundle.tokens.bos, bundle.tokens.eos, bundle.tokens.unk) == (0, 1, 2, 3)
+
+
+MANIFEST_ERRORS = {  # what a wrong manifest says, by the edit that makes it wrong
+    "wrong_format_version": (lambda m: m.update(format_version=99), "format_version 99 is not supported"),
+    "field_of_the_wrong_type": (lambda m: m["model"].update(d_model="wide"), r"model\.d_model must be a positive integer"),
+    "graph_unlike_the_manifest": (lambda m: m["model"].update(n_heads=m["model"]["n_heads"] * 2), r"encoder\.onnx: output 'memory_key_0' is float32\[.*\], expected"),
+    "special_token_outside_the_vocabulary": (lambda m: m["tokens"].update(eos=m["model"]["vocab_size"]), r"tokens\.eos must be a token id below the vocabulary size"),
+    "unknown_tokenizer_kind": (lambda m: m["tokenizer"].update(kind="wordpiece"), r"tokenizer\.kind 'wordpiece' is not one of tokenizers, marian"),
+    "tokenizer_files_unlike_the_kind": (lambda m: m["tokenizer"].update(kind="marian"), r"files\.source_spm must be an object"),
+}
+
+
+@pytest.mark.parametrize("case", list(MANIFEST_ERRORS))
+def test_wrong_manifest_is_refused_with_the_reason(bundle_copy, case):
+    edit, message = MANIFEST_ERRORS[case]
+    edit_manifest(bundle_copy, edit)
+    with pytest.raises(BundleError, match=message):
+        read_bundle(bundle_copy)

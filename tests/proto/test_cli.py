@@ -20,7 +20,7 @@ def nmtserve(*args: str, **kwargs) -> subprocess.CompletedProcess:
 def test_help_lists_every_command():
     result = nmtserve("--help")
     assert result.returncode == 0
-    for command in ("train", "evaluate", "plot", "export", "translate", "bench-engine", "corpus"):
+    for command in ("train", "evaluate", "plot", "export", "import-marian", "translate", "bench-engine", "corpus"):
         assert command in result.stdout
 
 

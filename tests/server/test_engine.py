@@ -47,7 +47,7 @@ def test_log_probs_match_pytorch_at_every_step(reference, engine):
         forced = [[BOS_ID] + t + [t[-1] if t else BOS_ID] * (steps - len(t)) for t in targets]
         decoder = IncrementalDecoder(model, torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s in batch], batch_first=True))
         encoded = engine.encode(batch)
-        slots = [engine.allocate(encoded, i, 1)[0] for i in range(len(batch))]
+        slots = [own[0] for own in engine.allocate(encoded, [1] * len(batch))]
         try:
             for t in range(steps):
                 tokens = [f[t] for f in forced]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnmtserve/v1/translator.proto\x12\x0bnmtserve.v1\"\xdf\x01\n\x10TranslateOptions\x12\x11\n\tbeam_size\x18\x01 \x01(\r\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x12\n\nmin_length\x18\x03 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x16\n\x0enum_hypotheses\x18\x05 \x01(\r\x12\x15\n\rreturn_scores\x18\x06 \x01(\x08\x12\x18\n\x10return_alignment\x18\x07 \x01(\x08\x12\x17\n\x0ftarget_language\x18\x08 \x01(\tB\x11\n\x0f_length_penalty\"Q\n\x10TranslateRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12.\n\x07options\x18\x02 \x01(\x0b\x32\x1d.nmtserve.v1.TranslateOptions\" \n\rAlignmentStep\x12\x0f\n\x07weights\x18\x01 \x03(\x02\"w\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12\x12\n\x05score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12-\n\talignment\x18\x04 \x03(\x0b\x32\x1a.nmtserve.v1.AlignmentStepB\x08\n\x06_score\"Q\n\x0bTranslation\x12+\n\nhypotheses\x18\x01 \x03(\x0b\x32\x17.nmtserve.v1.Hypothesis\x12\x15\n\rsource_tokens\x18\x02 \x03(\r\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\"T\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xa1\x01\n\x11TranslateResponse\x12.\n\x0ctranslations\x18\x01 \x03(\x0b\x32\x18.nmtserve.v1.Translation\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.nmtserve.v1.Usage\x12%\n\x07timings\x18\x03 \x01(\x0b\x32\x14.nmtserve.v1.Timings\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"V\n\x16TranslateStreamRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12.\n\x07options\x18\x02 \x01(\x0b\x32\x1d.nmtserve.v1.TranslateOptions\"0\n\x10TranslationPiece\x12\x0e\n\x06tokens\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xb4\x01\n\x10TranslationFinal\x12+\n\nhypothesis\x18\x01 \x01(\x0b\x32\x17.nmtserve.v1.Hypothesis\x12\x15\n\rsource_tokens\x18\x02 \x03(\r\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.nmtserve.v1.Usage\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.nmtserve.v1.Timings\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x82\x01\n\x17TranslateStreamResponse\x12.\n\x05piece\x18\x01 \x01(\x0b\x32\x1d.nmtserve.v1.TranslationPieceH\x00\x12.\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1d.nmtserve.v1.TranslationFinalH\x00\x42\x07\n\x05\x65vent\"\x15\n\x13GetModelInfoRequest\"\x96\x01\n\x0fModelDimensions\x12\x12\n\nvocab_size\x18\x01 \x01(\r\x12\x0f\n\x07\x64_model\x18\x02 \x01(\r\x12\x0c\n\x04\x64_ff\x18\x03 \x01(\r\x12\x0f\n\x07n_heads\x18\x04 \x01(\r\x12\x0b\n\x03\x64_k\x18\x05 \x01(\r\x12\x18\n\x10n_encoder_layers\x18\x06 \x01(\r\x12\x18\n\x10n_decoder_layers\x18\x07 \x01(\r\"\xbf\x01\n\x06Limits\x12\x19\n\x11max_source_tokens\x18\x01 \x01(\r\x12\x19\n\x11max_target_tokens\x18\x02 \x01(\r\x12\x1d\n\x15max_texts_per_request\x18\x03 \x01(\r\x12\x15\n\rmax_beam_size\x18\x04 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\x16\n\x0emax_queue_size\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\r\"\x86\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0eserver_version\x18\x03 \x01(\t\x12\x17\n\x0fsource_language\x18\x04 \x01(\t\x12\x18\n\x10target_languages\x18\x05 \x03(\t\x12\x30\n\ndimensions\x18\x06 \x01(\x0b\x32\x1c.nmtserve.v1.ModelDimensions\x12#\n\x06limits\x18\x07 \x01(\x0b\x32\x13.nmtserve.v1.Limits\x12\x15\n\rbundle_sha256\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x11\n\tprecision\x18\n \x01(\t2\x82\x02\n\nTranslator\x12J\n\tTranslate\x12\x1d.nmtserve.v1.TranslateRequest\x1a\x1e.nmtserve.v1.TranslateResponse\x12^\n\x0fTranslateStream\x12#.nmtserve.v1.TranslateStreamRequest\x1a$.nmtserve.v1.TranslateStreamResponse0\x01\x12H\n\x0cGetModelInfo\x12 .nmtserve.v1.GetModelInfoRequest\x1a\x16.nmtserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnmtserve/v1/translator.proto\x12\x0bnmtserve.v1\"\xdf\x01\n\x10TranslateOptions\x12\x11\n\tbeam_size\x18\x01 \x01(\r\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\x12\n\nmin_length\x18\x03 \x01(\r\x12\x1b\n\x0elength_penalty\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x16\n\x0enum_hypotheses\x18\x05 \x01(\r\x12\x15\n\rreturn_scores\x18\x06 \x01(\x08\x12\x18\n\x10return_alignment\x18\x07 \x01(\x08\x12\x17\n\x0ftarget_language\x18\x08 \x01(\tB\x11\n\x0f_length_penalty\"Q\n\x10TranslateRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12.\n\x07options\x18\x02 \x01(\x0b\x32\x1d.nmtserve.v1.TranslateOptions\" \n\rAlignmentStep\x12\x0f\n\x07weights\x18\x01 \x03(\x02\"w\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\r\x12\x12\n\x05score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12-\n\talignment\x18\x04 \x03(\x0b\x32\x1a.nmtserve.v1.AlignmentStepB\x08\n\x06_score\"Q\n\x0bTranslation\x12+\n\nhypotheses\x18\x01 \x03(\x0b\x32\x17.nmtserve.v1.Hypothesis\x12\x15\n\rsource_tokens\x18\x02 \x03(\r\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\"l\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x1b\n\x13\x66irst_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x04 \x01(\x01\"\xa1\x01\n\x11TranslateResponse\x12.\n\x0ctranslations\x18\x01 \x03(\x0b\x32\x18.nmtserve.v1.Translation\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.nmtserve.v1.Usage\x12%\n\x07timings\x18\x03 \x01(\x0b\x32\x14.nmtserve.v1.Timings\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"V\n\x16TranslateStreamRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12.\n\x07options\x18\x02 \x01(\x0b\x32\x1d.nmtserve.v1.TranslateOptions\"0\n\x10TranslationPiece\x12\x0e\n\x06tokens\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xb4\x01\n\x10TranslationFinal\x12+\n\nhypothesis\x18\x01 \x01(\x0b\x32\x17.nmtserve.v1.Hypothesis\x12\x15\n\rsource_tokens\x18\x02 \x03(\r\x12!\n\x05usage\x18\x03 \x01(\x0b\x32\x12.nmtserve.v1.Usage\x12%\n\x07timings\x18\x04 \x01(\x0b\x32\x14.nmtserve.v1.Timings\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x82\x01\n\x17TranslateStreamResponse\x12.\n\x05piece\x18\x01 \x01(\x0b\x32\x1d.nmtserve.v1.TranslationPieceH\x00\x12.\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1d.nmtserve.v1.TranslationFinalH\x00\x42\x07\n\x05\x65vent\"\x15\n\x13GetModelInfoRequest\"\x96\x01\n\x0fModelDimensions\x12\x12\n\nvocab_size\x18\x01 \x01(\r\x12\x0f\n\x07\x64_model\x18\x02 \x01(\r\x12\x0c\n\x04\x64_ff\x18\x03 \x01(\r\x12\x0f\n\x07n_heads\x18\x04 \x01(\r\x12\x0b\n\x03\x64_k\x18\x05 \x01(\r\x12\x18\n\x10n_encoder_layers\x18\x06 \x01(\r\x12\x18\n\x10n_decoder_layers\x18\x07 \x01(\r\"\xbf\x01\n\x06Limits\x12\x19\n\x11max_source_tokens\x18\x01 \x01(\r\x12\x19\n\x11max_target_tokens\x18\x02 \x01(\r\x12\x1d\n\x15max_texts_per_request\x18\x03 \x01(\r\x12\x15\n\rmax_beam_size\x18\x04 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x05 \x01(\r\x12\x16\n\x0emax_queue_size\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\r\"\x86\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0eserver_version\x18\x03 \x01(\t\x12\x17\n\x0fsource_language\x18\x04 \x01(\t\x12\x18\n\x10target_languages\x18\x05 \x03(\t\x12\x30\n\ndimensions\x18\x06 \x01(\x0b\x32\x1c.nmtserve.v1.ModelDimensions\x12#\n\x06limits\x18\x07 \x01(\x0b\x32\x13.nmtserve.v1.Limits\x12\x15\n\rbundle_sha256\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x11\n\tprecision\x18\n \x01(\t2\x82\x02\n\nTranslator\x12J\n\tTranslate\x12\x1d.nmtserve.v1.TranslateRequest\x1a\x1e.nmtserve.v1.TranslateResponse\x12^\n\x0fTranslateStream\x12#.nmtserve.v1.TranslateStreamRequest\x1a$.nmtserve.v1.TranslateStreamResponse0\x01\x12H\n\x0cGetModelInfo\x12 .nmtserve.v1.GetModelInfoRequest\x1a\x16.nmtserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,25 +44,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=592
   _globals['_USAGE']._serialized_end=644
   _globals['_TIMINGS']._serialized_start=646
-  _globals['_TIMINGS']._serialized_end=730
-  _globals['_TRANSLATERESPONSE']._serialized_start=733
-  _globals['_TRANSLATERESPONSE']._serialized_end=894
-  _globals['_TRANSLATESTREAMREQUEST']._serialized_start=896
-  _globals['_TRANSLATESTREAMREQUEST']._serialized_end=982
-  _globals['_TRANSLATIONPIECE']._serialized_start=984
-  _globals['_TRANSLATIONPIECE']._serialized_end=1032
-  _globals['_TRANSLATIONFINAL']._serialized_start=1035
-  _globals['_TRANSLATIONFINAL']._serialized_end=1215
-  _globals['_TRANSLATESTREAMRESPONSE']._serialized_start=1218
-  _globals['_TRANSLATESTREAMRESPONSE']._serialized_end=1348
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1350
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1371
-  _globals['_MODELDIMENSIONS']._serialized_start=1374
-  _globals['_MODELDIMENSIONS']._serialized_end=1524
-  _globals['_LIMITS']._serialized_start=1527
-  _globals['_LIMITS']._serialized_end=1718
-  _globals['_MODELINFO']._serialized_start=1721
-  _globals['_MODELINFO']._serialized_end=1983
-  _globals['_TRANSLATOR']._serialized_start=1986
-  _globals['_TRANSLATOR']._serialized_end=2244
+  _globals['_TIMINGS']._serialized_end=754
+  _globals['_TRANSLATERESPONSE']._serialized_start=757
+  _globals['_TRANSLATERESPONSE']._serialized_end=918
+  _globals['_TRANSLATESTREAMREQUEST']._serialized_start=920
+  _globals['_TRANSLATESTREAMREQUEST']._serialized_end=1006
+  _globals['_TRANSLATIONPIECE']._serialized_start=1008
+  _globals['_TRANSLATIONPIECE']._serialized_end=1056
+  _globals['_TRANSLATIONFINAL']._serialized_start=1059
+  _globals['_TRANSLATIONFINAL']._serialized_end=1239
+  _globals['_TRANSLATESTREAMRESPONSE']._serialized_start=1242
+  _globals['_TRANSLATESTREAMRESPONSE']._serialized_end=1372
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1374
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1395
+  _globals['_MODELDIMENSIONS']._serialized_start=1398
+  _globals['_MODELDIMENSIONS']._serialized_end=1548
+  _globals['_LIMITS']._serialized_start=1551
+  _globals['_LIMITS']._serialized_end=1742
+  _globals['_MODELINFO']._serialized_start=1745
+  _globals['_MODELINFO']._serialized_end=2007
+  _globals['_TRANSLATOR']._serialized_start=2010
+  _globals['_TRANSLATOR']._serialized_end=2268
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,95 @@
+"""Texts to source ids and generated ids to texts, for each tokenizer kind a bundle can carry.
+
+"tokenizers": nmtserve's own shared subword vocabulary (Hugging Face `tokenizers`).
+"marian": the SentencePiece pair of a Marian model plus its vocabulary, used the way
+transformers' MarianTokenizer uses them, so imported models see the ids they were trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from nmtserve.bundle import Bundle, SpecialTokens
+
+
+class SubwordTokenizer:
+    """A Hugging Face `tokenizers` vocabulary shared by source and target; sources end with eos."""
+
+    def __init__(self, tokenizer_json: bytes, tokens: SpecialTokens):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+        self.eos = tokens.eos
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Source ids of each text: its subwords, then eos."""
+        return [encoding.ids + [self.eos] for encoding in self.tokenizer.encode_batch(list(texts))]
+
+    def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Texts of generated id lists (special tokens left out)."""
+        return self.tokenizer.decode_batch([list(i) for i in ids])
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a vocabulary entry, None if there is none."""
+        return self.tokenizer.token_to_id(token)
+
+    def get_vocab(self) -> dict[str, int]:
+        """Vocabulary entry -> id."""
+        return self.tokenizer.get_vocab()
+
+
+class MarianTokenizer:
+    """Marian's tokenizer: source.spm splits sources, vocab.json maps pieces to ids, target.spm joins targets."""
+
+    EOS, UNK = "</s>", "<unk>"  # the piece names Marian vocabularies use
+
+    def __init__(self, source_spm: bytes, target_spm: bytes, vocab: bytes, target_vocab: bytes | None, tokens: SpecialTokens):
+        from sentencepiece import SentencePieceProcessor
+
+        self.source = SentencePieceProcessor(model_proto=source_spm)
+        self.target = SentencePieceProcessor(model_proto=target_spm)
+        self.vocab: dict[str, int] = json.loads(vocab)
+        target = json.loads(target_vocab) if target_vocab is not None else self.vocab
+        self.target_pieces = {token_id: piece for piece, token_id in target.items()}
+        self.eos, self.unk = self.vocab[self.EOS], self.vocab[self.UNK]
+        self.special = {tokens.pad, tokens.bos, tokens.eos, tokens.unk}  # left out of texts, as transformers does
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Source ids of each text: a leading >>lang<< code kept whole, the pieces (unk outside the vocabulary), eos."""
+        encoded = []
+        for text in texts:
+            code, text = split_language_code(text)
+            pieces = code + self.source.encode(text, out_type=str)
+            encoded.append([self.vocab.get(piece, self.unk) for piece in pieces] + [self.eos])
+        return encoded
+
+    def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Texts of generated id lists (special tokens left out)."""
+        texts = []
+        for sequence in ids:
+            pieces = [self.target_pieces[i] for i in sequence if i not in self.special]
+            texts.append(self.target.decode_pieces(pieces).replace("\u2581", " ").strip())
+        return texts
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a source vocabulary entry, None if there is none."""
+        return self.vocab.get(token)
+
+    def get_vocab(self) -> dict[str, int]:
+        """Source vocabulary entry -> id."""
+        return dict(self.vocab)
+
+
+def split_language_code(text: str) -> tuple[list[str], str]:
+    """A leading target-language code such as >>fra<< (multilingual Marian models) and the rest of the text."""
+    end = text.find("<<") if text.startswith(">>") else -1
+    return ([text[: end + 2]], text[end + 2 :]) if end != -1 else ([], text)
+
+
+def load_tokenizer(bundle: Bundle) -> SubwordTokenizer | MarianTokenizer:
+    """The tokenizer of a verified bundle, by its kind."""
+    files, tokens = bundle.files, bundle.tokens
+    if bundle.tokenizer_kind == "marian":
+        return MarianTokenizer(files["source_spm"], files["target_spm"], files["vocab"], files.get("target_vocab"), tokens)
+    return SubwordTokenizer(files["tokenizer"], tokens)

@@ -25,6 +25,7 @@ class Timings:
     queue_seconds: float  # arrival to the decoder admitting the request's last text
     first_token_seconds: float  # arrival to the first generated token
     total_seconds: float  # arrival to the response
+    encode_seconds: float  # the encoder run that took the request's texts (the longest, where several did)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def hypothesis_from(message: pb.Hypothesis) -> Hypothesis:
 
 def timings_from(message: pb.Timings) -> Timings:
     """Timings from their message."""
-    return Timings(message.queue_seconds, message.first_token_seconds, message.total_seconds)
+    return Timings(message.queue_seconds, message.first_token_seconds, message.total_seconds, message.encode_seconds)
 
 
 def translations_from(response: pb.TranslateResponse) -> list[Translation]:

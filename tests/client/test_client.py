@@ -112,7 +112,9 @@ def test_async_client_has_the_same_methods_and_results(server, test_texts):
     scores = [h.score for t in translations for h in t.hypotheses]
     assert scores == pytest.approx([h.score for t in expected for h in t.hypotheses], abs=1e-5)  # batched differently
     assert len({t.request_id for t in translations}) == 4
-    assert [(p.text, p.tokens) for p in pieces[:-1]] == [(p.text, p.tokens) for p in expected_pieces[:-1]]
+    # A reader that falls behind gets the steps it missed as one piece: compare what the pieces add up to.
+    assert "".join(p.text for p in pieces) == "".join(p.text for p in expected_pieces)
+    assert [t for p in pieces for t in p.tokens] == [t for p in expected_pieces for t in p.tokens]
     assert pieces[-1].final.hypotheses == expected_pieces[-1].final.hypotheses
     assert info == expected_info and health is HealthStatus.SERVING
 

@@ -39,6 +39,7 @@ from .search import DecodeOptions
 
 DEFAULT_BUNDLE = Path("runs/default/bundle-fp32")
 ENGINE_BATCH = 32
+WORD_START = ("Ġ", "▁")  # how byte-level BPE (tokenizers) and SentencePiece (Marian) mark a word's first piece
 START_TIMEOUT = 120.0
 
 
@@ -60,7 +61,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 def made_up_texts(engine: Engine, count: int, words: int, seed: int = 0) -> list[str]:
     """Texts of whole-word vocabulary entries: throughput depends on lengths, not on meaning."""
     vocabulary = engine.tokenizer.get_vocab()
-    whole_words = sorted(token[1:] for token in vocabulary if token.startswith("Ġ") and token[1:].isalpha())
+    whole_words = sorted(token[1:] for token in vocabulary if token[:1] in WORD_START and token[1:].isalpha())
     rng = random.Random(seed)
     return [" ".join(rng.choice(whole_words) for _ in range(words)) for _ in range(count)]
 

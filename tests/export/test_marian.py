@@ -24,6 +24,7 @@ from nmtserve.v1 import translator_pb2 as pb
 from nmtserve.v1 import translator_pb2_grpc
 from nmtserve_export.corpus import generate_corpus
 from nmtserve_export.marian import MarianImportError, load_marian
+from nmtserve_server.bench import made_up_texts
 from nmtserve_server.engine import Engine, translate
 from nmtserve_server.search import DecodeOptions
 from nmtserve_server.tokenization import MarianTokenizer as ServerTokenizer
@@ -304,3 +305,9 @@ def test_import_command_reports_a_refusal(marian_checkpoint, tmp_path, capsys):
     assert main(["import-marian", str(copy), "--out", str(tmp_path / "bundle")]) == 1
     assert "activation_function 'gelu_new' is not supported" in capsys.readouterr().err
     assert not (tmp_path / "bundle").exists()
+
+
+def test_bench_serve_makes_its_texts_from_a_marian_vocabulary(marian_bundle):
+    engine = Engine.from_path(marian_bundle, device="cpu", capacity=1)
+    texts = made_up_texts(engine, 4, 5)
+    assert len(texts) == 4 and all(len(text.split()) == 5 for text in texts)

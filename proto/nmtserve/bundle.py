@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,9 +228,46 @@ def _check_manifest(manifest: Any) -> None:
     if kind not in TOKENIZER_FILES:
         raise BundleError(f"{MANIFEST}: tokenizer.kind {kind!r} is not one of {', '.join(TOKENIZER_FILES)}")
     for role in {**GRAPH_FILES, **TOKENIZER_FILES[kind][0]}:
-        entry = manifest["files"].get(role)
+        if role not in manifest["files"]:
+            raise BundleError(f"{MANIFEST}: files.{role} must be an object with 'path' and 'sha256'")
+    for role, entry in manifest["files"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("sha256"), str):
             raise BundleError(f"{MANIFEST}: files.{role} must be an object with 'path' and 'sha256'")
+    languages = manifest["languages"]
+    targets = languages.get("target")
+    if not isinstance(languages.get("source"), str) or not isinstance(targets, list) or not targets or not all(
+        isinstance(target, str) for target in targets
+    ):
+        raise BundleError(f"{MANIFEST}: languages must have a 'source' string and a non-empty 'target' list of strings")
+
+
+def _tensors(model: Any) -> Iterator[Any]:
+    """Every TensorProto of an ONNX model: initializers, sparse ones, and node attributes, in subgraphs and functions too."""
+
+    def in_graph(graph: Any) -> Iterator[Any]:
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        yield from in_nodes(graph.node)
+
+    def in_nodes(nodes: Any) -> Iterator[Any]:
+        for node in nodes:
+            for attribute in node.attribute:
+                if attribute.HasField("t"):
+                    yield attribute.t
+                yield from attribute.tensors
+                if attribute.HasField("sparse_tensor"):
+                    yield from (attribute.sparse_tensor.values, attribute.sparse_tensor.indices)
+                for sparse in attribute.sparse_tensors:
+                    yield from (sparse.values, sparse.indices)
+                if attribute.HasField("g"):
+                    yield from in_graph(attribute.g)
+                for graph in attribute.graphs:
+                    yield from in_graph(graph)
+
+    yield from in_graph(model.graph)
+    for function in model.functions:
+        yield from in_nodes(function.node)
 
 
 def _check_graph(role: str, content: bytes, dims: ModelDims, root: Path) -> None:
@@ -239,7 +277,7 @@ def _check_graph(role: str, content: bytes, dims: ModelDims, root: Path) -> None
         model = onnx.load_model_from_string(content)
     except Exception as error:  # onnx raises DecodeError and friends
         raise BundleError(f"{GRAPH_FILES[role]}: not a readable ONNX model ({error})") from error
-    for tensor in model.graph.initializer:
+    for tensor in _tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
             _inside(root, location, f"{GRAPH_FILES[role]}: external data of {tensor.name!r}")

@@ -287,6 +287,8 @@ def translate(
     engine: Engine, sources: Sequence[Sequence[int]], options: DecodeOptions = DecodeOptions()
 ) -> list[list[Hypothesis]]:
     """Decode source id lists to completion, as many at a time as the cache holds."""
+    if not 1 <= options.beam_size <= engine.capacity:
+        raise ValueError(f"beam size {options.beam_size} must be between 1 and the engine's {engine.capacity} cache rows")
     max_length = min(options.max_length, engine.max_target_length)
     options = DecodeOptions(**{**options.__dict__, "max_length": max_length})
     decoder = Decoder(engine)

@@ -96,6 +96,30 @@ def test_external_data_reference_is_refused(bundle_copy):
         read_bundle(bundle_copy)
 
 
+@pytest.mark.parametrize("where", ["constant node", "subgraph initializer"])
+def test_external_data_hidden_in_a_node_or_subgraph_is_refused(bundle_copy, where):
+    # ONNX Runtime would read such data relative to the server's working directory, unverified.
+    path = bundle_copy / "encoder.onnx"
+    model = onnx.load(str(path))
+    secret = onnx.helper.make_tensor("secret", onnx.TensorProto.UINT8, [8], vals=bytes(8), raw=True)
+    secret.raw_data = b""
+    secret.data_location = onnx.TensorProto.EXTERNAL
+    entry = secret.external_data.add()
+    entry.key, entry.value = "location", "etc/nmtserve/tls/tls.key"
+    if where == "constant node":
+        model.graph.node.append(onnx.helper.make_node("Constant", [], ["leak"], value=secret))
+    else:
+        branch = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["secret"], ["out"])], "branch", [],
+                                        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.UINT8, [8])], [secret])
+        flag = onnx.helper.make_tensor("flag", onnx.TensorProto.BOOL, [], [True])
+        model.graph.node.extend([onnx.helper.make_node("Constant", [], ["flag"], value=flag),
+                                 onnx.helper.make_node("If", ["flag"], ["leak"], then_branch=branch, else_branch=branch)])
+    path.write_bytes(model.SerializeToString())
+    edit_manifest(bundle_copy, lambda m: m["files"]["encoder"].update(sha256=sha256_bytes(path.read_bytes())))
+    with pytest.raises(BundleError, match=r"tensor 'secret' keeps its data in 'etc/nmtserve/tls/tls.key'"):
+        read_bundle(bundle_copy)
+
+
 def test_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="no manifest.json"):
         read_bundle(tmp_path)
@@ -114,6 +138,8 @@ MANIFEST_ERRORS = {  # what a wrong manifest says, by the edit that makes it wro
     "graph_unlike_the_manifest": (lambda m: m["model"].update(n_heads=m["model"]["n_heads"] * 2), r"encoder\.onnx: output 'memory_key_0' is float32\[.*\], expected"),
     "special_token_outside_the_vocabulary": (lambda m: m["tokens"].update(eos=m["model"]["vocab_size"]), r"tokens\.eos must be a token id below the vocabulary size"),
     "unknown_tokenizer_kind": (lambda m: m["tokenizer"].update(kind="wordpiece"), r"tokenizer\.kind 'wordpiece' is not one of tokenizers, marian"),
+    "no_target_language": (lambda m: m.update(languages={}), r"languages must have a 'source' string and a non-empty 'target'"),
+    "optional_file_entry_not_an_object": (lambda m: m["files"].update(target_vocab="x"), r"files\.target_vocab must be an object"),
     "tokenizer_files_unlike_the_kind": (lambda m: m["tokenizer"].update(kind="marian"), r"files\.source_spm must be an object"),
 }
 

@@ -120,6 +120,13 @@ def test_int8_bundle_keeps_quality(reference, engine, tiny_bundle_int8, capsys):
     assert int8_em >= fp32_em - 0.10
 
 
+@pytest.mark.parametrize("beam_size", [0, 65])
+def test_beam_that_cannot_fit_the_cache_is_refused(reference, engine, beam_size):
+    _, _, _, sources = reference
+    with pytest.raises(ValueError, match=f"beam size {beam_size} must be between 1 and the engine's 64 cache rows"):
+        translate(engine, sources[:1], DecodeOptions(beam_size=beam_size))
+
+
 def test_source_longer_than_the_model_limit_is_refused(engine):
     with pytest.raises(ValueError, match="longer than the model's limit"):
         engine.encode([[5] * (engine.max_source_length + 1)])

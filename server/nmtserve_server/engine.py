@@ -81,15 +81,15 @@ class Engine:
         self.capacity = capacity
         self.max_source_length = bundle.max_source_length
         self.max_target_length = bundle.max_target_length
+        self.tokens = bundle.tokens  # the model's special ids, read once: the decode loop needs them every step
         self.past_names = [f"past_{kv}_{i}" for i in range(dims.n_decoder_layers) for kv in ("key", "value")]
         self.memory_names = [f"memory_{kv}_{i}" for i in range(dims.n_decoder_layers) for kv in ("key", "value")]
         # A key and a value buffer per layer, in graph order: the self-attention cache (capacity, h, T, d_k) and the
         # encoder-decoder keys/values (capacity, h, S, d_k). The graphs read rows [0, n) of them in place (no copy
-        # per step), so T and S are sized to the longest row in use, doubling as rows grow (see _fit).
+        # per step), so T and S are sized to the longest row in use, doubling as rows grow (see _axis_size).
         shape = (capacity, dims.n_heads, MIN_AXIS, dims.d_k)
         self.cache = [np.zeros(shape, np.float32) for _ in self.past_names]
         self.memory = [np.zeros(shape, np.float32) for _ in self.memory_names]
-        self.source_mask = np.zeros((capacity, MIN_AXIS), bool)
         self.lengths = np.zeros(capacity, np.int64)  # cached steps per row
         self.source_lengths = np.zeros(capacity, np.int64)
         self.free_slots = list(range(capacity))  # a heap: the lowest free row is taken first, keeping rows in use packed
@@ -131,8 +131,6 @@ class Engine:
         for buffer, encoded in zip(self.memory, batch.memory):
             buffer[taken, :, :length] = encoded[sentence]
         self.source_lengths[taken] = batch.source_lengths[sentence]
-        self.source_mask[taken] = np.arange(self.source_mask.shape[1]) < self.source_lengths[taken, None]
-        self.lengths[taken] = 0
         return slots
 
     def release(self, slots: Sequence[int]) -> None:
@@ -141,7 +139,6 @@ class Engine:
             heapq.heappush(self.free_slots, slot)
         self.lengths[slots] = 0
         self.source_lengths[slots] = 0
-        self.source_mask[slots] = False
         self._fit_source(int(self.source_lengths.max()))
 
     def reorder(self, slots: Sequence[int], parents: Sequence[int]) -> None:
@@ -161,7 +158,6 @@ class Engine:
         size = _axis_size(longest, self.memory[0].shape[2], self.max_source_length)
         if size != self.memory[0].shape[2]:
             self.memory = [_resized(buffer, size) for buffer in self.memory]
-            self.source_mask = np.arange(size)[None, :] < self.source_lengths[:, None]
 
     def step(self, slots: Sequence[int], tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """One decoder step for the given rows: log-probabilities (B, V) and alignment (B, S) over the padded source."""
@@ -178,7 +174,7 @@ class Engine:
             "tokens": feed_tokens,
             "positions": self.lengths[:rows],
             "past_mask": np.arange(size)[None, :] < self.lengths[:rows, None],
-            "source_mask": self.source_mask[:rows],
+            "source_mask": np.arange(self.memory[0].shape[2])[None, :] < self.source_lengths[:rows, None],
             **{name: buffer[:rows] for name, buffer in zip(self.past_names, self.cache)},
             **{name: buffer[:rows] for name, buffer in zip(self.memory_names, self.memory)},
         }
@@ -236,7 +232,7 @@ class Decoder:
         batch = self.engine.encode(sources)
         slots = self.engine.allocate(batch, [opts.beam_size for opts in options])
         for key, opts, own, source in zip(keys, options, slots, sources):
-            self.active.append(ActiveSentence(key, BeamSearch(opts, self.engine.bundle.tokens), own, len(source)))
+            self.active.append(ActiveSentence(key, BeamSearch(opts, self.engine.tokens), own, len(source)))
 
     def remove(self, key: Any) -> bool:
         """Drop a sentence (cancelled, deadline passed) and free its rows; False if not active."""
@@ -259,7 +255,7 @@ class Decoder:
             slots += sequence.slots[: search.rows]
             tokens += search.next_tokens()
         log_probs, alignment = self.engine.step(slots, tokens)
-        special = self.engine.bundle.tokens
+        special = self.engine.tokens
         log_probs[:, special.pad] = -np.inf  # never generated (Marian's <pad> is its start token, and scores high)
         log_probs[early, special.eos] = -np.inf  # before min_length, <eos> may not end a hypothesis
         best = log_probs.argmax(axis=1)  # one call for every row: greedy searches need nothing more

@@ -137,7 +137,7 @@ class Scheduler:
         engine = self._decoder.engine
         for rows in sorted({1, engine.capacity}):
             for length in sorted({1, engine.max_source_length}):
-                source = [engine.bundle.tokens.unk] * (length - 1) + [engine.bundle.tokens.eos]
+                source = [engine.tokens.unk] * (length - 1) + [engine.tokens.eos]
                 keys = [("warm-up", rows, length, i) for i in range(rows)]
                 self._decoder.add(keys, [source] * rows, [DecodeOptions(min_length=2, max_length=2)] * rows)
                 while self._decoder.active:
@@ -312,16 +312,15 @@ class Scheduler:
             assert job.admitted is not None
             m.queue_wait.observe(job.admitted - job.arrived)
             m.input_tokens.inc(len(job.source))
+            if not iteration.failed:
+                job.first_token = now
+                m.time_to_first_token.observe(now - job.arrived)
         if iteration.admitted:
             m.encoder_batch_size.observe(len(iteration.admitted))
             m.encoder_duration.observe(iteration.encode_seconds)
         if iteration.step_rows:
             m.decode_step_batch_size.observe(iteration.step_rows)
             m.decode_step_duration.observe(iteration.step_seconds)
-        for job in iteration.admitted:
-            if not iteration.failed:
-                job.first_token = now
-                m.time_to_first_token.observe(now - job.arrived)
         for job, prefix in iteration.prefixes:
             if job.pieces is not None and not job.future.done() and len(prefix) > job.streamed:
                 job.pieces.put_nowait(prefix[job.streamed :])

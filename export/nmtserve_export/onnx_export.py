@@ -8,12 +8,14 @@ appends to it, so no step copies the whole cache back out of the graph.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.export import Dim
 from tqdm import tqdm
@@ -41,12 +43,42 @@ class EncoderGraph(nn.Module):
         return tuple(t for kv in zip(keys, values) for t in kv)  # memory_key_0, memory_value_0, ...
 
 
+def reference_step(model: Transformer, tokens: Tensor, positions: Tensor, past_mask: Tensor, source_mask: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
+    """The decoder step computed by Transformer.decode itself: what the exported graph must match."""
+    n = model.config.n_decoder_layers
+    past, memory = caches[: 2 * n], caches[2 * n :]
+    self_mask = torch.cat([past_mask, torch.ones_like(past_mask[:, :1])], dim=1)[:, None, None, :]  # (B, 1, 1, T + 1)
+    log_probs, new_keys, new_values = model.decode(
+        tokens[:, None], positions[:, None], list(past[0::2]), list(past[1::2]), self_mask,
+        list(memory[0::2]), list(memory[1::2]), source_mask[:, None, None, :],
+    )
+    alignment = model.decoder_layers[-1].src_attn.attention.mean(dim=1)[:, 0]  # (B, S), mean over heads
+    return (log_probs[:, 0], alignment, *(t for kv in zip(new_keys, new_values) for t in kv))
+
+
 class DecoderStepGraph(nn.Module):
-    """One token per row + cached keys/values -> log-probabilities, the alignment, the new keys/values."""
+    """One token per row + cached keys/values -> log-probabilities, the alignment, the new keys/values.
+
+    The arithmetic of Transformer.decode (held to it within 1e-4 at export), arranged for a graph that runs one
+    new token per row, where the cost of a step is mostly the number of operators:
+    - rows are (B, d_model), so each projection is one Gemm and splitting into heads is a reshape (no transpose);
+    - self-attention's query, key and value projections are one matrix, with 1/sqrt(d_k) folded into the queries;
+    - the masks become additive biases once, for every layer;
+    - the new token attends to the cache and to itself as two blocks of one softmax, so the cache is read in
+      place instead of being concatenated with the new key and value (a copy of the whole cache per layer).
+    Measured on the default model at batch 32: about a quarter less time per step than exporting Transformer.decode.
+    """
 
     def __init__(self, model: Transformer):
         super().__init__()
         self.model = model
+        scale = 1 / math.sqrt(model.config.d_k)
+        for i, layer in enumerate(model.decoder_layers):
+            own, source = layer.self_attn, layer.src_attn
+            self.register_buffer(f"qkv_weight_{i}", torch.cat([own.w_q.weight * scale, own.w_k.weight, own.w_v.weight]).detach())
+            self.register_buffer(f"qkv_bias_{i}", torch.cat([own.w_q.bias * scale, own.w_k.bias, own.w_v.bias]).detach())
+            self.register_buffer(f"source_query_weight_{i}", (source.w_q.weight * scale).detach())
+            self.register_buffer(f"source_query_bias_{i}", (source.w_q.bias * scale).detach())
 
     def forward(
         self,
@@ -56,29 +88,48 @@ class DecoderStepGraph(nn.Module):
         source_mask: Tensor,  # (B, S)
         *caches: Tensor,  # past_key_i, past_value_i (B, h, T, d_k) for each layer, then memory_key_i, memory_value_i (B, h, S, d_k)
     ) -> tuple[Tensor, ...]:
-        n = self.model.config.n_decoder_layers
-        past, memory = caches[: 2 * n], caches[2 * n :]
-        self_mask = torch.cat([past_mask, torch.ones_like(past_mask[:, :1])], dim=1)[:, None, None, :]  # (B, 1, 1, T + 1)
-        log_probs, new_keys, new_values = self.model.decode(
-            tokens[:, None], positions[:, None], list(past[0::2]), list(past[1::2]), self_mask,
-            list(memory[0::2]), list(memory[1::2]), source_mask[:, None, None, :],
-        )
-        alignment = self.model.decoder_layers[-1].src_attn.attention.mean(dim=1)[:, 0]  # (B, S), mean over heads
-        return (log_probs[:, 0], alignment, *(t for kv in zip(new_keys, new_values) for t in kv))
+        m = self.model
+        c = m.config
+        past, memory = caches[: 2 * c.n_decoder_layers], caches[2 * c.n_decoder_layers :]
+        B, T = past_mask.shape
+        heads = (B, c.n_heads, 1, c.d_k)  # one query per row
+        x = m.target_embeddings(tokens) + m.positional_encoding(positions)  # (B, d_model)
+        lowest = torch.finfo(x.dtype).min
+        past_bias = torch.where(past_mask, 0.0, lowest)[:, None, None, :]  # (B, 1, 1, T)
+        source_bias = torch.where(source_mask, 0.0, lowest)[:, None, None, :]  # (B, 1, 1, S)
+        new = []
+        for i, layer in enumerate(m.decoder_layers):
+            past_key, past_value, memory_key, memory_value = past[2 * i], past[2 * i + 1], memory[2 * i], memory[2 * i + 1]
+            qkv = F.linear(x, getattr(self, f"qkv_weight_{i}"), getattr(self, f"qkv_bias_{i}"))
+            query, key, value = (t.reshape(heads) for t in qkv.split(c.d_model, dim=-1))  # (B, h, 1, d_k) each
+            # Masked self-attention over [cache, new token]: one softmax over the two blocks of scores.
+            scores = torch.cat([query @ past_key.transpose(-2, -1) + past_bias, (query * key).sum(-1, keepdim=True)], dim=-1)
+            attention = scores.softmax(dim=-1)  # (B, h, 1, T + 1)
+            heads_out = attention[..., :T] @ past_value + attention[..., T:] * value  # (B, h, 1, d_k)
+            x = layer.sublayer[0](x, layer.self_attn.w_o(heads_out.reshape(B, c.d_model)))
+            # Encoder-decoder attention.
+            query = F.linear(x, getattr(self, f"source_query_weight_{i}"), getattr(self, f"source_query_bias_{i}")).reshape(heads)
+            source_attention = (query @ memory_key.transpose(-2, -1) + source_bias).softmax(dim=-1)  # (B, h, 1, S)
+            x = layer.sublayer[1](x, layer.src_attn.w_o((source_attention @ memory_value).reshape(B, c.d_model)))
+            x = layer.sublayer[2](x, layer.feed_forward(x))
+            new += [key, value]
+        alignment = source_attention.mean(dim=1)[:, 0]  # (B, S): the last layer's, mean over heads
+        return (m.generator(x), alignment, *new)
 
 
 def example_inputs(model: Transformer, batch: int = 3, source_length: int = 7, cache_length: int = 5) -> dict[str, tuple[Tensor, ...]]:
     """Inputs to trace each graph with (sizes > 1 so no axis is specialised)."""
     c = model.config
     source_ids = torch.randint(4, c.source_vocab, (batch, source_length))
-    source_mask = torch.ones(batch, source_length, dtype=torch.bool)
+    ragged = torch.arange(batch)[:, None]  # row i has i padded positions, so the parity check covers the masks
+    source_mask = torch.arange(source_length)[None, :] < source_length - ragged
     n = c.n_decoder_layers
     past = [torch.randn(batch, c.n_heads, cache_length, c.d_k) for _ in range(2 * n)]
     memory = [torch.randn(batch, c.n_heads, source_length, c.d_k) for _ in range(2 * n)]
     decoder = (
         torch.randint(4, c.vocab_size, (batch,)),
         torch.full((batch,), cache_length),
-        torch.ones(batch, cache_length, dtype=torch.bool),
+        torch.arange(cache_length)[None, :] < cache_length - ragged,
         source_mask,
         *past,
         *memory,
@@ -136,16 +187,16 @@ def convert_fp16(model_bytes: bytes) -> bytes:
     return model.SerializeToString()
 
 
-def max_logit_difference(model: Transformer, graphs: dict[str, bytes], inputs: dict[str, tuple[Tensor, ...]]) -> float:
-    """Largest |ONNX Runtime - PyTorch| log-probability on the example inputs, on the CPU."""
+def max_step_difference(model: Transformer, graphs: dict[str, bytes], inputs: dict[str, tuple[Tensor, ...]]) -> float:
+    """Largest |ONNX Runtime - Transformer.decode| over every output of the decoder step on the example inputs, on the CPU."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(graphs["decoder_step"], providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]  # in the order of DecoderStepGraph.forward's arguments
-    onnx_log_probs = session.run(["log_probs"], {n: t.numpy() for n, t in zip(names, inputs["decoder_step"])})[0]
+    outputs = session.run(None, {n: t.numpy() for n, t in zip(names, inputs["decoder_step"])})
     with torch.inference_mode():
-        torch_log_probs = DecoderStepGraph(model)(*inputs["decoder_step"])[0].numpy()
-    return float(np.abs(onnx_log_probs - torch_log_probs).max())
+        expected = reference_step(model, *inputs["decoder_step"])
+    return max(float(np.abs(got - want.numpy()).max()) for got, want in zip(outputs, expected))
 
 
 def export_bundle(checkpoint_dir: Path, out: Path, *, precision: str = "fp32", name: str | None = None) -> Path:
@@ -199,9 +250,9 @@ def write_model_bundle(
             elif stage == "export decoder step":
                 graphs["decoder_step"] = export_graph(DecoderStepGraph(model), "decoder_step", inputs["decoder_step"])
             elif stage == "check parity":
-                difference = max_logit_difference(model, graphs, inputs)
+                difference = max_step_difference(model, graphs, inputs)
                 if difference > 1e-4:
-                    raise RuntimeError(f"ONNX and PyTorch log-probabilities differ by {difference:.2e} (> 1e-4)")
+                    raise RuntimeError(f"the ONNX decoder step and PyTorch differ by {difference:.2e} (> 1e-4)")
                 log.info("ONNX Runtime matches PyTorch to %.1e", difference)
             elif stage.startswith("convert"):
                 convert = quantize_int8 if precision == "int8" else convert_fp16
@@ -220,7 +271,7 @@ def write_model_bundle(
                     "languages": languages,
                     "precision": precision,
                     "opset": OPSET,
-                    "training": {**training, "onnx_max_logit_difference": difference},
+                    "training": {**training, "onnx_max_step_difference": difference},
                 }
                 bundle_format.write_bundle(out, {**graphs, **tokenizer_files}, manifest)
     return Path(out)

@@ -52,7 +52,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--length", type=int, default=32, help="tokens generated per text (min = max length)")
     parser.add_argument("--source-tokens", type=int, default=12, help="words per made-up source text")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where ONNX Runtime runs, for both sides")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads, for both sides (0: all cores)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime encoder threads, for both sides (0: all cores)")
+    parser.add_argument("--decoder-threads", type=int, default=0, help="decoder step threads, for both sides (0: the faster of 1 and --threads)")
     parser.add_argument("--repeats", type=int, default=3, help="engine measurements; the best is kept")
     parser.add_argument("--max-seconds", type=float, default=600, help="give up (non-zero exit) after this long")
     parser.add_argument("--out", type=Path, default=None, help="where to write bench_serve.json/.png (default: the bundle's parent)")
@@ -86,6 +87,7 @@ def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], int,
     process = subprocess.Popen(
         [sys.executable, "-m", "nmtserve.cli", "serve", "--bundle", str(args.bundle), "--host", "127.0.0.1", "--port", "0",
          "--metrics-port", "0", "--device", args.device, "--threads", str(args.threads),
+         "--decoder-threads", str(args.decoder_threads),
          "--max-batch-size", str(max(args.streams, ENGINE_BATCH)), "--max-queue-size", str(max(256, args.streams)),
          "--log-level", "info"],
         stderr=subprocess.PIPE, text=True,
@@ -169,11 +171,13 @@ def _plot(report: dict, path: Path) -> None:
 def run(command: str, args: argparse.Namespace) -> int:
     """Measure the engine, then the server under load; print, and write JSON and PNG."""
     out = args.out or args.bundle.resolve().parent
-    engine = Engine.from_path(args.bundle, device=args.device, capacity=ENGINE_BATCH, threads=args.threads)
+    engine = Engine.from_path(
+        args.bundle, device=args.device, capacity=ENGINE_BATCH, threads=args.threads, decoder_threads=args.decoder_threads
+    )
     texts = made_up_texts(engine, max(4 * args.streams, ENGINE_BATCH), args.source_tokens)
     print(f"engine alone: {len(texts)} texts, batch {ENGINE_BATCH}, {args.length} tokens each ...", flush=True)
     engine_rate = engine_tokens_per_second(engine, texts, args.length, args.repeats)
-    device = engine.device
+    device, decoder_threads = engine.device, engine.decoder_threads
     del engine  # free its cache before the server allocates its own
 
     print(f"gRPC server: {args.streams} streams, {args.warm_up_seconds:g} s warm-up, {args.seconds:g} s measured ...", flush=True)
@@ -193,7 +197,7 @@ def run(command: str, args: argparse.Namespace) -> int:
     p99 = float(np.percentile(first_token, 99))
     report = {
         "device": device, "streams": args.streams, "seconds": seconds, "requests": len(timings), "length": args.length,
-        "threads": args.threads, "engine_tokens_per_second": engine_rate, "served_tokens_per_second": served_rate,
+        "threads": args.threads, "engine_decoder_threads": decoder_threads, "engine_tokens_per_second": engine_rate, "served_tokens_per_second": served_rate,
         "ratio": served_rate / engine_rate, "p50_time_to_first_token_seconds": float(np.percentile(first_token, 50)),
         "p99_time_to_first_token_seconds": p99, "p99_ttft_over_budget": float(np.percentile(first_token / budgets, 99)),
         "median_ttft_budget_seconds": float(np.median(budgets)), "server": means,

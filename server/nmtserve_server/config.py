@@ -29,7 +29,12 @@ class ServeSettings:
         default=None, metadata={"help": "PEM CA bundle: require client certificates signed by it (mutual TLS)"}
     )
     device: str = field(default="auto", metadata={"help": "where ONNX Runtime runs", "choices": DEVICES})
-    threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads (0: one per core)"})
+    threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads of the encoder (0: one per core)"})
+    decoder_threads: int = field(
+        default=0,
+        metadata={"help": "ONNX Runtime intra-op threads of the decoder step (0: on the CPU, time a step with 1 and "
+                          "with --threads at start and keep the faster)"},
+    )
     max_batch_size: int = field(
         default=64, metadata={"help": "KV-cache rows decoded together; a text takes beam-size rows"}
     )
@@ -63,8 +68,8 @@ class ServeSettings:
             found.append(f"--max-beam-size {self.max_beam_size} cannot exceed --max-batch-size {self.max_batch_size}")
         if self.max_texts_per_request > self.max_queue_size:
             found.append(f"--max-texts-per-request {self.max_texts_per_request} cannot exceed --max-queue-size {self.max_queue_size}")
-        if self.max_queue_delay_ms < 0 or self.grace_seconds < 0 or self.threads < 0:
-            found.append("--max-queue-delay-ms, --grace-seconds and --threads cannot be negative")
+        if min(self.max_queue_delay_ms, self.grace_seconds, self.threads, self.decoder_threads) < 0:
+            found.append("--max-queue-delay-ms, --grace-seconds, --threads and --decoder-threads cannot be negative")
         if (self.tls_cert is None) != (self.tls_key is None):
             found.append("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:

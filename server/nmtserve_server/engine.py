@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,21 +61,32 @@ class EncodedBatch:
     source_lengths: np.ndarray  # (B,)
 
 
-class Engine:
-    """ONNX Runtime sessions for a bundle, and a KV cache of `capacity` rows."""
+def session_options(threads: int) -> ort.SessionOptions:
+    """ONNX Runtime options for one of the engine's sessions, with `threads` intra-op threads."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one request stream; parallelism is inside ops
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Spinning threads would take the core the server's own threads need between runs (measured slower).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
-    def __init__(self, bundle: Bundle, *, device: str = "auto", capacity: int = 64, threads: int = 0):
+
+class Engine:
+    """ONNX Runtime sessions for a bundle, and a KV cache of `capacity` rows.
+
+    `threads` is the encoder's intra-op thread count (0: one per core). `decoder_threads` is the decoder step's;
+    0 lets the engine time a full-batch step on the CPU with one thread and with `threads`, and keep the faster:
+    a small model's step is hundreds of tiny operators, for which a thread pool costs more than it gives.
+    """
+
+    def __init__(self, bundle: Bundle, *, device: str = "auto", capacity: int = 64, threads: int = 0, decoder_threads: int = 0):
         self.bundle = bundle
         self.providers = providers_for(device)
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one request stream; parallelism is inside ops
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.encoder = ort.InferenceSession(bundle.files["encoder"], options, providers=self.providers)
-        self.decoder = ort.InferenceSession(bundle.files["decoder_step"], options, providers=self.providers)
+        threads = threads or os.cpu_count() or 1
+        self.encoder = ort.InferenceSession(bundle.files["encoder"], session_options(threads), providers=self.providers)
         self.tokenizer = load_tokenizer(bundle)
 
         dims = bundle.dims
@@ -93,6 +105,44 @@ class Engine:
         self.lengths = np.zeros(capacity, np.int64)  # cached steps per row
         self.source_lengths = np.zeros(capacity, np.int64)
         self.free_slots = list(range(capacity))  # a heap: the lowest free row is taken first, keeping rows in use packed
+        if decoder_threads or self.device == "cuda" or threads == 1:
+            self.decoder_threads = decoder_threads or threads
+            self.decoder = self._decoder_session(self.decoder_threads)
+        else:
+            self.decoder_threads, self.decoder = self._fastest_decoder(threads)
+        log.info("event=decoder_threads threads=%d", self.decoder_threads)
+
+    def _decoder_session(self, threads: int) -> ort.InferenceSession:
+        return ort.InferenceSession(self.bundle.files["decoder_step"], session_options(threads), providers=self.providers)
+
+    def _fastest_decoder(self, threads: int, repeats: int = 5, steps: int = 10) -> tuple[int, ort.InferenceSession]:
+        """1 or `threads` decoder threads, whichever runs a full-cache step fastest, with its session.
+
+        More threads must be at least MULTI_THREAD_GAIN faster to be chosen: they take cores from the server's own work.
+        """
+        dims, rows = self.bundle.dims, self.capacity
+        past = np.zeros((rows, dims.n_heads, 2 * MIN_AXIS, dims.d_k), np.float32)
+        memory = np.zeros((rows, dims.n_heads, MIN_AXIS, dims.d_k), np.float32)
+        feeds = {
+            "tokens": np.full(rows, self.tokens.bos, np.int64),
+            "positions": np.full(rows, MIN_AXIS, np.int64),
+            "past_mask": np.arange(past.shape[2])[None, :] < np.full((rows, 1), MIN_AXIS),
+            "source_mask": np.ones((rows, MIN_AXIS), bool),
+            **{name: past for name in self.past_names},
+            **{name: memory for name in self.memory_names},
+        }
+        sessions = {n: self._decoder_session(n) for n in (1, threads)}
+        best = dict.fromkeys(sessions, float("inf"))
+        for session in sessions.values():
+            session.run(None, feeds)  # the first run allocates; it is not timed
+        for _ in range(repeats):  # in turns, so a busy moment falls on every candidate alike
+            for n, session in sessions.items():
+                start = time.perf_counter()
+                for _ in range(steps):
+                    session.run(None, feeds)
+                best[n] = min(best[n], time.perf_counter() - start)
+        fastest = threads if best[threads] * MULTI_THREAD_GAIN < best[1] else 1
+        return fastest, sessions[fastest]
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, **kwargs: Any) -> Engine:
@@ -186,6 +236,7 @@ class Engine:
 
 
 MIN_AXIS = 16  # smallest cache time / source axis
+MULTI_THREAD_GAIN = 1.1  # how much faster a multi-threaded decoder step must be to be preferred to one thread
 
 
 def _axis_size(needed: int, current: int, limit: int) -> int:

@@ -112,7 +112,9 @@ class TranslationServer:
         )
         assert s.bundle is not None  # ServeSettings.problems() requires it
         engine = await self.scheduler.start(
-            lambda: Engine.from_path(s.bundle, device=s.device, capacity=s.max_batch_size, threads=s.threads)
+            lambda: Engine.from_path(
+                s.bundle, device=s.device, capacity=s.max_batch_size, threads=s.threads, decoder_threads=s.decoder_threads
+            )
         )
         self.service.ready(engine)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

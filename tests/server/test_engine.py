@@ -150,3 +150,13 @@ def test_engine_and_bundle_reader_never_import_torch(tiny_bundle):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_decoder_threads_are_as_set_or_the_faster_choice(tiny_bundle):
+    fixed = Engine.from_path(tiny_bundle, device="cpu", capacity=8, threads=2, decoder_threads=2)
+    assert fixed.decoder_threads == 2
+    assert fixed.decoder.get_session_options().intra_op_num_threads == 2
+    chosen = Engine.from_path(tiny_bundle, device="cpu", capacity=8, threads=2)  # timed at load: 1 or 2
+    assert chosen.decoder_threads in (1, 2)
+    assert chosen.decoder.get_session_options().intra_op_num_threads == chosen.decoder_threads
+    assert chosen.encoder.get_session_options().intra_op_num_threads == 2

@@ -30,6 +30,7 @@ def test_exported_bundle_verifies(tiny_bundle):
     assert set(bundle.files) == {"encoder", "decoder_step", "tokenizer"}
     assert bundle.manifest["precision"] == "fp32"
     assert bundle.manifest["training"]["steps"] > 0
+    assert bundle.manifest["training"]["onnx_max_difference"] < 1e-4  # the export's parity gate, over both graphs
     assert len(bundle.sha256) == 64
     for role, entry in bundle.manifest["files"].items():
         assert sha256_bytes((tiny_bundle / entry["path"]).read_bytes()) == entry["sha256"]

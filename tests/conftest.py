@@ -136,7 +136,7 @@ class InProcessServer:
 
     def long_options(self, **fields) -> pb.TranslateOptions:
         """Options that make a text decode for the model's full target length (min = max length)."""
-        limit = self.server.service.engine.max_target_length
+        limit = self.server.service.model.max_target_length
         return pb.TranslateOptions(min_length=limit, max_length=limit, **fields)
 
     wait_for = staticmethod(wait_for)

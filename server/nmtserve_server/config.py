@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .engine import DEVICES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMAT = "time=%(asctime)s.%(msecs)03d level=%(levelname)s logger=%(name)s %(message)s"  # one key=value line per event
+LOG_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
+
+
+def configure_logging(level: str) -> None:
+    """Log one key=value line per event to stderr at `level`: the server and its decode process alike."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, datefmt=LOG_TIME_FORMAT, stream=sys.stderr)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import onnxruntime as ort
@@ -73,7 +73,31 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-class Engine:
+class Model:
+    """A verified bundle's text side: its tokenizer, special ids and length limits (no ONNX Runtime session)."""
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self.tokenizer = load_tokenizer(bundle)
+        self.max_source_length = bundle.max_source_length
+        self.max_target_length = bundle.max_target_length
+        self.tokens = bundle.tokens  # the model's special ids, read once: the decode loop needs them every step
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike, **kwargs: Any) -> Self:
+        """Verify the bundle at path and load it."""
+        return cls(read_bundle(path), **kwargs)
+
+    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        """Source ids (subwords + <eos>) of each text."""
+        return self.tokenizer.encode_batch(list(texts))
+
+    def decode_ids(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Texts of generated id lists."""
+        return self.tokenizer.decode_batch([list(i) for i in ids])
+
+
+class Engine(Model):
     """ONNX Runtime sessions for a bundle, and a KV cache of `capacity` rows.
 
     `threads` is the encoder's intra-op thread count (0: one per core). `decoder_threads` is the decoder step's;
@@ -82,18 +106,14 @@ class Engine:
     """
 
     def __init__(self, bundle: Bundle, *, device: str = "auto", capacity: int = 64, threads: int = 0, decoder_threads: int = 0):
-        self.bundle = bundle
+        super().__init__(bundle)
         self.providers = providers_for(device)
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         threads = threads or os.cpu_count() or 1
         self.encoder = ort.InferenceSession(bundle.files["encoder"], session_options(threads), providers=self.providers)
-        self.tokenizer = load_tokenizer(bundle)
 
         dims = bundle.dims
         self.capacity = capacity
-        self.max_source_length = bundle.max_source_length
-        self.max_target_length = bundle.max_target_length
-        self.tokens = bundle.tokens  # the model's special ids, read once: the decode loop needs them every step
         self.past_names = [f"past_{kv}_{i}" for i in range(dims.n_decoder_layers) for kv in ("key", "value")]
         self.memory_names = [f"memory_{kv}_{i}" for i in range(dims.n_decoder_layers) for kv in ("key", "value")]
         # A key and a value buffer per layer, in graph order: the self-attention cache (capacity, h, T, d_k) and the
@@ -143,19 +163,6 @@ class Engine:
                 best[n] = min(best[n], time.perf_counter() - start)
         fastest = threads if best[threads] * MULTI_THREAD_GAIN < best[1] else 1
         return fastest, sessions[fastest]
-
-    @classmethod
-    def from_path(cls, path: str | os.PathLike, **kwargs: Any) -> Engine:
-        """Verify the bundle at path and load it."""
-        return cls(read_bundle(path), **kwargs)
-
-    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
-        """Source ids (subwords + <eos>) of each text; tokenizer only, safe beside the decode thread."""
-        return self.tokenizer.encode_batch(list(texts))
-
-    def decode_ids(self, ids: Sequence[Sequence[int]]) -> list[str]:
-        """Texts of generated id lists; tokenizer only, safe beside the decode thread."""
-        return self.tokenizer.decode_batch([list(i) for i in ids])
 
     def encode(self, sources: Sequence[Sequence[int]]) -> EncodedBatch:
         """Run the encoder once for a batch of source id lists."""

@@ -1,16 +1,11 @@
-"""The decode loop: a bounded queue in front of a Decoder, with iteration-level (continuous) batching.
+"""The server's side of the decode loop: a bounded queue of texts, handed to the loop's process, and the results back.
 
-The loop runs in its own thread, which owns the Engine and the Decoder and
-never waits for the event loop: ONNX Runtime releases the GIL, so the event
-loop keeps answering RPCs while the model runs, and the model keeps running
-while the event loop answers. Each iteration drops the texts that left
-(cancelled, deadline passed), admits waiting texts, oldest first, while their
-beams fit in the free KV-cache rows, encodes the admitted ones in one encoder
-run, then runs one decoder step for all active texts together; a text that
-finishes leaves at once and its rows serve the next admission. What an
-iteration did goes back to the event loop, which owns every future, stream
-and metric. When the decoder is idle the loop waits up to `max_queue_delay`
-after the first arrival for more, so that a burst shares one encoder run.
+The decode loop (`decode_loop.py`) runs in a process of its own and owns the
+engine; this side owns every future, stream and metric, on the event loop. A
+request's texts are queued here (bounded by `max_queue_size`) and sent to the
+loop at once; the loop admits them between decoder steps as rows come free,
+and reports what each iteration did. A reader thread takes the reports off the
+pipe and hands them to the event loop.
 """
 
 from __future__ import annotations
@@ -18,19 +13,27 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import multiprocessing
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 
-from .engine import Decoder, Engine
+from . import decode_loop
+from .decode_loop import EngineSpec, LoadFailed, Ready, Report, Text
 from .metrics import Metrics
 from .search import DecodeOptions, Hypothesis
 
 log = logging.getLogger(__name__)
 
 _keys = itertools.count()
+
+STOP_TIMEOUT = 30.0  # seconds the decode process gets to stop before it is killed
+
+
+class EngineFailed(RuntimeError):
+    """The decode process could not load the engine, or ended unexpectedly."""
 
 
 class QueueFullError(Exception):
@@ -74,75 +77,57 @@ class Job:
             self.pieces.put_nowait(None)
 
 
-@dataclass
-class Iteration:
-    """What one iteration of the decode thread did, for the event loop to hand out and record."""
-
-    admitted: list[Job] = field(default_factory=list)
-    late: list[Job] = field(default_factory=list)  # deadline passed: left the queue or the batch
-    finished: list[tuple[Job, list[Hypothesis]]] = field(default_factory=list)
-    prefixes: list[tuple[Job, list[int]]] = field(default_factory=list)  # streamed texts: best prefix so far (a copy)
-    failed: list[Job] = field(default_factory=list)  # a model run raised `error`; these texts left the batch
-    error: Exception | None = None
-    active: int = 0
-    rows_free: int = 0
-    waiting: int = 0
-    encode_seconds: float = 0.0
-    step_rows: int = 0
-    step_seconds: float = 0.0
-
-
 class Scheduler:
-    """Owns the engine (in the decode thread), the queue and the decode loop."""
+    """Starts the decode process, queues texts for it, and hands its reports out on the event loop."""
 
-    def __init__(self, metrics: Metrics, *, max_batch_size: int, max_queue_size: int, max_queue_delay: float):
+    def __init__(self, metrics: Metrics, *, max_queue_size: int, max_queue_delay: float):
         self.metrics = metrics
-        self.max_batch_size = max_batch_size
         self.max_queue_size = max_queue_size
         self.max_queue_delay = max_queue_delay
         self.state = "starting"  # -> serving -> draining -> stopped
-        self._decoder: Decoder | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        # Shared with the decode thread, under _condition: the queue, the keys that left, the stop flag.
-        self._condition = threading.Condition()
-        self._waiting: deque[Job] = deque()
-        self._leaving: list[int] = []
-        self._stopping = False
-        self._running: dict[int, Job] = {}  # the decode thread's own: texts in the batch
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._to_loop: Connection | None = None
+        self._from_loop: Connection | None = None
+        self._reader: threading.Thread | None = None
+        self._jobs: dict[int, Job] = {}  # every text sent to the loop and not yet ended
+        self._queued = 0  # of those, the ones the loop has not admitted yet
+        self.lost = asyncio.Event()  # set if the decode process ends while serving
 
-    async def start(self, load: Callable[[], Engine]) -> Engine:
-        """Load the engine and warm it up off the event loop, then start the decode thread and accept work."""
-        engine = await asyncio.to_thread(load)
-        self._decoder = Decoder(engine)
-        seconds = await asyncio.to_thread(self._warm_up)
-        log.info("event=warmed_up seconds=%.3f", seconds)
-        self.metrics.kv_cache_slots.set(engine.capacity)
-        self.metrics.kv_cache_free_slots.set(engine.capacity)
+    async def start(self, spec: EngineSpec, *, log_level: str) -> Ready:
+        """Start the decode process and wait until it has loaded and warmed up the engine; raises EngineFailed."""
+        context = multiprocessing.get_context("spawn")  # no fork: gRPC's threads must not be copied into the child
+        loop_inbox, self._to_loop = context.Pipe(duplex=False)
+        self._from_loop, loop_outbox = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=decode_loop.run, name="nmtserve-decode", daemon=True,
+            args=(spec, loop_inbox, loop_outbox, self.max_queue_delay, log_level),
+        )
+        self._process.start()
+        loop_inbox.close()  # the child holds these ends now; closing ours lets either side see the other end
+        loop_outbox.close()
+        try:
+            ready = await asyncio.to_thread(self._from_loop.recv)
+        except EOFError:
+            ready = LoadFailed(f"the decode process exited with code {self._process.exitcode} while loading")
+        if isinstance(ready, LoadFailed):
+            await asyncio.to_thread(self._process.join, STOP_TIMEOUT)
+            raise EngineFailed(ready.reason)
+        log.info(
+            "event=warmed_up seconds=%.3f decoder_threads=%d decode_pid=%d", ready.warm_up_seconds, ready.decoder_threads, self._process.pid
+        )
+        self.metrics.kv_cache_slots.set(ready.capacity)
+        self.metrics.kv_cache_free_slots.set(ready.capacity)
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="nmtserve-decode", daemon=True)
-        self._thread.start()
+        self._reader = threading.Thread(target=self._read_reports, name="nmtserve-reports", daemon=True)
+        self._reader.start()
         self.state = "serving"
-        return engine
+        return ready
 
     @property
     def accepting(self) -> bool:
         """Whether new work is taken (only between warm-up and drain)."""
         return self.state == "serving"
-
-    def _warm_up(self) -> float:
-        """Run every shape class once (1 and all rows, shortest and longest source) so no request pays first-run costs."""
-        started = time.perf_counter()
-        assert self._decoder is not None
-        engine = self._decoder.engine
-        for rows in sorted({1, engine.capacity}):
-            for length in sorted({1, engine.max_source_length}):
-                source = [engine.tokens.unk] * (length - 1) + [engine.tokens.eos]
-                keys = [("warm-up", rows, length, i) for i in range(rows)]
-                self._decoder.add(keys, [source] * rows, [DecodeOptions(min_length=2, max_length=2)] * rows)
-                while self._decoder.active:
-                    self._decoder.step()
-        return time.perf_counter() - started
 
     def submit(
         self, sources: Sequence[list[int]], options: DecodeOptions, *, deadline: float | None = None, stream: bool = False
@@ -150,36 +135,32 @@ class Scheduler:
         """Queue the texts of one request, all or none; raises UnavailableError or QueueFullError."""
         if not self.accepting:
             raise UnavailableError(f"server is {self.state}")
+        if self._queued + len(sources) > self.max_queue_size:
+            raise QueueFullError(
+                f"queue full: {self._queued} of {self.max_queue_size} places taken, {len(sources)} asked; retry later"
+            )
         loop = asyncio.get_running_loop()
         jobs = [
             Job(list(source), options, loop.create_future(), deadline, asyncio.Queue() if stream else None)
             for source in sources
         ]
-        with self._condition:
-            if len(self._waiting) + len(jobs) > self.max_queue_size:
-                raise QueueFullError(
-                    f"queue full: {len(self._waiting)} of {self.max_queue_size} places taken, {len(jobs)} asked; retry later"
-                )
-            self._waiting.extend(jobs)
-            self.metrics.queue_depth.set(len(self._waiting))
-            self._condition.notify()
+        self._send("submit", [Text(job.key, job.source, options, deadline, job.arrived, stream) for job in jobs])
+        for job in jobs:
+            self._jobs[job.key] = job
+        self._queued += len(jobs)
+        self.metrics.queue_depth.set(self._queued)
         return jobs
 
     def cancel(self, jobs: Sequence[Job]) -> None:
-        """Withdraw unfinished jobs (the client went away); their rows are freed at the next iteration."""
+        """Withdraw unfinished jobs (the client went away); the loop frees their rows at its next iteration."""
         unfinished = [job for job in jobs if not job.future.done()]
         if not unfinished:
             return
-        with self._condition:
-            for job in unfinished:
-                if job in self._waiting:
-                    self._waiting.remove(job)
-                else:
-                    self._leaving.append(job.key)  # in the batch, or about to be: the decode thread drops it
-            self.metrics.queue_depth.set(len(self._waiting))
-            self._condition.notify()
         for job in unfinished:
+            self._forget(job)
             job.finish(None)
+        self._send("cancel", [job.key for job in unfinished])
+        self.metrics.queue_depth.set(self._queued)
 
     async def pieces(self, job: Job) -> AsyncIterator[list[int]]:
         """New token ids of a streamed job as they are decoded; ends when the job does.
@@ -201,137 +182,109 @@ class Scheduler:
         self.state = "draining"
 
     async def stop(self) -> None:
-        """Stop the decode thread, fail whatever is left."""
+        """Stop the decode process, fail whatever is left."""
+        started = self.state in ("serving", "draining")
         self.state = "stopped"
-        with self._condition:
-            self._stopping = True
-            self._condition.notify()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-        for job in [*self._waiting, *self._running.values()]:
-            job.finish(UnavailableError("server stopped"))
-        self._waiting.clear()
-        self._running.clear()
+        if self._process is not None and self._process.is_alive():
+            if started:  # the loop reads its messages: ask it to stop
+                try:
+                    self._send("stop", None)
+                except UnavailableError:
+                    pass
+                await asyncio.to_thread(self._process.join, STOP_TIMEOUT)
+            if self._process.is_alive():  # still loading, or stuck: nothing it holds needs saving
+                self._process.kill()
+                await asyncio.to_thread(self._process.join)
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.join)
+        self._fail_all(UnavailableError("server stopped"))
 
-    # The decode thread.
+    def _send(self, kind: str, payload: object) -> None:
+        assert self._to_loop is not None
+        try:
+            self._to_loop.send((kind, payload))
+        except (BrokenPipeError, OSError) as error:
+            raise UnavailableError("the decode process has stopped") from error
 
-    def _run(self) -> None:
-        decoder = self._decoder
-        assert decoder is not None and self._loop is not None
+    def _forget(self, job: Job) -> None:
+        """The job has ended here: stop counting it."""
+        if self._jobs.pop(job.key, None) is not None and job.admitted is None:
+            self._queued -= 1
+
+    def _fail_all(self, error: Exception) -> None:
+        for job in list(self._jobs.values()):
+            self._forget(job)
+            job.finish(error)
+
+    # The reader thread.
+
+    def _read_reports(self) -> None:
+        assert self._from_loop is not None and self._loop is not None
         while True:
-            with self._condition:
-                while not (self._waiting or self._leaving or decoder.active or self._stopping):
-                    self._condition.wait()
-                if self._stopping:
-                    return
-                if self._waiting and not decoder.active:
-                    self._gather(decoder.rows_free())
-                leaving, self._leaving = self._leaving, []
-            iteration = Iteration()
-            for key in leaving:
-                self._running.pop(key, None)
-                decoder.remove(key)
-            self._expire(iteration, decoder)
             try:
-                self._iterate(iteration, decoder)
-            except Exception as error:  # a model run failed: fail its batch, keep serving the queue
-                log.exception("event=decode_failed active=%d", len(self._running))
-                iteration.failed, iteration.error = list(self._running.values()), error
-                for key in list(self._running):
-                    decoder.remove(key)
-                self._running.clear()
-            iteration.active, iteration.rows_free = len(self._running), decoder.rows_free()
-            iteration.waiting = len(self._waiting)
+                report = self._from_loop.recv()
+            except (EOFError, OSError):  # the decode process has ended
+                break
             try:
-                self._loop.call_soon_threadsafe(self._deliver, iteration)
+                self._loop.call_soon_threadsafe(self._deliver, report)
             except RuntimeError:  # the event loop has closed: nobody is left to answer
                 return
+        try:
+            self._loop.call_soon_threadsafe(self._lost)
+        except RuntimeError:
+            pass
 
-    def _gather(self, rows_free: int) -> None:
-        """The decoder is idle: wait up to max_queue_delay after the oldest arrival for more, to encode them together."""
-        end = self._waiting[0].arrived + self.max_queue_delay
-        while self._waiting and not self._stopping and sum(job.options.beam_size for job in self._waiting) < rows_free:
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                return
-            self._condition.wait(remaining)
-
-    def _expire(self, iteration: Iteration, decoder: Decoder) -> None:
-        """Texts whose deadline has passed leave the queue now, and the batch at this iteration."""
-        now = time.monotonic()
-        for job in [job for job in self._running.values() if job.deadline is not None and job.deadline <= now]:
-            del self._running[job.key]
-            decoder.remove(job.key)
-            iteration.late.append(job)
-        with self._condition:
-            late = [job for job in self._waiting if job.deadline is not None and job.deadline <= now]
-            for job in late:
-                self._waiting.remove(job)
-        iteration.late += late
-
-    def _iterate(self, iteration: Iteration, decoder: Decoder) -> None:
-        """Admit waiting texts into the free rows, encode them in one run, one decoder step for all."""
-        rows_free = decoder.rows_free()
-        with self._condition:
-            while self._waiting and self._waiting[0].options.beam_size <= rows_free:
-                job = self._waiting.popleft()
-                rows_free -= job.options.beam_size
-                iteration.admitted.append(job)
-        if iteration.admitted:
-            started = time.perf_counter()
-            for job in iteration.admitted:
-                job.admitted = time.monotonic()
-                self._running[job.key] = job
-            decoder.add([job.key for job in iteration.admitted], [job.source for job in iteration.admitted],
-                        [job.options for job in iteration.admitted])
-            iteration.encode_seconds = time.perf_counter() - started
-            for job in iteration.admitted:
-                job.encode_seconds = iteration.encode_seconds
-        if decoder.active:
-            iteration.step_rows = sum(sentence.search.rows for sentence in decoder.active)
-            started = time.perf_counter()
-            finished = decoder.step()
-            iteration.step_seconds = time.perf_counter() - started
-            iteration.finished = [(self._running.pop(key), hypotheses) for key, hypotheses in finished]
-            iteration.prefixes = [
-                (self._running[s.key], list(s.search.prefixes[0])) for s in decoder.active if self._running[s.key].pieces is not None
-            ]
+    def _lost(self) -> None:
+        """The decode process ended: expected after stop(), a failure otherwise."""
+        if self.state != "stopped":
+            log.error("event=decode_process_ended exitcode=%s", self._process.exitcode if self._process else None)
+            self.state = "stopped"
+            self._fail_all(UnavailableError("the decode process ended unexpectedly; see the server log"))
+            self.lost.set()
 
     # Back on the event loop.
 
-    def _deliver(self, iteration: Iteration) -> None:
+    def _deliver(self, report: Report) -> None:
         """Record the iteration, stream new tokens, hand finished texts their hypotheses."""
         now = time.monotonic()
         m = self.metrics
-        for job in iteration.late:
-            job.finish(DeadlineError("deadline exceeded before the translation finished"))
-        for job in iteration.failed:
-            assert iteration.error is not None
-            job.finish(iteration.error)
-        for job in iteration.admitted:
-            assert job.admitted is not None
-            m.queue_wait.observe(job.admitted - job.arrived)
+        jobs = self._jobs  # texts no longer here were withdrawn while the iteration ran
+        for key in report.late:
+            if (job := jobs.get(key)) is not None:
+                self._forget(job)
+                job.finish(DeadlineError("deadline exceeded before the translation finished"))
+        for key in report.failed:
+            if (job := jobs.get(key)) is not None:
+                self._forget(job)
+                job.finish(EngineFailed(report.error or "the decoder failed"))
+        for key, admitted, encode_seconds in report.admitted:
+            if (job := jobs.get(key)) is None:
+                continue
+            job.admitted, job.encode_seconds = admitted, encode_seconds
+            self._queued -= 1
+            m.queue_wait.observe(admitted - job.arrived)
             m.input_tokens.inc(len(job.source))
-            if not iteration.failed:
-                job.first_token = now
-                m.time_to_first_token.observe(now - job.arrived)
-        if iteration.admitted:
-            m.encoder_batch_size.observe(len(iteration.admitted))
-            m.encoder_duration.observe(iteration.encode_seconds)
-        if iteration.step_rows:
-            m.decode_step_batch_size.observe(iteration.step_rows)
-            m.decode_step_duration.observe(iteration.step_seconds)
-        for job, prefix in iteration.prefixes:
-            if job.pieces is not None and not job.future.done() and len(prefix) > job.streamed:
+            job.first_token = now
+            m.time_to_first_token.observe(now - job.arrived)
+        for texts, seconds in report.encoder_runs:
+            m.encoder_batch_size.observe(texts)
+            m.encoder_duration.observe(seconds)
+        if report.step_rows:
+            m.decode_step_batch_size.observe(report.step_rows)
+            m.decode_step_duration.observe(report.step_seconds)
+        for key, prefix in report.prefixes:
+            job = jobs.get(key)
+            if job is not None and job.pieces is not None and len(prefix) > job.streamed:
                 job.pieces.put_nowait(prefix[job.streamed :])
                 job.streamed = len(prefix)
-        for job, hypotheses in iteration.finished:
-            if job.future.done():
-                continue  # withdrawn while this iteration ran
+        for key, hypotheses in report.finished:
+            if (job := jobs.get(key)) is None:
+                continue
+            self._forget(job)
             if job.pieces is not None and len(hypotheses[0].tokens) > job.streamed:
                 job.pieces.put_nowait(hypotheses[0].tokens[job.streamed :])
             m.output_tokens.inc(sum(len(h.tokens) for h in hypotheses))
             job.finish(hypotheses)
-        m.active_sequences.set(iteration.active)
-        m.kv_cache_free_slots.set(iteration.rows_free)
-        m.queue_depth.set(iteration.waiting)
+        m.active_sequences.set(report.active)
+        m.kv_cache_free_slots.set(report.rows_free)
+        m.queue_depth.set(self._queued)

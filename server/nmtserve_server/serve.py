@@ -4,7 +4,9 @@ Start: listen at once with health NOT_SERVING (so probes get an answer while
 the model loads), verify and load the bundle, warm up, then report SERVING.
 A bundle that fails verification never reaches SERVING: the process exits 1.
 SIGTERM or SIGINT: health NOT_SERVING, new calls UNAVAILABLE, calls in flight
-get --grace-seconds to finish (`server.stop(grace)`), then exit 0.
+get --grace-seconds to finish (`server.stop(grace)`), then exit 0. If the
+decode process (see `decode_loop.py`) dies on its own: health NOT_SERVING,
+calls in flight fail with UNAVAILABLE, exit 1, for the orchestrator to restart.
 """
 
 from __future__ import annotations
@@ -23,16 +25,14 @@ from grpc_reflection.v1alpha import reflection
 from nmtserve.bundle import BundleError
 from nmtserve.settings import add_settings_arguments, settings_from_args
 
-from .config import ServeSettings
-from .engine import Engine, providers_for
+from .config import ServeSettings, configure_logging
+from .decode_loop import EngineSpec
+from .engine import Model, providers_for
 from .metrics import Metrics
 from .scheduler import Scheduler
 from .service import SERVICE_NAME, TranslatorService
 
 log = logging.getLogger(__name__)
-
-LOG_FORMAT = "time=%(asctime)s.%(msecs)03d level=%(levelname)s logger=%(name)s %(message)s"  # one key=value line per event
-LOG_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
@@ -63,7 +63,6 @@ class TranslationServer:
         self.metrics = Metrics()
         self.scheduler = Scheduler(
             self.metrics,
-            max_batch_size=settings.max_batch_size,
             max_queue_size=settings.max_queue_size,
             max_queue_delay=settings.max_queue_delay_ms / 1000,
         )
@@ -87,6 +86,7 @@ class TranslationServer:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
         self.port = self.health_port = self.metrics_port = 0
         self._metrics_http = None
+        self._watch: asyncio.Task[None] | None = None
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for service in ("", SERVICE_NAME):  # "" is the server as a whole
@@ -111,17 +111,21 @@ class TranslationServer:
             self.port, credentials is not None, s.tls_client_ca is not None, self.health_port or "main", self.metrics_port,
         )
         assert s.bundle is not None  # ServeSettings.problems() requires it
-        engine = await self.scheduler.start(
-            lambda: Engine.from_path(
-                s.bundle, device=s.device, capacity=s.max_batch_size, threads=s.threads, decoder_threads=s.decoder_threads
-            )
-        )
-        self.service.ready(engine)
+        model = await asyncio.to_thread(Model.from_path, s.bundle)  # verified here first: a bad bundle fails fast
+        spec = EngineSpec(str(s.bundle), s.device, s.max_batch_size, s.threads, s.decoder_threads)
+        ready = await self.scheduler.start(spec, log_level=s.log_level)
+        self.service.ready(model, ready.device)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watch = asyncio.create_task(self._watch_engine())
         log.info(
             "event=serving model=%s bundle_sha256=%s device=%s precision=%s providers=%s",
-            engine.bundle.manifest["name"], engine.bundle.sha256, engine.device, engine.bundle.precision, ",".join(engine.providers),
+            model.bundle.manifest["name"], model.bundle.sha256, ready.device, model.bundle.precision, ",".join(ready.providers),
         )
+
+    async def _watch_engine(self) -> None:
+        """If the decode process ends while serving, report NOT_SERVING: calls can no longer be answered."""
+        await self.scheduler.lost.wait()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING, refuse new calls, give calls in flight `grace` seconds, then close everything."""
@@ -130,6 +134,8 @@ class TranslationServer:
         log.info("event=draining grace_seconds=%s", grace)
         await self.grpc.stop(grace)
         await self.scheduler.stop()
+        if self._watch is not None:
+            self._watch.cancel()
         if self.health_grpc is not None:
             await self.health_grpc.stop(None)
         if self._metrics_http is not None:
@@ -139,7 +145,7 @@ class TranslationServer:
 
 
 async def serve(settings: ServeSettings) -> int:
-    """Run the server until SIGTERM or SIGINT; 0 after a clean drain, 1 if the bundle or device cannot be served."""
+    """Run the server until SIGTERM or SIGINT; 0 after a clean drain, 1 if it cannot serve or its decode process dies."""
     log.info("event=config %s", " ".join(f"{key}={value}" for key, value in asdict(settings).items()))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -152,7 +158,13 @@ async def serve(settings: ServeSettings) -> int:
     try:
         if starting.done():
             starting.result()
-            await stopping
+            lost = asyncio.create_task(server.scheduler.lost.wait())
+            await asyncio.wait((stopping, lost), return_when=asyncio.FIRST_COMPLETED)
+            if lost.done() and not stopping.done():
+                stopping.cancel()
+                await server.stop(0)
+                return 1
+            lost.cancel()
         else:
             log.info("event=signal_during_start")
             starting.cancel()
@@ -174,5 +186,5 @@ def run(command: str, args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"nmtserve {command}: {problem}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT, datefmt=LOG_TIME_FORMAT, stream=sys.stderr)
+    configure_logging(settings.log_level)
     return asyncio.run(serve(settings))

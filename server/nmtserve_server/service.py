@@ -24,7 +24,7 @@ from nmtserve.bundle import BundleError
 from nmtserve.v1 import translator_pb2 as pb
 
 from .config import ServeSettings
-from .engine import Engine
+from .engine import Model
 from .metrics import Metrics
 from .scheduler import DeadlineError, Job, QueueFullError, Scheduler, UnavailableError
 from .search import DecodeOptions, Hypothesis
@@ -78,14 +78,14 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status
     return code, status_pb2.Status(code=rpc_code, message=message or str(error))
 
 
-def language_prefixes(engine: Engine) -> dict[str, list[int]]:
+def language_prefixes(model: Model) -> dict[str, list[int]]:
     """Source ids each target language puts before the text: none for a one-language model, its <2xx> token otherwise."""
-    targets = engine.bundle.manifest["languages"]["target"]
+    targets = model.bundle.manifest["languages"]["target"]
     if len(targets) == 1:
         return {targets[0]: []}
     prefixes = {}
     for language in targets:
-        token_id = engine.tokenizer.token_to_id(f"<2{language}>")
+        token_id = model.tokenizer.token_to_id(f"<2{language}>")
         if token_id is None:
             raise BundleError(f"tokenizer.json: the model translates into {targets} but has no <2{language}> token to ask for {language!r}")
         prefixes[language] = [token_id]
@@ -111,7 +111,7 @@ class TranslatorService:
         self.settings = settings
         self.scheduler = scheduler
         self.metrics = metrics
-        self._engine: Engine | None = None
+        self._model: Model | None = None
         self._model_info: pb.ModelInfo | None = None
         self._prefixes: dict[str, list[int]] = {}
 
@@ -130,34 +130,34 @@ class TranslatorService:
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
-    def ready(self, engine: Engine) -> None:
-        """Serve this (loaded and warmed-up) engine."""
-        self._prefixes = language_prefixes(engine)
-        manifest, dims, s = engine.bundle.manifest, engine.bundle.dims, self.settings
+    def ready(self, model: Model, device: str) -> None:
+        """Serve this model, now that the decode process has loaded and warmed it up on `device`."""
+        self._prefixes = language_prefixes(model)
+        manifest, dims, s = model.bundle.manifest, model.bundle.dims, self.settings
         self._model_info = pb.ModelInfo(
             name=manifest["name"],
-            version=engine.bundle.sha256[:12],
+            version=model.bundle.sha256[:12],
             server_version=__version__,
             source_language=manifest["languages"]["source"],
             target_languages=manifest["languages"]["target"],
             dimensions=pb.ModelDimensions(**vars(dims)),
             limits=pb.Limits(
-                max_source_tokens=engine.max_source_length,
-                max_target_tokens=engine.max_target_length,
+                max_source_tokens=model.max_source_length,
+                max_target_tokens=model.max_target_length,
                 max_texts_per_request=s.max_texts_per_request,
                 max_beam_size=s.max_beam_size,
                 max_batch_size=s.max_batch_size,
                 max_queue_size=s.max_queue_size,
                 max_message_bytes=s.max_message_bytes,
             ),
-            bundle_sha256=engine.bundle.sha256,
-            device=engine.device,
-            precision=engine.bundle.precision,
+            bundle_sha256=model.bundle.sha256,
+            device=device,
+            precision=model.bundle.precision,
         )
         self.metrics.model_info.labels(
-            name=manifest["name"], version=self._model_info.version, precision=engine.bundle.precision, device=engine.device
+            name=manifest["name"], version=self._model_info.version, precision=model.bundle.precision, device=device
         ).set(1)
-        self._engine = engine
+        self._model = model
 
     @asynccontextmanager
     async def _call(self, method: str, request: Message | MalformedRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Call]:
@@ -170,7 +170,7 @@ class TranslatorService:
         try:
             if isinstance(request, MalformedRequest):
                 raise ValidationError([("request", f"not a valid {method} request (string fields must be UTF-8): {request.error}")])
-            if self._engine is None or not self.scheduler.accepting:
+            if self._model is None or not self.scheduler.accepting:
                 raise UnavailableError(f"server is {self.scheduler.state}")
             yield call
         except (asyncio.CancelledError, GeneratorExit):  # gRPC ends the handler: the client went away or its deadline passed
@@ -200,21 +200,21 @@ class TranslatorService:
         )
 
     @property
-    def engine(self) -> Engine:
-        """The engine being served; only called inside `_call`, which refuses calls before it is ready."""
-        assert self._engine is not None
-        return self._engine
+    def model(self) -> Model:
+        """The model being served; only called inside `_call`, which refuses calls before it is ready."""
+        assert self._model is not None
+        return self._model
 
     def _options(self, options: pb.TranslateOptions, violations: list[tuple[str, str]]) -> DecodeOptions:
         """DecodeOptions from the request's options (zero means the default); adds a violation per bad field."""
-        engine = self.engine
+        model = self.model
         beam_size = options.beam_size or 1
-        max_length = options.max_length or engine.max_target_length
+        max_length = options.max_length or model.max_target_length
         num_hypotheses = options.num_hypotheses or 1
         length_penalty = options.length_penalty if options.HasField("length_penalty") else 1.0
         checks = [
             ("options.beam_size", beam_size <= self.settings.max_beam_size, f"{beam_size} is above the server's limit of {self.settings.max_beam_size}"),
-            ("options.max_length", max_length <= engine.max_target_length, f"{max_length} is above the model's limit of {engine.max_target_length} tokens"),
+            ("options.max_length", max_length <= model.max_target_length, f"{max_length} is above the model's limit of {model.max_target_length} tokens"),
             ("options.min_length", options.min_length <= max_length, f"{options.min_length} is above max_length {max_length}"),
             ("options.num_hypotheses", num_hypotheses <= beam_size, f"{num_hypotheses} is above beam_size {beam_size}"),
             ("options.length_penalty", math.isfinite(length_penalty) and 0 <= length_penalty <= MAX_LENGTH_PENALTY,
@@ -227,15 +227,15 @@ class TranslatorService:
 
     def _sources(self, texts: list[str], name: str, target_language: str, violations: list[tuple[str, str]]) -> list[list[int]]:
         """Source ids of each text, target-language token first where the model needs one; adds a violation per bad text."""
-        engine = self.engine
+        model = self.model
         prefix = self._prefixes.get(target_language or next(iter(self._prefixes)), [])
-        sources = [prefix + ids for ids in engine.encode_texts(texts)]
+        sources = [prefix + ids for ids in model.encode_texts(texts)]
         for index, (text, source) in enumerate(zip(texts, sources)):
             field_name = f"{name}[{index}]" if name == "texts" else name
             if not text.strip():
                 violations.append((field_name, "empty text"))
-            elif len(source) > engine.max_source_length:
-                violations.append((field_name, f"{len(source)} tokens, the model reads at most {engine.max_source_length}"))
+            elif len(source) > model.max_source_length:
+                violations.append((field_name, f"{len(source)} tokens, the model reads at most {model.max_source_length}"))
         return sources
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
@@ -280,10 +280,10 @@ class TranslatorService:
                 results = [await job.future for job in jobs]
             finally:
                 self.scheduler.cancel(jobs)  # the ones still unfinished: the client went away or a sibling failed
-            engine = self.engine
+            model = self.model
             response = pb.TranslateResponse(request_id=call.request_id)
             for source, hypotheses in zip(sources, results):
-                outputs = engine.decode_ids([h.tokens for h in hypotheses])
+                outputs = model.decode_ids([h.tokens for h in hypotheses])
                 translation = response.translations.add(source_tokens=source)
                 translation.hypotheses.extend(self._hypothesis(h, o, len(source), request.options) for h, o in zip(hypotheses, outputs))
             response.usage.input_tokens = sum(len(s) for s in sources)
@@ -305,21 +305,21 @@ class TranslatorService:
             sources = self._sources([request.text], "text", request.options.target_language, violations)
             if violations:
                 raise ValidationError(violations)
-            engine = self.engine
+            model = self.model
             (job,) = self.scheduler.submit(sources, options, deadline=self._deadline(context), stream=True)
             tokens: list[int] = []
             sent = ""
             try:
                 async for new in self.scheduler.pieces(job):
                     tokens += new
-                    text = engine.decode_ids([tokens])[0].rstrip(_INCOMPLETE)
+                    text = model.decode_ids([tokens])[0].rstrip(_INCOMPLETE)
                     piece = text[len(sent) :] if text.startswith(sent) else ""
                     sent += piece
                     yield pb.TranslateStreamResponse(piece=pb.TranslationPiece(tokens=new, text=piece))
                 (hypothesis,) = await job.future
             finally:
                 self.scheduler.cancel([job])
-            final_text = engine.decode_ids([hypothesis.tokens])[0]
+            final_text = model.decode_ids([hypothesis.tokens])[0]
             if final_text.startswith(sent) and len(final_text) > len(sent):  # what the last pieces held back
                 yield pb.TranslateStreamResponse(piece=pb.TranslationPiece(text=final_text[len(sent) :]))
             final = pb.TranslationFinal(

@@ -63,11 +63,11 @@ def test_model_info_and_health(server, tiny_bundle):
         assert client.health("") is HealthStatus.SERVING
         assert client.health("no.such.Service") is HealthStatus.SERVICE_UNKNOWN
         client.wait_until_serving(timeout=5)
-    engine = server.server.service.engine
-    assert info.bundle_sha256 == engine.bundle.sha256 and info.version == engine.bundle.sha256[:12]
-    assert info.limits.max_target_tokens == engine.max_target_length
+    model = server.server.service.model
+    assert info.bundle_sha256 == model.bundle.sha256 and info.version == model.bundle.sha256[:12]
+    assert info.limits.max_target_tokens == model.max_target_length
     assert info.limits.max_texts_per_request == server.server.settings.max_texts_per_request
-    assert info.dimensions.d_model == engine.bundle.dims.d_model and (info.device, info.precision) == ("cpu", "fp32")
+    assert info.dimensions.d_model == model.bundle.dims.d_model and (info.device, info.precision) == ("cpu", "fp32")
 
 
 def test_a_long_list_is_split_into_concurrent_requests_in_order(server, test_texts):
@@ -81,7 +81,7 @@ def test_a_long_list_is_split_into_concurrent_requests_in_order(server, test_tex
                     timeout=5, what="9 + 8 requests counted")
     assert [t.text for t in split[:64]] == [t.text for t in together]
     assert len(split) == 70 and len({t.request_id for t in split}) == 9
-    assert [t.source_tokens for t in split] == [server.server.service.engine.encode_texts([t])[0] for t in texts]
+    assert [t.source_tokens for t in split] == [server.server.service.model.encode_texts([t])[0] for t in texts]
     with Client(server.address) as client:
         assert client.translate([]) == []
         with pytest.raises(TypeError, match=r"list of texts"):

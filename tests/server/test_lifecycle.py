@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -48,6 +50,25 @@ def test_sigterm_lets_calls_in_flight_finish_refuses_new_ones_and_exits_0(serve_
     assert all(len(r.translations[0].hypotheses[0].tokens) == limit for r in results)
     assert server.wait() == 0, server.log
     assert "event=stopped" in server.log
+
+
+def test_a_lost_decode_process_stops_serving_and_exits_non_zero(serve_process, tiny_bundle, test_texts):
+    server = serve_process("--bundle", str(tiny_bundle), "--health-port", "0")
+    decode_pid = int(re.search(r"decode_pid=(\d+)", server.wait_for_event("warmed_up")).group(1))
+    server.wait_for_event("serving")
+    address, health_address = f"127.0.0.1:{server.port('grpc_port')}", f"127.0.0.1:{server.port('health_port')}"
+    with grpc.insecure_channel(address) as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        limit = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).limits.max_target_tokens
+        long = pb.TranslateOptions(min_length=limit, max_length=limit)
+        in_flight = stub.Translate.future(pb.TranslateRequest(texts=[test_texts[0]], options=long), timeout=TIMEOUT)
+        server.wait_for(lambda: server.scrape().value("nmtserve_active_sequences") == 1, what="a text decoding")
+        os.kill(decode_pid, signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as failed:
+            in_flight.result()
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE  # retryable: another replica can answer it
+    assert server.wait(TIMEOUT) == 1, server.log
+    assert "event=decode_process_ended" in server.log
 
 
 def test_tampered_bundle_never_serves_and_exits_non_zero(serve_process, tiny_bundle, tmp_path):

@@ -75,7 +75,7 @@ def test_metrics_move_with_the_traffic(traffic):
     max_batch_size = server.server.settings.max_batch_size
     assert after.value("nmtserve_kv_cache_free_slots") == after.value("nmtserve_kv_cache_slots") == max_batch_size
     assert after.value("nmtserve_active_sequences") == after.value("nmtserve_queue_depth") == 0
-    info = server.server.service.engine.bundle
+    info = server.server.service.model.bundle
     assert after.value("nmtserve_model_info", {"version": info.sha256[:12], "precision": "fp32", "device": "cpu"}) == 1
 
 

@@ -51,7 +51,7 @@ def test_a_short_request_joins_the_running_batch_and_finishes_first(start_server
         assert not any(f.done() for f in long), "a long translation finished before the short one"
         joined = _bucket(server, "nmtserve_decode_step_batch_size", 16) - _bucket(server, "nmtserve_decode_step_batch_size", 8)
         assert joined > joined_before, "no decoder step ran the short text together with the 8 long ones"
-        limit = server.server.service.engine.max_target_length
+        limit = server.server.service.model.max_target_length
         assert all(len(f.result().translations[0].hypotheses[0].tokens) == limit for f in long)
 
 

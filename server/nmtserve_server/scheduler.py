@@ -4,8 +4,8 @@ The decode loop (`decode_loop.py`) runs in a process of its own and owns the
 engine; this side owns every future, stream and metric, on the event loop. A
 request's texts are queued here (bounded by `max_queue_size`) and sent to the
 loop at once; the loop admits them between decoder steps as rows come free,
-and reports what each iteration did. A reader thread takes the reports off the
-pipe and hands them to the event loop.
+and reports what each iteration did, which the event loop reads off the pipe
+as they come.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
-import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -89,7 +88,6 @@ class Scheduler:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._to_loop: Connection | None = None
         self._from_loop: Connection | None = None
-        self._reader: threading.Thread | None = None
         self._jobs: dict[int, Job] = {}  # every text sent to the loop and not yet ended
         self._queued = 0  # of those, the ones the loop has not admitted yet
         self.lost = asyncio.Event()  # set if the decode process ends while serving
@@ -119,8 +117,7 @@ class Scheduler:
         self.metrics.kv_cache_slots.set(ready.capacity)
         self.metrics.kv_cache_free_slots.set(ready.capacity)
         self._loop = asyncio.get_running_loop()
-        self._reader = threading.Thread(target=self._read_reports, name="nmtserve-reports", daemon=True)
-        self._reader.start()
+        self._loop.add_reader(self._from_loop.fileno(), self._read_reports)
         self.state = "serving"
         return ready
 
@@ -195,8 +192,8 @@ class Scheduler:
             if self._process.is_alive():  # still loading, or stuck: nothing it holds needs saving
                 self._process.kill()
                 await asyncio.to_thread(self._process.join)
-        if self._reader is not None:
-            await asyncio.to_thread(self._reader.join)
+        if self._loop is not None and self._from_loop is not None:
+            self._loop.remove_reader(self._from_loop.fileno())
         self._fail_all(UnavailableError("server stopped"))
 
     def _send(self, kind: str, payload: object) -> None:
@@ -216,23 +213,17 @@ class Scheduler:
             self._forget(job)
             job.finish(error)
 
-    # The reader thread.
+    # The decode process's reports, read on the event loop.
 
     def _read_reports(self) -> None:
+        """The pipe from the decode process is readable: deliver every report waiting in it."""
         assert self._from_loop is not None and self._loop is not None
-        while True:
-            try:
-                report = self._from_loop.recv()
-            except (EOFError, OSError):  # the decode process has ended
-                break
-            try:
-                self._loop.call_soon_threadsafe(self._deliver, report)
-            except RuntimeError:  # the event loop has closed: nobody is left to answer
-                return
         try:
-            self._loop.call_soon_threadsafe(self._lost)
-        except RuntimeError:
-            pass
+            while self._from_loop.poll(0):
+                self._deliver(self._from_loop.recv())
+        except (EOFError, OSError):  # the decode process has ended
+            self._loop.remove_reader(self._from_loop.fileno())
+            self._lost()
 
     def _lost(self) -> None:
         """The decode process ended: expected after stop(), a failure otherwise."""
@@ -241,8 +232,6 @@ class Scheduler:
             self.state = "stopped"
             self._fail_all(UnavailableError("the decode process ended unexpectedly; see the server log"))
             self.lost.set()
-
-    # Back on the event loop.
 
     def _deliver(self, report: Report) -> None:
         """Record the iteration, stream new tokens, hand finished texts their hypotheses."""

@@ -156,7 +156,10 @@ class Scheduler:
         for job in unfinished:
             self._forget(job)
             job.finish(None)
-        self._send("cancel", [job.key for job in unfinished])
+        try:
+            self._send("cancel", [job.key for job in unfinished])
+        except UnavailableError:
+            pass  # the decode process is gone, and the rows with it
         self.metrics.queue_depth.set(self._queued)
 
     async def pieces(self, job: Job) -> AsyncIterator[list[int]]:
@@ -194,6 +197,9 @@ class Scheduler:
                 await asyncio.to_thread(self._process.join)
         if self._loop is not None and self._from_loop is not None:
             self._loop.remove_reader(self._from_loop.fileno())
+        for connection in (self._to_loop, self._from_loop):
+            if connection is not None:
+                connection.close()
         self._fail_all(UnavailableError("server stopped"))
 
     def _send(self, kind: str, payload: object) -> None:

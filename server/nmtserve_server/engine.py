@@ -308,23 +308,26 @@ class Decoder:
         slots, tokens, early = [], [], []
         for sequence in self.active:
             search = sequence.search
+            rows = len(search.prefixes)
             if search.step < search.options.min_length:
-                early += range(len(slots), len(slots) + search.rows)
-            slots += sequence.slots[: search.rows]
-            tokens += search.next_tokens()
+                early.extend(range(len(slots), len(slots) + rows))
+            slots.extend(sequence.slots[:rows])
+            tokens.extend(search.next_tokens())
         log_probs, alignment = self.engine.step(slots, tokens)
         special = self.engine.tokens
         log_probs[:, special.pad] = -np.inf  # never generated (Marian's <pad> is its start token, and scores high)
         log_probs[early, special.eos] = -np.inf  # before min_length, <eos> may not end a hypothesis
         best = log_probs.argmax(axis=1)  # one call for every row: greedy searches need nothing more
         best_log_probs = log_probs[np.arange(len(best)), best]
+        best_tokens = best.tolist()
         finished, still_active, offset = [], [], 0
         for sequence in self.active:
             search = sequence.search
-            rows = search.rows
-            own_source = alignment[offset : offset + rows, : sequence.source_length]  # the batch pads sources
-            if search.options.beam_size == 1:
-                search.advance_greedy(int(best[offset]), best_log_probs[offset], own_source)
+            rows, options = len(search.prefixes), search.options
+            # The batch pads sources: each sentence's alignment is cut to its own, where it is asked for.
+            own_source = alignment[offset : offset + rows, : sequence.source_length] if options.return_alignment else None
+            if options.beam_size == 1:
+                search.advance_greedy(best_tokens[offset], best_log_probs[offset], own_source)
             else:
                 self.engine.reorder(sequence.slots, search.advance(log_probs[offset : offset + rows], own_source))
             offset += rows

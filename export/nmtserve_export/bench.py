@@ -81,7 +81,8 @@ def run(command: str, args: argparse.Namespace) -> int:
                     progress.update(1)
     results = {name: {b: len(sources) * args.length / seconds for b, seconds in r.items()} for name, r in best.items()}
 
-    report = {"threads": threads, "decoder_threads": {p: e.decoder_threads for p, e in engines.items()}, "length": args.length, "sentences": len(sources), "tokens_per_second": results,
+    report = {"threads": threads, "decoder_threads": {p: e.decoder_threads for p, e in engines.items()}, "length": args.length,
+              "sentences": len(sources), "tokens_per_second": results,
               "ratio_to_pytorch": {name: {b: v / results["pytorch"][b] for b, v in r.items()} for name, r in results.items()}}
     (Path(out) / "bench_engine.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"generated tokens/s, greedy, {args.length} tokens per sentence, {threads} threads "

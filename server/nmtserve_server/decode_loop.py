@@ -62,7 +62,6 @@ class Ready:
     device: str
     providers: list[str]
     capacity: int
-    decoder_threads: int
     warm_up_seconds: float
 
 
@@ -86,7 +85,6 @@ class Report:
     error: str | None = None
     active: int = 0
     rows_free: int = 0
-    waiting: int = 0
     step_rows: int = 0
     step_seconds: float = 0.0
 
@@ -108,7 +106,7 @@ def run(spec: EngineSpec, inbox: Connection, outbox: Connection, max_queue_delay
     except Exception as error:  # the bundle, the device or ONNX Runtime: the server exits with the reason
         outbox.send(LoadFailed(f"{type(error).__name__}: {error}"))
         return
-    outbox.send(Ready(engine.device, engine.providers, engine.capacity, engine.decoder_threads, seconds))
+    outbox.send(Ready(engine.device, engine.providers, engine.capacity, seconds))
     try:
         DecodeLoop(decoder, inbox, outbox, max_queue_delay).run()
     except (EOFError, BrokenPipeError):  # the server process is gone
@@ -160,7 +158,7 @@ class DecodeLoop:
                 for key in self.running:
                     self.decoder.remove(key)
                 self.running.clear()
-            report.active, report.rows_free, report.waiting = len(self.running), self.decoder.rows_free(), len(self.waiting)
+            report.active, report.rows_free = len(self.running), self.decoder.rows_free()
             self.outbox.send(report)
 
     def _receive(self, wait: bool, timeout: float | None = None) -> None:
@@ -171,14 +169,14 @@ class DecodeLoop:
             if kind == "submit":
                 self.waiting.extend(payload)
             elif kind == "cancel":
-                self._cancel(set(payload))
+                self._withdraw(set(payload))
             else:
                 self.stopping = True
                 return
             ready = self.inbox.poll(0)
 
-    def _cancel(self, keys: set[int]) -> None:
-        """Withdraw texts the client gave up on: out of the queue, or out of the batch with their rows freed."""
+    def _withdraw(self, keys: set[int]) -> None:
+        """Take texts out (cancelled, or past their deadline): out of the queue, or out of the batch with their rows freed."""
         self.waiting = deque(text for text in self.waiting if text.key not in keys)
         for key in keys & self.running.keys():
             del self.running[key]
@@ -196,14 +194,9 @@ class DecodeLoop:
     def _expire(self, report: Report) -> None:
         """Texts whose deadline has passed leave the queue and the batch now."""
         now = time.monotonic()
-        late = [text for text in self.running.values() if text.deadline is not None and text.deadline <= now]
-        for text in late:
-            del self.running[text.key]
-            self.decoder.remove(text.key)
-        report.late = [text.key for text in late]
-        if any(text.deadline is not None and text.deadline <= now for text in self.waiting):
-            report.late += [text.key for text in self.waiting if text.deadline is not None and text.deadline <= now]
-            self.waiting = deque(text for text in self.waiting if text.deadline is None or text.deadline > now)
+        report.late = [t.key for t in (*self.running.values(), *self.waiting) if t.deadline is not None and t.deadline <= now]
+        if report.late:
+            self._withdraw(set(report.late))
 
     def _admit(self, report: Report) -> None:
         """Admit waiting texts, oldest first, while their beams fit in the free rows, and encode them in one run."""

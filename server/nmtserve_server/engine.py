@@ -308,7 +308,7 @@ class Decoder:
         slots, tokens, early = [], [], []
         for sequence in self.active:
             search = sequence.search
-            rows = len(search.prefixes)
+            rows = search.rows
             if search.step < search.options.min_length:
                 early.extend(range(len(slots), len(slots) + rows))
             slots.extend(sequence.slots[:rows])
@@ -323,7 +323,7 @@ class Decoder:
         finished, still_active, offset = [], [], 0
         for sequence in self.active:
             search = sequence.search
-            rows, options = len(search.prefixes), search.options
+            rows, options = search.rows, search.options
             # The batch pads sources: each sentence's alignment is cut to its own, where it is asked for.
             own_source = alignment[offset : offset + rows, : sequence.source_length] if options.return_alignment else None
             if options.beam_size == 1:

@@ -111,9 +111,7 @@ class Scheduler:
         if isinstance(ready, LoadFailed):
             await asyncio.to_thread(self._process.join, STOP_TIMEOUT)
             raise EngineFailed(ready.reason)
-        log.info(
-            "event=warmed_up seconds=%.3f decoder_threads=%d decode_pid=%d", ready.warm_up_seconds, ready.decoder_threads, self._process.pid
-        )
+        log.info("event=warmed_up seconds=%.3f decode_pid=%d", ready.warm_up_seconds, self._process.pid)
         self.metrics.kv_cache_slots.set(ready.capacity)
         self.metrics.kv_cache_free_slots.set(ready.capacity)
         self._loop = asyncio.get_running_loop()

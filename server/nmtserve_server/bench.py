@@ -21,7 +21,6 @@ import random
 import re
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -82,27 +81,31 @@ def engine_tokens_per_second(engine: Engine, texts: list[str], length: int, repe
     return len(sources) * length / best
 
 
-def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[str], int, int]:
-    """`nmtserve serve` on loopback with free ports; returns the process and its gRPC and metrics ports once SERVING."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "nmtserve.cli", "serve", "--bundle", str(args.bundle), "--host", "127.0.0.1", "--port", "0",
-         "--metrics-port", "0", "--device", args.device, "--threads", str(args.threads),
-         "--decoder-threads", str(args.decoder_threads),
-         "--max-batch-size", str(max(args.streams, ENGINE_BATCH)), "--max-queue-size", str(max(256, args.streams)),
-         "--log-level", "info"],
-        stderr=subprocess.PIPE, text=True,
-    )
-    assert process.stderr is not None
+def _start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen[bytes], int, int]:
+    """`nmtserve serve` on loopback with free ports, logging to `log_path`; returns the process and its gRPC and metrics ports once SERVING.
+
+    The log goes to a file rather than a pipe: a reader of the pipe would be one more thread in the client's process.
+    """
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nmtserve.cli", "serve", "--bundle", str(args.bundle), "--host", "127.0.0.1", "--port", "0",
+             "--metrics-port", "0", "--device", args.device, "--threads", str(args.threads),
+             "--decoder-threads", str(args.decoder_threads),
+             "--max-batch-size", str(max(args.streams, ENGINE_BATCH)), "--max-queue-size", str(max(256, args.streams)),
+             "--log-level", "info"],
+            stderr=log,
+        )
     ports: dict[str, int] = {}
     deadline = time.monotonic() + START_TIMEOUT
-    for line in process.stderr:
-        ports |= {name: int(value) for name, value in re.findall(r"(grpc_port|metrics_port)=(\d+)", line)}
-        if "event=serving" in line or time.monotonic() > deadline:
+    while process.poll() is None and time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace")
+        ports = {name: int(value) for name, value in re.findall(r"(grpc_port|metrics_port)=(\d+)", text)}
+        if "event=serving" in text:
             break
+        time.sleep(0.1)
     if len(ports) < 2 or process.poll() is not None:
         process.kill()
-        raise RuntimeError(f"nmtserve serve did not start (exit {process.poll()}); run it alone to see why")
-    threading.Thread(target=process.stderr.read, daemon=True).start()  # keep its log from filling the pipe
+        raise RuntimeError(f"nmtserve serve did not start (exit {process.poll()}); see {log_path}")
     return process, ports["grpc_port"], ports["metrics_port"]
 
 
@@ -182,7 +185,8 @@ def run(command: str, args: argparse.Namespace) -> int:
     del engine  # free its cache before the server allocates its own
 
     print(f"gRPC server: {args.streams} streams, {args.warm_up_seconds:g} s warm-up, {args.seconds:g} s measured ...", flush=True)
-    process, port, metrics_port = _start_server(args)
+    out.mkdir(parents=True, exist_ok=True)
+    process, port, metrics_port = _start_server(args, out / "bench_serve.log")
     request_seconds = args.length * ENGINE_BATCH / engine_rate  # one text's decode at the engine's batch-32 pace
     try:
         seconds, timings, received = asyncio.run(
@@ -209,7 +213,6 @@ def run(command: str, args: argparse.Namespace) -> int:
         "slowest_1_percent_means": slowest_parts,
         "time_to_first_token_seconds": first_token.tolist(), "ttft_budget_seconds": budgets.tolist(),
     }
-    out.mkdir(parents=True, exist_ok=True)
     (out / "bench_serve.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(report, out / "bench_serve.png")
     print(f"engine alone, batch {ENGINE_BATCH}:   {engine_rate:9.0f} generated tokens/s")

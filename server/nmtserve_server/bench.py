@@ -82,9 +82,9 @@ def engine_tokens_per_second(engine: Engine, texts: list[str], length: int, repe
 
 
 def _start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen[bytes], int, int]:
-    """`nmtserve serve` on loopback with free ports, logging to `log_path`; returns the process and its gRPC and metrics ports once SERVING.
+    """`nmtserve serve` on loopback with free ports; returns the process and its gRPC and metrics ports once SERVING.
 
-    The log goes to a file rather than a pipe: a reader of the pipe would be one more thread in the client's process.
+    The log goes to `log_path` rather than a pipe: a reader of the pipe would be one more thread in the client's process.
     """
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -95,15 +95,13 @@ def _start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.
              "--log-level", "info"],
             stderr=log,
         )
-    ports: dict[str, int] = {}
     deadline = time.monotonic() + START_TIMEOUT
-    while process.poll() is None and time.monotonic() < deadline:
-        text = log_path.read_text(errors="replace")
-        ports = {name: int(value) for name, value in re.findall(r"(grpc_port|metrics_port)=(\d+)", text)}
-        if "event=serving" in text:
-            break
+    text = ""
+    while "event=serving" not in text and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-    if len(ports) < 2 or process.poll() is not None:
+        text = log_path.read_text(errors="replace")
+    ports = {name: int(value) for name, value in re.findall(r"(grpc_port|metrics_port)=(\d+)", text)}
+    if "event=serving" not in text or len(ports) < 2 or process.poll() is not None:
         process.kill()
         raise RuntimeError(f"nmtserve serve did not start (exit {process.poll()}); see {log_path}")
     return process, ports["grpc_port"], ports["metrics_port"]

@@ -5,8 +5,11 @@ takes what the server sent (new texts, cancellations), drops the texts that
 left (cancelled, deadline passed), admits waiting texts, oldest first, while
 their beams fit in the free rows, encodes the admitted ones in one encoder
 run, then runs one decoder step for all active texts together; a text that
-finishes leaves at once and its rows serve the next admission. What an
-iteration did goes back to the server as a Report. When the decoder is idle
+finishes leaves at once and its rows serve the next admission. What the
+iterations did goes back to the server as a Report, sent as soon as one has
+news for a waiting call (admitted, finished, withdrawn, a streamed prefix) and
+otherwise at least every REPORT_INTERVAL: a step that only adds a token to
+unary calls is not worth waking the server for. When the decoder is idle
 the loop waits up to `max_queue_delay` after the first arrival for more, so
 that a burst shares one encoder run.
 
@@ -30,6 +33,8 @@ from .engine import Decoder, Engine
 from .search import DecodeOptions, Hypothesis
 
 log = logging.getLogger(__name__)
+
+REPORT_INTERVAL = 0.05  # seconds: the longest the server's step metrics lag while nothing else happens
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ class LoadFailed:
 
 @dataclass
 class Report:
-    """What one iteration did, for the server to hand out and record."""
+    """What the iterations since the last report did, for the server to hand out and record."""
 
     admitted: list[tuple[int, float, float]] = field(default_factory=list)  # key, when admitted, its encoder run's seconds
     encoder_runs: list[tuple[int, float]] = field(default_factory=list)  # texts, seconds
@@ -83,10 +88,13 @@ class Report:
     prefixes: list[tuple[int, list[int]]] = field(default_factory=list)  # streamed texts: best prefix so far
     failed: list[int] = field(default_factory=list)  # a model run raised `error`; these texts left the batch
     error: str | None = None
+    steps: list[tuple[int, float]] = field(default_factory=list)  # rows, seconds
     active: int = 0
     rows_free: int = 0
-    step_rows: int = 0
-    step_seconds: float = 0.0
+
+    def has_news(self) -> bool:
+        """Whether a waiting call hears something from this report (beyond the step metrics)."""
+        return bool(self.admitted or self.late or self.finished or self.prefixes or self.failed)
 
 
 # Messages from the server: ("submit", list[Text]), ("cancel", list[int]), ("stop", None).
@@ -141,13 +149,13 @@ class DecodeLoop:
 
     def run(self) -> None:
         """Iterate until the server says stop."""
+        report, sent = Report(), time.monotonic()
         while True:
             self._receive(wait=not (self.waiting or self.decoder.active))
             if self.waiting and not self.decoder.active:
                 self._gather()
             if self.stopping:
                 return
-            report = Report()
             try:
                 self._expire(report)
                 self._admit(report)
@@ -158,8 +166,13 @@ class DecodeLoop:
                 for key in self.running:
                     self.decoder.remove(key)
                 self.running.clear()
-            report.active, report.rows_free = len(self.running), self.decoder.rows_free()
-            self.outbox.send(report)
+            rows_free = self.decoder.rows_free()
+            # Rows freed by a cancellation are news too (the free-rows gauge); an idle loop sends before it waits.
+            if (report.has_news() or rows_free != report.rows_free or not self.decoder.active
+                    or time.monotonic() - sent >= REPORT_INTERVAL):
+                report.active, report.rows_free = len(self.running), rows_free
+                self.outbox.send(report)
+                report, sent = Report(rows_free=rows_free), time.monotonic()
 
     def _receive(self, wait: bool, timeout: float | None = None) -> None:
         """Take the server's messages: block for the first one if `wait` (up to `timeout`), then take what has arrived."""
@@ -194,9 +207,10 @@ class DecodeLoop:
     def _expire(self, report: Report) -> None:
         """Texts whose deadline has passed leave the queue and the batch now."""
         now = time.monotonic()
-        report.late = [t.key for t in (*self.running.values(), *self.waiting) if t.deadline is not None and t.deadline <= now]
-        if report.late:
-            self._withdraw(set(report.late))
+        late = [t.key for t in (*self.running.values(), *self.waiting) if t.deadline is not None and t.deadline <= now]
+        if late:
+            report.late.extend(late)
+            self._withdraw(set(late))
 
     def _admit(self, report: Report) -> None:
         """Admit waiting texts, oldest first, while their beams fit in the free rows, and encode them in one run."""
@@ -214,17 +228,17 @@ class DecodeLoop:
             self.running[text.key] = text
         self.decoder.add([t.key for t in admitted], [t.source for t in admitted], [t.options for t in admitted])
         seconds = time.perf_counter() - started
-        report.admitted = [(text.key, now, seconds) for text in admitted]
+        report.admitted.extend((text.key, now, seconds) for text in admitted)
         report.encoder_runs.append((len(admitted), seconds))
 
     def _step(self, report: Report) -> None:
         """One decoder step for every active text."""
         if not self.decoder.active:
             return
-        report.step_rows = sum(sentence.search.rows for sentence in self.decoder.active)
+        rows = sum(sentence.search.rows for sentence in self.decoder.active)
         started = time.perf_counter()
         finished = self.decoder.step()
-        report.step_seconds = time.perf_counter() - started
+        report.steps.append((rows, time.perf_counter() - started))
         for key, hypotheses in finished:
             del self.running[key]
             report.finished.append((key, hypotheses))

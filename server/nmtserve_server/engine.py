@@ -198,6 +198,20 @@ class Engine(Model):
         self.source_lengths[slots] = 0
         self._fit_source(int(self.source_lengths.max()))
 
+    def move(self, sources: Sequence[int], targets: Sequence[int]) -> None:
+        """Move the rows in use at `sources` to the free slots `targets`, which take their place in the free list."""
+        if not sources:
+            return
+        old, new = list(sources), list(targets)
+        length = int(self.lengths[old].max())
+        for buffer in self.cache:
+            buffer[new, :, :length] = buffer[old, :, :length]
+        for buffer in self.memory:
+            buffer[new] = buffer[old]
+        self.lengths[new], self.source_lengths[new] = self.lengths[old], self.source_lengths[old]
+        self.lengths[old], self.source_lengths[old] = 0, 0
+        self.free_slots = sorted(set(self.free_slots).difference(new).union(old))  # a sorted list is a valid heap
+
     def reorder(self, slots: Sequence[int], parents: Sequence[int]) -> None:
         """Beam reordering: slot i takes over the cache of slot parents[i]."""
         if list(parents) == list(range(len(parents))):
@@ -301,10 +315,25 @@ class Decoder:
                 return True
         return False
 
+    def compact(self) -> None:
+        """Move the rows in use above a free row down into it, so a step runs over rows [0, rows in use) and no holes."""
+        free = sorted(self.engine.free_slots)
+        in_use = self.engine.capacity - len(free)
+        holes = [slot for slot in free if slot < in_use]
+        if not holes:
+            return
+        owners = {slot: (sentence, i) for sentence in self.active for i, slot in enumerate(sentence.slots) if slot >= in_use}
+        sources = sorted(owners)
+        self.engine.move(sources, holes)
+        for source, target in zip(sources, holes):
+            sentence, i = owners[source]
+            sentence.slots[i] = target
+
     def step(self) -> list[tuple[Any, list[Hypothesis]]]:
         """Run one decoder step for every active sentence; returns those that finished."""
         if not self.active:
             return []
+        self.compact()  # rows freed since the last step (finished, removed) would otherwise still be computed
         slots, tokens, early = [], [], []
         for sequence in self.active:
             search = sequence.search

@@ -262,9 +262,9 @@ class Scheduler:
         for texts, seconds in report.encoder_runs:
             m.encoder_batch_size.observe(texts)
             m.encoder_duration.observe(seconds)
-        if report.step_rows:
-            m.decode_step_batch_size.observe(report.step_rows)
-            m.decode_step_duration.observe(report.step_seconds)
+        for rows, seconds in report.steps:
+            m.decode_step_batch_size.observe(rows)
+            m.decode_step_duration.observe(seconds)
         for key, prefix in report.prefixes:
             job = jobs.get(key)
             if job is not None and job.pieces is not None and len(prefix) > job.streamed:

@@ -15,7 +15,7 @@ from nmtserve_export.data import encode_sources
 from nmtserve_export.decode import IncrementalDecoder, beam_search, greedy_search
 from nmtserve_export.evaluate import held_out_pairs
 from nmtserve_export.train import exact_match
-from nmtserve_server.engine import DeviceError, Engine, providers_for, translate
+from nmtserve_server.engine import Decoder, DeviceError, Engine, providers_for, translate
 from nmtserve_server.search import DecodeOptions, top_candidates
 
 
@@ -90,6 +90,30 @@ def test_sentence_alone_equals_sentence_in_a_batch(reference, engine):
     for source, in_batch in zip(sources[:40], batched):
         alone = translate(engine, [source], DecodeOptions(beam_size=2, num_hypotheses=2))[0]
         assert [h.tokens for h in alone] == [h.tokens for h in in_batch]
+
+
+def test_sentences_joining_and_leaving_a_running_batch_decode_as_alone(reference, engine):
+    """Continuous batching: texts added between steps, one withdrawn, rows freed mid-batch are compacted away."""
+    _, _, _, sources = reference
+    options = [DecodeOptions(beam_size=(1, 3)[i % 2], num_hypotheses=1, max_length=8 + 5 * (i % 4)) for i in range(24)]
+    decoder, results, waves = Decoder(engine), {}, [range(0, 6), range(6, 12), range(12, 18), range(18, 24)]
+    steps = 0
+    while waves or decoder.active:
+        if waves and steps % 3 == 0:
+            wave = list(waves.pop(0))
+            decoder.add(wave, [sources[i] for i in wave], [options[i] for i in wave])
+        if steps == 4:
+            assert decoder.remove(1)
+        results.update(decoder.step())
+        steps += 1
+        decoder.compact()  # as the next step will: the rows in use are then exactly rows [0, n)
+        in_use = engine.capacity - decoder.rows_free()
+        assert sorted(slot for sentence in decoder.active for slot in sentence.slots) == list(range(in_use))
+    assert sorted(results) == [i for i in range(24) if i != 1]
+    for i, hypotheses in results.items():
+        alone = translate(engine, [sources[i]], options[i])[0]
+        assert hypotheses[0].tokens == alone[0].tokens
+        assert hypotheses[0].score == pytest.approx(alone[0].score, abs=1e-4)
 
 
 def test_alignment_has_one_distribution_per_generated_token(reference, engine):

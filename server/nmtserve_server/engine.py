@@ -317,14 +317,13 @@ class Decoder:
 
     def compact(self) -> None:
         """Move the rows in use above a free row down into it, so a step runs over rows [0, rows in use) and no holes."""
-        free = sorted(self.engine.free_slots)
-        in_use = self.engine.capacity - len(free)
-        holes = [slot for slot in free if slot < in_use]
-        if not holes:
+        in_use = self.engine.capacity - len(self.engine.free_slots)
+        if not self.engine.free_slots or self.engine.free_slots[0] >= in_use:  # a heap: [0] is the lowest free row
             return
+        holes = [slot for slot in sorted(self.engine.free_slots) if slot < in_use]
         owners = {slot: (sentence, i) for sentence in self.active for i, slot in enumerate(sentence.slots) if slot >= in_use}
         sources = sorted(owners)
-        self.engine.move(sources, holes)
+        self.engine.move(sources, holes[: len(sources)])
         for source, target in zip(sources, holes):
             sentence, i = owners[source]
             sentence.slots[i] = target

@@ -51,7 +51,8 @@ def run(command: str, args: argparse.Namespace) -> int:
     """Measure and print tokens/s per engine and batch size, and the ratios to PyTorch."""
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    out = args.out or args.checkpoint
+    out = Path(args.out or args.checkpoint)
+    out.mkdir(parents=True, exist_ok=True)  # before the measurements, not after them
     model, tokenizer, metadata = load_model(args.checkpoint)
     sources = encode_sources(tokenizer, [p.source for p in held_out_pairs(metadata)[: args.sentences]])
     engines = {}
@@ -84,7 +85,7 @@ def run(command: str, args: argparse.Namespace) -> int:
     report = {"threads": threads, "decoder_threads": {p: e.decoder_threads for p, e in engines.items()}, "length": args.length,
               "sentences": len(sources), "tokens_per_second": results,
               "ratio_to_pytorch": {name: {b: v / results["pytorch"][b] for b, v in r.items()} for name, r in results.items()}}
-    (Path(out) / "bench_engine.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "bench_engine.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"generated tokens/s, greedy, {args.length} tokens per sentence, {threads} threads "
           f"(ONNX Runtime decoder step: {', '.join(f'{p} {e.decoder_threads}' for p, e in engines.items())})")
     print(f"{'engine':<20}" + "".join(f"{'batch ' + str(b):>14}" for b in args.batch_sizes))
@@ -101,6 +102,6 @@ def run(command: str, args: argparse.Namespace) -> int:
     ax.set(ylabel="generated tokens/s", title=f"Decoding throughput ({threads} CPU threads)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(Path(out) / "bench_engine.png", dpi=120)
-    print(f"wrote {Path(out) / 'bench_engine.json'} and bench_engine.png")
+    fig.savefig(out / "bench_engine.png", dpi=120)
+    print(f"wrote {out / 'bench_engine.json'} and bench_engine.png")
     return 0

@@ -15,15 +15,15 @@ def test_bench_engine_measures_pytorch_and_both_bundles(tiny_run, tiny_bundle, t
     shutil.copytree(tiny_bundle_int8, checkpoint / "bundle-int8")
     result = subprocess.run(
         [sys.executable, "-m", "nmtserve.cli", "bench-engine", str(checkpoint), "--batch-sizes", "1", "4",
-         "--sentences", "8", "--length", "4", "--repeats", "2", "--threads", "1", "--out", str(tmp_path)],
+         "--sentences", "8", "--length", "4", "--repeats", "2", "--threads", "1", "--out", str(tmp_path / "figures")],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "bench_engine.json").read_text())
+    report = json.loads((tmp_path / "figures" / "bench_engine.json").read_text())  # --out is made where missing
     assert set(report["tokens_per_second"]) == {"pytorch", "onnxruntime-fp32", "onnxruntime-int8"}
     for rates in report["tokens_per_second"].values():
         assert set(rates) == {"1", "4"} and all(rate > 0 for rate in rates.values())
     assert report["ratio_to_pytorch"]["pytorch"] == {"1": 1.0, "4": 1.0}
     assert report["decoder_threads"] == {"fp32": 1, "int8": 1}  # --threads 1: nothing to choose between
-    assert (tmp_path / "bench_engine.png").stat().st_size > 0
+    assert (tmp_path / "figures" / "bench_engine.png").stat().st_size > 0
     assert "onnxruntime-int8" in result.stdout

@@ -1,15 +1,18 @@
 """`nmtserve bench-serve`: served tokens/s and time to first token of the gRPC server, against the engine alone.
 
-In one run on one machine: first the in-process engine decodes the texts in
-batches of 32 (the reference throughput); then `nmtserve serve` starts as a
-subprocess on loopback and N concurrent client streams (asyncio tasks on one
-channel) each send Translate calls (greedy, one text) one after another, for
-a warm-up period and then a measured window. Every text is decoded to a fixed
-length (min = max length), so both sides do the same work; the streams start
-spread over one request's duration, so that requests keep arriving at a busy
-server rather than all at once. Reported: served tokens/s as a ratio of the
-engine's, and each request's time to first token against its budget of three
-mean decode steps plus its own encoder run (both measured by the server).
+In one run on one machine, `nmtserve serve` runs as a subprocess on loopback,
+and rounds alternate between the two sides: the in-process engine decodes the
+texts in batches of 32 for a few seconds (the reference throughput, while the
+server idles), then N concurrent client streams (asyncio tasks on one channel)
+each send Translate calls (greedy, one text) one after another, for a warm-up
+and then a measured window. Alternating cancels the drift of a shared
+machine's speed, which over a minute moves either side by more than the gap
+being measured. Every text is decoded to a fixed length (min = max length),
+so both sides do the same work; the streams start spread over one request's
+duration, so that requests keep arriving at a busy server rather than all at
+once. Reported: served tokens/s as a ratio of the engine's (over all rounds,
+and per round), and each request's time to first token against its budget of
+three mean decode steps plus its own encoder run (both measured by the server).
 """
 
 from __future__ import annotations
@@ -46,14 +49,15 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     """Define the benchmark's flags."""
     parser.add_argument("bundle", type=Path, nargs="?", default=DEFAULT_BUNDLE, help="model bundle directory (default: %(default)s)")
     parser.add_argument("--streams", type=int, default=64, help="concurrent client streams")
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured window (after the warm-up)")
-    parser.add_argument("--warm-up-seconds", type=float, default=3.0, help="load before the measured window")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of engine alone, then served")
+    parser.add_argument("--engine-seconds", type=float, default=3.0, help="engine-alone measurement per round (whole passes over the texts)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="served window per round (after the warm-up)")
+    parser.add_argument("--warm-up-seconds", type=float, default=1.0, help="load before each served window")
     parser.add_argument("--length", type=int, default=32, help="tokens generated per text (min = max length)")
     parser.add_argument("--source-tokens", type=int, default=12, help="words per made-up source text")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where ONNX Runtime runs, for both sides")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime encoder threads, for both sides (0: all cores)")
     parser.add_argument("--decoder-threads", type=int, default=0, help="decoder step threads, for both sides (0: the faster of 1 and --threads)")
-    parser.add_argument("--repeats", type=int, default=3, help="engine measurements; the best is kept")
     parser.add_argument("--max-seconds", type=float, default=600, help="give up (non-zero exit) after this long")
     parser.add_argument("--out", type=Path, default=None, help="where to write bench_serve.json/.png (default: the bundle's parent)")
 
@@ -66,19 +70,17 @@ def made_up_texts(engine: Engine, count: int, words: int, seed: int = 0) -> list
     return [" ".join(rng.choice(whole_words) for _ in range(words)) for _ in range(count)]
 
 
-def engine_tokens_per_second(engine: Engine, texts: list[str], length: int, repeats: int) -> float:
-    """Generated tokens/s of the engine alone, ENGINE_BATCH texts at a time, fixed output length."""
+def engine_tokens_per_second(engine: Engine, batches: list[list[list[int]]], length: int, seconds: float) -> float:
+    """Generated tokens/s of the engine alone over whole passes of the batches, until `seconds` have passed."""
     options = DecodeOptions(min_length=length, max_length=length)
-    sources = engine.encode_texts(texts)
-    batches = [sources[i : i + ENGINE_BATCH] for i in range(0, len(sources), ENGINE_BATCH)]
-    translate(engine, batches[0][:1], options)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
+    tokens, started = 0, time.perf_counter()
+    while True:
         for batch in batches:
             translate(engine, batch, options)
-        best = min(best, time.perf_counter() - started)
-    return len(sources) * length / best
+            tokens += len(batch) * length
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds:
+            return tokens / elapsed
 
 
 def _start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen[bytes], int, int]:
@@ -108,7 +110,8 @@ def _start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.
 
 
 async def _client_streams(port: int, texts: list[str], request_seconds: float, args: argparse.Namespace) -> tuple[float, list[dict], int]:
-    """Run the client streams; returns the window's length, the timings of the requests that ended in it, and their tokens.
+    """Run the client streams for one round; returns the window's length, the timings of the requests that ended in it,
+    and their tokens.
 
     Stream i starts i/N of a request's duration late, then sends unary Translate calls one after another until the
     window ends. Timings are the server's own (TranslateResponse.timings).
@@ -155,10 +158,13 @@ def _server_means(metrics_port: int) -> dict[str, float]:
 def _plot(report: dict, path: Path) -> None:
     fig = Figure(figsize=(10, 4))
     throughput, latency = fig.subplots(1, 2)
-    names = [f"engine batch {ENGINE_BATCH}", f"gRPC, {report['streams']} streams"]
-    values = [report["engine_tokens_per_second"], report["served_tokens_per_second"]]
-    throughput.bar(names, values, color=["tab:gray", "tab:blue"])
+    rounds = np.arange(len(report["rounds"]))
+    for offset, key, label, color in ((-0.2, "engine_tokens_per_second", f"engine alone, batch {ENGINE_BATCH}", "tab:gray"),
+                                      (0.2, "served_tokens_per_second", f"gRPC, {report['streams']} streams", "tab:blue")):
+        throughput.bar(rounds + offset, [r[key] for r in report["rounds"]], 0.4, label=label, color=color)
+    throughput.set_xticks(rounds, [f"round {i + 1}\n{r['ratio']:.2f}x" for i, r in enumerate(report["rounds"])])
     throughput.set(ylabel="generated tokens/s", title=f"Throughput (served / engine = {report['ratio']:.2f})")
+    throughput.legend(loc="lower right")
     over_budget = np.sort(np.array(report["time_to_first_token_seconds"]) / np.array(report["ttft_budget_seconds"]))
     latency.plot(over_budget, np.arange(1, len(over_budget) + 1) / len(over_budget))
     latency.axvline(1.0, color="tab:red", linestyle="--", label="budget: 3 steps + its encoder run")
@@ -171,30 +177,42 @@ def _plot(report: dict, path: Path) -> None:
 
 
 def run(command: str, args: argparse.Namespace) -> int:
-    """Measure the engine, then the server under load; print, and write JSON and PNG."""
+    """Alternate the engine alone and the server under load for some rounds; print, and write JSON and PNG."""
     out = args.out or args.bundle.resolve().parent
     engine = Engine.from_path(
         args.bundle, device=args.device, capacity=ENGINE_BATCH, threads=args.threads, decoder_threads=args.decoder_threads
     )
     texts = made_up_texts(engine, max(4 * args.streams, ENGINE_BATCH), args.source_tokens)
-    print(f"engine alone: {len(texts)} texts, batch {ENGINE_BATCH}, {args.length} tokens each ...", flush=True)
-    engine_rate = engine_tokens_per_second(engine, texts, args.length, args.repeats)
-    device, decoder_threads = engine.device, engine.decoder_threads
-    del engine  # free its cache before the server allocates its own
+    sources = engine.encode_texts(texts)
+    batches = [sources[i : i + ENGINE_BATCH] for i in range(0, len(sources), ENGINE_BATCH)]
+    translate(engine, batches[0][:1], DecodeOptions(min_length=args.length, max_length=args.length))  # warm-up
 
-    print(f"gRPC server: {args.streams} streams, {args.warm_up_seconds:g} s warm-up, {args.seconds:g} s measured ...", flush=True)
     out.mkdir(parents=True, exist_ok=True)
+    print("starting nmtserve serve ...", flush=True)
     process, port, metrics_port = _start_server(args, out / "bench_serve.log")
-    request_seconds = args.length * ENGINE_BATCH / engine_rate  # one text's decode at the engine's batch-32 pace
+    deadline = time.monotonic() + args.max_seconds
+    rounds: list[dict] = []
+    timings: list[dict] = []
     try:
-        seconds, timings, received = asyncio.run(
-            asyncio.wait_for(_client_streams(port, texts, request_seconds, args), args.max_seconds)
-        )
+        for index in range(args.rounds):
+            engine_rate = engine_tokens_per_second(engine, batches, args.length, args.engine_seconds)
+            request_seconds = args.length * ENGINE_BATCH / engine_rate  # one text's decode at the engine's batch-32 pace
+            seconds, round_timings, received = asyncio.run(
+                asyncio.wait_for(_client_streams(port, texts, request_seconds, args), deadline - time.monotonic())
+            )
+            rounds.append({"engine_tokens_per_second": engine_rate, "served_tokens_per_second": received / seconds,
+                           "ratio": received / seconds / engine_rate, "seconds": seconds, "requests": len(round_timings),
+                           "tokens": received})
+            timings += round_timings
+            print(f"round {index + 1}/{args.rounds}: engine alone {engine_rate:.0f}, served {received / seconds:.0f} "
+                  f"generated tokens/s ({rounds[-1]['ratio']:.2f}x)", flush=True)
         means = _server_means(metrics_port)
     finally:
         process.terminate()
         process.wait(60)
-    served_rate = received / seconds
+    seconds = sum(r["seconds"] for r in rounds)
+    served_rate = sum(r["tokens"] for r in rounds) / seconds
+    engine_rate = float(np.mean([r["engine_tokens_per_second"] for r in rounds]))
     first_token = np.array([t["first_token_seconds"] for t in timings])
     budgets = 3 * means["decode_step_seconds"] + np.array([t["encode_seconds"] for t in timings])
     p99 = float(np.percentile(first_token, 99))
@@ -202,8 +220,8 @@ def run(command: str, args: argparse.Namespace) -> int:
     slowest = np.argsort(first_token)[-max(1, len(timings) // 100) :]
     slowest_parts = {part: float(np.mean([timings[i][part] for i in slowest])) for part in ("queue_seconds", "encode_seconds")}
     report = {
-        "device": device, "streams": args.streams, "seconds": seconds, "requests": len(timings), "length": args.length,
-        "threads": args.threads, "engine_decoder_threads": decoder_threads,
+        "device": engine.device, "streams": args.streams, "seconds": seconds, "requests": len(timings), "length": args.length,
+        "threads": args.threads, "engine_decoder_threads": engine.decoder_threads, "rounds": rounds,
         "engine_tokens_per_second": engine_rate, "served_tokens_per_second": served_rate,
         "ratio": served_rate / engine_rate, "p50_time_to_first_token_seconds": float(np.percentile(first_token, 50)),
         "p99_time_to_first_token_seconds": p99, "p99_ttft_over_budget": float(np.percentile(first_token / budgets, 99)),
@@ -213,8 +231,9 @@ def run(command: str, args: argparse.Namespace) -> int:
     }
     (out / "bench_serve.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(report, out / "bench_serve.png")
-    print(f"engine alone, batch {ENGINE_BATCH}:   {engine_rate:9.0f} generated tokens/s")
-    print(f"served, {args.streams} streams:    {served_rate:9.0f} generated tokens/s  ({report['ratio']:.2f}x the engine; target >= 0.85)")
+    print(f"engine alone, batch {ENGINE_BATCH}:   {engine_rate:9.0f} generated tokens/s (mean of {len(rounds)} rounds)")
+    print(f"served, {args.streams} streams:    {served_rate:9.0f} generated tokens/s  ({report['ratio']:.2f}x the engine; target >= 0.85; "
+          f"rounds {min(r['ratio'] for r in rounds):.2f}-{max(r['ratio'] for r in rounds):.2f}x)")
     print(f"time to first token:  p50 {report['p50_time_to_first_token_seconds'] * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; "
           f"p99 of each over its budget (3 steps + its encoder run, median {report['median_ttft_budget_seconds'] * 1000:.1f} ms): "
           f"{report['p99_ttft_over_budget']:.2f}x (target <= 1)")

@@ -1,4 +1,4 @@
-"""`nmtserve bench-serve` end to end on the tiny bundle: engine alone, then a real server under a short load."""
+"""`nmtserve bench-serve` end to end on the tiny bundle: rounds of the engine alone, then a real server under a short load."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ pytestmark = pytest.mark.e2e
 def test_bench_serve_measures_the_engine_and_the_server(tiny_bundle, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "nmtserve.cli", "bench-serve", str(tiny_bundle), "--streams", "4", "--seconds", "1",
-         "--warm-up-seconds", "0.5", "--length", "4", "--repeats", "1", "--out", str(tmp_path)],
+         "--warm-up-seconds", "0.5", "--length", "4", "--rounds", "2", "--engine-seconds", "0.2", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "bench_serve.json").read_text())
     assert report["engine_tokens_per_second"] > 0 and report["served_tokens_per_second"] > 0
     assert report["requests"] == len(report["time_to_first_token_seconds"]) > 0
+    assert len(report["rounds"]) == 2 and report["requests"] == sum(r["requests"] for r in report["rounds"])
+    assert all(r["engine_tokens_per_second"] > 0 and r["ratio"] > 0 for r in report["rounds"])
     assert report["served_tokens_per_second"] == pytest.approx(report["requests"] * 4 / report["seconds"])  # 4 tokens each
     assert 0 < report["p50_time_to_first_token_seconds"] <= report["p99_time_to_first_token_seconds"]
     assert report["server"]["decode_step_seconds"] > 0 and report["server"]["encoder_batch_size"] >= 1

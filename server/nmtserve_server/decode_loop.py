@@ -149,7 +149,7 @@ class DecodeLoop:
 
     def run(self) -> None:
         """Iterate until the server says stop."""
-        report, sent = Report(), time.monotonic()
+        report, sent, rows_free_sent = Report(), time.monotonic(), None
         while True:
             self._receive(wait=not (self.waiting or self.decoder.active))
             if self.waiting and not self.decoder.active:
@@ -168,11 +168,11 @@ class DecodeLoop:
                 self.running.clear()
             rows_free = self.decoder.rows_free()
             # Rows freed by a cancellation are news too (the free-rows gauge); an idle loop sends before it waits.
-            if (report.has_news() or rows_free != report.rows_free or not self.decoder.active
+            if (report.has_news() or rows_free != rows_free_sent or not self.decoder.active
                     or time.monotonic() - sent >= REPORT_INTERVAL):
                 report.active, report.rows_free = len(self.running), rows_free
                 self.outbox.send(report)
-                report, sent = Report(rows_free=rows_free), time.monotonic()
+                report, sent, rows_free_sent = Report(), time.monotonic(), rows_free
 
     def _receive(self, wait: bool, timeout: float | None = None) -> None:
         """Take the server's messages: block for the first one if `wait` (up to `timeout`), then take what has arrived."""

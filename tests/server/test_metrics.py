@@ -79,6 +79,20 @@ def test_metrics_move_with_the_traffic(traffic):
     assert after.value("nmtserve_model_info", {"version": info.sha256[:12], "precision": "fp32", "device": "cpu"}) == 1
 
 
+def test_every_decoder_step_is_counted(traffic, test_texts):
+    """The decode loop reports steps in batches, only when a call has news: none may go uncounted."""
+    server, *_ = traffic
+    length = 12
+    before = server.scrape()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        options = pb.TranslateOptions(min_length=length, max_length=length)
+        stub.Translate(pb.TranslateRequest(texts=test_texts[:1], options=options), timeout=TIMEOUT)
+    after = server.scrape()
+    for name in ("nmtserve_decode_step_duration_seconds_count", "nmtserve_decode_step_batch_size_sum"):
+        assert after.value(name) - before.value(name) == length  # one step of one row per token
+
+
 def test_promtool_check_metrics_is_clean(traffic):
     promtool = shutil.which("promtool")
     if promtool is None:

@@ -239,8 +239,11 @@ class Engine(Model):
         if size != self.cache[0].shape[2]:
             self.cache = [_resized(buffer, size) for buffer in self.cache]
         packed = rows == len(index) and bool((index == np.arange(rows)).all())  # the common case: rows 0..n-1 in order
-        feed_tokens = np.zeros(rows, np.int64)
-        feed_tokens[index] = tokens
+        if packed:
+            feed_tokens = np.asarray(tokens, dtype=np.int64)
+        else:
+            feed_tokens = np.zeros(rows, np.int64)
+            feed_tokens[index] = tokens
         feeds = {
             "tokens": feed_tokens,
             "positions": self.lengths[:rows],
@@ -250,8 +253,13 @@ class Engine(Model):
             **{name: buffer[:rows] for name, buffer in zip(self.memory_names, self.memory)},
         }
         log_probs, alignment, *new = self.decoder.run(None, feeds)
-        for buffer, step in zip(self.cache, new):
-            buffer[index, :, lengths] = step[index, :, 0]  # append each row's new key/value at its own length
+        length = int(lengths[0])
+        if packed and (lengths == length).all():  # rows that started together: one slice per buffer
+            for buffer, step in zip(self.cache, new):
+                buffer[:rows, :, length] = step[:, :, 0]
+        else:
+            for buffer, step in zip(self.cache, new):
+                buffer[index, :, lengths] = step[index, :, 0]  # append each row's new key/value at its own length
         self.lengths[index] = lengths + 1
         return (log_probs, alignment) if packed else (log_probs[index], alignment[index])
 
@@ -348,7 +356,7 @@ class Decoder:
         best = log_probs.argmax(axis=1)  # one call for every row: greedy searches need nothing more
         best_log_probs = log_probs[np.arange(len(best)), best]
         best_tokens = best.tolist()
-        finished, still_active, offset = [], [], 0
+        finished, still_active, released, offset = [], [], [], 0
         for sequence in self.active:
             search = sequence.search
             rows, options = search.rows, search.options
@@ -360,10 +368,12 @@ class Decoder:
                 self.engine.reorder(sequence.slots, search.advance(log_probs[offset : offset + rows], own_source))
             offset += rows
             if search.done:
-                self.engine.release(sequence.slots)
+                released += sequence.slots
                 finished.append((sequence.key, search.results()))
             else:
                 still_active.append(sequence)
+        if released:
+            self.engine.release(released)
         self.active = still_active
         return finished
 

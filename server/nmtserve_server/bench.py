@@ -39,7 +39,7 @@ from nmtserve.v1 import translator_pb2_grpc
 from .engine import DEVICES, Engine, translate
 from .search import DecodeOptions
 
-DEFAULT_BUNDLE = Path("runs/default/bundle-fp32")
+DEFAULT_BUNDLE = Path("runs/default/bundle")  # what `make demo` exports (fp32)
 ENGINE_BATCH = 32
 WORD_START = ("Ġ", "▁")  # how byte-level BPE (tokenizers) and SentencePiece (Marian) mark a word's first piece
 START_TIMEOUT = 120.0

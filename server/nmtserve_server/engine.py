@@ -131,6 +131,19 @@ class Engine(Model):
         else:
             self.decoder_threads, self.decoder = self._fastest_decoder(threads)
         log.info("event=decoder_threads threads=%d", self.decoder_threads)
+        # The decoder step reads and writes these host buffers in place, bound to the session by address (I/O
+        # binding): a step writes its tokens and masks into them and runs, with no feed dictionary to build, no
+        # conversion of a dozen arrays and no output allocation. Rows [0, n) are bound, rebound when n or an axis
+        # changes. With the CUDA provider, ONNX Runtime copies them to and from the device around the run.
+        self.step_tokens = np.zeros(capacity, np.int64)
+        self.past_mask = np.zeros((capacity, MIN_AXIS), bool)
+        self.source_mask = np.zeros((capacity, MIN_AXIS), bool)
+        self.log_probs = np.zeros((capacity, dims.vocab_size), np.float32)
+        self.alignment = np.zeros((capacity, MIN_AXIS), np.float32)
+        self.new_names = [f"new_{kv}_{i}" for i in range(dims.n_decoder_layers) for kv in ("key", "value")]
+        self.new_steps = [np.zeros((capacity, dims.n_heads, 1, dims.d_k), np.float32) for _ in self.new_names]
+        self.binding = self.decoder.io_binding()
+        self._bound_rows = 0  # rows the binding is for; 0 after a buffer is replaced
 
     def _decoder_session(self, threads: int) -> ort.InferenceSession:
         return ort.InferenceSession(self.bundle.files["decoder_step"], session_options(threads), providers=self.providers)
@@ -229,39 +242,57 @@ class Engine(Model):
         size = _axis_size(longest, self.memory[0].shape[2], self.max_source_length)
         if size != self.memory[0].shape[2]:
             self.memory = [_resized(buffer, size) for buffer in self.memory]
+            self.source_mask = np.zeros((self.capacity, size), bool)
+            self.alignment = np.zeros((self.capacity, size), np.float32)
+            self._bound_rows = 0
 
     def step(self, slots: Sequence[int], tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """One decoder step for the given rows: log-probabilities (B, V) and alignment (B, S) over the padded source."""
+        """One decoder step for the given rows: log-probabilities (B, V) and alignment (B, S) over the padded source.
+
+        Both are views of the engine's output buffers when the rows are 0..B-1 in order, so valid until the next step.
+        """
         index = np.asarray(slots, dtype=np.int64)
         rows = int(index.max()) + 1  # the graph runs rows [0, rows); rows in there that are not stepping are ignored
         lengths = self.lengths[index]
         size = _axis_size(int(self.lengths.max()) + 1, self.cache[0].shape[2], self.max_target_length)
         if size != self.cache[0].shape[2]:
             self.cache = [_resized(buffer, size) for buffer in self.cache]
+            self.past_mask = np.zeros((self.capacity, size), bool)
+            self._bound_rows = 0
         packed = rows == len(index) and bool((index == np.arange(rows)).all())  # the common case: rows 0..n-1 in order
         if packed:
-            feed_tokens = np.asarray(tokens, dtype=np.int64)
+            self.step_tokens[:rows] = tokens
         else:
-            feed_tokens = np.zeros(rows, np.int64)
-            feed_tokens[index] = tokens
-        feeds = {
-            "tokens": feed_tokens,
-            "positions": self.lengths[:rows],
-            "past_mask": np.arange(size)[None, :] < self.lengths[:rows, None],
-            "source_mask": np.arange(self.memory[0].shape[2])[None, :] < self.source_lengths[:rows, None],
-            **{name: buffer[:rows] for name, buffer in zip(self.past_names, self.cache)},
-            **{name: buffer[:rows] for name, buffer in zip(self.memory_names, self.memory)},
-        }
-        log_probs, alignment, *new = self.decoder.run(None, feeds)
+            self.step_tokens[index] = tokens
+        np.less(np.arange(size), self.lengths[:rows, None], out=self.past_mask[:rows])
+        np.less(np.arange(self.memory[0].shape[2]), self.source_lengths[:rows, None], out=self.source_mask[:rows])
+        if rows != self._bound_rows:
+            self._bind(rows)
+        self.decoder.run_with_iobinding(self.binding)
         length = int(lengths[0])
         if packed and (lengths == length).all():  # rows that started together: one slice per buffer
-            for buffer, step in zip(self.cache, new):
-                buffer[:rows, :, length] = step[:, :, 0]
+            for buffer, step in zip(self.cache, self.new_steps):
+                buffer[:rows, :, length] = step[:rows, :, 0]
         else:
-            for buffer, step in zip(self.cache, new):
+            for buffer, step in zip(self.cache, self.new_steps):
                 buffer[index, :, lengths] = step[index, :, 0]  # append each row's new key/value at its own length
         self.lengths[index] = lengths + 1
-        return (log_probs, alignment) if packed else (log_probs[index], alignment[index])
+        if packed:
+            return self.log_probs[:rows], self.alignment[:rows]
+        return self.log_probs[index], self.alignment[index]
+
+    def _bind(self, rows: int) -> None:
+        """Bind rows [0, rows) of the step's input and output buffers to the decoder session."""
+        inputs = {
+            "tokens": self.step_tokens, "positions": self.lengths, "past_mask": self.past_mask, "source_mask": self.source_mask,
+            **dict(zip(self.past_names, self.cache)), **dict(zip(self.memory_names, self.memory)),
+        }
+        outputs = {"log_probs": self.log_probs, "alignment": self.alignment, **dict(zip(self.new_names, self.new_steps))}
+        for bind, buffers in ((self.binding.bind_input, inputs), (self.binding.bind_output, outputs)):
+            for name, buffer in buffers.items():
+                view = buffer[:rows]  # the leading rows of a C-contiguous buffer: one contiguous block at its address
+                bind(name, "cpu", 0, view.dtype, list(view.shape), view.ctypes.data)
+        self._bound_rows = rows
 
 
 MIN_AXIS = 16  # smallest cache time / source axis
@@ -361,7 +392,8 @@ class Decoder:
             search = sequence.search
             rows, options = search.rows, search.options
             # The batch pads sources: each sentence's alignment is cut to its own, where it is asked for.
-            own_source = alignment[offset : offset + rows, : sequence.source_length] if options.return_alignment else None
+            # A copy: the search keeps it, and the engine reuses its output buffer at the next step.
+            own_source = alignment[offset : offset + rows, : sequence.source_length].copy() if options.return_alignment else None
             if options.beam_size == 1:
                 search.advance_greedy(best_tokens[offset], best_log_probs[offset], own_source)
             else:

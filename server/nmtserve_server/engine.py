@@ -134,7 +134,8 @@ class Engine(Model):
         # The decoder step reads and writes these host buffers in place, bound to the session by address (I/O
         # binding): a step writes its tokens and masks into them and runs, with no feed dictionary to build, no
         # conversion of a dozen arrays and no output allocation. Rows [0, n) are bound, rebound when n or an axis
-        # changes. With the CUDA provider, ONNX Runtime copies them to and from the device around the run.
+        # changes. With the CUDA provider, binding a host input copies it to the device then and there, so there
+        # every step binds afresh; outputs are copied back into the host buffers after the run.
         self.step_tokens = np.zeros(capacity, np.int64)
         self.past_mask = np.zeros((capacity, MIN_AXIS), bool)
         self.source_mask = np.zeros((capacity, MIN_AXIS), bool)
@@ -266,7 +267,7 @@ class Engine(Model):
             self.step_tokens[index] = tokens
         np.less(np.arange(size), self.lengths[:rows, None], out=self.past_mask[:rows])
         np.less(np.arange(self.memory[0].shape[2]), self.source_lengths[:rows, None], out=self.source_mask[:rows])
-        if rows != self._bound_rows:
+        if rows != self._bound_rows or self.device != "cpu":  # see __init__: a GPU reads a copy made at binding
             self._bind(rows)
         self.decoder.run_with_iobinding(self.binding)
         length = int(lengths[0])

@@ -116,6 +116,26 @@ def test_sentences_joining_and_leaving_a_running_batch_decode_as_alone(reference
         assert hypotheses[0].score == pytest.approx(alone[0].score, abs=1e-4)
 
 
+def test_buffers_replaced_mid_batch_decode_as_alone(reference, engine):
+    """The cache's time axis and the source axis grow and shrink while texts decode (the step's I/O binding is remade)."""
+    _, _, _, sources = reference
+    short = sorted(sources, key=len)[:4]
+    long_source = [token for source in sorted(sources, key=len)[-3:] for token in source[:-1]][:40] + [short[0][-1]]
+    assert len(long_source) > 2 * max(map(len, short))  # joining doubles the source axis at least once
+    options = {0: DecodeOptions(min_length=40, max_length=40), "long": DecodeOptions(beam_size=2, max_length=6)}
+    decoder, results = Decoder(engine), {}
+    decoder.add([0, 1, 2, 3], short, [options[0], DecodeOptions(), DecodeOptions(), DecodeOptions()])
+    for step in range(40):
+        if step == 5:
+            decoder.add(["long"], [long_source], [options["long"]])
+        results.update(decoder.step())
+    assert not decoder.active and sorted(results, key=str) == [0, 1, 2, 3, "long"]
+    for key, source in [*enumerate(short), ("long", long_source)]:
+        alone = translate(engine, [source], options.get(key, DecodeOptions()))[0]
+        assert [h.tokens for h in results[key]] == [h.tokens for h in alone]
+        assert results[key][0].score == pytest.approx(alone[0].score, abs=1e-4)
+
+
 def test_alignment_has_one_distribution_per_generated_token(reference, engine):
     _, _, _, sources = reference
     hypothesis = translate(engine, sources[:1], DecodeOptions(beam_size=3, return_alignment=True))[0][0]

@@ -11,8 +11,10 @@ being measured. Every text is decoded to a fixed length (min = max length),
 so both sides do the same work; the streams start spread over one request's
 duration, so that requests keep arriving at a busy server rather than all at
 once. Reported: served tokens/s as a ratio of the engine's (over all rounds,
-and per round), and each request's time to first token against its budget of
-three mean decode steps plus its own encoder run (both measured by the server).
+and per round), each request's time to first token against its budget of
+three mean decode steps plus its own encoder run (both measured by the server),
+and the cores each process used in the measured windows (from /proc, on Linux):
+the engine alone, then the decode process, the server and the client.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import re
 import subprocess
@@ -83,8 +86,15 @@ def engine_tokens_per_second(engine: Engine, batches: list[list[list[int]]], len
             return tokens / elapsed
 
 
-def _start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen[bytes], int, int]:
-    """`nmtserve serve` on loopback with free ports; returns the process and its gRPC and metrics ports once SERVING.
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) the process has used so far, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after "(name)": state is field 3
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15: utime, stime
+
+
+def _start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+    """`nmtserve serve` on loopback with free ports; returns the process and its gRPC and metrics ports and its decode
+    process's pid, once SERVING.
 
     The log goes to `log_path` rather than a pipe: a reader of the pipe would be one more thread in the client's process.
     """
@@ -102,16 +112,18 @@ def _start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.
     while "event=serving" not in text and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
         text = log_path.read_text(errors="replace")
-    ports = {name: int(value) for name, value in re.findall(r"(grpc_port|metrics_port)=(\d+)", text)}
-    if "event=serving" not in text or len(ports) < 2 or process.poll() is not None:
+    found = {name: int(value) for name, value in re.findall(r"(grpc_port|metrics_port|decode_pid)=(\d+)", text)}
+    if "event=serving" not in text or len(found) < 3 or process.poll() is not None:
         process.kill()
         raise RuntimeError(f"nmtserve serve did not start (exit {process.poll()}); see {log_path}")
-    return process, ports["grpc_port"], ports["metrics_port"]
+    return process, found
 
 
-async def _client_streams(port: int, texts: list[str], request_seconds: float, args: argparse.Namespace) -> tuple[float, list[dict], int]:
+async def _client_streams(
+    port: int, texts: list[str], request_seconds: float, pids: dict[str, int], args: argparse.Namespace
+) -> tuple[float, list[dict], int, dict[str, float]]:
     """Run the client streams for one round; returns the window's length, the timings of the requests that ended in it,
-    and their tokens.
+    their tokens, and the cores each of `pids` used in the window.
 
     Stream i starts i/N of a request's duration late, then sends unary Translate calls one after another until the
     window ends. Timings are the server's own (TranslateResponse.timings).
@@ -138,8 +150,15 @@ async def _client_streams(port: int, texts: list[str], request_seconds: float, a
                                     "queue_seconds": t.queue_seconds})
                     received += response.usage.output_tokens
 
-        await asyncio.gather(*(one_stream(i) for i in range(args.streams)))
-        return stop - start, timings, received
+        async def cores_in_window() -> dict[str, float]:
+            await asyncio.sleep(start - time.perf_counter())
+            before, started = {name: cpu_seconds(pid) for name, pid in pids.items()}, time.perf_counter()
+            await asyncio.sleep(stop - started)
+            elapsed = time.perf_counter() - started
+            return {name: (cpu_seconds(pid) - before[name]) / elapsed for name, pid in pids.items()}
+
+        cores, *_ = await asyncio.gather(cores_in_window(), *(one_stream(i) for i in range(args.streams)))
+        return stop - start, timings, received, cores
 
 
 def _server_means(metrics_port: int) -> dict[str, float]:
@@ -156,8 +175,8 @@ def _server_means(metrics_port: int) -> dict[str, float]:
 
 
 def _plot(report: dict, path: Path) -> None:
-    fig = Figure(figsize=(10, 4))
-    throughput, latency = fig.subplots(1, 2)
+    fig = Figure(figsize=(14, 4))
+    throughput, latency, cpu = fig.subplots(1, 3)
     rounds = np.arange(len(report["rounds"]))
     for offset, key, label, color in ((-0.2, "engine_tokens_per_second", f"engine alone, batch {ENGINE_BATCH}", "tab:gray"),
                                       (0.2, "served_tokens_per_second", f"gRPC, {report['streams']} streams", "tab:blue")):
@@ -171,6 +190,15 @@ def _plot(report: dict, path: Path) -> None:
     latency.axvline(report["p99_ttft_over_budget"], color="tab:green", linestyle=":", label="p99")
     latency.set(xlabel="time to first token / budget", ylabel="fraction of requests", title="Time to first token")
     latency.legend()
+    bottom = 0.0
+    for (name, cores), color in zip(report["served_cores"].items(), ("tab:blue", "tab:orange", "tab:green")):
+        cpu.bar(1, cores, 0.6, bottom=bottom, label=name, color=color)
+        bottom += cores
+    cpu.bar(0, report["engine_cores"], 0.6, color="tab:gray")
+    cpu.axhline(report["cpu_count"], color="tab:red", linestyle="--", label=f"{report['cpu_count']} cores")
+    cpu.set_xticks([0, 1], ["engine alone", "served"])
+    cpu.set(ylabel="cores used (mean over the windows)", title="CPU", ylim=(0, 1.4 * report["cpu_count"]))
+    cpu.legend(loc="upper left", ncol=2)
     fig.suptitle(f"nmtserve bench-serve: {report['device']}, {report['length']} tokens per text")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -189,20 +217,24 @@ def run(command: str, args: argparse.Namespace) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     print("starting nmtserve serve ...", flush=True)
-    process, port, metrics_port = _start_server(args, out / "bench_serve.log")
+    process, found = _start_server(args, out / "bench_serve.log")
+    port, metrics_port = found["grpc_port"], found["metrics_port"]
+    pids = {"decode process": found["decode_pid"], "server": process.pid, "client": os.getpid()}
     deadline = time.monotonic() + args.max_seconds
     rounds: list[dict] = []
     timings: list[dict] = []
     try:
         for index in range(args.rounds):
+            cpu, started = cpu_seconds(os.getpid()), time.perf_counter()
             engine_rate = engine_tokens_per_second(engine, batches, args.length, args.engine_seconds)
+            engine_cores = (cpu_seconds(os.getpid()) - cpu) / (time.perf_counter() - started)
             request_seconds = args.length * ENGINE_BATCH / engine_rate  # one text's decode at the engine's batch-32 pace
-            seconds, round_timings, received = asyncio.run(
-                asyncio.wait_for(_client_streams(port, texts, request_seconds, args), deadline - time.monotonic())
+            seconds, round_timings, received, cores = asyncio.run(
+                asyncio.wait_for(_client_streams(port, texts, request_seconds, pids, args), deadline - time.monotonic())
             )
             rounds.append({"engine_tokens_per_second": engine_rate, "served_tokens_per_second": received / seconds,
                            "ratio": received / seconds / engine_rate, "seconds": seconds, "requests": len(round_timings),
-                           "tokens": received})
+                           "tokens": received, "engine_cores": engine_cores, "served_cores": cores})
             timings += round_timings
             print(f"round {index + 1}/{args.rounds}: engine alone {engine_rate:.0f}, served {received / seconds:.0f} "
                   f"generated tokens/s ({rounds[-1]['ratio']:.2f}x)", flush=True)
@@ -226,7 +258,9 @@ def run(command: str, args: argparse.Namespace) -> int:
         "ratio": served_rate / engine_rate, "p50_time_to_first_token_seconds": float(np.percentile(first_token, 50)),
         "p99_time_to_first_token_seconds": p99, "p99_ttft_over_budget": float(np.percentile(first_token / budgets, 99)),
         "median_ttft_budget_seconds": float(np.median(budgets)), "server": means,
-        "slowest_1_percent_means": slowest_parts,
+        "slowest_1_percent_means": slowest_parts, "cpu_count": os.cpu_count(),
+        "engine_cores": float(np.mean([r["engine_cores"] for r in rounds])),
+        "served_cores": {name: float(np.mean([r["served_cores"][name] for r in rounds])) for name in pids},
         "time_to_first_token_seconds": first_token.tolist(), "ttft_budget_seconds": budgets.tolist(),
     }
     (out / "bench_serve.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -241,5 +275,7 @@ def run(command: str, args: argparse.Namespace) -> int:
           f"their encoder run {slowest_parts['encode_seconds'] * 1000:.1f} ms")
     print(f"server means: step {means['decode_step_seconds'] * 1000:.2f} ms over {means['decode_step_batch_size']:.1f} rows, "
           f"encoder {means['encoder_seconds'] * 1000:.2f} ms over {means['encoder_batch_size']:.1f} texts")
+    served_cores = ", ".join(f"{name} {cores:.2f}" for name, cores in report["served_cores"].items())
+    print(f"cores used (of {report['cpu_count']}): engine alone {report['engine_cores']:.2f}; served: {served_cores}")
     print(f"wrote {out / 'bench_serve.json'} and bench_serve.png")
     return 0

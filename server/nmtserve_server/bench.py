@@ -13,8 +13,8 @@ duration, so that requests keep arriving at a busy server rather than all at
 once. Reported: served tokens/s as a ratio of the engine's (over all rounds,
 and per round), each request's time to first token against its budget of
 three mean decode steps plus its own encoder run (both measured by the server),
-and the cores each process used in the measured windows (from /proc, on Linux):
-the engine alone, then the decode process, the server and the client.
+and the cores each process used in the measured windows (psutil): the engine
+alone, then the decode process, the server and the client.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 from matplotlib.figure import Figure
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -87,9 +88,9 @@ def engine_tokens_per_second(engine: Engine, batches: list[list[list[int]]], len
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, all threads) the process has used so far, from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after "(name)": state is field 3
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15: utime, stime
+    """CPU time (user + system, all threads) the process has used so far."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def _start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:

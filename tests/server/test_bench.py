@@ -27,7 +27,7 @@ def test_bench_serve_measures_the_engine_and_the_server(tiny_bundle, tmp_path):
     assert 0 < report["p50_time_to_first_token_seconds"] <= report["p99_time_to_first_token_seconds"]
     assert report["server"]["decode_step_seconds"] > 0 and report["server"]["encoder_batch_size"] >= 1
     assert set(report["slowest_1_percent_means"]) == {"queue_seconds", "encode_seconds"}
-    # Cores each process used in the windows, from /proc: the decode process and the server worked, none above the machine.
+    # Cores each process used in the windows: the decode process and the server worked, none above the machine.
     assert set(report["served_cores"]) == {"decode process", "server", "client"}
     assert report["served_cores"]["decode process"] > 0 and report["served_cores"]["server"] > 0
     assert 0 < report["engine_cores"] <= report["cpu_count"] + 0.1

@@ -2,7 +2,10 @@
 
 Every engine decodes the same test sentences greedily with a fixed output
 length (min = max length), so each does the same work; the figures are ratios
-measured in one run on one machine.
+measured in one run on one machine. PyTorch spreads each operator over the
+threads; the ONNX Runtime engine runs its one-thread decoder step in several
+engines side by side (`--streams`, one per core by default), each decoding
+its share of a batch in a thread of its own.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from nmtserve_server.engine import Engine, translate
+from nmtserve_server.engine import engines_for, translate
 from nmtserve_server.search import DecodeOptions
 
 from .checkpoint import load_model
@@ -37,6 +40,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sentences", type=int, default=128, help="test sentences per measurement")
     parser.add_argument("--repeats", type=int, default=5, help="measurements per engine, taken in turns; the fastest is kept")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0: all cores)")
+    parser.add_argument("--streams", type=int, default=0, help="ONNX Runtime engines decoding side by side (0: one per thread)")
     parser.add_argument("--out", type=Path, default=None, help="where to write bench_engine.json/.png (default: the checkpoint)")
 
 
@@ -55,12 +59,13 @@ def run(command: str, args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)  # before the measurements, not after them
     model, tokenizer, metadata = load_model(args.checkpoint)
     sources = encode_sources(tokenizer, [p.source for p in held_out_pairs(metadata)[: args.sentences]])
+    streams = args.streams or threads
     engines = {}
     for precision in ("fp32", "int8"):
         bundle_dir = Path(args.checkpoint) / f"bundle-{precision}"
         if not (bundle_dir / "manifest.json").is_file():
             export_bundle(args.checkpoint, bundle_dir, precision=precision)
-        engines[precision] = Engine.from_path(bundle_dir, device="cpu", capacity=max(args.batch_sizes), threads=threads)
+        engines[precision] = engines_for(bundle_dir, streams, device="cpu", capacity=max(args.batch_sizes), threads=threads)
 
     fixed = DecodeOptions(min_length=args.length, max_length=args.length)
     deciders = {
@@ -82,12 +87,13 @@ def run(command: str, args: argparse.Namespace) -> int:
                     progress.update(1)
     results = {name: {b: len(sources) * args.length / seconds for b, seconds in r.items()} for name, r in best.items()}
 
-    report = {"threads": threads, "decoder_threads": {p: e.decoder_threads for p, e in engines.items()}, "length": args.length,
+    report = {"threads": threads, "streams": streams, "decoder_threads": {p: e[0].decoder_threads for p, e in engines.items()},
+              "length": args.length,
               "sentences": len(sources), "tokens_per_second": results,
               "ratio_to_pytorch": {name: {b: v / results["pytorch"][b] for b, v in r.items()} for name, r in results.items()}}
     (out / "bench_engine.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"generated tokens/s, greedy, {args.length} tokens per sentence, {threads} threads "
-          f"(ONNX Runtime decoder step: {', '.join(f'{p} {e.decoder_threads}' for p, e in engines.items())})")
+    print(f"generated tokens/s, greedy, {args.length} tokens per sentence, {threads} threads; ONNX Runtime: {streams} engines "
+          f"side by side (decoder step threads: {', '.join(f'{p} {e[0].decoder_threads}' for p, e in engines.items())})")
     print(f"{'engine':<20}" + "".join(f"{'batch ' + str(b):>14}" for b in args.batch_sizes))
     for name, r in results.items():
         cells = "".join(f"{r[str(b)]:>9.0f} ({r[str(b)] / results['pytorch'][str(b)]:.2f}x)" for b in args.batch_sizes)

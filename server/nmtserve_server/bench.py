@@ -3,7 +3,7 @@
 In one run on one machine, `nmtserve serve` runs as a subprocess on loopback,
 and rounds alternate between the two sides: the in-process engine decodes the
 texts in batches of 32 for a few seconds (the reference throughput, while the
-server idles), then N concurrent client streams (asyncio tasks on one channel)
+server idles; one engine, as the server's decode loop runs it), then N concurrent client streams (asyncio tasks on one channel)
 each send Translate calls (greedy, one text) one after another, for a warm-up
 and then a measured window. Alternating cancels the drift of a shared
 machine's speed, which over a minute moves either side by more than the gap

@@ -15,7 +15,7 @@ def test_bench_engine_measures_pytorch_and_both_bundles(tiny_run, tiny_bundle, t
     shutil.copytree(tiny_bundle_int8, checkpoint / "bundle-int8")
     result = subprocess.run(
         [sys.executable, "-m", "nmtserve.cli", "bench-engine", str(checkpoint), "--batch-sizes", "1", "4",
-         "--sentences", "8", "--length", "4", "--repeats", "2", "--threads", "1", "--out", str(tmp_path / "figures")],
+         "--sentences", "8", "--length", "4", "--repeats", "2", "--threads", "1", "--streams", "2", "--out", str(tmp_path / "figures")],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -25,5 +25,6 @@ def test_bench_engine_measures_pytorch_and_both_bundles(tiny_run, tiny_bundle, t
         assert set(rates) == {"1", "4"} and all(rate > 0 for rate in rates.values())
     assert report["ratio_to_pytorch"]["pytorch"] == {"1": 1.0, "4": 1.0}
     assert report["decoder_threads"] == {"fp32": 1, "int8": 1}  # --threads 1: nothing to choose between
+    assert report["streams"] == 2
     assert (tmp_path / "figures" / "bench_engine.png").stat().st_size > 0
     assert "onnxruntime-int8" in result.stdout

@@ -15,7 +15,7 @@ from nmtserve_export.data import encode_sources
 from nmtserve_export.decode import IncrementalDecoder, beam_search, greedy_search
 from nmtserve_export.evaluate import held_out_pairs
 from nmtserve_export.train import exact_match
-from nmtserve_server.engine import Decoder, DeviceError, Engine, providers_for, translate
+from nmtserve_server.engine import Decoder, DeviceError, Engine, engines_for, providers_for, translate
 from nmtserve_server.search import DecodeOptions, top_candidates
 
 
@@ -134,6 +134,17 @@ def test_buffers_replaced_mid_batch_decode_as_alone(reference, engine):
         alone = translate(engine, [source], options.get(key, DecodeOptions()))[0]
         assert [h.tokens for h in results[key]] == [h.tokens for h in alone]
         assert results[key][0].score == pytest.approx(alone[0].score, abs=1e-4)
+
+
+def test_engines_side_by_side_decode_as_one(reference, engine, tiny_bundle):
+    """translate() over two engines, each decoding its share in its own thread, gives one engine's outputs exactly."""
+    _, _, _, sources = reference
+    engines = engines_for(tiny_bundle, 2, device="cpu", capacity=8)
+    assert [e.capacity for e in engines] == [4, 4] and engines[0].decoder is not engines[1].decoder
+    for options in (DecodeOptions(), DecodeOptions(beam_size=3, num_hypotheses=2)):
+        together, alone = translate(engines, sources[:25], options), translate(engine, sources[:25], options)
+        assert [[(h.tokens, h.score) for h in r] for r in together] == [[(h.tokens, h.score) for h in r] for r in alone]
+    assert translate(engines, sources[:1], DecodeOptions()) == translate(engine, sources[:1], DecodeOptions())
 
 
 def test_alignment_has_one_distribution_per_generated_token(reference, engine):

@@ -82,11 +82,12 @@ def test_translate_n_best_scores_and_alignment(stub, engine, test_texts):
 
 
 def test_translate_stream_pieces_add_up_to_the_final_hypothesis(stub, engine, test_texts):
-    text = test_texts[8]
-    messages = list(stub.TranslateStream(pb.TranslateStreamRequest(text=text, options=pb.TranslateOptions(return_scores=True)), timeout=TIMEOUT))
+    text, length = test_texts[8], engine.max_target_length  # the longest decode: a reader on a busy machine still sees it stream
+    options = pb.TranslateOptions(return_scores=True, min_length=length, max_length=length)
+    messages = list(stub.TranslateStream(pb.TranslateStreamRequest(text=text, options=options), timeout=TIMEOUT))
     assert [m.WhichOneof("event") for m in messages[:-1]] == ["piece"] * (len(messages) - 1)
     final = messages[-1].final
-    expected = reference(engine, [text], DecodeOptions())[0][0]
+    expected = reference(engine, [text], DecodeOptions(min_length=length, max_length=length))[0][0]
     assert list(final.hypothesis.tokens) == expected.tokens
     assert final.hypothesis.text == engine.decode_ids([expected.tokens])[0]
     assert final.hypothesis.score == pytest.approx(expected.score, abs=1e-4)

@@ -88,8 +88,7 @@ def run(command: str, args: argparse.Namespace) -> int:
     results = {name: {b: len(sources) * args.length / seconds for b, seconds in r.items()} for name, r in best.items()}
 
     report = {"threads": threads, "streams": streams, "decoder_threads": {p: e[0].decoder_threads for p, e in engines.items()},
-              "length": args.length,
-              "sentences": len(sources), "tokens_per_second": results,
+              "length": args.length, "sentences": len(sources), "tokens_per_second": results,
               "ratio_to_pytorch": {name: {b: v / results["pytorch"][b] for b, v in r.items()} for name, r in results.items()}}
     (out / "bench_engine.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"generated tokens/s, greedy, {args.length} tokens per sentence, {threads} threads; ONNX Runtime: {streams} engines "

@@ -3,18 +3,19 @@
 In one run on one machine, `nmtserve serve` runs as a subprocess on loopback,
 and rounds alternate between the two sides: the in-process engine decodes the
 texts in batches of 32 for a few seconds (the reference throughput, while the
-server idles; one engine, as the server's decode loop runs it), then N concurrent client streams (asyncio tasks on one channel)
-each send Translate calls (greedy, one text) one after another, for a warm-up
-and then a measured window. Alternating cancels the drift of a shared
-machine's speed, which over a minute moves either side by more than the gap
-being measured. Every text is decoded to a fixed length (min = max length),
-so both sides do the same work; the streams start spread over one request's
-duration, so that requests keep arriving at a busy server rather than all at
-once. Reported: served tokens/s as a ratio of the engine's (over all rounds,
-and per round), each request's time to first token against its budget of
-three mean decode steps plus its own encoder run (both measured by the server),
-and the cores each process used in the measured windows (psutil): the engine
-alone, then the decode process, the server and the client.
+server idles; one engine, as the server's decode loop runs it), then N
+concurrent client streams (asyncio tasks on one channel) each send Translate
+calls (greedy, one text) one after another, for a warm-up and then a measured
+window. Alternating cancels the drift of a shared machine's speed, which over
+a minute moves either side by more than the gap being measured. Every text is
+decoded to a fixed length (min = max length), so both sides do the same work;
+the streams start spread over one request's duration, so that requests keep
+arriving at a busy server rather than all at once. Reported: served tokens/s
+as a ratio of the engine's (over all rounds, and per round), each request's
+time to first token against its budget of three mean decode steps plus its own
+encoder run (both measured by the server), and the cores each process used in
+the measured windows (psutil): the engine alone, then the decode process, the
+server and the client.
 """
 
 from __future__ import annotations

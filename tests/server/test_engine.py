@@ -140,7 +140,7 @@ def test_engines_side_by_side_decode_as_one(reference, engine, tiny_bundle):
     """translate() over two engines, each decoding its share in its own thread, gives one engine's outputs exactly."""
     _, _, _, sources = reference
     engines = engines_for(tiny_bundle, 2, device="cpu", capacity=8)
-    assert [e.capacity for e in engines] == [4, 4] and engines[0].decoder is not engines[1].decoder
+    assert [e.capacity for e in engines] == [4, 4]  # the cache rows shared out
     for options in (DecodeOptions(), DecodeOptions(beam_size=3, num_hypotheses=2)):
         together, alone = translate(engines, sources[:25], options), translate(engine, sources[:25], options)
         assert [[(h.tokens, h.score) for h in r] for r in together] == [[(h.tokens, h.score) for h in r] for r in alone]

@@ -38,7 +38,11 @@ class ServeSettings:
         default=None, metadata={"help": "PEM CA bundle: require client certificates signed by it (mutual TLS)"}
     )
     device: str = field(default="auto", metadata={"help": "where ONNX Runtime runs", "choices": DEVICES})
-    threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads of the encoder (0: one per core)"})
+    threads: int = field(
+        default=0,
+        metadata={"help": "ONNX Runtime intra-op threads of the encoder, which runs beside the decoder steps (0: one per "
+                          "core but the one the decoder step keeps busy)"},
+    )
     decoder_threads: int = field(
         default=0,
         metadata={"help": "ONNX Runtime intra-op threads of the decoder step (0: on the CPU, time a step with 1 and "

@@ -2,10 +2,12 @@
 
 The loop owns the ONNX Runtime sessions and the KV-cache rows. Each iteration
 takes what the server sent (new texts, cancellations), drops the texts that
-left (cancelled, deadline passed), admits waiting texts, oldest first, while
-their beams fit in the free rows, encodes the admitted ones in one encoder
-run, then runs one decoder step for all active texts together; a text that
-finishes leaves at once and its rows serve the next admission. What the
+left (cancelled, deadline passed), lets the texts of a finished encoder run
+join the batch, sends the oldest waiting texts whose beams fit in the free rows
+to the next encoder run, then runs one decoder step for all active texts
+together; a text that finishes leaves at once and its rows serve the next
+admission. The encoder runs in a thread of its own, beside the decoder steps,
+so the texts in the batch do not wait for the newcomers' encoding. What the
 iterations did goes back to the server as a Report, sent as soon as one has
 news for a waiting call (admitted, finished, withdrawn, a streamed prefix) and
 otherwise at least every REPORT_INTERVAL: a step that only adds a token to
@@ -22,14 +24,16 @@ throughput; the same load in another process took 5%.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from .config import configure_logging
-from .engine import Decoder, Engine
+from .engine import Decoder, EncodedBatch, Engine
 from .search import DecodeOptions, Hypothesis
 
 log = logging.getLogger(__name__)
@@ -107,7 +111,8 @@ def run(spec: EngineSpec, inbox: Connection, outbox: Connection, max_queue_delay
     configure_logging(log_level)
     try:
         engine = Engine.from_path(
-            spec.bundle, device=spec.device, capacity=spec.capacity, threads=spec.threads, decoder_threads=spec.decoder_threads
+            spec.bundle, device=spec.device, capacity=spec.capacity, threads=spec.threads or encoder_threads(),
+            decoder_threads=spec.decoder_threads,
         )
         decoder = Decoder(engine)
         seconds = warm_up(decoder)
@@ -119,6 +124,11 @@ def run(spec: EngineSpec, inbox: Connection, outbox: Connection, max_queue_delay
         DecodeLoop(decoder, inbox, outbox, max_queue_delay).run()
     except (EOFError, BrokenPipeError):  # the server process is gone
         return
+
+
+def encoder_threads() -> int:
+    """The encoder's default threads: a core each, but the one the decoder step keeps busy beside it."""
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def warm_up(decoder: Decoder) -> float:
@@ -135,8 +145,18 @@ def warm_up(decoder: Decoder) -> float:
     return time.perf_counter() - started
 
 
+@dataclass
+class EncoderRun:
+    """Texts taken from the queue and being encoded, in the encoder's thread, while the decoder steps."""
+
+    texts: dict[int, Text]  # by key, in batch order; a text withdrawn meanwhile is taken out
+    keys: list[int]  # every key of the batch, in order
+    started: float  # time.monotonic()
+    result: Future[tuple[EncodedBatch, float]]  # the encoded batch and the run's seconds
+
+
 class DecodeLoop:
-    """The loop's state: texts waiting for rows, texts in the batch, and the pipes to the server."""
+    """The loop's state: texts waiting for rows, texts being encoded, texts in the batch, and the pipes to the server."""
 
     def __init__(self, decoder: Decoder, inbox: Connection, outbox: Connection, max_queue_delay: float):
         self.decoder = decoder
@@ -144,35 +164,51 @@ class DecodeLoop:
         self.outbox = outbox
         self.max_queue_delay = max_queue_delay
         self.waiting: deque[Text] = deque()
+        self.encoding: EncoderRun | None = None
         self.running: dict[int, Text] = {}
         self.stopping = False
+        self.report = Report()  # what the iterations since the last report did
+        self.sent = time.monotonic()  # when the last report went
+        self.rows_free_sent: int | None = None  # the free rows it told
+        # One encoder run at a time, beside the decoder steps: ONNX Runtime releases the GIL while either runs.
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder")
 
     def run(self) -> None:
         """Iterate until the server says stop."""
-        report, sent, rows_free_sent = Report(), time.monotonic(), None
-        while True:
-            self._receive(wait=not (self.waiting or self.decoder.active))
-            if self.waiting and not self.decoder.active:
-                self._gather()
-            if self.stopping:
-                return
-            try:
-                self._expire(report)
-                self._admit(report)
-                self._step(report)
-            except Exception as error:  # a model run failed: fail its batch, keep serving the queue
-                log.exception("event=decode_failed active=%d", len(self.running))
-                report.failed, report.error = list(self.running), f"{type(error).__name__}: {error}"
-                for key in self.running:
-                    self.decoder.remove(key)
-                self.running.clear()
-            rows_free = self.decoder.rows_free()
-            # Rows freed by a cancellation are news too (the free-rows gauge); an idle loop sends before it waits.
-            if (report.has_news() or rows_free != rows_free_sent or not self.decoder.active
-                    or time.monotonic() - sent >= REPORT_INTERVAL):
-                report.active, report.rows_free = len(self.running), rows_free
-                self.outbox.send(report)
-                report, sent, rows_free_sent = Report(), time.monotonic(), rows_free
+        try:
+            while self.iterate():
+                pass
+        finally:
+            self.encoder.shutdown()
+
+    def iterate(self) -> bool:
+        """Take the server's messages (waiting for one when there is nothing to do), drop late texts, admit, step, and
+        report; False once the server has said stop."""
+        self._receive(wait=not (self.waiting or self.encoding or self.decoder.active))
+        if self.waiting and not (self.encoding or self.decoder.active):
+            self._gather()
+        if self.stopping:
+            return False
+        report = self.report
+        try:
+            self._expire(report)
+            self._admit(report)
+            self._step(report)
+        except Exception as error:  # a model run failed: fail its batch, keep serving the queue
+            log.exception("event=decode_failed active=%d", len(self.running))
+            report.failed.extend(self.running)
+            report.error = f"{type(error).__name__}: {error}"
+            for key in self.running:
+                self.decoder.remove(key)
+            self.running.clear()
+        rows_free = self._rows_free()
+        # Rows freed by a cancellation are news too (the free-rows gauge); an idle loop sends before it waits.
+        if (report.has_news() or rows_free != self.rows_free_sent or not self.decoder.active
+                or time.monotonic() - self.sent >= REPORT_INTERVAL):
+            report.active, report.rows_free = len(self.running), rows_free
+            self.outbox.send(report)
+            self.report, self.sent, self.rows_free_sent = Report(), time.monotonic(), rows_free
+        return True
 
     def _receive(self, wait: bool, timeout: float | None = None) -> None:
         """Take the server's messages: block for the first one if `wait` (up to `timeout`), then take what has arrived."""
@@ -189,11 +225,20 @@ class DecodeLoop:
             ready = self.inbox.poll(0)
 
     def _withdraw(self, keys: set[int]) -> None:
-        """Take texts out (cancelled, or past their deadline): out of the queue, or out of the batch with their rows freed."""
+        """Take texts out (cancelled, or past their deadline): out of the queue, the encoder run (its result for them is
+        dropped), or the batch with their rows freed."""
         self.waiting = deque(text for text in self.waiting if text.key not in keys)
+        if self.encoding is not None:
+            for key in keys & self.encoding.texts.keys():
+                del self.encoding.texts[key]
         for key in keys & self.running.keys():
             del self.running[key]
             self.decoder.remove(key)
+
+    def _rows_free(self) -> int:
+        """KV-cache rows neither in use nor kept for the encoder run in flight."""
+        kept = sum(t.options.beam_size for t in self.encoding.texts.values()) if self.encoding is not None else 0
+        return self.decoder.rows_free() - kept
 
     def _gather(self) -> None:
         """The decoder is idle: wait up to max_queue_delay after the oldest arrival for more, to encode them together."""
@@ -207,29 +252,50 @@ class DecodeLoop:
     def _expire(self, report: Report) -> None:
         """Texts whose deadline has passed leave the queue and the batch now."""
         now = time.monotonic()
-        late = [t.key for t in (*self.running.values(), *self.waiting) if t.deadline is not None and t.deadline <= now]
+        encoding = self.encoding.texts.values() if self.encoding is not None else ()
+        late = [t.key for t in (*self.running.values(), *encoding, *self.waiting) if t.deadline is not None and t.deadline <= now]
         if late:
             report.late.extend(late)
             self._withdraw(set(late))
 
     def _admit(self, report: Report) -> None:
-        """Admit waiting texts, oldest first, while their beams fit in the free rows, and encode them in one run."""
+        """Texts whose encoder run has ended join the batch; then the oldest waiting texts whose beams fit in the rows
+        left go to the encoder, to join at a later step.
+
+        With no text to step, the loop waits for the encoder run in flight rather than spin.
+        """
+        if self.encoding is not None:
+            if self.decoder.active and not self.encoding.result.done():
+                return
+            ended, self.encoding = self.encoding, None
+            self._join(ended, report)
         rows_free = self.decoder.rows_free()
-        admitted: list[Text] = []
+        taken: list[Text] = []
         while self.waiting and self.waiting[0].options.beam_size <= rows_free:
             text = self.waiting.popleft()
             rows_free -= text.options.beam_size
-            admitted.append(text)
-        if not admitted:
+            taken.append(text)
+        if taken:
+            result = self.encoder.submit(_timed_encode, self.decoder.engine, [t.source for t in taken])
+            self.encoding = EncoderRun({t.key: t for t in taken}, [t.key for t in taken], time.monotonic(), result)
+
+    def _join(self, run: EncoderRun, report: Report) -> None:
+        """The texts of a finished encoder run take their rows and join the batch (or fail with the run)."""
+        rows = [i for i, key in enumerate(run.keys) if key in run.texts]  # not withdrawn while it ran
+        texts = [run.texts[run.keys[i]] for i in rows]
+        try:
+            batch, seconds = run.result.result()
+            if texts:
+                self.decoder.insert([t.key for t in texts], batch.select(rows), [t.options for t in texts])
+        except Exception as error:  # the encoder failed: the run's texts fail, the batch decodes on
+            log.exception("event=encode_failed texts=%d", len(run.keys))
+            report.failed.extend(t.key for t in texts)
+            report.error = f"{type(error).__name__}: {error}"
             return
-        started = time.perf_counter()
-        now = time.monotonic()
-        for text in admitted:
+        report.encoder_runs.append((len(run.keys), seconds))
+        for text in texts:
             self.running[text.key] = text
-        self.decoder.add([t.key for t in admitted], [t.source for t in admitted], [t.options for t in admitted])
-        seconds = time.perf_counter() - started
-        report.admitted.extend((text.key, now, seconds) for text in admitted)
-        report.encoder_runs.append((len(admitted), seconds))
+        report.admitted.extend((text.key, run.started, seconds) for text in texts)
 
     def _step(self, report: Report) -> None:
         """One decoder step for every active text."""
@@ -243,3 +309,10 @@ class DecodeLoop:
             del self.running[key]
             report.finished.append((key, hypotheses))
         report.prefixes = [(s.key, list(s.search.prefixes[0])) for s in self.decoder.active if self.running[s.key].stream]
+
+
+def _timed_encode(engine: Engine, sources: list[list[int]]) -> tuple[EncodedBatch, float]:
+    """One encoder run, and its seconds."""
+    started = time.perf_counter()
+    batch = engine.encode(sources)
+    return batch, time.perf_counter() - started

@@ -58,9 +58,16 @@ def _cuda_device_present() -> bool:
 
 @dataclass
 class EncodedBatch:
+    """The encoder's output for a batch of sources: each decoder layer's encoder-decoder keys and values."""
+
     memory: list[np.ndarray]  # memory_key_0, memory_value_0, ... each (B, h, S, d_k)
     source_mask: np.ndarray  # (B, S)
     source_lengths: np.ndarray  # (B,)
+
+    def select(self, rows: Sequence[int]) -> EncodedBatch:
+        """The batch's rows `rows`, in that order."""
+        index = np.asarray(rows, dtype=np.int64)
+        return EncodedBatch([m[index] for m in self.memory], self.source_mask[index], self.source_lengths[index])
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -343,10 +350,13 @@ class Decoder:
 
     def add(self, keys: Sequence[Any], sources: Sequence[Sequence[int]], options: Sequence[DecodeOptions]) -> None:
         """Encode sentences in one batch and give each its rows (beam_size each)."""
-        batch = self.engine.encode(sources)
+        self.insert(keys, self.engine.encode(sources), options)
+
+    def insert(self, keys: Sequence[Any], batch: EncodedBatch, options: Sequence[DecodeOptions]) -> None:
+        """Give the sentences of an encoded batch their rows (beam_size each) and start their searches."""
         slots = self.engine.allocate(batch, [opts.beam_size for opts in options])
-        for key, opts, own, source in zip(keys, options, slots, sources):
-            self.active.append(ActiveSentence(key, BeamSearch(opts, self.engine.tokens), own, len(source)))
+        for key, opts, own, length in zip(keys, options, slots, batch.source_lengths.tolist()):
+            self.active.append(ActiveSentence(key, BeamSearch(opts, self.engine.tokens), own, length))
 
     def remove(self, key: Any) -> bool:
         """Drop a sentence (cancelled, deadline passed) and free its rows; False if not active."""

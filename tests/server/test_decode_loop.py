@@ -1,0 +1,96 @@
+"""The decode loop driven one iteration at a time over real pipes and a real engine: the encoder runs beside the
+decoder steps, and a text withdrawn during its encoder run never takes rows."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import pytest
+
+from nmtserve_server.decode_loop import DecodeLoop, Report, Text
+from nmtserve_server.engine import Decoder, Engine, translate
+from nmtserve_server.search import DecodeOptions
+
+CAPACITY = 8
+
+
+@dataclass
+class Harness:
+    """A decode loop and the server's ends of its pipes."""
+
+    loop: DecodeLoop
+    to_loop: Connection
+    from_loop: Connection
+
+    def submit(self, key: int, source: list[int], length: int) -> None:
+        options = DecodeOptions(min_length=length, max_length=length)
+        self.to_loop.send(("submit", [Text(key, source, options, None, time.monotonic(), stream=False)]))
+
+    def reports(self) -> list[Report]:
+        reports = []
+        while self.from_loop.poll(0):
+            reports.append(self.from_loop.recv())
+        return reports
+
+    def iterate_until(self, condition: Callable[[], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "the loop never got there"
+            assert self.loop.iterate()
+
+
+@pytest.fixture()
+def harness(tiny_bundle) -> Iterator[Harness]:
+    engine = Engine.from_path(tiny_bundle, device="cpu", capacity=CAPACITY, threads=1)
+    loop_inbox, to_loop = multiprocessing.Pipe(duplex=False)
+    from_loop, loop_outbox = multiprocessing.Pipe(duplex=False)
+    loop = DecodeLoop(Decoder(engine), loop_inbox, loop_outbox, max_queue_delay=0.0)
+    yield Harness(loop, to_loop, from_loop)
+    loop.encoder.shutdown()
+
+
+def _start_long_text(h: Harness, source: list[int]) -> None:
+    """Submit text 0, as long as the model allows, and iterate until it is in the batch."""
+    h.submit(0, source, h.loop.decoder.engine.max_target_length)
+    h.iterate_until(lambda: 0 in h.loop.running)
+
+
+def test_the_batch_steps_while_a_newcomer_is_encoded_then_the_newcomer_joins(harness, test_texts):
+    h, loop = harness, harness.loop
+    engine = loop.decoder.engine
+    first, second = engine.encode_texts(test_texts[:2])
+    _start_long_text(h, first)
+    (running,) = loop.decoder.active
+    steps = running.search.step
+    h.submit(1, second, 5)
+    assert loop.iterate()
+    assert loop.encoding is not None and list(loop.encoding.texts) == [1], "the newcomer did not go to the encoder"
+    assert 1 not in loop.running and running.search.step == steps + 1, "the batch did not step beside the encoder run"
+    h.iterate_until(lambda: 1 in loop.running)
+    finished = {}
+    while len(finished) < 2:
+        assert loop.iterate()
+        finished.update((key, hypotheses) for r in h.reports() for key, hypotheses in r.finished)
+    alone = translate(engine, [second], DecodeOptions(min_length=5, max_length=5))[0]
+    assert [hyp.tokens for hyp in finished[1]] == [hyp.tokens for hyp in alone]
+    assert loop.decoder.rows_free() == CAPACITY
+
+
+def test_a_text_withdrawn_during_its_encoder_run_never_takes_rows(harness, test_texts):
+    h, loop = harness, harness.loop
+    first, second = loop.decoder.engine.encode_texts(test_texts[:2])
+    _start_long_text(h, first)
+    h.submit(1, second, 5)
+    assert loop.iterate()
+    assert loop.encoding is not None and 1 in loop.encoding.texts
+    assert h.reports()[-1].rows_free == CAPACITY - 2, "the rows kept for the encoder run were reported free"
+    h.to_loop.send(("cancel", [1]))
+    h.iterate_until(lambda: loop.encoding is None)
+    assert 1 not in loop.running and loop.decoder.rows_free() == CAPACITY - 1
+    reports = h.reports()
+    assert not any(key == 1 for r in reports for key, *_ in r.admitted)
+    assert reports[-1].rows_free == CAPACITY - 1

@@ -22,13 +22,16 @@ class SubwordTokenizer:
         self.tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
         self.eos = tokens.eos
 
+    # One text at a time, on the caller's thread: the batch calls hand every batch, even of one text, to a pool of
+    # threads and block until one of them has run it, which on a busy server waits for a core the decoder needs.
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Source ids of each text: its subwords, then eos."""
-        return [encoding.ids + [self.eos] for encoding in self.tokenizer.encode_batch(list(texts))]
+        return [self.tokenizer.encode(text).ids + [self.eos] for text in texts]
 
     def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Texts of generated id lists (special tokens left out)."""
-        return self.tokenizer.decode_batch([list(i) for i in ids])
+        return [self.tokenizer.decode(list(i)) for i in ids]
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a vocabulary entry, None if there is none."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -17,6 +18,16 @@ LOG_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 def configure_logging(level: str) -> None:
     """Log one key=value line per event to stderr at `level`: the server and its decode process alike."""
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, datefmt=LOG_TIME_FORMAT, stream=sys.stderr)
+
+
+def freeze_startup_objects() -> None:
+    """Keep what start-up made (modules, the model, the servers) out of the garbage collector's future passes.
+
+    They live as long as the process; scanning them made each full collection under load pause the process for
+    tens of milliseconds (25 ms measured in the server), every call in flight waiting.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass(frozen=True)

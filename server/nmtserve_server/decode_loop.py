@@ -32,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
-from .config import configure_logging
+from .config import configure_logging, freeze_startup_objects
 from .engine import Decoder, EncodedBatch, Engine
 from .search import DecodeOptions, Hypothesis
 
@@ -116,6 +116,7 @@ def run(spec: EngineSpec, inbox: Connection, outbox: Connection, max_queue_delay
         )
         decoder = Decoder(engine)
         seconds = warm_up(decoder)
+        freeze_startup_objects()
     except Exception as error:  # the bundle, the device or ONNX Runtime: the server exits with the reason
         outbox.send(LoadFailed(f"{type(error).__name__}: {error}"))
         return

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from nmtserve.bundle import BundleError
 from nmtserve.settings import add_settings_arguments, settings_from_args
 
-from .config import ServeSettings, configure_logging
+from .config import ServeSettings, configure_logging, freeze_startup_objects
 from .decode_loop import EngineSpec
 from .engine import Model, providers_for
 from .metrics import Metrics
@@ -115,6 +115,7 @@ class TranslationServer:
         spec = EngineSpec(str(s.bundle), s.device, s.max_batch_size, s.threads, s.decoder_threads)
         ready = await self.scheduler.start(spec, log_level=s.log_level)
         self.service.ready(model, ready.device)
+        freeze_startup_objects()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watch = asyncio.create_task(self._watch_engine())
         log.info(

@@ -7,7 +7,9 @@ join the batch, sends the oldest waiting texts whose beams fit in the free rows
 to the next encoder run, then runs one decoder step for all active texts
 together; a text that finishes leaves at once and its rows serve the next
 admission. The encoder runs in a thread of its own, beside the decoder steps,
-so the texts in the batch do not wait for the newcomers' encoding. What the
+so the texts in the batch do not wait for the newcomers' encoding; while a run
+outlasts a step (a burst), the loop encodes a few newcomers itself, so that
+they do not wait behind it either. What the
 iterations did goes back to the server as a Report, sent as soon as one has
 news for a waiting call (admitted, finished, withdrawn, a streamed prefix) and
 otherwise at least every REPORT_INTERVAL: a step that only adds a token to
@@ -39,6 +41,7 @@ from .search import DecodeOptions, Hypothesis
 log = logging.getLogger(__name__)
 
 REPORT_INTERVAL = 0.05  # seconds: the longest the server's step metrics lag while nothing else happens
+INLINE_TEXTS = 4  # most texts the loop encodes on its own thread in one iteration (about a millisecond on a CPU)
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ class DecodeLoop:
         self.report = Report()  # what the iterations since the last report did
         self.sent = time.monotonic()  # when the last report went
         self.rows_free_sent: int | None = None  # the free rows it told
+        self.last_step = 0.0  # seconds the last decoder step took
         # One encoder run at a time, beside the decoder steps: ONNX Runtime releases the GIL while either runs.
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder")
 
@@ -263,22 +267,42 @@ class DecodeLoop:
         """Texts whose encoder run has ended join the batch; then the oldest waiting texts whose beams fit in the rows
         left go to the encoder, to join at a later step.
 
-        With no text to step, the loop waits for the encoder run in flight rather than spin.
+        While a run lasts longer than a decoder step (a burst of texts), a few newcomers at a time are encoded on the
+        loop's own thread instead, and join at once. With no text to step, the loop waits for the run in flight.
         """
         if self.encoding is not None:
             if self.decoder.active and not self.encoding.result.done():
+                if time.monotonic() - self.encoding.started > self.last_step:  # a long run: no newcomer waits for it
+                    self._encode_here(report)
                 return
             ended, self.encoding = self.encoding, None
             self._join(ended, report)
-        rows_free = self.decoder.rows_free()
-        taken: list[Text] = []
-        while self.waiting and self.waiting[0].options.beam_size <= rows_free:
-            text = self.waiting.popleft()
-            rows_free -= text.options.beam_size
-            taken.append(text)
+        taken = self._take(self.decoder.rows_free(), len(self.waiting))
         if taken:
             result = self.encoder.submit(_timed_encode, self.decoder.engine, [t.source for t in taken])
             self.encoding = EncoderRun({t.key: t for t in taken}, [t.key for t in taken], time.monotonic(), result)
+
+    def _take(self, rows_free: int, most: int) -> list[Text]:
+        """The oldest waiting texts, at most `most`, while their beams fit in `rows_free` rows."""
+        taken: list[Text] = []
+        while self.waiting and len(taken) < most and self.waiting[0].options.beam_size <= rows_free:
+            text = self.waiting.popleft()
+            rows_free -= text.options.beam_size
+            taken.append(text)
+        return taken
+
+    def _encode_here(self, report: Report) -> None:
+        """A few waiting texts are encoded on the loop's own thread and join at once, not waiting behind a long run."""
+        taken = self._take(self._rows_free(), INLINE_TEXTS)
+        if not taken:
+            return
+        started = time.monotonic()
+        batch, seconds = _timed_encode(self.decoder.engine, [t.source for t in taken])
+        self.decoder.insert([t.key for t in taken], batch, [t.options for t in taken])
+        for text in taken:
+            self.running[text.key] = text
+        report.admitted.extend((text.key, started, seconds) for text in taken)
+        report.encoder_runs.append((len(taken), seconds))
 
     def _join(self, run: EncoderRun, report: Report) -> None:
         """The texts of a finished encoder run take their rows and join the batch (or fail with the run)."""
@@ -305,7 +329,8 @@ class DecodeLoop:
         rows = sum(sentence.search.rows for sentence in self.decoder.active)
         started = time.perf_counter()
         finished = self.decoder.step()
-        report.steps.append((rows, time.perf_counter() - started))
+        self.last_step = time.perf_counter() - started
+        report.steps.append((rows, self.last_step))
         for key, hypotheses in finished:
             del self.running[key]
             report.finished.append((key, hypotheses))

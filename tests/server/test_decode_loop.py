@@ -1,9 +1,11 @@
 """The decode loop driven one iteration at a time over real pipes and a real engine: the encoder runs beside the
-decoder steps, and a text withdrawn during its encoder run never takes rows."""
+decoder steps, newcomers do not wait behind a long encoder run, and a text withdrawn during its encoder run never takes
+rows."""
 
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -78,6 +80,33 @@ def test_the_batch_steps_while_a_newcomer_is_encoded_then_the_newcomer_joins(har
     alone = translate(engine, [second], DecodeOptions(min_length=5, max_length=5))[0]
     assert [hyp.tokens for hyp in finished[1]] == [hyp.tokens for hyp in alone]
     assert loop.decoder.rows_free() == CAPACITY
+
+
+def test_a_newcomer_does_not_wait_behind_a_long_encoder_run(harness, test_texts):
+    h, loop = harness, harness.loop
+    engine = loop.decoder.engine
+    first, second, third = engine.encode_texts(test_texts[:3])
+    _start_long_text(h, first)
+    release = threading.Event()
+    loop.encoder.submit(release.wait, 30)  # the encoder thread is busy: the next run stays in flight until released
+    try:
+        h.submit(1, second, 5)
+        assert loop.iterate()
+        assert loop.encoding is not None and list(loop.encoding.texts) == [1]
+        time.sleep(10 * loop.last_step)  # the run in flight now outlasts a step
+        h.submit(2, third, 5)
+        assert loop.iterate()
+        assert 2 in loop.running and 1 not in loop.running, "the newcomer waited behind the run in flight"
+    finally:
+        release.set()
+    h.iterate_until(lambda: 1 in loop.running)
+    finished = {}
+    while len(finished) < 3:
+        assert loop.iterate()
+        finished.update((key, hypotheses) for r in h.reports() for key, hypotheses in r.finished)
+    for key, source in ((1, second), (2, third)):
+        alone = translate(engine, [source], DecodeOptions(min_length=5, max_length=5))[0]
+        assert [hyp.tokens for hyp in finished[key]] == [hyp.tokens for hyp in alone]
 
 
 def test_a_text_withdrawn_during_its_encoder_run_never_takes_rows(harness, test_texts):

@@ -13,9 +13,9 @@ the streams start spread over one request's duration, so that requests keep
 arriving at a busy server rather than all at once. Reported: served tokens/s
 as a ratio of the engine's (over all rounds, and per round), each request's
 time to first token against its budget of three mean decode steps plus its own
-encoder run (both measured by the server), and the cores each process used in
-the measured windows (psutil): the engine alone, then the decode process, the
-server and the client.
+encoder run (both measured by the server), where the 1% furthest over it spent
+their time, and the cores each process used in the measured windows (psutil):
+the engine alone, then the decode process, the server and the client.
 """
 
 from __future__ import annotations
@@ -250,9 +250,12 @@ def run(command: str, args: argparse.Namespace) -> int:
     first_token = np.array([t["first_token_seconds"] for t in timings])
     budgets = 3 * means["decode_step_seconds"] + np.array([t["encode_seconds"] for t in timings])
     p99 = float(np.percentile(first_token, 99))
-    # What the slowest 1% waited for: the queue (behind the iteration in progress), then their own encoder run.
-    slowest = np.argsort(first_token)[-max(1, len(timings) // 100) :]
-    slowest_parts = {part: float(np.mean([timings[i][part] for i in slowest])) for part in ("queue_seconds", "encode_seconds")}
+    # Where the 1% furthest over budget spent their time: the queue, their own encoder run, then the rest (waiting to
+    # join the batch, the first step, and the report's way to the server's event loop).
+    worst = np.argsort(first_token / budgets)[-max(1, len(timings) // 100) :]
+    worst_parts = {part: float(np.mean([timings[i][part] for i in worst])) for part in ("queue_seconds", "encode_seconds")}
+    worst_parts["after_encoding_seconds"] = float(np.mean(first_token[worst])) - sum(worst_parts.values())
+    worst_parts["budget_seconds"] = float(np.mean(budgets[worst]))
     report = {
         "device": engine.device, "streams": args.streams, "seconds": seconds, "requests": len(timings), "length": args.length,
         "threads": args.threads, "engine_decoder_threads": engine.decoder_threads, "rounds": rounds,
@@ -260,7 +263,7 @@ def run(command: str, args: argparse.Namespace) -> int:
         "ratio": served_rate / engine_rate, "p50_time_to_first_token_seconds": float(np.percentile(first_token, 50)),
         "p99_time_to_first_token_seconds": p99, "p99_ttft_over_budget": float(np.percentile(first_token / budgets, 99)),
         "median_ttft_budget_seconds": float(np.median(budgets)), "server": means,
-        "slowest_1_percent_means": slowest_parts, "cpu_count": os.cpu_count(),
+        "furthest_over_budget_1_percent_means": worst_parts, "cpu_count": os.cpu_count(),
         "engine_cores": float(np.mean([r["engine_cores"] for r in rounds])),
         "served_cores": {name: float(np.mean([r["served_cores"][name] for r in rounds])) for name in pids},
         "time_to_first_token_seconds": first_token.tolist(), "ttft_budget_seconds": budgets.tolist(),
@@ -273,8 +276,9 @@ def run(command: str, args: argparse.Namespace) -> int:
     print(f"time to first token:  p50 {report['p50_time_to_first_token_seconds'] * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; "
           f"p99 of each over its budget (3 steps + its encoder run, median {report['median_ttft_budget_seconds'] * 1000:.1f} ms): "
           f"{report['p99_ttft_over_budget']:.2f}x (target <= 1)")
-    print(f"slowest 1% of first tokens, means: queue {slowest_parts['queue_seconds'] * 1000:.1f} ms, "
-          f"their encoder run {slowest_parts['encode_seconds'] * 1000:.1f} ms")
+    print(f"the 1% of first tokens furthest over budget, means: queue {worst_parts['queue_seconds'] * 1000:.1f} ms, "
+          f"own encoder run {worst_parts['encode_seconds'] * 1000:.1f} ms, then {worst_parts['after_encoding_seconds'] * 1000:.1f} ms "
+          f"to join, step and reach the server (budget {worst_parts['budget_seconds'] * 1000:.1f} ms)")
     print(f"server means: step {means['decode_step_seconds'] * 1000:.2f} ms over {means['decode_step_batch_size']:.1f} rows, "
           f"encoder {means['encoder_seconds'] * 1000:.2f} ms over {means['encoder_batch_size']:.1f} texts")
     served_cores = ", ".join(f"{name} {cores:.2f}" for name, cores in report["served_cores"].items())

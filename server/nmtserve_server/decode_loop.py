@@ -297,8 +297,12 @@ class DecodeLoop:
         if not taken:
             return
         started = time.monotonic()
-        batch, seconds = _timed_encode(self.decoder.engine, [t.source for t in taken])
-        self.decoder.insert([t.key for t in taken], batch, [t.options for t in taken])
+        try:
+            batch, seconds = _timed_encode(self.decoder.engine, [t.source for t in taken])
+            self.decoder.insert([t.key for t in taken], batch, [t.options for t in taken])
+        except Exception as error:  # as in _join: these texts fail, the batch decodes on
+            self._fail_encoding(taken, error, report)
+            return
         for text in taken:
             self.running[text.key] = text
         report.admitted.extend((text.key, started, seconds) for text in taken)
@@ -313,14 +317,18 @@ class DecodeLoop:
             if texts:
                 self.decoder.insert([t.key for t in texts], batch.select(rows), [t.options for t in texts])
         except Exception as error:  # the encoder failed: the run's texts fail, the batch decodes on
-            log.exception("event=encode_failed texts=%d", len(run.keys))
-            report.failed.extend(t.key for t in texts)
-            report.error = f"{type(error).__name__}: {error}"
+            self._fail_encoding(texts, error, report)
             return
         report.encoder_runs.append((len(run.keys), seconds))
         for text in texts:
             self.running[text.key] = text
         report.admitted.extend((text.key, run.started, seconds) for text in texts)
+
+    def _fail_encoding(self, texts: list[Text], error: Exception, report: Report) -> None:
+        """Texts whose encoding failed: the server fails their calls with the reason (called while handling `error`)."""
+        log.exception("event=encode_failed texts=%d", len(texts))
+        report.failed.extend(t.key for t in texts)
+        report.error = f"{type(error).__name__}: {error}"
 
     def _step(self, report: Report) -> None:
         """One decoder step for every active text."""

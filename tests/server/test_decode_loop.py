@@ -1,6 +1,6 @@
 """The decode loop driven one iteration at a time over real pipes and a real engine: the encoder runs beside the
-decoder steps, newcomers do not wait behind a long encoder run, and a text withdrawn during its encoder run never takes
-rows."""
+decoder steps, newcomers do not wait behind a long encoder run, a text withdrawn during its encoder run never takes rows,
+and a text whose encoding fails fails alone."""
 
 from __future__ import annotations
 
@@ -123,3 +123,26 @@ def test_a_text_withdrawn_during_its_encoder_run_never_takes_rows(harness, test_
     reports = h.reports()
     assert not any(key == 1 for r in reports for key, *_ in r.admitted)
     assert reports[-1].rows_free == CAPACITY - 1
+
+
+@pytest.mark.parametrize("where", ["encoder thread", "loop thread"])
+def test_a_text_whose_encoding_fails_fails_alone(harness, test_texts, where):
+    h, loop = harness, harness.loop
+    engine = loop.decoder.engine
+    first, second = engine.encode_texts(test_texts[:2])
+    _start_long_text(h, first)
+    too_long = second * (engine.max_source_length // len(second) + 1)  # past the server's checks: the encoder refuses it
+    release = threading.Event()
+    if where == "loop thread":  # a long run in flight: the loop encodes the newcomer itself
+        loop.encoder.submit(release.wait, 30)
+        h.submit(1, second, 5)
+        assert loop.iterate()
+        time.sleep(10 * loop.last_step)
+    try:
+        h.submit(2, too_long, 5)
+        h.iterate_until(lambda: any(2 in r.failed for r in h.reports()))
+    finally:
+        release.set()
+    assert 0 in loop.running and 2 not in loop.running, "the batch did not decode on"
+    h.iterate_until(lambda: not loop.running and not loop.encoding)
+    assert loop.decoder.rows_free() == CAPACITY

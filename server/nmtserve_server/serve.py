@@ -170,8 +170,11 @@ async def serve(settings: ServeSettings) -> int:
             log.info("event=signal_during_start")
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
-    except (BundleError, RuntimeError, OSError) as error:  # RuntimeError: DeviceError, a port gRPC cannot bind, ORT load
-        log.error("event=startup_failed error=%r", str(error))
+    except Exception as error:
+        if isinstance(error, (BundleError, RuntimeError, OSError)):  # RuntimeError: DeviceError, a port gRPC cannot bind, ORT load
+            log.error("event=startup_failed error=%r", str(error))
+        else:  # unforeseen: where it came from too; stopping still matters, or gRPC's threads keep the process alive
+            log.exception("event=startup_failed error=%r", str(error))
         stopping.cancel()
         await server.stop(0)
         return 1

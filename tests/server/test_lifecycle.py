@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -82,6 +84,21 @@ def test_tampered_bundle_never_serves_and_exits_non_zero(serve_process, tiny_bun
     assert server.wait(TIMEOUT) == 1
     assert "decoder_step.onnx: sha256" in server.log and "does not match the manifest" in server.log
     assert "event=startup_failed" in server.log
+    assert "event=serving" not in server.log
+
+
+def test_a_verified_bundle_that_fails_to_load_exits_non_zero(serve_process, tiny_bundle, tmp_path):
+    # Every hash matches, but the tokenizer is not one: loading raises an error no bundle check names.
+    broken = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, broken)
+    garbage = b'{"not": "a tokenizer"}'
+    (broken / "tokenizer.json").write_bytes(garbage)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["files"]["tokenizer"].update(sha256=hashlib.sha256(garbage).hexdigest(), bytes=len(garbage))
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    server = serve_process("--bundle", str(broken))
+    assert server.wait(TIMEOUT) == 1, server.log
+    assert "event=startup_failed" in server.log and "Traceback" in server.log
     assert "event=serving" not in server.log
 
 

@@ -171,7 +171,7 @@ async def serve(settings: ServeSettings) -> int:
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
     except Exception as error:
-        if isinstance(error, (BundleError, RuntimeError, OSError)):  # RuntimeError: DeviceError, a port gRPC cannot bind, ORT load
+        if isinstance(error, (BundleError, RuntimeError, OSError)):  # DeviceError, a port gRPC cannot bind, ORT load
             log.error("event=startup_failed error=%r", str(error))
         else:  # unforeseen: where it came from too; stopping still matters, or gRPC's threads keep the process alive
             log.exception("event=startup_failed error=%r", str(error))

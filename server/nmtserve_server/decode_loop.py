@@ -296,17 +296,12 @@ class DecodeLoop:
         taken = self._take(self._rows_free(), INLINE_TEXTS)
         if not taken:
             return
-        started = time.monotonic()
+        started, result = time.monotonic(), Future()
         try:
-            batch, seconds = _timed_encode(self.decoder.engine, [t.source for t in taken])
-            self.decoder.insert([t.key for t in taken], batch, [t.options for t in taken])
-        except Exception as error:  # as in _join: these texts fail, the batch decodes on
-            self._fail_encoding(taken, error, report)
-            return
-        for text in taken:
-            self.running[text.key] = text
-        report.admitted.extend((text.key, started, seconds) for text in taken)
-        report.encoder_runs.append((len(taken), seconds))
+            result.set_result(_timed_encode(self.decoder.engine, [t.source for t in taken]))
+        except Exception as error:  # _join fails these texts with the reason, as for the encoder thread's runs
+            result.set_exception(error)
+        self._join(EncoderRun({t.key: t for t in taken}, [t.key for t in taken], started, result), report)
 
     def _join(self, run: EncoderRun, report: Report) -> None:
         """The texts of a finished encoder run take their rows and join the batch (or fail with the run)."""
@@ -315,20 +310,17 @@ class DecodeLoop:
         try:
             batch, seconds = run.result.result()
             if texts:
-                self.decoder.insert([t.key for t in texts], batch.select(rows), [t.options for t in texts])
+                kept = batch if len(rows) == len(run.keys) else batch.select(rows)
+                self.decoder.insert([t.key for t in texts], kept, [t.options for t in texts])
         except Exception as error:  # the encoder failed: the run's texts fail, the batch decodes on
-            self._fail_encoding(texts, error, report)
+            log.exception("event=encode_failed texts=%d", len(texts))
+            report.failed.extend(t.key for t in texts)
+            report.error = f"{type(error).__name__}: {error}"
             return
         report.encoder_runs.append((len(run.keys), seconds))
         for text in texts:
             self.running[text.key] = text
         report.admitted.extend((text.key, run.started, seconds) for text in texts)
-
-    def _fail_encoding(self, texts: list[Text], error: Exception, report: Report) -> None:
-        """Texts whose encoding failed: the server fails their calls with the reason (called while handling `error`)."""
-        log.exception("event=encode_failed texts=%d", len(texts))
-        report.failed.extend(t.key for t in texts)
-        report.error = f"{type(error).__name__}: {error}"
 
     def _step(self, report: Report) -> None:
         """One decoder step for every active text."""

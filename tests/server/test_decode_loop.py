@@ -55,6 +55,18 @@ def harness(tiny_bundle) -> Iterator[Harness]:
     loop.encoder.shutdown()
 
 
+def _finish(h: Harness, texts: int) -> dict[int, list]:
+    """Iterate until `texts` texts have finished; their hypotheses by key."""
+    finished: dict[int, list] = {}
+
+    def all_finished() -> bool:
+        finished.update((key, hypotheses) for r in h.reports() for key, hypotheses in r.finished)
+        return len(finished) >= texts
+
+    h.iterate_until(all_finished)
+    return finished
+
+
 def _start_long_text(h: Harness, source: list[int]) -> None:
     """Submit text 0, as long as the model allows, and iterate until it is in the batch."""
     h.submit(0, source, h.loop.decoder.engine.max_target_length)
@@ -73,10 +85,7 @@ def test_the_batch_steps_while_a_newcomer_is_encoded_then_the_newcomer_joins(har
     assert loop.encoding is not None and list(loop.encoding.texts) == [1], "the newcomer did not go to the encoder"
     assert 1 not in loop.running and running.search.step == steps + 1, "the batch did not step beside the encoder run"
     h.iterate_until(lambda: 1 in loop.running)
-    finished = {}
-    while len(finished) < 2:
-        assert loop.iterate()
-        finished.update((key, hypotheses) for r in h.reports() for key, hypotheses in r.finished)
+    finished = _finish(h, 2)
     alone = translate(engine, [second], DecodeOptions(min_length=5, max_length=5))[0]
     assert [hyp.tokens for hyp in finished[1]] == [hyp.tokens for hyp in alone]
     assert loop.decoder.rows_free() == CAPACITY
@@ -100,10 +109,7 @@ def test_a_newcomer_does_not_wait_behind_a_long_encoder_run(harness, test_texts)
     finally:
         release.set()
     h.iterate_until(lambda: 1 in loop.running)
-    finished = {}
-    while len(finished) < 3:
-        assert loop.iterate()
-        finished.update((key, hypotheses) for r in h.reports() for key, hypotheses in r.finished)
+    finished = _finish(h, 3)
     for key, source in ((1, second), (2, third)):
         alone = translate(engine, [source], DecodeOptions(min_length=5, max_length=5))[0]
         assert [hyp.tokens for hyp in finished[key]] == [hyp.tokens for hyp in alone]

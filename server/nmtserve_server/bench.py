@@ -15,7 +15,10 @@ as a ratio of the engine's (over all rounds, and per round), each request's
 time to first token against its budget of three mean decode steps plus its own
 encoder run (both measured by the server), where the 1% furthest over it spent
 their time, and the cores each process used in the measured windows (psutil):
-the engine alone, then the decode process, the server and the client.
+the engine alone, then the decode process, the server and the client; and, on
+Linux, the cores' worth of time their threads were ready to run but waited for
+a core (the run-queue wait in /proc/PID/task/*/schedstat), which tells how
+crowded the machine was.
 """
 
 from __future__ import annotations
@@ -94,6 +97,46 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
+def wait_seconds(pid: int) -> float | None:
+    """Time the process's live threads have spent ready to run but waiting for a core so far (Linux's schedstat), or
+    None where the system does not tell."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total = 0.0
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/schedstat") as stats:
+                total += int(stats.read().split()[1]) / 1e9  # run time, run-queue wait, time slices: nanoseconds
+        except (OSError, IndexError, ValueError):  # the thread ended meanwhile
+            continue
+    return total
+
+
+class CoreMeter:
+    """Cores some processes used, and cores' worth of time their threads waited for one, between start() and stop()."""
+
+    def __init__(self, pids: dict[str, int]):
+        self.pids = pids
+
+    def start(self) -> None:
+        """Begin the window."""
+        self._started = time.perf_counter()
+        self._cpu = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._wait = {name: wait_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> tuple[dict[str, float], dict[str, float | None]]:
+        """End the window: per process, the cores it used and (None where unknown) the cores' worth it waited."""
+        elapsed = time.perf_counter() - self._started
+        used = {name: (cpu_seconds(pid) - self._cpu[name]) / elapsed for name, pid in self.pids.items()}
+        waited: dict[str, float | None] = {}
+        for name, pid in self.pids.items():
+            before, after = self._wait[name], wait_seconds(pid)
+            waited[name] = None if before is None or after is None else max(0.0, after - before) / elapsed
+        return used, waited
+
+
 def _start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     """`nmtserve serve` on loopback with free ports; returns the process and its gRPC and metrics ports and its decode
     process's pid, once SERVING.
@@ -122,10 +165,10 @@ def _start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.
 
 
 async def _client_streams(
-    port: int, texts: list[str], request_seconds: float, pids: dict[str, int], args: argparse.Namespace
-) -> tuple[float, list[dict], int, dict[str, float]]:
+    port: int, texts: list[str], request_seconds: float, meter: CoreMeter, args: argparse.Namespace
+) -> tuple[float, list[dict], int, tuple[dict[str, float], dict[str, float | None]]]:
     """Run the client streams for one round; returns the window's length, the timings of the requests that ended in it,
-    their tokens, and the cores each of `pids` used in the window.
+    their tokens, and the meter's reading over the window (cores used, cores' worth waited for a core).
 
     Stream i starts i/N of a request's duration late, then sends unary Translate calls one after another until the
     window ends. Timings are the server's own (TranslateResponse.timings).
@@ -152,12 +195,11 @@ async def _client_streams(
                                     "queue_seconds": t.queue_seconds})
                     received += response.usage.output_tokens
 
-        async def cores_in_window() -> dict[str, float]:
+        async def cores_in_window() -> tuple[dict[str, float], dict[str, float | None]]:
             await asyncio.sleep(start - time.perf_counter())
-            before, started = {name: cpu_seconds(pid) for name, pid in pids.items()}, time.perf_counter()
-            await asyncio.sleep(stop - started)
-            elapsed = time.perf_counter() - started
-            return {name: (cpu_seconds(pid) - before[name]) / elapsed for name, pid in pids.items()}
+            meter.start()
+            await asyncio.sleep(stop - time.perf_counter())
+            return meter.stop()
 
         cores, *_ = await asyncio.gather(cores_in_window(), *(one_stream(i) for i in range(args.streams)))
         return stop - start, timings, received, cores
@@ -176,6 +218,11 @@ def _server_means(metrics_port: int) -> dict[str, float]:
     }
 
 
+def _mean_known(values: list[float | None]) -> float | None:
+    """The mean, or None if any value is unknown."""
+    return None if None in values else float(np.mean(values))
+
+
 def _plot(report: dict, path: Path) -> None:
     fig = Figure(figsize=(14, 4))
     throughput, latency, cpu = fig.subplots(1, 3)
@@ -192,15 +239,25 @@ def _plot(report: dict, path: Path) -> None:
     latency.axvline(report["p99_ttft_over_budget"], color="tab:green", linestyle=":", label="p99")
     latency.set(xlabel="time to first token / budget", ylabel="fraction of requests", title="Time to first token")
     latency.legend()
+    colors = {"decode process": "tab:blue", "server": "tab:orange", "client": "tab:green"}
     bottom = 0.0
-    for (name, cores), color in zip(report["served_cores"].items(), ("tab:blue", "tab:orange", "tab:green")):
-        cpu.bar(1, cores, 0.6, bottom=bottom, label=name, color=color)
+    for name, cores in report["served_cores"].items():
+        cpu.bar(1, cores, 0.6, bottom=bottom, label=name, color=colors[name])
         bottom += cores
     cpu.bar(0, report["engine_cores"], 0.6, color="tab:gray")
+    waiting = report["served_waiting_cores"]
+    if report["engine_waiting_cores"] is not None and None not in waiting.values():
+        # Hatched on top: time ready to run without a core, so the whole bar is what the processes asked for.
+        cpu.bar(0, report["engine_waiting_cores"], 0.6, bottom=report["engine_cores"], color="tab:gray", alpha=0.4, hatch="//")
+        for name, cores in waiting.items():
+            cpu.bar(1, cores, 0.6, bottom=bottom, color=colors[name], alpha=0.4, hatch="//")
+            bottom += cores
+        cpu.bar(1, 0, 0.6, color="white", edgecolor="black", hatch="//", label="waiting for a core")
     cpu.axhline(report["cpu_count"], color="tab:red", linestyle="--", label=f"{report['cpu_count']} cores")
     cpu.set_xticks([0, 1], ["engine alone", "served"])
-    cpu.set(ylabel="cores used (mean over the windows)", title="CPU", ylim=(0, 1.4 * report["cpu_count"]))
-    cpu.legend(loc="upper left", ncol=2)
+    cpu.set(ylabel="cores (mean over the windows)", title="CPU used, and waited for",
+            ylim=(0, max(1.4 * report["cpu_count"], 1.15 * bottom)))
+    cpu.legend(loc="upper left", fontsize="small")
     fig.suptitle(f"nmtserve bench-serve: {report['device']}, {report['length']} tokens per text")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -222,21 +279,24 @@ def run(command: str, args: argparse.Namespace) -> int:
     process, found = _start_server(args, out / "bench_serve.log")
     port, metrics_port = found["grpc_port"], found["metrics_port"]
     pids = {"decode process": found["decode_pid"], "server": process.pid, "client": os.getpid()}
+    alone, served = CoreMeter({"engine alone": os.getpid()}), CoreMeter(pids)
     deadline = time.monotonic() + args.max_seconds
     rounds: list[dict] = []
     timings: list[dict] = []
     try:
         for index in range(args.rounds):
-            cpu, started = cpu_seconds(os.getpid()), time.perf_counter()
+            alone.start()
             engine_rate = engine_tokens_per_second(engine, batches, args.length, args.engine_seconds)
-            engine_cores = (cpu_seconds(os.getpid()) - cpu) / (time.perf_counter() - started)
+            used, waited = alone.stop()
+            engine_cores, engine_waiting = used["engine alone"], waited["engine alone"]
             request_seconds = args.length * ENGINE_BATCH / engine_rate  # one text's decode at the engine's batch-32 pace
-            seconds, round_timings, received, cores = asyncio.run(
-                asyncio.wait_for(_client_streams(port, texts, request_seconds, pids, args), deadline - time.monotonic())
+            seconds, round_timings, received, (cores, waiting) = asyncio.run(
+                asyncio.wait_for(_client_streams(port, texts, request_seconds, served, args), deadline - time.monotonic())
             )
             rounds.append({"engine_tokens_per_second": engine_rate, "served_tokens_per_second": received / seconds,
                            "ratio": received / seconds / engine_rate, "seconds": seconds, "requests": len(round_timings),
-                           "tokens": received, "engine_cores": engine_cores, "served_cores": cores})
+                           "tokens": received, "engine_cores": engine_cores, "served_cores": cores,
+                           "engine_waiting_cores": engine_waiting, "served_waiting_cores": waiting})
             timings += round_timings
             print(f"round {index + 1}/{args.rounds}: engine alone {engine_rate:.0f}, served {received / seconds:.0f} "
                   f"generated tokens/s ({rounds[-1]['ratio']:.2f}x)", flush=True)
@@ -266,6 +326,8 @@ def run(command: str, args: argparse.Namespace) -> int:
         "furthest_over_budget_1_percent_means": worst_parts, "cpu_count": os.cpu_count(),
         "engine_cores": float(np.mean([r["engine_cores"] for r in rounds])),
         "served_cores": {name: float(np.mean([r["served_cores"][name] for r in rounds])) for name in pids},
+        "engine_waiting_cores": _mean_known([r["engine_waiting_cores"] for r in rounds]),
+        "served_waiting_cores": {name: _mean_known([r["served_waiting_cores"][name] for r in rounds]) for name in pids},
         "time_to_first_token_seconds": first_token.tolist(), "ttft_budget_seconds": budgets.tolist(),
     }
     (out / "bench_serve.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -283,5 +345,9 @@ def run(command: str, args: argparse.Namespace) -> int:
           f"encoder {means['encoder_seconds'] * 1000:.2f} ms over {means['encoder_batch_size']:.1f} texts")
     served_cores = ", ".join(f"{name} {cores:.2f}" for name, cores in report["served_cores"].items())
     print(f"cores used (of {report['cpu_count']}): engine alone {report['engine_cores']:.2f}; served: {served_cores}")
+    if report["engine_waiting_cores"] is not None and None not in report["served_waiting_cores"].values():
+        served_waiting = ", ".join(f"{name} {cores:.2f}" for name, cores in report["served_waiting_cores"].items())
+        print(f"cores' worth of time ready to run but waiting for a core: engine alone {report['engine_waiting_cores']:.2f}; "
+              f"served: {served_waiting}")
     print(f"wrote {out / 'bench_serve.json'} and bench_serve.png")
     return 0

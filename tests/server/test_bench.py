@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+from nmtserve_server import bench
 
 
+@pytest.mark.e2e
 def test_bench_serve_measures_the_engine_and_the_server(tiny_bundle, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "nmtserve.cli", "bench-serve", str(tiny_bundle), "--streams", "4", "--seconds", "1",
@@ -34,4 +37,28 @@ def test_bench_serve_measures_the_engine_and_the_server(tiny_bundle, tmp_path):
     assert report["served_cores"]["decode process"] > 0 and report["served_cores"]["server"] > 0
     assert 0 < report["engine_cores"] <= report["cpu_count"] + 0.1
     assert sum(report["served_cores"].values()) <= report["cpu_count"] + 0.1
+    # And the time each waited for a core, where the system tells (as Linux does).
+    assert set(report["served_waiting_cores"]) == set(report["served_cores"])
+    if sys.platform == "linux":
+        assert report["engine_waiting_cores"] >= 0 and all(cores >= 0 for cores in report["served_waiting_cores"].values())
     assert (tmp_path / "bench_serve.png").stat().st_size > 0
+
+
+def test_wait_seconds_counts_the_time_a_process_waits_for_a_core():
+    """Three busy processes held to one core: each runs about a third of the time and waits for the rest."""
+    if bench.wait_seconds(os.getpid()) is None:
+        pytest.skip("this system does not report run-queue waits (/proc/PID/task/*/schedstat)")
+    busy = "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass"
+    processes = [subprocess.Popen([sys.executable, "-c", busy]) for _ in range(3)]
+    try:
+        for process in processes:
+            os.sched_setaffinity(process.pid, {min(os.sched_getaffinity(0))})
+        meter = bench.CoreMeter({str(p.pid): p.pid for p in processes})
+        meter.start()
+        time.sleep(0.8)
+        used, waited = meter.stop()
+    finally:
+        for process in processes:
+            process.wait(10)
+    assert sum(used.values()) == pytest.approx(1.0, abs=0.2)  # one core between them
+    assert all(cores > 0.4 for cores in waited.values())  # each waited while the other two ran: about 2/3 of a core

@@ -148,7 +148,8 @@ class Scheduler:
 
     def cancel(self, jobs: Sequence[Job]) -> None:
         """Withdraw unfinished jobs (the client went away); the loop frees their rows at its next iteration."""
-        unfinished = [job for job in jobs if not job.future.done()]
+        # Not `job.future.done()`: cancelling a handler's task also cancels the future it awaits, job unfinished.
+        unfinished = [job for job in jobs if job.key in self._jobs]
         if not unfinished:
             return
         for job in unfinished:

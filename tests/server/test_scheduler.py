@@ -124,6 +124,7 @@ def test_cancelled_stream_and_call_free_the_rows(start_server, test_texts):
         assert next(stream).piece.tokens  # decoding has begun
         stream.cancel()
         server.wait_for(lambda: _all_rows_free(server), timeout=10, what="the stream's row to be freed")
+        output_tokens = server.metric("nmtserve_output_tokens_total")
         call = stub.Translate.future(pb.TranslateRequest(texts=[test_texts[1]], options=server.long_options(beam_size=4)), timeout=TIMEOUT)
         server.wait_for(lambda: server.metric("nmtserve_kv_cache_free_slots") == 4, what="the text decoding")
         call.cancel()
@@ -133,3 +134,5 @@ def test_cancelled_stream_and_call_free_the_rows(start_server, test_texts):
             and server.metric("nmtserve_requests_total", {"method": "Translate", "code": "CANCELLED"}) == 1,
             timeout=10, what="the cancellations to be counted",
         )
+        # The call was cancelled while its text decoded: the loop withdrew the text, which never finished.
+        assert server.metric("nmtserve_output_tokens_total") == output_tokens

@@ -36,6 +36,7 @@ from multiprocessing.connection import Connection
 
 from .config import configure_logging, freeze_startup_objects
 from .engine import Decoder, EncodedBatch, Engine
+from .pipes import MessageReader
 from .search import DecodeOptions, Hypothesis
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class Report:
         return bool(self.admitted or self.late or self.finished or self.prefixes or self.failed)
 
 
-# Messages from the server: ("submit", list[Text]), ("cancel", list[int]), ("stop", None).
+# Messages from the server, framed by `pipes`: ("submit", list[Text]), ("cancel", list[int]), ("stop", None).
 
 
 def run(spec: EngineSpec, inbox: Connection, outbox: Connection, max_queue_delay: float, log_level: str) -> None:
@@ -164,7 +165,7 @@ class DecodeLoop:
 
     def __init__(self, decoder: Decoder, inbox: Connection, outbox: Connection, max_queue_delay: float):
         self.decoder = decoder
-        self.inbox = inbox
+        self.inbox = MessageReader(inbox)
         self.outbox = outbox
         self.max_queue_delay = max_queue_delay
         self.waiting: deque[Text] = deque()
@@ -216,10 +217,10 @@ class DecodeLoop:
         return True
 
     def _receive(self, wait: bool, timeout: float | None = None) -> None:
-        """Take the server's messages: block for the first one if `wait` (up to `timeout`), then take what has arrived."""
-        ready = self.inbox.poll(timeout) if wait else self.inbox.poll(0)
-        while ready:
-            kind, payload = self.inbox.recv()
+        """Take the server's messages: wait for some first if `wait` (up to `timeout`), then take what has arrived."""
+        if wait:
+            self.inbox.wait(timeout)
+        for kind, payload in self.inbox.take():
             if kind == "submit":
                 self.waiting.extend(payload)
             elif kind == "cancel":
@@ -227,7 +228,6 @@ class DecodeLoop:
             else:
                 self.stopping = True
                 return
-            ready = self.inbox.poll(0)
 
     def _withdraw(self, keys: set[int]) -> None:
         """Take texts out (cancelled, or past their deadline): out of the queue, the encoder run (its result for them is

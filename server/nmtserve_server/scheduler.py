@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from . import decode_loop
 from .decode_loop import EngineSpec, LoadFailed, Ready, Report, Text
 from .metrics import Metrics
+from .pipes import MessageWriter
 from .search import DecodeOptions, Hypothesis
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
         self._to_loop: Connection | None = None
+        self._writer: MessageWriter | None = None  # on _to_loop, once the loop reads it
         self._from_loop: Connection | None = None
         self._jobs: dict[int, Job] = {}  # every text sent to the loop and not yet ended
         self._queued = 0  # of those, the ones the loop has not admitted yet
@@ -115,9 +117,20 @@ class Scheduler:
         self.metrics.kv_cache_slots.set(ready.capacity)
         self.metrics.kv_cache_free_slots.set(ready.capacity)
         self._loop = asyncio.get_running_loop()
+        self._writer = MessageWriter(self._to_loop, self._loop)
         self._loop.add_reader(self._from_loop.fileno(), self._read_reports)
         self.state = "serving"
         return ready
+
+    @property
+    def decode_pid(self) -> int | None:
+        """The decode process's id, once started."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of messages for the decode loop waiting for room in the pipe."""
+        return self._writer.pending_bytes if self._writer is not None else 0
 
     @property
     def accepting(self) -> bool:
@@ -196,16 +209,21 @@ class Scheduler:
                 await asyncio.to_thread(self._process.join)
         if self._loop is not None and self._from_loop is not None:
             self._loop.remove_reader(self._from_loop.fileno())
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None  # its file descriptor's number may be reused
         for connection in (self._to_loop, self._from_loop):
             if connection is not None:
                 connection.close()
         self._fail_all(UnavailableError("server stopped"))
 
     def _send(self, kind: str, payload: object) -> None:
-        assert self._to_loop is not None
+        """Send a message to the decode loop without blocking the event loop (see pipes.py)."""
+        if self._writer is None:
+            raise UnavailableError("the decode process is not running")
         try:
-            self._to_loop.send((kind, payload))
-        except (BrokenPipeError, OSError) as error:
+            self._writer.send((kind, payload))
+        except OSError as error:
             raise UnavailableError("the decode process has stopped") from error
 
     def _forget(self, job: Job) -> None:

@@ -5,6 +5,7 @@ and a text whose encoding fails fails alone."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ import pytest
 
 from nmtserve_server.decode_loop import DecodeLoop, Report, Text
 from nmtserve_server.engine import Decoder, Engine, translate
+from nmtserve_server.pipes import frame
 from nmtserve_server.search import DecodeOptions
 
 CAPACITY = 8
@@ -28,9 +30,13 @@ class Harness:
     to_loop: Connection
     from_loop: Connection
 
+    def send(self, message: tuple) -> None:
+        """Write a message as the server does (small ones: the pipe always has room)."""
+        os.write(self.to_loop.fileno(), frame(message))
+
     def submit(self, key: int, source: list[int], length: int) -> None:
         options = DecodeOptions(min_length=length, max_length=length)
-        self.to_loop.send(("submit", [Text(key, source, options, None, time.monotonic(), stream=False)]))
+        self.send(("submit", [Text(key, source, options, None, time.monotonic(), stream=False)]))
 
     def reports(self) -> list[Report]:
         reports = []
@@ -123,7 +129,7 @@ def test_a_text_withdrawn_during_its_encoder_run_never_takes_rows(harness, test_
     assert loop.iterate()
     assert loop.encoding is not None and 1 in loop.encoding.texts
     assert h.reports()[-1].rows_free == CAPACITY - 2, "the rows kept for the encoder run were reported free"
-    h.to_loop.send(("cancel", [1]))
+    h.send(("cancel", [1]))
     h.iterate_until(lambda: loop.encoding is None)
     assert 1 not in loop.running and loop.decoder.rows_free() == CAPACITY - 1
     reports = h.reports()
@@ -152,3 +158,19 @@ def test_a_text_whose_encoding_fails_fails_alone(harness, test_texts, where):
     assert 0 in loop.running and 2 not in loop.running, "the batch did not decode on"
     h.iterate_until(lambda: not loop.running and not loop.encoding)
     assert loop.decoder.rows_free() == CAPACITY
+
+
+def test_a_message_half_written_waits_for_its_rest(harness, test_texts):
+    """The server writes what a full pipe takes and the rest later: the loop takes only whole messages."""
+    h, loop = harness, harness.loop
+    (source,) = loop.decoder.engine.encode_texts(test_texts[:1])
+    options = DecodeOptions(min_length=3, max_length=3)
+    data = frame(("submit", [Text(1, source, options, None, time.monotonic(), stream=False)]))
+    os.write(h.to_loop.fileno(), data[:5])  # not even the whole length
+    assert loop.iterate() and not loop.waiting and not loop.encoding and not loop.running
+    os.write(h.to_loop.fileno(), data[5:-1])
+    assert loop.iterate() and not loop.waiting and not loop.encoding and not loop.running
+    os.write(h.to_loop.fileno(), data[-1:] + frame(("cancel", [2])))
+    assert loop.iterate()
+    assert 1 in loop.running or (loop.encoding is not None and 1 in loop.encoding.texts)
+    assert [hyp.tokens for hyp in _finish(h, 1)[1]] == [hyp.tokens for hyp in translate(loop.decoder.engine, [source], options)[0]]

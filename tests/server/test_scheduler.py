@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import grpc
 import pytest
 
@@ -136,3 +139,27 @@ def test_cancelled_stream_and_call_free_the_rows(start_server, test_texts):
         )
         # The call was cancelled while its text decoded: the loop withdrew the text, which never finished.
         assert server.metric("nmtserve_output_tokens_total") == output_tokens
+
+
+def test_the_server_answers_while_the_decode_loop_reads_nothing(start_server, test_texts):
+    """Requests that fill the pipe to a decode loop that is not reading it (here: stopped) wait in the server; its
+    event loop never blocks on the pipe, so it keeps answering, and the loop takes them all once it reads again."""
+    server = start_server(max_queue_size=1024)
+    model = server.server.service.model
+    words = " ".join(test_texts).split()
+    while len(model.encode_texts([" ".join(words)])[0]) > model.max_source_length - 1:  # room for a language token
+        words = words[: len(words) * 9 // 10]
+    texts = [" ".join(words)] * server.server.settings.max_texts_per_request
+    request = pb.TranslateRequest(texts=texts, options=pb.TranslateOptions(max_length=2))
+    channel, stub = _stub(server)
+    with channel:
+        pid = server.server.scheduler.decode_pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            calls = [stub.Translate.future(request, timeout=TIMEOUT) for _ in range(8)]
+            server.wait_for(lambda: server.metric("nmtserve_queue_depth") == 8 * len(texts), what="every text queued")
+            assert server.server.scheduler.pending_bytes > 0, "the requests did not fill the pipe"
+            assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).name
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert all(len(call.result().translations) == len(texts) for call in calls)

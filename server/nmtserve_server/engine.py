@@ -206,13 +206,17 @@ class Engine(Model):
         """Take rows[i] free slots for sentence i of an encoded batch (a beam of k takes k rows); each sentence's slots."""
         if sum(rows) > len(self.free_slots):
             raise RuntimeError(f"{sum(rows)} KV-cache rows requested, {len(self.free_slots)} free")
-        slots = [[heapq.heappop(self.free_slots) for _ in range(n)] for n in rows]
-        taken = [slot for own in slots for slot in own]
         sentence = np.repeat(np.arange(len(rows)), rows)  # the batch row each slot copies
         length = batch.source_mask.shape[1]
         self._fit_source(max(length, int(self.source_lengths.max())))
-        for buffer, encoded in zip(self.memory, batch.memory):
-            buffer[taken, :, :length] = encoded[sentence]
+        slots = [[heapq.heappop(self.free_slots) for _ in range(n)] for n in rows]
+        taken = [slot for own in slots for slot in own]
+        try:
+            for buffer, encoded in zip(self.memory, batch.memory):
+                buffer[taken, :, :length] = encoded[sentence]
+        except Exception:  # a batch that does not fit the buffers: its rows are not lost
+            self.release(taken)
+            raise
         self.source_lengths[taken] = batch.source_lengths[sentence]
         return slots
 

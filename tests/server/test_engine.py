@@ -15,7 +15,7 @@ from nmtserve_export.data import encode_sources
 from nmtserve_export.decode import IncrementalDecoder, beam_search, greedy_search
 from nmtserve_export.evaluate import held_out_pairs
 from nmtserve_export.train import exact_match
-from nmtserve_server.engine import Decoder, DeviceError, Engine, engines_for, providers_for, translate
+from nmtserve_server.engine import Decoder, DeviceError, EncodedBatch, Engine, engines_for, providers_for, translate
 from nmtserve_server.search import DecodeOptions, top_candidates
 
 
@@ -173,6 +173,19 @@ def test_int8_bundle_keeps_quality(reference, engine, tiny_bundle_int8, capsys):
     with capsys.disabled():
         print(f"\n[tiny model] exact match fp32 {100 * fp32_em:.1f}%, int8 {100 * int8_em:.1f}%")
     assert int8_em >= fp32_em - 0.10
+
+
+def test_a_batch_that_fails_to_fit_gives_its_rows_back(reference, tiny_bundle):
+    _, _, _, sources = reference
+    small = Engine.from_path(tiny_bundle, device="cpu", capacity=8)
+    batch = small.encode(sources[:2])
+    misshapen = EncodedBatch([m[..., :-1] for m in batch.memory], batch.source_mask, batch.source_lengths)
+    with pytest.raises(ValueError):
+        Decoder(small).insert(["a", "b"], misshapen, [DecodeOptions(beam_size=3)] * 2)
+    assert len(small.free_slots) == 8
+    assert [h[0].tokens for h in translate(small, sources[:4], DecodeOptions(beam_size=2))] == [
+        h[0].tokens for h in translate(Engine.from_path(tiny_bundle, device="cpu", capacity=8), sources[:4], DecodeOptions(beam_size=2))
+    ]
 
 
 @pytest.mark.parametrize("beam_size", [0, 65])

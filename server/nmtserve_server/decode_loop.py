@@ -11,7 +11,7 @@ so the texts in the batch do not wait for the newcomers' encoding; while a run
 outlasts a step (a burst), the loop encodes a few newcomers itself, so that
 they do not wait behind it either. What the
 iterations did goes back to the server as a Report, sent as soon as one has
-news for a waiting call (admitted, finished, withdrawn, a streamed prefix) and
+news for a waiting call (admitted, finished, withdrawn, a streamed token) and
 otherwise at least every REPORT_INTERVAL: a step that only adds a token to
 unary calls is not worth waking the server for. When the decoder is idle
 the loop waits up to `max_queue_delay` after the first arrival for more, so
@@ -65,7 +65,7 @@ class Text:
     options: DecodeOptions
     deadline: float | None  # time.monotonic() after which it leaves (the clock is the same in both processes)
     arrived: float  # time.monotonic() when the server queued it
-    stream: bool  # report its best prefix after every step
+    stream: bool  # report each new token after every step
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class Report:
     encoder_runs: list[tuple[int, float]] = field(default_factory=list)  # texts, seconds
     late: list[int] = field(default_factory=list)  # deadline passed: left the queue or the batch
     finished: list[tuple[int, list[Hypothesis]]] = field(default_factory=list)
-    prefixes: list[tuple[int, list[int]]] = field(default_factory=list)  # streamed texts: best prefix so far
+    streamed: list[tuple[int, int, int]] = field(default_factory=list)  # streamed texts' new tokens: key, position, id
     failed: list[int] = field(default_factory=list)  # a model run raised `error`; these texts left the batch
     error: str | None = None
     steps: list[tuple[int, float]] = field(default_factory=list)  # rows, seconds
@@ -102,7 +102,7 @@ class Report:
 
     def has_news(self) -> bool:
         """Whether a waiting call hears something from this report (beyond the step metrics)."""
-        return bool(self.admitted or self.late or self.finished or self.prefixes or self.failed)
+        return bool(self.admitted or self.late or self.finished or self.streamed or self.failed)
 
 
 # Messages from the server, framed by `pipes`: ("submit", list[Text]), ("cancel", list[int]), ("stop", None).
@@ -334,7 +334,10 @@ class DecodeLoop:
         for key, hypotheses in finished:
             del self.running[key]
             report.finished.append((key, hypotheses))
-        report.prefixes = [(s.key, list(s.search.prefixes[0])) for s in self.decoder.active if self.running[s.key].stream]
+        for sentence in self.decoder.active:
+            if self.running[sentence.key].stream:  # greedy: a step adds one token to a text it does not finish
+                prefix = sentence.search.prefixes[0]
+                report.streamed.append((sentence.key, len(prefix) - 1, prefix[-1]))
 
 
 def _timed_encode(engine: Engine, sources: list[list[int]]) -> tuple[EncodedBatch, float]:

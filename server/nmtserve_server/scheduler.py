@@ -284,11 +284,11 @@ class Scheduler:
         for rows, seconds in report.steps:
             m.decode_step_batch_size.observe(rows)
             m.decode_step_duration.observe(seconds)
-        for key, prefix in report.prefixes:
+        for key, position, token in report.streamed:
             job = jobs.get(key)
-            if job is not None and job.pieces is not None and len(prefix) > job.streamed:
-                job.pieces.put_nowait(prefix[job.streamed :])
-                job.streamed = len(prefix)
+            if job is not None and job.pieces is not None and position == job.streamed:
+                job.pieces.put_nowait([token])
+                job.streamed += 1
         for key, hypotheses in report.finished:
             if (job := jobs.get(key)) is None:
                 continue

@@ -51,7 +51,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, *, positi
         env = env_var(f.name)
         default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
         if env in os.environ:
-            default = _parse(kind, os.environ[env], f.name)
+            try:
+                default = _parse(kind, os.environ[env], f.name)
+            except ValueError as error:
+                parser.error(str(error))
+            choices = f.metadata.get("choices")
+            if choices is not None and default not in choices:  # argparse checks only values given as flags
+                parser.error(f"{env}={default!r} is not one of {', '.join(map(str, choices))}")
         help_text = f"{f.metadata.get('help', '')} [env {env}; default: %(default)s]"
         if f.name in positional:
             parser.add_argument(f.name, type=kind, nargs="?" if default is not None else None, default=default, help=help_text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ from .engine import DEVICES
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMAT = "time=%(asctime)s.%(msecs)03d level=%(levelname)s logger=%(name)s %(message)s"  # one key=value line per event
 LOG_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
+MAX_PORT = 65535
+MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC takes message limits as a C int
 
 
 def configure_logging(level: str) -> None:
@@ -92,8 +95,16 @@ class ServeSettings:
             found.append(f"--max-beam-size {self.max_beam_size} cannot exceed --max-batch-size {self.max_batch_size}")
         if self.max_texts_per_request > self.max_queue_size:
             found.append(f"--max-texts-per-request {self.max_texts_per_request} cannot exceed --max-queue-size {self.max_queue_size}")
-        if min(self.max_queue_delay_ms, self.grace_seconds, self.threads, self.decoder_threads) < 0:
-            found.append("--max-queue-delay-ms, --grace-seconds, --threads and --decoder-threads cannot be negative")
+        for name in ("max_queue_delay_ms", "grace_seconds"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                found.append(f"--{name.replace('_', '-')} must be a number of at least 0, not {getattr(self, name)}")
+        if min(self.threads, self.decoder_threads) < 0:
+            found.append("--threads and --decoder-threads cannot be negative")
+        for name in ("port", "health_port", "metrics_port"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= MAX_PORT:
+                found.append(f"--{name.replace('_', '-')} {getattr(self, name)} is not a port (0 to {MAX_PORT})")
+        if self.max_message_bytes > MAX_MESSAGE_BYTES:
+            found.append(f"--max-message-bytes cannot exceed {MAX_MESSAGE_BYTES} (gRPC's limit)")
         if (self.tls_cert is None) != (self.tls_key is None):
             found.append("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:

@@ -42,6 +42,7 @@ class Example:
     steps: int = field(default=3, metadata={"help": "how many"})
     rate: float = field(default=0.5, metadata={"help": "how fast"})
     resume: bool = field(default=False, metadata={"help": "again"})
+    mode: str = field(default="quiet", metadata={"help": "how loud", "choices": ("quiet", "chatty")})
 
 
 def parse(args: list[str]) -> Example:
@@ -58,7 +59,13 @@ def test_settings_flags_environment_and_defaults(monkeypatch):
     assert parse(["--steps", "9", "--no-resume", "--out", "y"]) == Example(out=Path("y"), steps=9, resume=False)
 
 
-def test_bad_environment_value_names_the_variable(monkeypatch):
-    monkeypatch.setenv("NMTSERVE_RATE", "fast")
-    with pytest.raises(ValueError, match="NMTSERVE_RATE='fast' is not a valid float"):
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [("NMTSERVE_RATE", "fast", "NMTSERVE_RATE='fast' is not a valid float"),
+     ("NMTSERVE_MODE", "loud", "NMTSERVE_MODE='loud' is not one of quiet, chatty")],
+)
+def test_bad_environment_value_is_a_usage_error_naming_the_variable(monkeypatch, capsys, variable, value, message):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exited:
         parse([])
+    assert exited.value.code == 2 and message in capsys.readouterr().err

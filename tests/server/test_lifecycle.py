@@ -131,6 +131,27 @@ def test_missing_bundle_and_inconsistent_settings_are_refused():
     assert "--bundle is required" in result.stderr and "--tls-cert and --tls-key go together" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "environment", "message"),
+    [
+        (["--max-queue-delay-ms", "inf"], {}, "--max-queue-delay-ms must be a number of at least 0, not inf"),
+        (["--grace-seconds", "nan"], {}, "--grace-seconds must be a number of at least 0, not nan"),
+        (["--port", "70000"], {}, "--port 70000 is not a port (0 to 65535)"),
+        (["--max-message-bytes", str(2**31)], {}, "--max-message-bytes cannot exceed 2147483647"),
+        ([], {"NMTSERVE_LOG_LEVEL": "verbose"}, "NMTSERVE_LOG_LEVEL='verbose' is not one of debug, info, warning, error"),
+        ([], {"NMTSERVE_PORT": "fifty"}, "NMTSERVE_PORT='fifty' is not a valid int"),
+    ],
+)
+def test_settings_that_would_fail_later_are_refused_at_once(tiny_bundle, flags, environment, message):
+    """Each used to pass the checks and then crash the server (a dead decode process, a traceback at start)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "nmtserve.cli", "serve", "--bundle", str(tiny_bundle), *flags],
+        capture_output=True, text=True, timeout=TIMEOUT, env={**os.environ, **environment},
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_environment_variables_configure_the_server_and_the_config_is_logged(serve_process, tiny_bundle, monkeypatch):
     monkeypatch.setenv("NMTSERVE_BUNDLE", str(tiny_bundle))
     monkeypatch.setenv("NMTSERVE_MAX_QUEUE_SIZE", "77")

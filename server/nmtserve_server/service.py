@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
 REQUEST_ID_KEY = "x-request-id"
 MAX_LENGTH_PENALTY = 10.0
+MAX_CHARACTERS_PER_TOKEN = 16  # a text longer than this per token the model reads is refused before it is tokenized
+MAX_VIOLATIONS = 10  # violations listed in one error: its trailers must stay small enough to reach the client
+MAX_ECHOED = 32  # characters of a bad value repeated in an error
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _INCOMPLETE = "\ufffd"  # what byte-level decoding shows for a multi-byte character cut short
 
@@ -42,8 +45,10 @@ class ValidationError(Exception):
     """A request the server will not run; each violation names its field."""
 
     def __init__(self, violations: list[tuple[str, str]]):
-        self.violations = violations
-        super().__init__("; ".join(f"{name}: {description}" for name, description in violations))
+        self.violations = violations[:MAX_VIOLATIONS]
+        if len(violations) > MAX_VIOLATIONS:
+            self.violations.append(("request", f"{len(violations) - MAX_VIOLATIONS} more violations not listed"))
+        super().__init__("; ".join(f"{name}: {description}" for name, description in self.violations))
 
 
 class MalformedRequest(NamedTuple):
@@ -90,6 +95,11 @@ def language_prefixes(model: Model) -> dict[str, list[int]]:
             raise BundleError(f"tokenizer.json: the model translates into {targets} but has no <2{language}> token to ask for {language!r}")
         prefixes[language] = [token_id]
     return prefixes
+
+
+def _echo(value: str) -> str:
+    """A client's value, quoted and cut short, for an error message."""
+    return repr(value[:MAX_ECHOED]) + ("…" if len(value) > MAX_ECHOED else "")
 
 
 def _lenient(message: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
@@ -220,7 +230,7 @@ class TranslatorService:
             ("options.length_penalty", math.isfinite(length_penalty) and 0 <= length_penalty <= MAX_LENGTH_PENALTY,
              f"{length_penalty} is outside [0, {MAX_LENGTH_PENALTY:g}]"),
             ("options.target_language", not options.target_language or options.target_language in self._prefixes,
-             f"{options.target_language!r} is not one of this model's target languages ({', '.join(self._prefixes)})"),
+             f"{_echo(options.target_language)} is not one of this model's target languages ({', '.join(self._prefixes)})"),
         ]
         violations += [(name, description) for name, ok, description in checks if not ok]
         return DecodeOptions(beam_size, max_length, options.min_length, length_penalty, num_hypotheses, options.return_alignment)
@@ -229,14 +239,30 @@ class TranslatorService:
         """Source ids of each text, target-language token first where the model needs one; adds a violation per bad text."""
         model = self.model
         prefix = self._prefixes.get(target_language or next(iter(self._prefixes)), [])
-        sources = [prefix + ids for ids in model.encode_texts(texts)]
-        for index, (text, source) in enumerate(zip(texts, sources)):
-            field_name = f"{name}[{index}]" if name == "texts" else name
+        most_characters = MAX_CHARACTERS_PER_TOKEN * model.max_source_length
+        sources: list[list[int]] = [[] for _ in texts]
+        wrong: dict[int, str] = {}
+        for index, text in enumerate(texts):  # first what needs no tokenizing, which a long text makes slow
             if not text.strip():
-                violations.append((field_name, "empty text"))
-            elif len(source) > model.max_source_length:
-                violations.append((field_name, f"{len(source)} tokens, the model reads at most {model.max_source_length}"))
+                wrong[index] = "empty text"
+            elif len(text) > most_characters:
+                wrong[index] = (f"{len(text)} characters, above the {most_characters} a text may have "
+                                f"(the model reads at most {model.max_source_length} tokens)")
+        readable = [index for index in range(len(texts)) if index not in wrong]
+        for index, ids in zip(readable, model.encode_texts([texts[index] for index in readable])):
+            sources[index] = prefix + ids
+            if len(sources[index]) > model.max_source_length:
+                wrong[index] = f"{len(sources[index])} tokens, the model reads at most {model.max_source_length}"
+        violations += [(f"{name}[{index}]" if name == "texts" else name, wrong[index]) for index in sorted(wrong)]
         return sources
+
+    def _check_size(self, response: Message, options: pb.TranslateOptions) -> None:
+        """Refuse a response larger than the server may send, naming what made it so, rather than let gRPC drop it."""
+        size, limit = response.ByteSize(), self.settings.max_message_bytes
+        if size > limit:
+            field_name = "options.return_alignment" if options.return_alignment else "texts"
+            raise ValidationError([(field_name, f"the answer would be {size} bytes, above the {limit} the server sends "
+                                                "(--max-message-bytes): ask for fewer texts or hypotheses, or no alignment")])
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
         remaining = context.time_remaining()
@@ -272,7 +298,8 @@ class TranslatorService:
             elif len(texts) > self.settings.max_texts_per_request:
                 violations.append(("texts", f"{len(texts)} texts, at most {self.settings.max_texts_per_request} per request"))
             options = self._options(request.options, violations)
-            sources = self._sources(texts, "texts", request.options.target_language, violations) if texts else []
+            tokenize = 0 < len(texts) <= self.settings.max_texts_per_request
+            sources = self._sources(texts, "texts", request.options.target_language, violations) if tokenize else []
             if violations:
                 raise ValidationError(violations)
             jobs = self.scheduler.submit(sources, options, deadline=self._deadline(context))
@@ -289,6 +316,7 @@ class TranslatorService:
             response.usage.input_tokens = sum(len(s) for s in sources)
             response.usage.output_tokens = sum(len(h.tokens) for hypotheses in results for h in hypotheses)
             response.timings.CopyFrom(self._timings(call, jobs))
+            self._check_size(response, request.options)
             call.fields.update(texts=len(texts), beam_size=options.beam_size, input_tokens=response.usage.input_tokens,
                                output_tokens=response.usage.output_tokens)
             return response
@@ -330,7 +358,9 @@ class TranslatorService:
                 request_id=call.request_id,
             )
             call.fields.update(input_tokens=final.usage.input_tokens, output_tokens=final.usage.output_tokens)
-            yield pb.TranslateStreamResponse(final=final)
+            message = pb.TranslateStreamResponse(final=final)
+            self._check_size(message, request.options)
+            yield message
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         """The model, its limits, and where it runs."""

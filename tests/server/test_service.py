@@ -12,6 +12,7 @@ from grpc_status import rpc_status
 
 from nmtserve.bundle import read_bundle
 from nmtserve.v1 import translator_pb2 as pb
+from nmtserve.v1 import translator_pb2_grpc
 from nmtserve_server.engine import translate
 from nmtserve_server.search import DecodeOptions
 
@@ -125,6 +126,7 @@ INVALID = [
     ("empty text", pb.TranslateRequest(texts=["Friday", " "]), "texts[1]"),
     ("too many texts", pb.TranslateRequest(texts=["Friday"] * 65), "texts"),
     ("source too long", pb.TranslateRequest(texts=["Friday " * 300]), "texts[0]"),
+    ("too long to tokenize", pb.TranslateRequest(texts=["Friday " * 600]), "texts[0]"),
     ("beam too wide", pb.TranslateRequest(texts=["Friday"], options=pb.TranslateOptions(beam_size=9)), "options.beam_size"),
     ("n-best above beam", pb.TranslateRequest(texts=["Friday"], options=pb.TranslateOptions(beam_size=2, num_hypotheses=3)), "options.num_hypotheses"),
     ("min above max", pb.TranslateRequest(texts=["Friday"], options=pb.TranslateOptions(min_length=10, max_length=5)), "options.min_length"),
@@ -142,6 +144,35 @@ def test_invalid_requests_name_the_field(stub, request_, field):
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith(f"{field}: ")
     assert field in _bad_request(caught.value)
+
+
+def test_oversized_requests_are_refused_before_tokenizing_and_in_a_small_error(stub):
+    """Too many texts: nothing is tokenized, one violation. Many bad texts: ten listed and a count. A long bad value:
+    repeated cut short. Each keeps the error's trailers small enough to reach the client."""
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Translate(pb.TranslateRequest(texts=[""] * 1000), timeout=TIMEOUT)
+    assert _bad_request(caught.value) == ["texts"]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Translate(pb.TranslateRequest(texts=["Friday"] + [""] * 20), timeout=TIMEOUT)
+    assert _bad_request(caught.value) == [f"texts[{i}]" for i in range(1, 11)] + ["request"]
+    assert caught.value.details().endswith("request: 10 more violations not listed")
+    language = "x" * 10_000
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Translate(pb.TranslateRequest(texts=["Friday"], options=pb.TranslateOptions(target_language=language)), timeout=TIMEOUT)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(caught.value.details()) < 200
+
+
+def test_an_answer_above_the_message_limit_is_refused_by_name(start_server, test_texts):
+    server = start_server(max_message_bytes=16_384)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        request = pb.TranslateRequest(texts=test_texts[:4], options=server.long_options(return_alignment=True))
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Translate(request, timeout=TIMEOUT)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert _bad_request(caught.value) == ["options.return_alignment"]
+        assert "above the 16384 the server sends" in caught.value.details()
+        assert stub.Translate(pb.TranslateRequest(texts=test_texts[:4]), timeout=TIMEOUT).translations  # still serving
 
 
 def test_stream_validation(stub):

@@ -179,7 +179,7 @@ async def serve(settings: ServeSettings) -> int:
         await server.stop(0)
         return 1
     await server.stop(settings.grace_seconds)
-    return 0
+    return 1 if server.scheduler.lost.is_set() else 0  # the decode process died while calls drained
 
 
 def run(command: str, args: argparse.Namespace) -> int:

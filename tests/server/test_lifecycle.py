@@ -54,8 +54,9 @@ def test_sigterm_lets_calls_in_flight_finish_refuses_new_ones_and_exits_0(serve_
     assert "event=stopped" in server.log
 
 
-def test_a_lost_decode_process_stops_serving_and_exits_non_zero(serve_process, tiny_bundle, test_texts):
-    server = serve_process("--bundle", str(tiny_bundle), "--health-port", "0")
+@pytest.mark.parametrize("when", ["serving", "draining"])
+def test_a_lost_decode_process_stops_serving_and_exits_non_zero(serve_process, tiny_bundle, test_texts, when):
+    server = serve_process("--bundle", str(tiny_bundle), "--health-port", "0", "--grace-seconds", "30")
     decode_pid = int(re.search(r"decode_pid=(\d+)", server.wait_for_event("warmed_up")).group(1))
     server.wait_for_event("serving")
     address, health_address = f"127.0.0.1:{server.port('grpc_port')}", f"127.0.0.1:{server.port('health_port')}"
@@ -65,6 +66,9 @@ def test_a_lost_decode_process_stops_serving_and_exits_non_zero(serve_process, t
         long = pb.TranslateOptions(min_length=limit, max_length=limit)
         in_flight = stub.Translate.future(pb.TranslateRequest(texts=[test_texts[0]], options=long), timeout=TIMEOUT)
         server.wait_for(lambda: server.scrape().value("nmtserve_active_sequences") == 1, what="a text decoding")
+        if when == "draining":
+            server.process.send_signal(signal.SIGTERM)
+            server.wait_for_event("draining")
         os.kill(decode_pid, signal.SIGKILL)
         with pytest.raises(grpc.RpcError) as failed:
             in_flight.result()

@@ -68,6 +68,12 @@ class ClientSettings:
             found.append("texts_per_request and max_concurrent_requests must be at least 1")
         if (self.client_cert is None) != (self.client_key is None):
             found.append("client_cert and client_key go together")
+        for name in ("tls_ca", "client_cert", "client_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                found.append(f"{name} {path}: no such file")
+        if self.tls_server_name and not self.secure:
+            found.append("tls_server_name applies to TLS only (with tls, tls_ca or client_cert)")
         return found
 
     @property

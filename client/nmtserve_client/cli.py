@@ -1,7 +1,9 @@
 """`nmtserve translate`: translate through a server with the SDK, or in-process with a model bundle (--bundle).
 
 Texts come as arguments or one per line on stdin; one translation per line
-comes out (or one per hypothesis with --n-best), in input order. Exit status:
+comes out (or one per hypothesis with --n-best), in input order, a blank line
+for a blank one. Long input is translated and printed a chunk at a time (as
+many texts as the client keeps in flight), each chunk within the deadline. Exit status:
 0 done, 1 the server (or bundle) could not be used, 2 the input or the options
 were refused.
 """
@@ -9,9 +11,10 @@ were refused.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from nmtserve.settings import add_settings_arguments, settings_from_args
 
@@ -47,7 +50,10 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 
 def _print_result(source: str, hypotheses: list[Hypothesis], args: argparse.Namespace) -> None:
-    if args.json:
+    """Print a text's hypotheses; a blank text (never sent) prints as blank, as many lines as a translation would."""
+    if not source.strip() and not args.json:
+        print("\n" * (args.n_best - 1))
+    elif args.json:
         print(json.dumps({"source": source, "hypotheses": [{"text": h.text, "score": h.score} for h in hypotheses]}, ensure_ascii=False))
     else:
         for hypothesis in hypotheses:
@@ -59,14 +65,24 @@ def _options(args: argparse.Namespace) -> dict:
                 target_language=args.target_language, return_scores=args.json)
 
 
-def _through_server(client: Client, texts: list[str], args: argparse.Namespace) -> None:
-    translations = client.translate(texts, beam_size=args.beam_size, num_hypotheses=args.n_best, **_options(args))
-    for text, translation in zip(texts, translations):
-        _print_result(text, translation.hypotheses, args)
+def _through_server(client: Client, texts: Iterable[str], args: argparse.Namespace) -> None:
+    chunk = client.settings.texts_per_request * client.settings.max_concurrent_requests
+    remaining = iter(texts)
+    while batch := list(itertools.islice(remaining, chunk)):
+        sent = [text for text in batch if text.strip()]
+        options = dict(beam_size=args.beam_size, num_hypotheses=args.n_best, **_options(args))
+        translations = client.translate(sent, **options) if sent else []
+        hypotheses: Iterator[list[Hypothesis]] = (translation.hypotheses for translation in translations)
+        for text in batch:
+            _print_result(text, next(hypotheses) if text.strip() else [], args)
+        sys.stdout.flush()
 
 
 def _stream(client: Client, texts: Iterable[str], args: argparse.Namespace) -> None:
     for text in texts:
+        if not text.strip():
+            _print_result(text, [], args)
+            continue
         if args.show_source and not args.json:
             print(f"{text}  ->  ", end="", flush=True)
         for piece in client.translate_stream(text, **_options(args)):
@@ -95,7 +111,10 @@ def _in_process(texts: list[str], args: argparse.Namespace) -> None:
         beam_size=args.beam_size, num_hypotheses=args.n_best, max_length=args.max_length or engine.max_target_length,
         min_length=args.min_length, length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
     )
-    for text, hypotheses in zip(texts, translate(engine, engine.encode_texts(texts), options)):
+    sent = [text for text in texts if text.strip()]
+    results = iter(translate(engine, engine.encode_texts(sent), options))
+    for text in texts:
+        hypotheses = next(results) if text.strip() else []
         outputs = engine.decode_ids([h.tokens for h in hypotheses])
         _print_result(text, [Hypothesis(o, h.tokens, h.score) for o, h in zip(outputs, hypotheses)], args)
 
@@ -106,7 +125,7 @@ def run(command: str, args: argparse.Namespace) -> int:
         print(f"nmtserve {command}: {message}", file=sys.stderr)
         return status
 
-    lines = (line.rstrip("\n") for line in sys.stdin)
+    lines = (line.rstrip("\r\n") for line in sys.stdin)
     if args.bundle is not None:
         if args.stream or args.target_language:
             return fail(2, "--stream and --target-language need a server (--server), not --bundle")
@@ -131,7 +150,7 @@ def run(command: str, args: argparse.Namespace) -> int:
             if args.stream:
                 _stream(client, args.texts or lines, args)
             else:
-                _through_server(client, args.texts or list(lines), args)
+                _through_server(client, args.texts or lines, args)
     except InvalidInputError as error:
         return fail(2, f"the server refused the input: {error.message}")
     except UnavailableError as error:

@@ -42,6 +42,19 @@ def test_stdin_one_translation_per_line_in_order(server, test_texts, expected):
     assert result.stdout.splitlines() == [expected[t] for t in texts]
 
 
+def test_blank_lines_stay_blank_and_windows_line_ends_are_read(server, test_texts, expected):
+    stdin = f"{test_texts[0]}\r\n\r\n{test_texts[1]}\r\n"
+    result = translate("--server", server.address, stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [expected[test_texts[0]], "", expected[test_texts[1]]]
+    n_best = translate("--server", server.address, "--beam-size", "2", "--n-best", "2", stdin=stdin).stdout.splitlines()
+    assert len(n_best) == 6 and n_best[2:4] == ["", ""] and all(n_best[:2] + n_best[4:])
+    lines = [json.loads(line) for line in translate("--server", server.address, "--json", stdin=stdin).stdout.splitlines()]
+    assert [line["source"] for line in lines] == [test_texts[0], "", test_texts[1]] and lines[1]["hypotheses"] == []
+    streamed = translate("--server", server.address, "--stream", stdin=stdin)
+    assert streamed.stdout.splitlines() == [expected[test_texts[0]], "", expected[test_texts[1]]]
+
+
 def test_json_n_best_with_scores(server, test_texts):
     result = translate("--server", server.address, "--beam-size", "3", "--n-best", "2", "--json", *test_texts[:2])
     assert result.returncode == 0, result.stderr
@@ -61,6 +74,12 @@ def test_stream_prints_the_same_translations(server, test_texts, expected):
     assert "".join(p["text"] for p in partial) == final["hypotheses"][0]["text"] == expected[test_texts[0]]
 
 
+def test_missing_certificate_files_are_a_clear_error():
+    result = translate("--server", "127.0.0.1:1", "--tls-ca", "no/such/ca.pem", "Friday")
+    assert result.returncode == 2 and "tls_ca no/such/ca.pem: no such file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_an_unreachable_server_is_a_clear_error():
     result = translate("--server", "127.0.0.1:1", "--max-attempts", "1", "Friday")
     assert result.returncode == 1
@@ -69,9 +88,10 @@ def test_an_unreachable_server_is_a_clear_error():
 
 
 def test_rejected_input_is_a_clear_error(server):
-    result = translate("--server", server.address, stdin="Friday\n\nMay 2003\n")
+    result = translate("--server", server.address, stdin="Friday\n" + "Friday " * 300 + "\nMay 2003\n")
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == "nmtserve translate: the server refused the input: texts[1]: empty text\n"
+    assert result.stderr.startswith("nmtserve translate: the server refused the input: texts[1]: ")
+    assert result.stderr.endswith(" tokens, the model reads at most 256\n")
     result = translate("--server", server.address, "--beam-size", "2", "--n-best", "3", "Friday")
     assert result.returncode == 2 and "options.num_hypotheses: 3 is above beam_size 2" in result.stderr
     result = translate("--bundle", "some/bundle", "--stream", "Friday")

@@ -4,7 +4,9 @@ Start: listen at once with health NOT_SERVING (so probes get an answer while
 the model loads), verify and load the bundle, warm up, then report SERVING.
 A bundle that fails verification never reaches SERVING: the process exits 1.
 SIGTERM or SIGINT: health NOT_SERVING, new calls UNAVAILABLE, calls in flight
-get --grace-seconds to finish (`server.stop(grace)`), then exit 0. If the
+get --grace-seconds to finish (`server.stop(grace)`), then exit 0; what is
+still open then (calls past the grace, health Watch streams) is cancelled. A
+second signal cancels the calls in flight at once, exit 1. If the
 decode process (see `decode_loop.py`) dies on its own: health NOT_SERVING,
 calls in flight fail with UNAVAILABLE, exit 1, for the orchestrator to restart.
 """
@@ -33,6 +35,8 @@ from .scheduler import Scheduler
 from .service import SERVICE_NAME, TranslatorService
 
 log = logging.getLogger(__name__)
+
+FINISH_SECONDS = 1.0  # once the last call has its answer: time for gRPC to send it before what is left is cancelled
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
@@ -128,12 +132,20 @@ class TranslationServer:
         await self.scheduler.lost.wait()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    async def stop(self, grace: float) -> None:
-        """Report NOT_SERVING, refuse new calls, give calls in flight `grace` seconds, then close everything."""
+    async def stop(self, grace: float, force: asyncio.Event | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, give calls in flight up to `grace` seconds (until `force` is set),
+        then cancel what is left (late calls, health Watch streams, which would otherwise hold the drain) and close."""
         await self.health.enter_graceful_shutdown()
         self.scheduler.drain()
-        log.info("event=draining grace_seconds=%s", grace)
-        await self.grpc.stop(grace)
+        log.info("event=draining grace_seconds=%s calls=%d", grace, self.service.in_flight)
+        waits = [asyncio.ensure_future(self.service.idle()), asyncio.ensure_future((force or asyncio.Event()).wait())]
+        await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in waits:
+            waiting.cancel()
+        if self.service.in_flight:
+            log.warning("event=drain_cut_short calls=%d by=%s", self.service.in_flight,
+                        "signal" if force is not None and force.is_set() else "grace_seconds")
+        await self.grpc.stop(0 if self.service.in_flight else FINISH_SECONDS)
         await self.scheduler.stop()
         if self._watch is not None:
             self._watch.cancel()
@@ -146,12 +158,12 @@ class TranslationServer:
 
 
 async def serve(settings: ServeSettings) -> int:
-    """Run the server until SIGTERM or SIGINT; 0 after a clean drain, 1 if it cannot serve or its decode process dies."""
+    """Serve until SIGTERM or SIGINT; 0 after a clean drain, 1 if it cannot serve, loses its decode process or is forced."""
     log.info("event=config %s", " ".join(f"{key}={value}" for key, value in asdict(settings).items()))
-    stop = asyncio.Event()
+    stop, force = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, lambda: (force if stop.is_set() else stop).set())  # a second one: no more waiting
     server = TranslationServer(settings)
     starting = asyncio.create_task(server.start())
     stopping = asyncio.create_task(stop.wait())
@@ -178,8 +190,8 @@ async def serve(settings: ServeSettings) -> int:
         stopping.cancel()
         await server.stop(0)
         return 1
-    await server.stop(settings.grace_seconds)
-    return 1 if server.scheduler.lost.is_set() else 0  # the decode process died while calls drained
+    await server.stop(settings.grace_seconds, force)
+    return 1 if server.scheduler.lost.is_set() or force.is_set() else 0  # the decode process died, or calls were cut
 
 
 def run(command: str, args: argparse.Namespace) -> int:

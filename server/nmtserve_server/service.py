@@ -124,6 +124,13 @@ class TranslatorService:
         self._model: Model | None = None
         self._model_info: pb.ModelInfo | None = None
         self._prefixes: dict[str, list[int]] = {}
+        self.in_flight = 0  # calls of this service being handled
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def idle(self) -> None:
+        """Return once no call of this service is being handled."""
+        await self._idle.wait()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register the three methods on server."""
@@ -177,6 +184,8 @@ class TranslatorService:
         call = Call(method, given if isinstance(given, str) and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16])
         code = grpc.StatusCode.OK
         recorded = False
+        self.in_flight += 1
+        self._idle.clear()
         try:
             if isinstance(request, MalformedRequest):
                 raise ValidationError([("request", f"not a valid {method} request (string fields must be UTF-8): {request.error}")])
@@ -198,6 +207,9 @@ class TranslatorService:
         finally:
             if not recorded:
                 self._record(call, code)
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
 
     def _record(self, call: Call, code: grpc.StatusCode) -> None:
         """Count the call in the requests metrics and log its one line."""

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import fields
 
 import grpc
@@ -52,6 +53,36 @@ def test_sigterm_lets_calls_in_flight_finish_refuses_new_ones_and_exits_0(serve_
     assert all(len(r.translations[0].hypotheses[0].tokens) == limit for r in results)
     assert server.wait() == 0, server.log
     assert "event=stopped" in server.log
+
+
+def test_a_health_watch_does_not_hold_the_drain_and_a_second_signal_ends_it(serve_process, tiny_bundle, test_texts):
+    # A health Watch stream never ends by itself: the drain no longer waits the grace period out for it.
+    server = serve_process("--bundle", str(tiny_bundle), "--grace-seconds", "60")
+    server.wait_for_event("serving")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port('grpc_port')}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0, server.log
+        assert time.monotonic() - started < 15, "the drain waited for the health Watch stream"
+    # A second signal during the drain cancels the calls in flight at once.
+    server = serve_process("--bundle", str(tiny_bundle), "--grace-seconds", "60")
+    server.wait_for_event("serving")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port('grpc_port')}") as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        limit = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).limits.max_target_tokens
+        long = pb.TranslateOptions(beam_size=4, min_length=limit, max_length=limit)
+        in_flight = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=long), timeout=TIMEOUT) for t in test_texts[:8]]
+        server.wait_for(lambda: server.scrape().value("nmtserve_active_sequences") > 0, what="texts decoding")
+        server.process.send_signal(signal.SIGTERM)
+        server.wait_for_event("draining")
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 1, server.log
+        assert time.monotonic() - started < 15
+        assert "event=drain_cut_short" in server.log and "by=signal" in server.log
+        assert any(f.exception() is not None for f in in_flight)
 
 
 @pytest.mark.parametrize("when", ["serving", "draining"])

@@ -34,6 +34,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
+from nmtserve.bundle import BundleError
+
 from .config import configure_logging, freeze_startup_objects
 from .engine import Decoder, EncodedBatch, Engine
 from .pipes import MessageReader
@@ -50,6 +52,7 @@ class EngineSpec:
     """What the decode process loads: the engine's arguments."""
 
     bundle: str
+    sha256: str  # of the bundle the server read: the decode process must load the same one
     device: str
     capacity: int
     threads: int
@@ -118,6 +121,9 @@ def run(spec: EngineSpec, inbox: Connection, outbox: Connection, max_queue_delay
             spec.bundle, device=spec.device, capacity=spec.capacity, threads=spec.threads or encoder_threads(),
             decoder_threads=spec.decoder_threads,
         )
+        if engine.bundle.sha256 != spec.sha256:  # the path now holds another bundle (a re-export, a moved symlink)
+            raise BundleError(f"{spec.bundle} changed while the server started: its manifest's sha256 is now "
+                              f"{engine.bundle.sha256}, the server read {spec.sha256}")
         decoder = Decoder(engine)
         seconds = warm_up(decoder)
         freeze_startup_objects()

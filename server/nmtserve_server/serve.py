@@ -116,7 +116,7 @@ class TranslationServer:
         )
         assert s.bundle is not None  # ServeSettings.problems() requires it
         model = await asyncio.to_thread(Model.from_path, s.bundle)  # verified here first: a bad bundle fails fast
-        spec = EngineSpec(str(s.bundle), s.device, s.max_batch_size, s.threads, s.decoder_threads)
+        spec = EngineSpec(str(s.bundle), model.bundle.sha256, s.device, s.max_batch_size, s.threads, s.decoder_threads)
         ready = await self.scheduler.start(spec, log_level=s.log_level)
         self.service.ready(model, ready.device)
         freeze_startup_objects()

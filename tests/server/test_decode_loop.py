@@ -4,6 +4,7 @@ and a text whose encoding fails fails alone."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import threading
@@ -14,9 +15,11 @@ from multiprocessing.connection import Connection
 
 import pytest
 
-from nmtserve_server.decode_loop import DecodeLoop, Report, Text
+from nmtserve_server.decode_loop import DecodeLoop, EngineSpec, Report, Text
 from nmtserve_server.engine import Decoder, Engine, translate
+from nmtserve_server.metrics import Metrics
 from nmtserve_server.pipes import frame
+from nmtserve_server.scheduler import EngineFailed, Scheduler
 from nmtserve_server.search import DecodeOptions
 
 CAPACITY = 8
@@ -174,3 +177,13 @@ def test_a_message_half_written_waits_for_its_rest(harness, test_texts):
     assert loop.iterate()
     assert 1 in loop.running or (loop.encoding is not None and 1 in loop.encoding.texts)
     assert [hyp.tokens for hyp in _finish(h, 1)[1]] == [hyp.tokens for hyp in translate(loop.decoder.engine, [source], options)[0]]
+
+
+def test_the_decode_process_refuses_a_bundle_other_than_the_servers(tiny_bundle):
+    """The server reads the bundle, then its decode process reads it again by path: had the path changed between the
+    two (a re-export into it, a moved symlink), they would serve different models."""
+    spec = EngineSpec(str(tiny_bundle), "0" * 64, "cpu", CAPACITY, 1, 1)
+    scheduler = Scheduler(Metrics(), max_queue_size=4, max_queue_delay=0.0)
+    with pytest.raises(EngineFailed, match="changed while the server started: its manifest's sha256 is now [0-9a-f]{64}"):
+        asyncio.run(scheduler.start(spec, log_level="warning"))
+    asyncio.run(scheduler.stop())  # closes the pipes

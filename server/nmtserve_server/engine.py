@@ -117,9 +117,15 @@ class Engine(Model):
     def __init__(self, bundle: Bundle, *, device: str = "auto", capacity: int = 64, threads: int = 0, decoder_threads: int = 0):
         super().__init__(bundle)
         self.providers = providers_for(device)
-        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         threads = threads or os.cpu_count() or 1
         self.encoder = ort.InferenceSession(bundle.files["encoder"], session_options(threads), providers=self.providers)
+        if self.encoder.get_providers()[0] != self.providers[0]:  # ONNX Runtime fell back: CUDA or cuDNN did not load
+            if device == "cuda":
+                raise DeviceError("--device cuda: ONNX Runtime could not start its CUDA provider (its log above says "
+                                  "why, e.g. a missing CUDA or cuDNN library); use --device cpu or auto")
+            log.warning("event=cuda_unavailable providers=%s running_on=cpu", ",".join(self.encoder.get_providers()))
+            self.providers = ["CPUExecutionProvider"]
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
 
         dims = bundle.dims
         self.capacity = capacity

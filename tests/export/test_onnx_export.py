@@ -1,0 +1,30 @@
+"""The ONNX export's checks against PyTorch: a converted bundle records its own difference, a broken model is refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nmtserve.bundle import read_bundle
+from nmtserve_export.checkpoint import load_model
+from nmtserve_export.onnx_export import write_model_bundle
+
+pytestmark = pytest.mark.e2e
+
+
+def test_an_int8_bundle_records_the_difference_of_its_own_graphs(tiny_bundle, tiny_bundle_int8):
+    fp32 = read_bundle(tiny_bundle).manifest["training"]["onnx_max_difference"]
+    int8 = read_bundle(tiny_bundle_int8).manifest["training"]["onnx_max_difference"]
+    assert fp32 < 1e-4 and math.isfinite(int8) and int8 > 10 * fp32  # quantized weights: measured, not the fp32 figure
+
+
+def test_a_model_whose_outputs_are_not_numbers_is_refused(tiny_run, tmp_path):
+    model, _, _ = load_model(tiny_run)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))  # as a diverged training leaves it
+    with pytest.raises(RuntimeError, match="differ by nan"):
+        write_model_bundle(model, tmp_path / "bundle", tokenizer_kind="tokenizers", tokenizer_files={},
+                           languages={"source": "en", "target": ["de"]}, name="broken", training={})
+    assert not (tmp_path / "bundle").exists()

@@ -95,6 +95,8 @@ _MANIFEST_SCHEMA: dict[str, type | tuple[type, ...]] = {
 _MODEL_FIELDS = ("vocab_size", "d_model", "d_ff", "n_heads", "d_k", "n_encoder_layers", "n_decoder_layers")
 _LIMIT_FIELDS = ("max_source_length", "max_target_length")
 _TOKEN_FIELDS = ("pad", "bos", "eos", "unk")
+# Bounds past any real model, so that a wrong manifest fails here rather than exhausting memory in the server.
+_FIELD_MAXIMA = {"n_encoder_layers": 1_000, "n_decoder_layers": 1_000, "max_source_length": 65_536, "max_target_length": 65_536}
 
 
 class BundleError(Exception):
@@ -217,11 +219,16 @@ def _check_manifest(manifest: Any) -> None:
             value = manifest[section].get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise BundleError(f"{MANIFEST}: {section}.{key} must be a positive integer, got {value!r}")
+            if value > _FIELD_MAXIMA.get(key, value):
+                raise BundleError(f"{MANIFEST}: {section}.{key} is {value}, above any model's ({_FIELD_MAXIMA[key]})")
     vocab_size = manifest["model"]["vocab_size"]
     for name in _TOKEN_FIELDS:
         token_id = manifest["tokens"].get(name)
         if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab_size:
             raise BundleError(f"{MANIFEST}: tokens.{name} must be a token id below the vocabulary size {vocab_size}, got {token_id!r}")
+    tokens = manifest["tokens"]
+    if tokens["eos"] in (tokens["pad"], tokens["bos"]):  # <pad> is never generated: such an <eos> could never end a text
+        raise BundleError(f"{MANIFEST}: tokens.eos {tokens['eos']} must differ from tokens.pad and tokens.bos")
     if manifest["precision"] not in PRECISIONS:
         raise BundleError(f"{MANIFEST}: precision {manifest['precision']!r} is not one of {', '.join(PRECISIONS)}")
     kind = manifest["tokenizer"].get("kind")
@@ -305,6 +312,8 @@ def read_bundle(directory: Path | str) -> Bundle:
     """Open and verify a bundle; raises BundleError naming the file and problem."""
     root = Path(directory).resolve()
     manifest_path = root / MANIFEST
+    if manifest_path.is_symlink():
+        manifest_path = _inside(root, MANIFEST, MANIFEST)  # a link may not lead out of the bundle
     if not manifest_path.is_file():
         raise BundleError(f"{manifest_path}: no {MANIFEST}; is {directory} a bundle written by 'nmtserve export'?")
     manifest_bytes = manifest_path.read_bytes()

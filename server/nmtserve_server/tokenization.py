@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from nmtserve.bundle import Bundle, SpecialTokens
+from nmtserve.bundle import Bundle, BundleError, SpecialTokens
 
 
 class SubwordTokenizer:
@@ -91,8 +91,11 @@ def split_language_code(text: str) -> tuple[list[str], str]:
 
 
 def load_tokenizer(bundle: Bundle) -> SubwordTokenizer | MarianTokenizer:
-    """The tokenizer of a verified bundle, by its kind."""
+    """The tokenizer of a verified bundle, by its kind; raises BundleError if its files do not load as one."""
     files, tokens = bundle.files, bundle.tokens
-    if bundle.tokenizer_kind == "marian":
-        return MarianTokenizer(files["source_spm"], files["target_spm"], files["vocab"], files.get("target_vocab"), tokens)
-    return SubwordTokenizer(files["tokenizer"], tokens)
+    try:
+        if bundle.tokenizer_kind == "marian":
+            return MarianTokenizer(files["source_spm"], files["target_spm"], files["vocab"], files.get("target_vocab"), tokens)
+        return SubwordTokenizer(files["tokenizer"], tokens)
+    except Exception as error:  # each library raises its own kinds (tokenizers: a bare Exception)
+        raise BundleError(f"the {bundle.tokenizer_kind} tokenizer's files do not load: {type(error).__name__}: {error}") from error

@@ -121,6 +121,15 @@ def test_external_data_hidden_in_a_node_or_subgraph_is_refused(bundle_copy, wher
         read_bundle(bundle_copy)
 
 
+def test_manifest_linked_from_outside_is_refused(bundle_copy, tmp_path):
+    outside = tmp_path / "elsewhere.json"
+    outside.write_bytes((bundle_copy / MANIFEST).read_bytes())
+    (bundle_copy / MANIFEST).unlink()
+    (bundle_copy / MANIFEST).symlink_to(outside)
+    with pytest.raises(BundleError, match="outside the bundle"):
+        read_bundle(bundle_copy)
+
+
 def test_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="no manifest.json"):
         read_bundle(tmp_path)
@@ -140,6 +149,9 @@ MANIFEST_ERRORS = {  # what a wrong manifest says, by the edit that makes it wro
     "special_token_outside_the_vocabulary": (lambda m: m["tokens"].update(eos=m["model"]["vocab_size"]), r"tokens\.eos must be a token id below the vocabulary size"),
     "unknown_tokenizer_kind": (lambda m: m["tokenizer"].update(kind="wordpiece"), r"tokenizer\.kind 'wordpiece' is not one of tokenizers, marian"),
     "no_target_language": (lambda m: m.update(languages={}), r"languages must have a 'source' string and a non-empty 'target'"),
+    "length_beyond_any_model": (lambda m: m["limits"].update(max_source_length=10**12), r"limits\.max_source_length is 1000000000000, above any model's \(65536\)"),
+    "layers_beyond_any_model": (lambda m: m["model"].update(n_decoder_layers=300_000), r"model\.n_decoder_layers is 300000, above any model's"),
+    "eos_that_is_the_padding": (lambda m: m["tokens"].update(eos=m["tokens"]["pad"]), r"tokens\.eos \d+ must differ from tokens\.pad and tokens\.bos"),
     "optional_file_entry_not_an_object": (lambda m: m["files"].update(target_vocab="x"), r"files\.target_vocab must be an object"),
     "tokenizer_files_unlike_the_kind": (lambda m: m["tokenizer"].update(kind="marian"), r"files\.source_spm must be an object"),
 }

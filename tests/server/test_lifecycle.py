@@ -123,7 +123,7 @@ def test_tampered_bundle_never_serves_and_exits_non_zero(serve_process, tiny_bun
 
 
 def test_a_verified_bundle_that_fails_to_load_exits_non_zero(serve_process, tiny_bundle, tmp_path):
-    # Every hash matches, but the tokenizer is not one: loading raises an error no bundle check names.
+    # Every hash matches, but the tokenizer is not one: the server and in-process translation both say so.
     broken = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, broken)
     garbage = b'{"not": "a tokenizer"}'
@@ -133,8 +133,12 @@ def test_a_verified_bundle_that_fails_to_load_exits_non_zero(serve_process, tiny
     (broken / "manifest.json").write_text(json.dumps(manifest))
     server = serve_process("--bundle", str(broken))
     assert server.wait(TIMEOUT) == 1, server.log
-    assert "event=startup_failed" in server.log and "Traceback" in server.log
+    assert "event=startup_failed" in server.log and "the tokenizers tokenizer's files do not load" in server.log
     assert "event=serving" not in server.log
+    result = subprocess.run([sys.executable, "-m", "nmtserve.cli", "translate", "--bundle", str(broken), "Friday"],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 1 and "the tokenizers tokenizer's files do not load" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_device_cuda_without_a_gpu_fails_fast(serve_process, tiny_bundle):

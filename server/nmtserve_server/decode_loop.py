@@ -143,16 +143,17 @@ def encoder_threads() -> int:
 
 
 def warm_up(decoder: Decoder) -> float:
-    """Run every shape class once (1 and all rows, shortest and longest source) so no request pays first-run costs."""
+    """Run every shape class once (1 and all rows, shortest and longest source, every cache size up to the longest
+    output) so no request pays first-run costs, and no position the model advertises fails first in a request."""
     started = time.perf_counter()
     engine = decoder.engine
-    for rows in sorted({1, engine.capacity}):
-        for length in sorted({1, engine.max_source_length}):
-            source = [engine.tokens.unk] * (length - 1) + [engine.tokens.eos]
-            keys = [("warm-up", rows, length, i) for i in range(rows)]
-            decoder.add(keys, [source] * rows, [DecodeOptions(min_length=2, max_length=2)] * rows)
-            while decoder.active:
-                decoder.step()
+    runs = [(rows, length, 2) for rows in sorted({1, engine.capacity}) for length in sorted({1, engine.max_source_length})]
+    for rows, length, steps in [*runs, (1, 1, engine.max_target_length)]:
+        source = [engine.tokens.unk] * (length - 1) + [engine.tokens.eos]
+        keys = [("warm-up", rows, length, i) for i in range(rows)]
+        decoder.add(keys, [source] * rows, [DecodeOptions(min_length=steps, max_length=steps)] * rows)
+        while decoder.active:
+            decoder.step()
     return time.perf_counter() - started
 
 

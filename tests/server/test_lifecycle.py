@@ -141,6 +141,18 @@ def test_a_verified_bundle_that_fails_to_load_exits_non_zero(serve_process, tiny
     assert "Traceback" not in result.stderr
 
 
+def test_a_bundle_promising_longer_outputs_than_its_model_can_make_never_serves(serve_process, tiny_bundle, tmp_path):
+    # The manifest's output limit is past the model's positional encoding table: warm-up decodes to the limit.
+    longer = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, longer)
+    manifest = json.loads((longer / "manifest.json").read_text())
+    manifest["limits"]["max_target_length"] += 64
+    (longer / "manifest.json").write_text(json.dumps(manifest))
+    server = serve_process("--bundle", str(longer))
+    assert server.wait(TIMEOUT) == 1, server.log
+    assert "event=startup_failed" in server.log and "event=serving" not in server.log
+
+
 def test_device_cuda_without_a_gpu_fails_fast(serve_process, tiny_bundle):
     try:
         providers_for("cuda")

@@ -104,13 +104,12 @@ class MessageReader:
                 raise EOFError("the server closed the pipe")
             self._buffer += chunk
         messages, start = [], 0
-        view = memoryview(self._buffer)
-        while len(view) - start >= HEADER_BYTES:
-            end = start + HEADER_BYTES + int.from_bytes(view[start : start + HEADER_BYTES], "big")
-            if end > len(view):
-                break
-            messages.append(pickle.loads(view[start + HEADER_BYTES : end]))
-            start = end
-        view.release()
+        with memoryview(self._buffer) as view:  # released before the buffer is cut: a bytearray in view cannot resize
+            while len(view) - start >= HEADER_BYTES:
+                end = start + HEADER_BYTES + int.from_bytes(view[start : start + HEADER_BYTES], "big")
+                if end > len(view):
+                    break
+                messages.append(pickle.loads(view[start + HEADER_BYTES : end]))
+                start = end
         del self._buffer[:start]
         return messages

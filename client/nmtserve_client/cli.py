@@ -14,7 +14,8 @@ import argparse
 import itertools
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 from nmtserve.settings import add_settings_arguments, settings_from_args
 
@@ -22,6 +23,9 @@ from .channel import ClientSettings
 from .client import Client
 from .errors import InvalidInputError, NmtserveError, UnavailableError
 from .results import Hypothesis
+
+
+H = TypeVar("H")  # a hypothesis: the SDK's, or the engine's in-process
 
 
 class InProcessError(Exception):
@@ -65,16 +69,21 @@ def _options(args: argparse.Namespace) -> dict:
                 target_language=args.target_language, return_scores=args.json)
 
 
+def _skipping_blanks(texts: list[str], translate: Callable[[list[str]], list[list[H]]]) -> Iterator[tuple[str, list[H]]]:
+    """Each text with its hypotheses, translating only the texts that are not blank (a blank one has none)."""
+    sent = [text for text in texts if text.strip()]
+    results = iter(translate(sent) if sent else [])
+    return ((text, next(results) if text.strip() else []) for text in texts)
+
+
 def _through_server(client: Client, texts: Iterable[str], args: argparse.Namespace) -> None:
     chunk = client.settings.texts_per_request * client.settings.max_concurrent_requests
+    options = dict(beam_size=args.beam_size, num_hypotheses=args.n_best, **_options(args))
     remaining = iter(texts)
     while batch := list(itertools.islice(remaining, chunk)):
-        sent = [text for text in batch if text.strip()]
-        options = dict(beam_size=args.beam_size, num_hypotheses=args.n_best, **_options(args))
-        translations = client.translate(sent, **options) if sent else []
-        hypotheses: Iterator[list[Hypothesis]] = (translation.hypotheses for translation in translations)
-        for text in batch:
-            _print_result(text, next(hypotheses) if text.strip() else [], args)
+        translated = _skipping_blanks(batch, lambda sent: [t.hypotheses for t in client.translate(sent, **options)])
+        for text, hypotheses in translated:
+            _print_result(text, hypotheses, args)
         sys.stdout.flush()
 
 
@@ -111,10 +120,7 @@ def _in_process(texts: list[str], args: argparse.Namespace) -> None:
         beam_size=args.beam_size, num_hypotheses=args.n_best, max_length=args.max_length or engine.max_target_length,
         min_length=args.min_length, length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
     )
-    sent = [text for text in texts if text.strip()]
-    results = iter(translate(engine, engine.encode_texts(sent), options))
-    for text in texts:
-        hypotheses = next(results) if text.strip() else []
+    for text, hypotheses in _skipping_blanks(texts, lambda sent: translate(engine, engine.encode_texts(sent), options)):
         outputs = engine.decode_ids([h.tokens for h in hypotheses])
         _print_result(text, [Hypothesis(o, h.tokens, h.score) for o, h in zip(outputs, hypotheses)], args)
 

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from nmtserve.settings import add_settings_arguments, settings_from_args
+from nmtserve.settings import add_settings_arguments, flag, settings_from_args
 
 from .train import TrainSettings
 
@@ -21,7 +21,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--out", type=Path, default=Path("data"), help="directory for train.tsv, valid.tsv, test.tsv")
         for name in ("corpus_size", "source_lang", "target_lang", "seed", "valid_size", "test_size"):
             f = TrainSettings.__dataclass_fields__[name]
-            parser.add_argument("--" + name.replace("_", "-"), type=type(f.default), default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag(name), type=type(f.default), default=f.default, help=f.metadata["help"])
     elif command == "train":
         add_settings_arguments(parser, TrainSettings)
     elif command == "evaluate":

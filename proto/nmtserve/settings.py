@@ -23,6 +23,11 @@ def env_var(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+def flag(name: str) -> str:
+    """The command-line flag that sets the field `name`."""
+    return "--" + name.replace("_", "-")
+
+
 def _base_type(hint: Any) -> type:
     """The concrete type of a field hint, unwrapping `X | None`."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -62,10 +67,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, *, positi
         if f.name in positional:
             parser.add_argument(f.name, type=kind, nargs="?" if default is not None else None, default=default, help=help_text)
         elif kind is bool:
-            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             parser.add_argument(
-                "--" + f.name.replace("_", "-"),
+                flag(f.name),
                 type=kind,
                 default=default,
                 choices=f.metadata.get("choices"),

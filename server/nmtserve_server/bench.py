@@ -223,6 +223,11 @@ def _mean_known(values: list[float | None]) -> float | None:
     return None if None in values else float(np.mean(values))
 
 
+def _waits_known(report: dict) -> bool:
+    """Whether the system told every process's wait for a core."""
+    return report["engine_waiting_cores"] is not None and None not in report["served_waiting_cores"].values()
+
+
 def _plot(report: dict, path: Path) -> None:
     fig = Figure(figsize=(14, 4))
     throughput, latency, cpu = fig.subplots(1, 3)
@@ -246,7 +251,7 @@ def _plot(report: dict, path: Path) -> None:
         bottom += cores
     cpu.bar(0, report["engine_cores"], 0.6, color="tab:gray")
     waiting = report["served_waiting_cores"]
-    if report["engine_waiting_cores"] is not None and None not in waiting.values():
+    if _waits_known(report):
         # Hatched on top: time ready to run without a core, so the whole bar is what the processes asked for.
         cpu.bar(0, report["engine_waiting_cores"], 0.6, bottom=report["engine_cores"], color="tab:gray", alpha=0.4, hatch="//")
         for name, cores in waiting.items():
@@ -345,7 +350,7 @@ def run(command: str, args: argparse.Namespace) -> int:
           f"encoder {means['encoder_seconds'] * 1000:.2f} ms over {means['encoder_batch_size']:.1f} texts")
     served_cores = ", ".join(f"{name} {cores:.2f}" for name, cores in report["served_cores"].items())
     print(f"cores used (of {report['cpu_count']}): engine alone {report['engine_cores']:.2f}; served: {served_cores}")
-    if report["engine_waiting_cores"] is not None and None not in report["served_waiting_cores"].values():
+    if _waits_known(report):
         served_waiting = ", ".join(f"{name} {cores:.2f}" for name, cores in report["served_waiting_cores"].items())
         print(f"cores' worth of time ready to run but waiting for a core: engine alone {report['engine_waiting_cores']:.2f}; "
               f"served: {served_waiting}")

@@ -9,6 +9,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nmtserve.settings import flag
+
 from .engine import DEVICES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -90,19 +92,21 @@ class ServeSettings:
         for name in ("max_batch_size", "max_queue_size", "max_texts_per_request", "max_beam_size", "max_message_bytes",
                      "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
-                found.append(f"--{name.replace('_', '-')} must be at least 1")
+                found.append(f"{flag(name)} must be at least 1")
         if self.max_beam_size > self.max_batch_size:
             found.append(f"--max-beam-size {self.max_beam_size} cannot exceed --max-batch-size {self.max_batch_size}")
         if self.max_texts_per_request > self.max_queue_size:
             found.append(f"--max-texts-per-request {self.max_texts_per_request} cannot exceed --max-queue-size {self.max_queue_size}")
         for name in ("max_queue_delay_ms", "grace_seconds"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                found.append(f"--{name.replace('_', '-')} must be a number of at least 0, not {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                found.append(f"{flag(name)} must be a number of at least 0, not {value}")
         if min(self.threads, self.decoder_threads) < 0:
             found.append("--threads and --decoder-threads cannot be negative")
         for name in ("port", "health_port", "metrics_port"):
-            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= MAX_PORT:
-                found.append(f"--{name.replace('_', '-')} {getattr(self, name)} is not a port (0 to {MAX_PORT})")
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_PORT:
+                found.append(f"{flag(name)} {value} is not a port (0 to {MAX_PORT})")
         if self.max_message_bytes > MAX_MESSAGE_BYTES:
             found.append(f"--max-message-bytes cannot exceed {MAX_MESSAGE_BYTES} (gRPC's limit)")
         if (self.tls_cert is None) != (self.tls_key is None):

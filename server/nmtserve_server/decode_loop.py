@@ -34,7 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
-from nmtserve.bundle import BundleError
+from nmtserve.bundle import BundleError, read_bundle
 
 from .config import configure_logging, freeze_startup_objects
 from .engine import Decoder, EncodedBatch, Engine
@@ -117,13 +117,14 @@ def run(spec: EngineSpec, inbox: Connection, outbox: Connection, max_queue_delay
         signal.signal(signum, signal.SIG_IGN)  # the server process decides when the loop stops
     configure_logging(log_level)
     try:
-        engine = Engine.from_path(
-            spec.bundle, device=spec.device, capacity=spec.capacity, threads=spec.threads or encoder_threads(),
+        bundle = read_bundle(spec.bundle)
+        if bundle.sha256 != spec.sha256:  # the path now holds another bundle (a re-export, a moved symlink)
+            raise BundleError(f"{spec.bundle} changed while the server started: its manifest's sha256 is now "
+                              f"{bundle.sha256}, the server read {spec.sha256}")
+        engine = Engine(
+            bundle, device=spec.device, capacity=spec.capacity, threads=spec.threads or encoder_threads(),
             decoder_threads=spec.decoder_threads,
         )
-        if engine.bundle.sha256 != spec.sha256:  # the path now holds another bundle (a re-export, a moved symlink)
-            raise BundleError(f"{spec.bundle} changed while the server started: its manifest's sha256 is now "
-                              f"{engine.bundle.sha256}, the server read {spec.sha256}")
         decoder = Decoder(engine)
         seconds = warm_up(decoder)
         freeze_startup_objects()

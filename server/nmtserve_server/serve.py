@@ -138,7 +138,9 @@ class TranslationServer:
         await self.health.enter_graceful_shutdown()
         self.scheduler.drain()
         log.info("event=draining grace_seconds=%s calls=%d", grace, self.service.in_flight)
-        waits = [asyncio.ensure_future(self.service.idle()), asyncio.ensure_future((force or asyncio.Event()).wait())]
+        waits = [asyncio.ensure_future(self.service.idle())]
+        if force is not None:
+            waits.append(asyncio.ensure_future(force.wait()))
         await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
         for waiting in waits:
             waiting.cancel()

@@ -132,9 +132,10 @@ class TranslationServer:
         await self.scheduler.lost.wait()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    async def stop(self, grace: float, force: asyncio.Event | None = None) -> None:
+    async def stop(self, grace: float, force: asyncio.Event | None = None) -> bool:
         """Report NOT_SERVING, refuse new calls, give calls in flight up to `grace` seconds (until `force` is set),
-        then cancel what is left (late calls, health Watch streams, which would otherwise hold the drain) and close."""
+        then cancel what is left (late calls, health Watch streams, which would otherwise hold the drain) and close;
+        whether `force` cut calls short."""
         await self.health.enter_graceful_shutdown()
         self.scheduler.drain()
         log.info("event=draining grace_seconds=%s calls=%d", grace, self.service.in_flight)
@@ -144,9 +145,10 @@ class TranslationServer:
         await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
         for waiting in waits:
             waiting.cancel()
+        forced = force is not None and force.is_set()
         if self.service.in_flight:
-            log.warning("event=drain_cut_short calls=%d by=%s", self.service.in_flight,
-                        "signal" if force is not None and force.is_set() else "grace_seconds")
+            log.warning("event=drain_cut_short calls=%d by=%s", self.service.in_flight, "signal" if forced else "grace_seconds")
+        cut_by_signal = forced and self.service.in_flight > 0
         await self.grpc.stop(0 if self.service.in_flight else FINISH_SECONDS)
         await self.scheduler.stop()
         if self._watch is not None:
@@ -157,10 +159,12 @@ class TranslationServer:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         log.info("event=stopped")
+        return cut_by_signal
 
 
 async def serve(settings: ServeSettings) -> int:
-    """Serve until SIGTERM or SIGINT; 0 after a clean drain, 1 if it cannot serve, loses its decode process or is forced."""
+    """Serve until SIGTERM or SIGINT; 0 after a clean drain, 1 if it cannot serve, loses its decode process, or a
+    second signal cuts calls short."""
     log.info("event=config %s", " ".join(f"{key}={value}" for key, value in asdict(settings).items()))
     stop, force = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -192,8 +196,8 @@ async def serve(settings: ServeSettings) -> int:
         stopping.cancel()
         await server.stop(0)
         return 1
-    await server.stop(settings.grace_seconds, force)
-    return 1 if server.scheduler.lost.is_set() or force.is_set() else 0  # the decode process died, or calls were cut
+    cut_by_signal = await server.stop(settings.grace_seconds, force)
+    return 1 if server.scheduler.lost.is_set() or cut_by_signal else 0
 
 
 def run(command: str, args: argparse.Namespace) -> int:

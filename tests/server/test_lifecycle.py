@@ -85,6 +85,20 @@ def test_a_health_watch_does_not_hold_the_drain_and_a_second_signal_ends_it(serv
         assert any(f.exception() is not None for f in in_flight)
 
 
+def test_a_second_signal_with_no_call_left_to_cut_still_exits_0(serve_process, tiny_bundle):
+    server = serve_process("--bundle", str(tiny_bundle), "--grace-seconds", "60")
+    server.wait_for_event("serving")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port('grpc_port')}") as channel:
+        # The open Watch keeps the server in its last second of closing, when the second signal comes.
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        server.process.send_signal(signal.SIGTERM)
+        server.wait_for_event("draining")
+        server.process.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0, server.log
+    assert "event=drain_cut_short" not in server.log and "event=stopped" in server.log
+
+
 @pytest.mark.parametrize("when", ["serving", "draining"])
 def test_a_lost_decode_process_stops_serving_and_exits_non_zero(serve_process, tiny_bundle, test_texts, when):
     server = serve_process("--bundle", str(tiny_bundle), "--health-port", "0", "--grace-seconds", "30")

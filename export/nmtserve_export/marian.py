@@ -60,13 +60,21 @@ class MarianCheckpoint(NamedTuple):
     metadata: dict[str, Any]  # what the manifest's training section records
 
 
-def _read_json(path: Path) -> Any:
+def _read_file(path: Path) -> bytes:
     if not path.is_file():
         raise MarianImportError(f"{path}: missing; a Marian checkpoint directory needs {path.name}")
+    return path.read_bytes()
+
+
+def _parse_json(data: bytes, path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(data.decode("utf-8"))
     except ValueError as error:
         raise MarianImportError(f"{path}: not valid JSON ({error})") from error
+
+
+def _read_json(path: Path) -> Any:
+    return _parse_json(_read_file(path), path)
 
 
 def model_config(hf: dict[str, Any], where: str = CONFIG_FILE) -> ModelConfig:
@@ -186,28 +194,27 @@ def read_tokenizer_files(directory: Path, config: ModelConfig) -> dict[str, byte
     """source.spm, target.spm, vocab.json (and target_vocab.json), checked against each other and the model."""
     from sentencepiece import SentencePieceProcessor
 
+    # Each file is read once: the bytes checked here are the bytes the bundle gets.
     files = {}
     for role, name in SPM_FILES.items():
         path = directory / name
-        if not path.is_file():
-            raise MarianImportError(f"{path}: missing; a Marian checkpoint directory needs {name}")
+        files[role] = _read_file(path)
         try:
-            SentencePieceProcessor(model_proto=path.read_bytes())
+            SentencePieceProcessor(model_proto=files[role])
         except RuntimeError as error:
             raise MarianImportError(f"{path}: not a SentencePiece model ({error})") from error
-        files[role] = path.read_bytes()
     separate = (directory / VOCAB_FILES["target_vocab"]).is_file()
     sizes = {"vocab": config.source_vocab, "target_vocab": config.vocab_size}
     for role in ("vocab", "target_vocab") if separate else ("vocab",):
         path = directory / VOCAB_FILES[role]
-        vocab = _read_json(path)
+        files[role] = _read_file(path)
+        vocab = _parse_json(files[role], path)
         size = sizes[role] if separate else config.vocab_size
         if not isinstance(vocab, dict) or sorted(vocab.values()) != list(range(size)):
             raise MarianImportError(f"{path}: expected {size} pieces with the ids 0..{size - 1}, as the model's embeddings")
         for piece in ("</s>", "<unk>"):
             if piece not in vocab:
                 raise MarianImportError(f"{path}: no {piece} piece")
-        files[role] = path.read_bytes()
     target = json.loads(files["target_vocab" if separate else "vocab"])
     if target["</s>"] != config.eos_id:
         raise MarianImportError(f"{CONFIG_FILE}: eos_token_id {config.eos_id} is not the vocabulary's </s> ({target['</s>']})")

@@ -77,7 +77,8 @@ class ServeSettings:
     max_beam_size: int = field(default=8, metadata={"help": "widest beam a request may ask for"})
     max_message_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest gRPC message received or sent"})
     max_concurrent_rpcs: int = field(
-        default=1024, metadata={"help": "calls handled at once; beyond it gRPC answers RESOURCE_EXHAUSTED"}
+        default=1024,
+        metadata={"help": "Translator calls handled at once (health and reflection aside); beyond it calls get RESOURCE_EXHAUSTED"},
     )
     grace_seconds: float = field(
         default=30.0, metadata={"help": "on SIGTERM/SIGINT, time calls in flight get to finish before they are cancelled"}

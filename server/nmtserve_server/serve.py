@@ -80,7 +80,7 @@ class TranslationServer:
             # 5 minutes, would answer a faster client with GOAWAY "too_many_pings" during a long decode.
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
-        self.grpc = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
+        self.grpc = grpc.aio.server(options=options)  # --max-concurrent-rpcs: TranslatorService counts its own calls
         self.service.add_to_server(self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)

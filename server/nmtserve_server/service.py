@@ -51,6 +51,10 @@ class ValidationError(Exception):
         super().__init__("; ".join(f"{name}: {description}" for name, description in self.violations))
 
 
+class TooManyCallsError(Exception):
+    """The server is already handling --max-concurrent-rpcs calls."""
+
+
 class MalformedRequest(NamedTuple):
     """Request bytes that do not parse as the method's message (e.g. a string field that is not UTF-8)."""
 
@@ -77,6 +81,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status
         return grpc.StatusCode.INVALID_ARGUMENT, status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(error), details=[detail])
     code, rpc_code, message = {
         QueueFullError: (grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED, None),
+        TooManyCallsError: (grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED, None),
         UnavailableError: (grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE, None),
         DeadlineError: (grpc.StatusCode.DEADLINE_EXCEEDED, code_pb2.DEADLINE_EXCEEDED, None),
     }.get(type(error), (grpc.StatusCode.INTERNAL, code_pb2.INTERNAL, "internal error; see the server log"))
@@ -191,6 +196,10 @@ class TranslatorService:
                 raise ValidationError([("request", f"not a valid {method} request (string fields must be UTF-8): {request.error}")])
             if self._model is None or not self.scheduler.accepting:
                 raise UnavailableError(f"server is {self.scheduler.state}")
+            # Here rather than gRPC's own limit, which refuses calls before any handler runs: uncounted and unlogged.
+            if self.in_flight > self.settings.max_concurrent_rpcs:
+                raise TooManyCallsError(f"the server is handling its limit of {self.settings.max_concurrent_rpcs} calls "
+                                        "(--max-concurrent-rpcs); retry later")
             yield call
         except (asyncio.CancelledError, GeneratorExit):  # gRPC ends the handler: the client went away or its deadline passed
             remaining = context.time_remaining()

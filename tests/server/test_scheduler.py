@@ -76,6 +76,23 @@ def test_queue_full_rejects_exactly_the_overflow(start_server, test_texts):
     assert server.metric("nmtserve_requests_total", {"method": "Translate", "code": "RESOURCE_EXHAUSTED"}) == 3
 
 
+def test_calls_beyond_max_concurrent_rpcs_are_refused_by_name_and_counted(start_server, test_texts):
+    server = start_server(max_concurrent_rpcs=2)
+    channel, stub = _stub(server)
+    with channel:
+        busy = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=server.long_options()), timeout=TIMEOUT)
+                for t in test_texts[:2]]
+        server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 2, what="2 long texts decoding")
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Translate(pb.TranslateRequest(texts=[test_texts[2]]), timeout=TIMEOUT)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-concurrent-rpcs" in refused.value.details()
+        assert not any(f.done() for f in busy), "a long call ended before the third came; the test proves nothing"
+        assert all(f.result().translations for f in busy)
+        stub.Translate(pb.TranslateRequest(texts=[test_texts[2]]), timeout=TIMEOUT)  # room again
+    assert server.metric("nmtserve_requests_total", {"method": "Translate", "code": "RESOURCE_EXHAUSTED"}) == 1
+
+
 def test_a_beam_takes_beam_size_rows(start_server, test_texts):
     server = start_server(max_batch_size=8)
     channel, stub = _stub(server)

@@ -66,6 +66,17 @@ def test_server_images_install_the_serve_extra_and_run_serve_unprivileged(name):
     assert "NMTSERVE_BUNDLE=/models/bundle" in env
 
 
+def test_the_bundle_image_gives_its_files_to_the_user_the_init_container_copies_them_as():
+    """COPY keeps the files' modes from the build context: a bundle exported under umask 077 (0600 files, root's in
+    the image) would be unreadable to the init container's unprivileged user, and the pod would never start."""
+    instructions = _instructions(DOCKER / "Dockerfile.bundle")
+    (user,) = [args for op, args in instructions if op == "USER"]
+    pod = yaml.safe_load(DEPLOYMENT.read_text())["spec"]["template"]["spec"]["securityContext"]
+    assert user == f"{pod['runAsUser']}:{pod['runAsGroup']}"
+    (copy,) = [args.split() for op, args in instructions if op == "COPY"]
+    assert f"--chown={user}" in copy, copy
+
+
 @pytest.fixture(scope="session")
 def container_engine() -> str:
     """docker or podman, where its daemon answers; skips the test otherwise (before any model is trained)."""

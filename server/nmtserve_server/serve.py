@@ -133,11 +133,15 @@ class TranslationServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace: float, force: asyncio.Event | None = None) -> bool:
-        """Report NOT_SERVING, refuse new calls, give calls in flight up to `grace` seconds (until `force` is set),
+        """Report NOT_SERVING, stop listening (GOAWAY), give calls in flight up to `grace` seconds (until `force` is set),
         then cancel what is left (late calls, health Watch streams, which would otherwise hold the drain) and close;
         whether `force` cut calls short."""
         await self.health.enter_graceful_shutdown()
         self.scheduler.drain()
+        # gRPC stops listening and sends GOAWAY now, so clients take new calls to another replica (behind a Service,
+        # a kept-open connection would otherwise bring them here to be refused until the end). Its grace outlasts
+        # ours: the stop below decides when the calls still open are cancelled, and shortens this one.
+        closing = asyncio.ensure_future(self.grpc.stop(grace + FINISH_SECONDS))
         log.info("event=draining grace_seconds=%s calls=%d", grace, self.service.in_flight)
         waits = [asyncio.ensure_future(self.service.idle())]
         if force is not None:
@@ -150,6 +154,7 @@ class TranslationServer:
             log.warning("event=drain_cut_short calls=%d by=%s", self.service.in_flight, "signal" if forced else "grace_seconds")
         cut_by_signal = forced and self.service.in_flight > 0
         await self.grpc.stop(0 if self.service.in_flight else FINISH_SECONDS)
+        await closing
         await self.scheduler.stop()
         if self._watch is not None:
             self._watch.cancel()

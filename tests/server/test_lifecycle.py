@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,6 +46,9 @@ def test_sigterm_lets_calls_in_flight_finish_refuses_new_ones_and_exits_0(serve_
         server.process.send_signal(signal.SIGTERM)
         server.wait_for_event("draining")
         assert _health(health_address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        # No longer listening: behind a Service, new connections (and, after GOAWAY, new calls) go to other replicas.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", server.port("grpc_port")), timeout=10).close()
         with pytest.raises(grpc.RpcError) as refused:
             stub.Translate(pb.TranslateRequest(texts=["Friday"]), timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE

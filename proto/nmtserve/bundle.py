@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +154,10 @@ class Bundle:
     @property
     def precision(self) -> str:
         return self.manifest["precision"]
+
+    def without_graphs(self) -> Bundle:
+        """The same bundle holding only its tokenizer's bytes: what is kept once the graphs are in ONNX Runtime."""
+        return replace(self, files={role: data for role, data in self.files.items() if role not in GRAPH_FILES})
 
 
 def sha256_bytes(data: bytes) -> str:

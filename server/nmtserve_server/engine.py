@@ -86,7 +86,9 @@ class Model:
     """A verified bundle's text side: its tokenizer, special ids and length limits (no ONNX Runtime session)."""
 
     def __init__(self, bundle: Bundle):
-        self.bundle = bundle
+        # The graphs' bytes (hundreds of MB for a large model) are not kept: the server never runs them, and an Engine
+        # hands them to ONNX Runtime, which keeps its own copy.
+        self.bundle = bundle.without_graphs()
         self.tokenizer = load_tokenizer(bundle)
         self.max_source_length = bundle.max_source_length
         self.max_target_length = bundle.max_target_length
@@ -142,9 +144,9 @@ class Engine(Model):
         self.free_slots = list(range(capacity))  # a heap: the lowest free row is taken first, keeping rows in use packed
         if decoder_threads or self.device == "cuda" or threads == 1:
             self.decoder_threads = decoder_threads or threads
-            self.decoder = self._decoder_session(self.decoder_threads)
+            self.decoder = self._decoder_session(bundle, self.decoder_threads)
         else:
-            self.decoder_threads, self.decoder = self._fastest_decoder(threads)
+            self.decoder_threads, self.decoder = self._fastest_decoder(bundle, threads)
         log.info("event=decoder_threads threads=%d", self.decoder_threads)
         # The decoder step reads and writes these host buffers in place, bound to the session as OrtValues over their
         # memory (I/O binding): a step writes its tokens and masks into them and runs, with no feed dictionary to
@@ -164,10 +166,10 @@ class Engine(Model):
         # seventh of binding by address, and continuous batching rebinds at most steps. Emptied when a buffer is replaced.
         self._views: dict[int, list[tuple[bool, str, ort.OrtValue]]] = {}
 
-    def _decoder_session(self, threads: int) -> ort.InferenceSession:
-        return ort.InferenceSession(self.bundle.files["decoder_step"], session_options(threads), providers=self.providers)
+    def _decoder_session(self, bundle: Bundle, threads: int) -> ort.InferenceSession:
+        return ort.InferenceSession(bundle.files["decoder_step"], session_options(threads), providers=self.providers)
 
-    def _fastest_decoder(self, threads: int, repeats: int = 5, steps: int = 10) -> tuple[int, ort.InferenceSession]:
+    def _fastest_decoder(self, bundle: Bundle, threads: int, repeats: int = 5, steps: int = 10) -> tuple[int, ort.InferenceSession]:
         """1 or `threads` decoder threads, whichever runs a full-cache step fastest, with its session.
 
         More threads must be at least MULTI_THREAD_GAIN faster to be chosen: they take cores from the server's own work.
@@ -183,7 +185,7 @@ class Engine(Model):
             **{name: past for name in self.past_names},
             **{name: memory for name in self.memory_names},
         }
-        sessions = {n: self._decoder_session(n) for n in (1, threads)}
+        sessions = {n: self._decoder_session(bundle, n) for n in (1, threads)}
         best = dict.fromkeys(sessions, float("inf"))
         for session in sessions.values():
             session.run(None, feeds)  # the first run allocates; it is not timed

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from nmtserve.bundle import BOS_ID
+from nmtserve.bundle import BOS_ID, read_bundle
 from nmtserve_export.checkpoint import load_model
 from nmtserve_export.data import encode_sources
 from nmtserve_export.decode import IncrementalDecoder, beam_search, greedy_search
 from nmtserve_export.evaluate import held_out_pairs
 from nmtserve_export.train import exact_match
-from nmtserve_server.engine import Decoder, DeviceError, EncodedBatch, Engine, engines_for, providers_for, translate
+from nmtserve_server.engine import Decoder, DeviceError, EncodedBatch, Engine, Model, engines_for, providers_for, translate
 from nmtserve_server.search import DecodeOptions, top_candidates
 
 
@@ -145,6 +145,15 @@ def test_engines_side_by_side_decode_as_one(reference, engine, tiny_bundle):
         together, alone = translate(engines, sources[:25], options), translate(engine, sources[:25], options)
         assert [[(h.tokens, h.score) for h in r] for r in together] == [[(h.tokens, h.score) for h in r] for r in alone]
     assert translate(engines, sources[:1], DecodeOptions()) == translate(engine, sources[:1], DecodeOptions())
+
+
+def test_engines_and_models_keep_no_copy_of_the_graphs(engine, tiny_bundle):
+    """ONNX Runtime holds the graphs: their bytes kept beside it would double a large model's memory, and the server's
+    own Model never runs them."""
+    assert set(engine.bundle.files) == {"tokenizer"}
+    model = Model.from_path(tiny_bundle)
+    assert set(model.bundle.files) == {"tokenizer"}
+    assert model.bundle.sha256 == engine.bundle.sha256 == read_bundle(tiny_bundle).sha256
 
 
 def test_alignment_has_one_distribution_per_generated_token(reference, engine):

@@ -5,7 +5,8 @@ comes out (or one per hypothesis with --n-best), in input order, a blank line
 for a blank one. Long input is translated and printed a chunk at a time (as
 many texts as the client keeps in flight), each chunk within the deadline. Exit status:
 0 done, 1 the server (or bundle) could not be used, 2 the input or the options
-were refused.
+were refused, 130 interrupted (Ctrl-C), 141 the reader of the output went away
+(`| head`), as for a command that SIGPIPE ends.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
@@ -127,6 +129,17 @@ def _in_process(texts: list[str], args: argparse.Namespace) -> None:
 
 def run(command: str, args: argparse.Namespace) -> int:
     """Translate the texts and print the results; a clear message and a non-zero status when that fails."""
+    try:
+        return _run(command, args)
+    except BrokenPipeError:
+        # Stop quietly, and give stdout somewhere to go: Python flushes it again at exit and would complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE
+    except KeyboardInterrupt:
+        return 128 + 2  # SIGINT
+
+
+def _run(command: str, args: argparse.Namespace) -> int:
     def fail(status: int, message: str) -> int:
         print(f"nmtserve {command}: {message}", file=sys.stderr)
         return status
@@ -146,6 +159,8 @@ def run(command: str, args: argparse.Namespace) -> int:
         except ValueError as error:
             return fail(2, str(error))
         return 0
+    if args.stream and (args.beam_size != 1 or args.n_best != 1):
+        return fail(2, "--stream decodes greedily: it takes no --beam-size or --n-best")
     settings = settings_from_args(ClientSettings, args)
     if settings.problems():
         return fail(2, "; ".join(settings.problems()))

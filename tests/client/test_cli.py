@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -94,5 +95,34 @@ def test_rejected_input_is_a_clear_error(server):
     assert result.stderr.endswith(" tokens, the model reads at most 256\n")
     result = translate("--server", server.address, "--beam-size", "2", "--n-best", "3", "Friday")
     assert result.returncode == 2 and "options.num_hypotheses: 3 is above beam_size 2" in result.stderr
+    result = translate("--server", server.address, "--stream", "--n-best", "2", "--beam-size", "2", "Friday")
+    assert result.returncode == 2 and "--stream decodes greedily: it takes no --beam-size or --n-best" in result.stderr
     result = translate("--bundle", "some/bundle", "--stream", "Friday")
     assert result.returncode == 2 and "--stream and --target-language need a server" in result.stderr
+
+
+def _running(*args: str) -> subprocess.Popen:
+    """`nmtserve translate` reading stdin a line at a time (one text per request, one request at a time)."""
+    command = [sys.executable, "-m", "nmtserve.cli", "translate", "--texts-per-request", "1", "--max-concurrent-requests", "1", *args]
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_reader_that_stops_reading_ends_it_quietly(server, test_texts):
+    translating = _running("--server", server.address)
+    translating.stdin.write("\n".join(test_texts[:1] * 200) + "\n")
+    translating.stdin.close()
+    assert translating.stdout.readline().strip()
+    translating.stdout.close()  # as `| head -1` does
+    assert translating.wait(TIMEOUT) == 141  # as for a command that SIGPIPE ends
+    assert translating.stderr.read() == ""
+
+
+def test_ctrl_c_ends_it_quietly(server, test_texts):
+    translating = _running("--server", server.address)
+    translating.stdin.write(test_texts[0] + "\n")
+    translating.stdin.flush()
+    assert translating.stdout.readline().strip()  # translated; now waiting for the next line
+    translating.send_signal(signal.SIGINT)
+    assert translating.wait(TIMEOUT) == 130
+    assert translating.stderr.read() == ""
+    translating.stdin.close()

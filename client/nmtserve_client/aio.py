@@ -12,9 +12,11 @@ import grpc
 from nmtserve.v1 import translator_pb2 as pb
 from nmtserve.v1 import translator_pb2_grpc
 
-from .calls import HEALTH_CHECK, HealthCheckRequest, HealthCheckResponse, chunks, client_settings, text_list, translate_options
+from .calls import (
+    HEALTH_CHECK, Deadline, HealthCheckRequest, HealthCheckResponse, Retries, chunks, client_settings, text_list, translate_options,
+)
 from .channel import SERVICE_NAME, ClientSettings, channel_options, credentials
-from .client import POLL_SECONDS, Client, Deadline, not_serving
+from .client import POLL_SECONDS, Client, not_serving
 from .errors import DeadlineExceededError, UnavailableError, from_rpc_error, texts_error
 from .results import HealthStatus, ModelInfo, Piece, Translation, model_info_from, piece_from, translations_from
 
@@ -34,30 +36,44 @@ def _documented_as(method: Callable[..., Any]) -> Callable[[F], F]:
 class AsyncTranslationStream:
     """The pieces of one translate_stream call, as they are decoded: `async for piece in stream`; iterate once."""
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall):
-        self._call = call
+    def __init__(self, start: Callable[[], grpc.aio.UnaryStreamCall], retries: Retries):
+        self._start = start
+        self._retries = retries
+        self._call = start()
+        self._started = False  # a stream is started again only while it has sent nothing
+        self._cancelled = False
 
     def __aiter__(self) -> AsyncIterator[Piece]:
         return self
 
     async def __anext__(self) -> Piece:
-        try:
-            message = await self._call.read()
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        while True:
+            try:
+                message = await self._call.read()
+                break
+            except grpc.RpcError as error:
+                delay = None if self._started or self._cancelled else self._retries.delay(error)
+                if delay is None:
+                    raise from_rpc_error(error) from None
+            await asyncio.sleep(delay)
+            self._call = self._start()
+            if self._cancelled:  # cancel() came during the back-off, to the call before
+                self._call.cancel()
         if message is grpc.aio.EOF:
             raise StopAsyncIteration
+        self._started = True
         return piece_from(message)
 
     def cancel(self) -> None:
         """Stop the call (the server stops decoding); a pending read raises asyncio.CancelledError."""
+        self._cancelled = True
         self._call.cancel()
 
     async def __aenter__(self) -> AsyncTranslationStream:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._call.cancel()  # nothing once the stream has ended; otherwise the server stops decoding
+        self.cancel()  # nothing once the stream has ended; otherwise the server stops decoding
 
 
 class AsyncClient:
@@ -119,10 +135,15 @@ class AsyncClient:
         async def send(offset: int, chunk: list[str]) -> list[Translation]:
             async with slots:
                 request = pb.TranslateRequest(texts=chunk, options=options)
-                try:
-                    return translations_from(await self._stub.Translate(request, timeout=deadline.remaining()))
-                except grpc.RpcError as error:
-                    raise texts_error(error, offset) from None
+                retries = Retries(self.settings, deadline)
+                while True:
+                    try:
+                        return translations_from(await self._stub.Translate(request, timeout=deadline.remaining()))
+                    except grpc.RpcError as error:
+                        delay = retries.delay(error)
+                        if delay is None:
+                            raise texts_error(error, offset) from None
+                    await asyncio.sleep(delay)
 
         size = self.settings.texts_per_request
         tasks = [asyncio.create_task(send(index * size, chunk)) for index, chunk in enumerate(chunks(texts, size))]
@@ -151,7 +172,10 @@ class AsyncClient:
             return_alignment=return_alignment, target_language=target_language,
         )
         request = pb.TranslateStreamRequest(text=text, options=options)
-        return AsyncTranslationStream(self._stub.TranslateStream(request, timeout=self._deadline(timeout).remaining()))
+        deadline = self._deadline(timeout)
+        return AsyncTranslationStream(
+            lambda: self._stub.TranslateStream(request, timeout=deadline.remaining()), Retries(self.settings, deadline)
+        )
 
     @_documented_as(Client.model_info)
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:

@@ -2,22 +2,73 @@
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+import grpc
 from google.protobuf import wrappers_pb2
 
 from nmtserve.v1 import translator_pb2 as pb
 
 from .channel import ClientSettings
-from .errors import FieldViolation, InvalidInputError
+from .errors import DeadlineExceededError, FieldViolation, InvalidInputError, is_too_large
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # grpc.health.v1's HealthCheckRequest {string service = 1} and HealthCheckResponse {ServingStatus status = 1}
 # have the wire format of these well-known wrappers, so the health check needs no grpcio-health-checking.
 HealthCheckRequest = wrappers_pb2.StringValue
 HealthCheckResponse = wrappers_pb2.Int32Value
+
+
+class Deadline:
+    """The time left of one SDK call that may make several RPCs."""
+
+    def __init__(self, timeout: float | None):
+        self.timeout = timeout
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        """Seconds left (None: no deadline); DeadlineExceededError once none are."""
+        if self._end is None:
+            return None
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceededError(f"the call's {self.timeout:g} s deadline passed", code=grpc.StatusCode.DEADLINE_EXCEEDED)
+        return left
+
+    def allows(self, seconds: float) -> bool:
+        """Whether the deadline leaves more than this many seconds."""
+        return self._end is None or time.monotonic() + seconds < self._end
+
+
+class Retries:
+    """The SDK's own retries of one Translate or TranslateStream call that a full server refused (RESOURCE_EXHAUSTED).
+
+    gRPC's retry policy matches status codes only, and would also retry gRPC's
+    own RESOURCE_EXHAUSTED for a message above the size limit, which can never
+    succeed; so the SDK retries that code itself, on gRPC's schedule: attempt
+    n + 1 after random(0, min(initial_backoff * backoff_multiplier ** (n - 1), max_backoff)).
+    Each attempt may itself be retried by gRPC on UNAVAILABLE: max_attempts bounds each code's retries, the deadline both.
+    """
+
+    def __init__(self, settings: ClientSettings, deadline: Deadline):
+        self._settings = settings
+        self._deadline = deadline
+        self.attempt = 1
+
+    def delay(self, error: grpc.RpcError) -> float | None:
+        """Seconds to wait before the next attempt after error (counting it), or None when the call fails with it."""
+        s = self._settings
+        if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or is_too_large(error) or self.attempt >= s.max_attempts:
+            return None
+        delay = random.uniform(0, min(s.initial_backoff * s.backoff_multiplier ** (self.attempt - 1), s.max_backoff))
+        if not self._deadline.allows(delay):  # the server's "overloaded" says more than a deadline passed during back-off
+            return None
+        self.attempt += 1
+        return delay
 
 
 def client_settings(server: str | None, settings: ClientSettings | None, changes: dict[str, Any]) -> ClientSettings:

@@ -1,12 +1,15 @@
 """How the SDK connects: one settings dataclass, and the gRPC channel options and credentials made from it.
 
-Retries, back-off and load balancing are gRPC's own, set through the channel's
+Load balancing and most retries are gRPC's own, set through the channel's
 service config (https://github.com/grpc/grpc/blob/master/doc/service_config.md):
-gRPC retries a call that failed with UNAVAILABLE or RESOURCE_EXHAUSTED before
-the server sent anything back, waiting random(0, min(initial_backoff *
-backoff_multiplier ** (n - 1), max_backoff)) before attempt n + 1, all within
-the call's deadline; round robin spreads calls over every address the target
-resolves to (e.g. the pods behind a headless Kubernetes Service).
+gRPC retries a call that failed with UNAVAILABLE before the server sent
+anything back, waiting random(0, min(initial_backoff * backoff_multiplier **
+(n - 1), max_backoff)) before attempt n + 1, all within the call's deadline;
+round robin spreads calls over every address the target resolves to (e.g. the
+pods behind a headless Kubernetes Service). RESOURCE_EXHAUSTED of Translate and
+TranslateStream is retried by the SDK on the same schedule (calls.Retries),
+because gRPC also answers with that code a message above its size limit, and
+its retry policy cannot tell the two apart.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from nmtserve.v1 import translator_pb2 as pb
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
 DEFAULT_SERVER = "localhost:50051"
 MAX_ATTEMPTS_LIMIT = 5  # gRPC caps retry policies at 5 attempts
+# The server's grpc.http2.min_ping_interval_without_data_ms: it answers faster pings during a long call with GOAWAY
+# "too_many_pings", which ends the call, and gRPC sends it again from the start.
+MIN_KEEPALIVE_TIME = 10.0
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,7 @@ class ClientSettings:
     max_backoff: float = field(default=5.0, metadata={"help": "seconds: no retry or reconnection waits longer than this"})
     backoff_multiplier: float = field(default=2.0, metadata={"help": "each retry may wait this many times longer than the one before"})
     keepalive_time: float = field(default=30.0, metadata={
-        "help": "seconds between keep-alive pings while calls are active, to notice a dead connection (0: off)"})
+        "help": f"seconds between keep-alive pings while calls are active, to notice a dead connection (0: off; at least {MIN_KEEPALIVE_TIME:g}, the server's limit)"})
     keepalive_timeout: float = field(default=10.0, metadata={"help": "seconds to wait for a ping's answer before the connection counts as dead"})
     texts_per_request: int = field(default=32, metadata={
         "help": "translate() sends a longer list as requests of this many texts (at most the server's max_texts_per_request)"})
@@ -64,6 +70,8 @@ class ClientSettings:
             found.append(f"timeout must be positive (or None for no deadline), not {self.timeout}")
         if self.keepalive_time < 0 or self.keepalive_timeout <= 0:
             found.append("keepalive_time cannot be negative and keepalive_timeout must be positive")
+        elif 0 < self.keepalive_time < MIN_KEEPALIVE_TIME:
+            found.append(f"keepalive_time must be 0 (off) or at least {MIN_KEEPALIVE_TIME:g} s, the server's limit, not {self.keepalive_time:g}")
         if self.texts_per_request < 1 or self.max_concurrent_requests < 1:
             found.append("texts_per_request and max_concurrent_requests must be at least 1")
         if (self.client_cert is None) != (self.client_key is None):
@@ -87,27 +95,38 @@ def _seconds(value: float) -> str:
 
 
 def service_config(settings: ClientSettings) -> dict[str, Any]:
-    """The channel's service config: round robin, and the retry policy for every Translator method."""
-    method: dict[str, Any] = {"name": [{"service": SERVICE_NAME}]}
-    if settings.max_attempts > 1:
-        method["retryPolicy"] = {
-            "maxAttempts": settings.max_attempts,
-            "initialBackoff": _seconds(settings.initial_backoff),
-            "maxBackoff": _seconds(settings.max_backoff),
-            "backoffMultiplier": settings.backoff_multiplier,
-            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
-        }
-    return {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]}
+    """The channel's service config: round robin, and gRPC's retry policy for the Translator's methods."""
+    # GetModelInfo's messages are tiny, so its RESOURCE_EXHAUSTED (gRPC's concurrent-call limit) can be gRPC's to retry.
+    methods: list[tuple[dict[str, str], list[str]]] = [
+        ({"service": SERVICE_NAME}, ["UNAVAILABLE"]),
+        ({"service": SERVICE_NAME, "method": "GetModelInfo"}, ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]),
+    ]
+    configs = []
+    for name, codes in methods:
+        method: dict[str, Any] = {"name": [name]}
+        if settings.max_attempts > 1:
+            method["retryPolicy"] = {
+                "maxAttempts": settings.max_attempts,
+                "initialBackoff": _seconds(settings.initial_backoff),
+                "maxBackoff": _seconds(settings.max_backoff),
+                "backoffMultiplier": settings.backoff_multiplier,
+                "retryableStatusCodes": codes,
+            }
+        configs.append(method)
+    return {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": configs}
 
 
 def channel_options(settings: ClientSettings) -> list[tuple[str, Any]]:
-    """gRPC channel arguments: service config, reconnection back-off, keep-alive, TLS name override."""
+    """gRPC channel arguments: service config, reconnection back-off, message size, keep-alive, TLS name override."""
     options: list[tuple[str, Any]] = [
         ("grpc.service_config", json.dumps(service_config(settings))),
         ("grpc.enable_retries", 1),
         # A server that went away is reconnected to on the retries' schedule, not gRPC's default (1 s, up to 120 s).
         ("grpc.initial_reconnect_backoff_ms", int(settings.initial_backoff * 1000)),
         ("grpc.max_reconnect_backoff_ms", int(settings.max_backoff * 1000)),
+        # The server bounds its answers (--max-message-bytes, a larger one refused up front with INVALID_ARGUMENT);
+        # gRPC's 4 MiB default here would drop, after all the decoding, an answer the server was allowed to send.
+        ("grpc.max_receive_message_length", -1),
     ]
     if settings.keepalive_time > 0:
         options += [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -12,7 +12,9 @@ import grpc
 from nmtserve.v1 import translator_pb2 as pb
 from nmtserve.v1 import translator_pb2_grpc
 
-from .calls import HEALTH_CHECK, HealthCheckRequest, HealthCheckResponse, chunks, client_settings, text_list, translate_options
+from .calls import (
+    HEALTH_CHECK, Deadline, HealthCheckRequest, HealthCheckResponse, Retries, chunks, client_settings, text_list, translate_options,
+)
 from .channel import SERVICE_NAME, ClientSettings, channel_options, credentials
 from .errors import DeadlineExceededError, UnavailableError, from_rpc_error, texts_error
 from .results import HealthStatus, ModelInfo, Piece, Translation, model_info_from, piece_from, translations_from
@@ -25,47 +27,45 @@ def not_serving(server: str, timeout: float, status: HealthStatus | str) -> Unav
     return UnavailableError(f"{server} was not serving after {timeout:g} s (last: {getattr(status, 'name', status)})")
 
 
-class Deadline:
-    """The time left of one SDK call that may make several RPCs."""
-
-    def __init__(self, timeout: float | None):
-        self.timeout = timeout
-        self._end = None if timeout is None else time.monotonic() + timeout
-
-    def remaining(self) -> float | None:
-        """Seconds left (None: no deadline); DeadlineExceededError once none are."""
-        if self._end is None:
-            return None
-        left = self._end - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceededError(f"the call's {self.timeout:g} s deadline passed", code=grpc.StatusCode.DEADLINE_EXCEEDED)
-        return left
-
-
 class TranslationStream:
     """The pieces of one translate_stream call, as they are decoded; iterate once."""
 
-    def __init__(self, call: grpc.Call):
-        self._call = call
+    def __init__(self, start: Callable[[], grpc.Call], retries: Retries):
+        self._start = start
+        self._retries = retries
+        self._call = start()
+        self._started = False  # a stream is started again only while it has sent nothing
+        self._cancelled = False
 
     def __iter__(self) -> Iterator[Piece]:
         return self
 
     def __next__(self) -> Piece:
-        try:
-            return piece_from(next(self._call))
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        while True:
+            try:
+                message = next(self._call)
+                break
+            except grpc.RpcError as error:
+                delay = None if self._started or self._cancelled else self._retries.delay(error)
+                if delay is None:
+                    raise from_rpc_error(error) from None
+            time.sleep(delay)
+            self._call = self._start()
+            if self._cancelled:  # cancel() came during the back-off, to the call before
+                self._call.cancel()
+        self._started = True
+        return piece_from(message)
 
     def cancel(self) -> None:
         """Stop the call (the server stops decoding); the iterating thread gets RequestCancelledError."""
+        self._cancelled = True
         self._call.cancel()
 
     def __enter__(self) -> TranslationStream:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._call.cancel()  # nothing once the stream has ended; otherwise the server stops decoding
+        self.cancel()  # nothing once the stream has ended; otherwise the server stops decoding
 
 
 class Client:
@@ -138,22 +138,38 @@ class Client:
             target_language=target_language,
         )
         deadline = self._deadline(timeout)
-        in_flight: deque[grpc.Future] = deque()
+        in_flight: deque[tuple[grpc.Future, pb.TranslateRequest, Retries]] = deque()
         results: list[Translation] = []
         try:
             for chunk in chunks(texts, self.settings.texts_per_request):
                 if len(in_flight) == self.settings.max_concurrent_requests:
-                    results += translations_from(in_flight.popleft().result())
+                    results += self._first_answer(in_flight, deadline)
                 request = pb.TranslateRequest(texts=chunk, options=options)
-                in_flight.append(self._stub.Translate.future(request, timeout=deadline.remaining()))
+                in_flight.append((self._stub.Translate.future(request, timeout=deadline.remaining()), request, Retries(self.settings, deadline)))
             while in_flight:
-                results += translations_from(in_flight.popleft().result())
+                results += self._first_answer(in_flight, deadline)
         except grpc.RpcError as error:
             raise texts_error(error, offset=len(results)) from None
         finally:
-            for future in in_flight:  # the rest of a call that failed
+            for future, _, _ in in_flight:  # the rest of a call that failed
                 future.cancel()
         return results
+
+    def _first_answer(self, in_flight: deque[tuple[grpc.Future, pb.TranslateRequest, Retries]], deadline: Deadline) -> list[Translation]:
+        """The translations of the oldest request in flight, sending it again while a full server refuses it."""
+        while True:
+            future, request, retries = in_flight[0]
+            try:
+                response = future.result()
+                break
+            except grpc.RpcError as error:
+                delay = retries.delay(error)
+                if delay is None:
+                    raise
+            time.sleep(delay)
+            in_flight[0] = (self._stub.Translate.future(request, timeout=deadline.remaining()), request, retries)
+        in_flight.popleft()
+        return translations_from(response)
 
     def translate_stream(
         self,
@@ -189,7 +205,8 @@ class Client:
             return_alignment=return_alignment, target_language=target_language,
         )
         request = pb.TranslateStreamRequest(text=text, options=options)
-        return TranslationStream(self._stub.TranslateStream(request, timeout=self._deadline(timeout).remaining()))
+        deadline = self._deadline(timeout)
+        return TranslationStream(lambda: self._stub.TranslateStream(request, timeout=deadline.remaining()), Retries(self.settings, deadline))
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The model the server hosts, its limits and where it runs."""

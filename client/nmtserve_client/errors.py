@@ -2,6 +2,7 @@
 
     NmtserveError                 any failed call (.code, .message, .request_id)
     ├── InvalidInputError         INVALID_ARGUMENT: fix the request (.field, .violations); also a ValueError
+    │   └── MessageTooLargeError  RESOURCE_EXHAUSTED from gRPC itself: a message above the size limit; never retried
     ├── OverloadedError           RESOURCE_EXHAUSTED: the server's queue is full; retry later
     ├── UnavailableError          UNAVAILABLE: unreachable, starting or shutting down
     ├── DeadlineExceededError     DEADLINE_EXCEEDED: the call's timeout passed; also a TimeoutError
@@ -30,6 +31,8 @@ REQUEST_ID_KEY = "x-request-id"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 _TEXT_FIELD = re.compile(r"^texts\[(\d+)\]")
 _VIOLATION_START = re.compile(r"(?:^|; )(?=[\w.\[\]]+: )")  # where one "field: description" begins
+# gRPC's own RESOURCE_EXHAUSTED for a message above a limit: "Received (or Sent) message larger than max (N vs. M)".
+_TOO_LARGE = re.compile(r"message larger than max \(")
 
 
 @dataclass(frozen=True)
@@ -63,12 +66,16 @@ class InvalidInputError(NmtserveError, ValueError):
             return self
         violations = [FieldViolation(_TEXT_FIELD.sub(lambda m: f"texts[{offset + int(m[1])}]", v.field), v.description) for v in self.violations]
         message = "; ".join(f"{v.field}: {v.description}" for v in violations) or self.message
-        return InvalidInputError(message, violations, code=self.code, request_id=self.request_id)
+        return type(self)(message, violations, code=self.code, request_id=self.request_id)
 
     @property
     def field(self) -> str | None:
         """The first bad field, e.g. "texts[0]"."""
         return self.violations[0].field if self.violations else None
+
+
+class MessageTooLargeError(InvalidInputError):
+    """A request (or its answer) was larger than gRPC lets through (RESOURCE_EXHAUSTED from gRPC itself): send fewer or shorter texts."""
 
 
 class OverloadedError(NmtserveError):
@@ -114,6 +121,11 @@ def _violations(message: str, metadata: dict[str, str | bytes]) -> list[FieldVio
     return [FieldViolation(*part.split(": ", 1)) for part in parts if ": " in part]
 
 
+def is_too_large(error: grpc.RpcError) -> bool:
+    """Whether error is gRPC refusing a message above its size limit, which no retry can get through."""
+    return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and bool(_TOO_LARGE.search(error.details() or ""))
+
+
 def from_rpc_error(error: grpc.RpcError) -> NmtserveError:
     """The SDK exception for a failed gRPC call (sync or asyncio)."""
     code = error.code()
@@ -123,6 +135,9 @@ def from_rpc_error(error: grpc.RpcError) -> NmtserveError:
     kwargs = dict(code=code, request_id=request_id if isinstance(request_id, str) else None)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidInputError(message, _violations(message, metadata), **kwargs)
+    if is_too_large(error):
+        advice = "the request or its answer is larger than the server or client accepts: send fewer or shorter texts"
+        return MessageTooLargeError(f"{advice} ({message})", [], **kwargs)
     return _CLASSES.get(code, ServerError)(message, **kwargs)
 
 

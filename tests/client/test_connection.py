@@ -28,15 +28,19 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_service_config_retries_the_translator_on_unavailable_and_resource_exhausted():
+def test_service_config_retries_the_translator_on_unavailable():
     config = service_config(ClientSettings(max_attempts=4, initial_backoff=0.25, max_backoff=2.0, backoff_multiplier=1.5))
-    (method,) = config["methodConfig"]
-    assert method["name"] == [{"service": "nmtserve.v1.Translator"}]
-    assert method["retryPolicy"] == {"maxAttempts": 4, "initialBackoff": "0.250s", "maxBackoff": "2.000s", "backoffMultiplier": 1.5,
-                                     "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]}
+    translator, model_info = config["methodConfig"]
+    assert translator["name"] == [{"service": "nmtserve.v1.Translator"}]
+    assert translator["retryPolicy"] == {"maxAttempts": 4, "initialBackoff": "0.250s", "maxBackoff": "2.000s", "backoffMultiplier": 1.5,
+                                         "retryableStatusCodes": ["UNAVAILABLE"]}  # RESOURCE_EXHAUSTED: the SDK's own retries
+    assert model_info["name"] == [{"service": "nmtserve.v1.Translator", "method": "GetModelInfo"}]
+    assert model_info["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
-    assert "retryPolicy" not in service_config(ClientSettings(max_attempts=1))["methodConfig"][0]
-    for bad in (dict(max_attempts=6), dict(max_attempts=0), dict(initial_backoff=0), dict(client_cert=Path("c.pem")), dict(timeout=0)):
+    assert all("retryPolicy" not in method for method in service_config(ClientSettings(max_attempts=1))["methodConfig"])
+    # keepalive_time 5: the server would end a long call with GOAWAY "too_many_pings", and gRPC would send it again.
+    for bad in (dict(max_attempts=6), dict(max_attempts=0), dict(initial_backoff=0), dict(client_cert=Path("c.pem")), dict(timeout=0),
+                dict(keepalive_time=5)):
         with pytest.raises(ValueError):
             Client("localhost:1", **bad)
 
@@ -59,6 +63,19 @@ def test_retries_give_up_after_the_budget():
         with pytest.raises(UnavailableError, match="Connection refused|failed to connect|Failed to connect"):
             client.translate(["Friday"])
     assert time.monotonic() - started < 0.4 + 2.0  # two back-offs of at most 0.2 s, plus slack for a busy machine
+
+
+def test_an_answer_above_grpcs_default_limit_arrives_from_a_server_allowed_to_send_it(start_server):
+    server = start_server(max_message_bytes=16 * 1024 * 1024)
+    model = server.server.service.model
+    text = "Friday"
+    while len(model.encode_texts([text + " Friday"])[0]) <= 200:
+        text += " Friday"
+    length = model.max_target_length
+    # Each text's alignment: a row of about 200 source weights per generated token: about 5 MB in all.
+    with Client(server.address) as client:
+        translations = client.translate([text] * 24, min_length=length, max_length=length, return_alignment=True)
+    assert sum(len(step) for t in translations for step in t.hypotheses[0].alignment) * 4 > 4 * 1024 * 1024
 
 
 def test_round_robin_spreads_calls_over_every_address(start_server):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -15,6 +18,7 @@ from nmtserve_client import (
     Client,
     DeadlineExceededError,
     InvalidInputError,
+    MessageTooLargeError,
     OverloadedError,
     RequestCancelledError,
     UnavailableError,
@@ -73,27 +77,66 @@ def test_violations_are_read_from_the_message_without_googleapis_common_protos(s
     assert caught.value.violations[0].description == "3 is above beam_size 2"
 
 
-def test_a_full_queue_is_overloaded_after_exactly_the_retry_budget(start_server, test_texts):
-    server = start_server(max_batch_size=4, max_queue_size=4, max_texts_per_request=4)
-    refused = {"method": "Translate", "code": "RESOURCE_EXHAUSTED"}
+@contextlib.contextmanager
+def _full_queue(server, texts: list[str]) -> Iterator[None]:
+    """Every row taken by one text and the queue full behind it, for as long as the block runs (it must be short)."""
     beam = server.long_options(beam_size=4)  # a text takes every row: the queue empties one text per whole decode
     with grpc.insecure_channel(server.address) as channel:
         stub = translator_pb2_grpc.TranslatorStub(channel)
-        busy = stub.Translate.future(pb.TranslateRequest(texts=test_texts[:1], options=beam), timeout=TIMEOUT)
+        busy = stub.Translate.future(pb.TranslateRequest(texts=texts[:1], options=beam), timeout=TIMEOUT)
         server.wait_for(lambda: server.metric("nmtserve_kv_cache_free_slots") == 0, what="all rows taken")
-        queued = stub.Translate.future(pb.TranslateRequest(texts=test_texts[1:5], options=beam), timeout=TIMEOUT)
+        queued = stub.Translate.future(pb.TranslateRequest(texts=texts[1:5], options=beam), timeout=TIMEOUT)
         server.wait_for(lambda: server.metric("nmtserve_queue_depth") == 4, what="a full queue")
-        with Client(server.address, max_attempts=1) as client, pytest.raises(OverloadedError) as once:
-            client.translate(test_texts[5:9])  # 4 texts: refused while any text waits
-        # The server counts a call just after answering it: wait for the count rather than race it.
-        server.wait_for(lambda: server.metric("nmtserve_requests_total", refused) == 1, timeout=5, what="one refusal")
-        with Client(server.address, max_attempts=3, **QUICK_RETRIES) as client, pytest.raises(OverloadedError):
-            client.translate(test_texts[5:9])
-        server.wait_for(lambda: server.metric("nmtserve_requests_total", refused) == 1 + 3, timeout=5, what="three more refusals")
+        yield
         assert not queued.done(), "the queue emptied during the test; it proves nothing"
         busy.cancel()
         queued.cancel()
+    server.wait_for(lambda: server.metric("nmtserve_kv_cache_free_slots") == 4 and server.metric("nmtserve_queue_depth") == 0,
+                    what="rows and queue free again")
+
+
+def test_a_full_queue_is_overloaded_after_exactly_the_retry_budget(start_server, test_texts):
+    server = start_server(max_batch_size=4, max_queue_size=4, max_texts_per_request=4)
+    refused = {"method": "Translate", "code": "RESOURCE_EXHAUSTED"}
+    with _full_queue(server, test_texts), Client(server.address, max_attempts=1) as client, pytest.raises(OverloadedError) as once:
+        client.translate(test_texts[5:9])  # 4 texts: refused while any text waits
+    # The server counts a call just after answering it: wait for the count rather than race it.
+    server.wait_for(lambda: server.metric("nmtserve_requests_total", refused) == 1, timeout=5, what="one refusal")
     assert once.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with _full_queue(server, test_texts), Client(server.address, max_attempts=3, **QUICK_RETRIES) as client, pytest.raises(OverloadedError):
+        client.translate(test_texts[5:9])
+    server.wait_for(lambda: server.metric("nmtserve_requests_total", refused) == 1 + 3, timeout=5, what="three more refusals")
+
+    async def main():
+        async with AsyncClient(server.address, max_attempts=3, **QUICK_RETRIES) as client:
+            await client.translate(test_texts[5:9])
+
+    with _full_queue(server, test_texts), pytest.raises(OverloadedError):
+        asyncio.run(main())
+    server.wait_for(lambda: server.metric("nmtserve_requests_total", refused) == 1 + 3 + 3, timeout=5, what="three async refusals")
+    refused_streams = {"method": "TranslateStream", "code": "RESOURCE_EXHAUSTED"}
+    with _full_queue(server, test_texts), Client(server.address, max_attempts=3, **QUICK_RETRIES) as client, pytest.raises(OverloadedError):
+        list(client.translate_stream(test_texts[5]))
+    server.wait_for(lambda: server.metric("nmtserve_requests_total", refused_streams) == 3, timeout=5, what="three stream refusals")
+
+
+def test_a_request_above_the_message_limit_fails_at_once_and_says_so(start_server):
+    server = start_server(max_message_bytes=4096)
+    text = "Friday " * 1000  # 7,000 bytes: gRPC refuses the message before the service sees it
+    slow = dict(max_attempts=5, initial_backoff=5.0, max_backoff=5.0)  # four retries would wait 10 s on average
+
+    async def main():
+        async with AsyncClient(server.address, **slow) as client:
+            await client.translate([text])
+
+    with Client(server.address, **slow) as client:
+        for call in (lambda: client.translate([text]), lambda: list(client.translate_stream(text)), lambda: asyncio.run(main())):
+            started = time.monotonic()
+            with pytest.raises(MessageTooLargeError) as caught:
+                call()
+            assert time.monotonic() - started < 1.0, "retried"
+            assert isinstance(caught.value, InvalidInputError) and "send fewer or shorter texts" in caught.value.message
+            assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_a_passed_deadline_is_deadline_exceeded(server, test_texts):

@@ -201,8 +201,8 @@ class AsyncClient:
         while True:
             try:
                 status = await self.health(timeout=max(POLL_SECONDS, end - time.monotonic()))
-            except (UnavailableError, DeadlineExceededError):
-                status = "unreachable"
+            except (UnavailableError, DeadlineExceededError) as error:
+                status = f"unreachable: {error.message}"  # gRPC's reason: refused, a name that does not resolve, TLS
             if status is HealthStatus.SERVING:
                 return
             if time.monotonic() >= end:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -144,6 +145,9 @@ def test_tls_with_the_servers_ca(start_server, certificates):
     for wrong in (dict(), dict(tls=True)):  # plaintext; TLS trusting only the system's roots
         with Client(server.address, max_attempts=1, **wrong) as client, pytest.raises(UnavailableError):
             client.translate(["Friday"])
+    with Client(server.address, tls=True) as client, pytest.raises(UnavailableError) as waited:
+        client.wait_until_serving(timeout=0.5)
+    assert re.search("handshake|certificate", waited.value.message, re.IGNORECASE), "the cause is not told"
 
 
 def test_mutual_tls_with_a_client_certificate(start_server, certificates):

@@ -3,7 +3,8 @@
 Texts come as arguments or one per line on stdin; one translation per line
 comes out (or one per hypothesis with --n-best), in input order, a blank line
 for a blank one. Long input is translated and printed a chunk at a time (as
-many texts as the client keeps in flight), each chunk within the deadline. Exit status:
+many texts as the client keeps in flight), each chunk within the deadline, and
+lines typed at a terminal one at a time. Exit status:
 0 done, 1 the server (or bundle) could not be used, 2 the input or the options
 were refused, 130 interrupted (Ctrl-C), 141 the reader of the output went away
 (`| head`), as for a command that SIGPIPE ends.
@@ -78,8 +79,9 @@ def _skipping_blanks(texts: list[str], translate: Callable[[list[str]], list[lis
     return ((text, next(results) if text.strip() else []) for text in texts)
 
 
-def _through_server(client: Client, texts: Iterable[str], args: argparse.Namespace) -> None:
-    chunk = client.settings.texts_per_request * client.settings.max_concurrent_requests
+def _through_server(client: Client, texts: Iterable[str], args: argparse.Namespace, *, typed: bool = False) -> None:
+    # Lines typed at a terminal are translated one at a time, as they come, not once a whole chunk has been typed.
+    chunk = 1 if typed else client.settings.texts_per_request * client.settings.max_concurrent_requests
     options = dict(beam_size=args.beam_size, num_hypotheses=args.n_best, **_options(args))
     remaining = iter(texts)
     while batch := list(itertools.islice(remaining, chunk)):
@@ -171,7 +173,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
             if args.stream:
                 _stream(client, args.texts or lines, args)
             else:
-                _through_server(client, args.texts or lines, args)
+                _through_server(client, args.texts or lines, args, typed=not args.texts and sys.stdin.isatty())
     except InvalidInputError as error:
         return fail(2, f"the server refused the input: {error.message}")
     except UnavailableError as error:

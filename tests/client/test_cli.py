@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -126,3 +128,20 @@ def test_ctrl_c_ends_it_quietly(server, test_texts):
     assert translating.wait(TIMEOUT) == 130
     assert translating.stderr.read() == ""
     translating.stdin.close()
+
+
+def test_lines_typed_at_a_terminal_are_translated_as_they_come(server, test_texts):
+    terminal, typing = pty.openpty()
+    command = [sys.executable, "-m", "nmtserve.cli", "translate", "--server", server.address]
+    translating = subprocess.Popen(command, stdin=typing, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(typing)
+    try:
+        os.write(terminal, (test_texts[0] + "\n").encode())
+        ready, _, _ = select.select([translating.stdout], [], [], TIMEOUT)
+        assert ready, "nothing printed for a typed line before the end of the input"
+        assert translating.stdout.readline().strip()
+        os.write(terminal, b"\x04")  # Ctrl-D: the end of the input
+        assert translating.wait(TIMEOUT) == 0, translating.stderr.read()
+    finally:
+        translating.kill()
+        os.close(terminal)

@@ -17,7 +17,7 @@ from .calls import (
 )
 from .channel import SERVICE_NAME, ClientSettings, channel_options, credentials
 from .client import POLL_SECONDS, Client, not_serving
-from .errors import DeadlineExceededError, UnavailableError, from_rpc_error, texts_error
+from .errors import DeadlineExceededError, RequestCancelledError, UnavailableError, from_rpc_error, texts_error
 from .results import HealthStatus, ModelInfo, Piece, Translation, model_info_from, piece_from, translations_from
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -55,6 +55,13 @@ class AsyncTranslationStream:
                 delay = None if self._started or self._cancelled else self._retries.delay(error)
                 if delay is None:
                     raise from_rpc_error(error) from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._cancelled and not (task is not None and task.cancelling()):
+                    # cancel() ended the call, not this task: a CancelledError here would read as the task's own
+                    # cancellation to TaskGroup and asyncio.timeout. As the sync client says it:
+                    raise RequestCancelledError("the stream was cancelled", code=grpc.StatusCode.CANCELLED) from None
+                raise
             await asyncio.sleep(delay)
             self._call = self._start()
             if self._cancelled:  # cancel() came during the back-off, to the call before
@@ -65,7 +72,7 @@ class AsyncTranslationStream:
         return piece_from(message)
 
     def cancel(self) -> None:
-        """Stop the call (the server stops decoding); a pending read raises asyncio.CancelledError."""
+        """Stop the call (the server stops decoding); a pending or later read raises RequestCancelledError."""
         self._cancelled = True
         self._call.cancel()
 

@@ -8,7 +8,9 @@ import dataclasses
 import pytest
 
 from nmtserve.v1 import translator_pb2 as pb
-from nmtserve_client import AsyncClient, Client, HealthStatus, Hypothesis, Limits, ModelDimensions, ModelInfo, Timings, Translation
+from nmtserve_client import (
+    AsyncClient, Client, HealthStatus, Hypothesis, Limits, ModelDimensions, ModelInfo, RequestCancelledError, Timings, Translation,
+)
 
 pytestmark = pytest.mark.e2e
 TIMEOUT = 60
@@ -99,8 +101,15 @@ def test_async_client_has_the_same_methods_and_results(server, test_texts):
             async with client.translate_stream(texts[1], min_length=server.long_options().min_length) as stream:
                 assert (await anext(stream)).tokens
                 stream.cancel()
-                with pytest.raises(asyncio.CancelledError):
+                with pytest.raises(RequestCancelledError):  # as the sync client: the task itself was not cancelled
                     await anext(stream)
+            async with client.translate_stream(texts[2], min_length=server.long_options().min_length) as stream:
+                assert (await anext(stream)).tokens
+                reading = asyncio.create_task(anext(stream))
+                await asyncio.sleep(0)  # the task is now waiting for the next piece
+                reading.cancel()
+                with pytest.raises(asyncio.CancelledError):  # a cancelled task stays cancelled
+                    await reading
             return translations, pieces, await client.model_info(), await client.health()
 
     with Client(server.address) as client:

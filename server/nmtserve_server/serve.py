@@ -149,11 +149,10 @@ class TranslationServer:
         await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
         for waiting in waits:
             waiting.cancel()
-        forced = force is not None and force.is_set()
-        if self.service.in_flight:
-            log.warning("event=drain_cut_short calls=%d by=%s", self.service.in_flight, "signal" if forced else "grace_seconds")
-        cut_by_signal = forced and self.service.in_flight > 0
-        await self.grpc.stop(0 if self.service.in_flight else FINISH_SECONDS)
+        forced, left = force is not None and force.is_set(), self.service.in_flight
+        if left:
+            log.warning("event=drain_cut_short calls=%d by=%s", left, "signal" if forced else "grace_seconds")
+        await self.grpc.stop(0 if left else FINISH_SECONDS)
         await closing
         await self.scheduler.stop()
         if self._watch is not None:
@@ -164,7 +163,7 @@ class TranslationServer:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         log.info("event=stopped")
-        return cut_by_signal
+        return forced and left > 0
 
 
 async def serve(settings: ServeSettings) -> int:

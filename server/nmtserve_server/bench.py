@@ -6,16 +6,20 @@ texts in batches of 32 for a few seconds (the reference throughput, while the
 server idles; one engine, as the server's decode loop runs it), then N
 concurrent client streams (asyncio tasks on one channel) each send Translate
 calls (greedy, one text) one after another, for a warm-up and then a measured
-window. Alternating cancels the drift of a shared machine's speed, which over
-a minute moves either side by more than the gap being measured. Every text is
-decoded to a fixed length (min = max length), so both sides do the same work;
-the streams start spread over one request's duration, so that requests keep
+window. The client streams stand in for callers on other machines: once the
+server has started, this process lowers its own priority (--client-nice), so
+it takes the cores the server leaves rather than half of one it needs.
+Alternating cancels the drift of a shared machine's speed, which over a minute
+moves either side by more than the gap being measured. Every text is decoded
+to a fixed length (min = max length), so both sides do the same work; the
+streams start spread over one request's duration, so that requests keep
 arriving at a busy server rather than all at once. Reported: served tokens/s
 as a ratio of the engine's (over all rounds, and per round), each request's
 time to first token against its budget of three mean decode steps plus its own
 encoder run (both measured by the server), where the 1% furthest over it spent
 their time, and the cores each process used in the measured windows (psutil):
-the engine alone, then the decode process, the server and the client; and, on
+the engine alone, then the decode process, the server and the client, and the
+CPU each generated token cost the engine and the server's two processes; and, on
 Linux, the cores' worth of time their threads were ready to run but waited for
 a core (the run-queue wait in /proc/PID/task/*/schedstat), which tells how
 crowded the machine was.
@@ -63,11 +67,22 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warm-up-seconds", type=float, default=1.0, help="load before each served window")
     parser.add_argument("--length", type=int, default=32, help="tokens generated per text (min = max length)")
     parser.add_argument("--source-tokens", type=int, default=12, help="words per made-up source text")
+    parser.add_argument("--client-nice", type=_niceness, default=10,
+                        help="the client streams (this process) run this much nicer than the server, which is started first: "
+                             "they stand in for callers on other machines, so they take the cores the server leaves "
+                             "(0: the same priority)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where ONNX Runtime runs, for both sides")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime encoder threads, for both sides (0: all cores)")
     parser.add_argument("--decoder-threads", type=int, default=0, help="decoder step threads, for both sides (0: the faster of 1 and --threads)")
     parser.add_argument("--max-seconds", type=float, default=600, help="give up (non-zero exit) after this long")
     parser.add_argument("--out", type=Path, default=None, help="where to write bench_serve.json/.png (default: the bundle's parent)")
+
+
+def _niceness(value: str) -> int:
+    """A --client-nice value: 0 or more (a process may lower its own priority, not raise it)."""
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {value!r}")
+    return int(value)
 
 
 def made_up_texts(engine: Engine, count: int, words: int, seed: int = 0) -> list[str]:
@@ -263,7 +278,8 @@ def _plot(report: dict, path: Path) -> None:
     cpu.set(ylabel="cores (mean over the windows)", title="CPU used, and waited for",
             ylim=(0, max(1.4 * report["cpu_count"], 1.15 * bottom)))
     cpu.legend(loc="upper left", fontsize="small")
-    fig.suptitle(f"nmtserve bench-serve: {report['device']}, {report['length']} tokens per text")
+    nicer = report["niceness"]["client"] - report["niceness"]["server"]
+    fig.suptitle(f"nmtserve bench-serve: {report['device']}, {report['length']} tokens per text, client nice +{nicer}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -284,6 +300,8 @@ def run(command: str, args: argparse.Namespace) -> int:
     process, found = _start_server(args, out / "bench_serve.log")
     port, metrics_port = found["grpc_port"], found["metrics_port"]
     pids = {"decode process": found["decode_pid"], "server": process.pid, "client": os.getpid()}
+    os.nice(args.client_nice)  # only now: the server and its decode process keep the priority they started with
+    niceness = {name: psutil.Process(pid).nice() for name, pid in pids.items()}
     alone, served = CoreMeter({"engine alone": os.getpid()}), CoreMeter(pids)
     deadline = time.monotonic() + args.max_seconds
     rounds: list[dict] = []
@@ -322,7 +340,8 @@ def run(command: str, args: argparse.Namespace) -> int:
     worst_parts["after_encoding_seconds"] = float(np.mean(first_token[worst])) - sum(worst_parts.values())
     worst_parts["budget_seconds"] = float(np.mean(budgets[worst]))
     report = {
-        "device": engine.device, "streams": args.streams, "seconds": seconds, "requests": len(timings), "length": args.length,
+        "device": engine.device, "streams": args.streams, "niceness": niceness, "seconds": seconds, "requests": len(timings),
+        "length": args.length,
         "threads": args.threads, "engine_decoder_threads": engine.decoder_threads, "rounds": rounds,
         "engine_tokens_per_second": engine_rate, "served_tokens_per_second": served_rate,
         "ratio": served_rate / engine_rate, "p50_time_to_first_token_seconds": float(np.percentile(first_token, 50)),
@@ -333,6 +352,12 @@ def run(command: str, args: argparse.Namespace) -> int:
         "served_cores": {name: float(np.mean([r["served_cores"][name] for r in rounds])) for name in pids},
         "engine_waiting_cores": _mean_known([r["engine_waiting_cores"] for r in rounds]),
         "served_waiting_cores": {name: _mean_known([r["served_waiting_cores"][name] for r in rounds]) for name in pids},
+        # What each generated token cost in CPU: the server's overhead on the model's own work, whoever else ran.
+        "cpu_ms_per_1000_tokens": {
+            "engine alone": float(np.mean([r["engine_cores"] / r["engine_tokens_per_second"] for r in rounds])) * 1e6,
+            **{name: float(np.mean([r["served_cores"][name] / r["served_tokens_per_second"] for r in rounds])) * 1e6
+               for name in ("decode process", "server")},
+        },
         "time_to_first_token_seconds": first_token.tolist(), "ttft_budget_seconds": budgets.tolist(),
     }
     (out / "bench_serve.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -350,6 +375,10 @@ def run(command: str, args: argparse.Namespace) -> int:
           f"encoder {means['encoder_seconds'] * 1000:.2f} ms over {means['encoder_batch_size']:.1f} texts")
     served_cores = ", ".join(f"{name} {cores:.2f}" for name, cores in report["served_cores"].items())
     print(f"cores used (of {report['cpu_count']}): engine alone {report['engine_cores']:.2f}; served: {served_cores}")
+    cost = report["cpu_ms_per_1000_tokens"]
+    print(f"CPU per 1000 generated tokens: engine alone {cost['engine alone']:.1f} ms; served: decode process "
+          f"{cost['decode process']:.1f} ms + server {cost['server']:.1f} ms "
+          f"({(cost['decode process'] + cost['server']) / cost['engine alone']:.2f}x the engine's)")
     if _waits_known(report):
         served_waiting = ", ".join(f"{name} {cores:.2f}" for name, cores in report["served_waiting_cores"].items())
         print(f"cores' worth of time ready to run but waiting for a core: engine alone {report['engine_waiting_cores']:.2f}; "

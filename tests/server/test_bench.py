@@ -17,12 +17,18 @@ from nmtserve_server import bench
 def test_bench_serve_measures_the_engine_and_the_server(tiny_bundle, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "nmtserve.cli", "bench-serve", str(tiny_bundle), "--streams", "4", "--seconds", "1",
-         "--warm-up-seconds", "0.5", "--length", "4", "--rounds", "2", "--engine-seconds", "0.2", "--out", str(tmp_path)],
+         "--warm-up-seconds", "0.5", "--length", "4", "--rounds", "2", "--engine-seconds", "0.2", "--client-nice", "3",
+         "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "bench_serve.json").read_text())
     assert report["engine_tokens_per_second"] > 0 and report["served_tokens_per_second"] > 0
+    # The client streams gave way to the server, which (with its decode process) kept the priority it started with.
+    niceness = report["niceness"]
+    assert niceness["decode process"] == niceness["server"] and niceness["client"] == min(19, niceness["server"] + 3)
+    cost = report["cpu_ms_per_1000_tokens"]
+    assert set(cost) == {"engine alone", "decode process", "server"} and all(ms > 0 for ms in cost.values())
     assert report["requests"] == len(report["time_to_first_token_seconds"]) > 0
     assert len(report["rounds"]) == 2 and report["requests"] == sum(r["requests"] for r in report["rounds"])
     assert all(r["engine_tokens_per_second"] > 0 and r["ratio"] > 0 for r in report["rounds"])

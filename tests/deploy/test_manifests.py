@@ -198,13 +198,21 @@ def test_selectors_services_and_policies_reach_the_pods(rendered, find, name):
     assert "replicas" not in deployment["spec"]  # the autoscaler owns the count; `kubectl apply` must not reset it
 
 
-def test_the_autoscaler_metric_is_the_one_the_adapter_serves(rendered, find, adapter_rules):
-    hpa = find(rendered["base"], "HorizontalPodAutoscaler")
+@pytest.mark.parametrize("name", ("base", *OVERLAYS))
+def test_the_autoscaler_metrics_are_ones_the_adapter_serves(rendered, find, adapter_rules, name):
+    hpa = find(rendered[name], "HorizontalPodAutoscaler")
     kinds = {m["type"] for m in hpa["spec"]["metrics"]}
-    assert kinds == {"Pods", "Resource"}  # the custom metric, and CPU for when it is unavailable
+    # On CPU pods, CPU beside the custom metrics scales up when the adapter is unavailable; a GPU pod's CPU does not
+    # follow its load, so there it is left out.
+    assert kinds == ({"Pods"} if name == "gpu" else {"Pods", "Resource"})
     wanted = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
     served = {rule["name"]["as"] for rule in adapter_rules if set(rule["resources"]["overrides"]) == {"namespace", "pod"}}
-    assert wanted and wanted <= served
+    assert "nmtserve_queue_depth" in wanted and wanted <= served
+    if name == "gpu":  # scales before texts wait: on rows in use, below the batch's rows
+        (rows,) = [m["pods"]["target"]["averageValue"] for m in hpa["spec"]["metrics"]
+                   if m["pods"]["metric"]["name"] == "nmtserve_kv_cache_rows_in_use"]
+        environment = _environment(rendered[name], find)
+        assert 0 < int(rows) < int(environment["NMTSERVE_MAX_BATCH_SIZE"])
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
@@ -251,7 +259,7 @@ def _exported_series() -> set[str]:
 
 def test_rules_dashboard_and_adapter_use_only_metrics_the_server_exports(alert_exprs, panel_exprs, adapter_rules):
     used = {}
-    for where, expr in [*alert_exprs.items(), *panel_exprs, *[("adapter", r["seriesQuery"]) for r in adapter_rules]]:
+    for where, expr in [*alert_exprs.items(), *panel_exprs, *[("adapter", r[key]) for r in adapter_rules for key in ("seriesQuery", "metricsQuery")]]:
         for name in re.findall(r"\bnmtserve_\w+", expr):
             used.setdefault(name, where)
     unknown = {name: where for name, where in used.items() if name not in _exported_series()}

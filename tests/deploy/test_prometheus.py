@@ -170,8 +170,8 @@ def test_every_dashboard_panel_query_evaluates(prometheus, dashboard, panel_expr
 def test_the_autoscaler_metric_query_of_the_adapter_returns_one_value_per_pod(prometheus, adapter_rules):
     for rule in adapter_rules:
         assert prometheus.get("/api/v1/series", **{"match[]": rule["seriesQuery"]}), rule["seriesQuery"]
-        metric = rule["name"]["as"]
-        expr = (rule["metricsQuery"].replace("<<.Series>>", metric)
+        series = rule["seriesQuery"].split("{")[0]  # what the adapter puts for <<.Series>>: the series it found
+        expr = (rule["metricsQuery"].replace("<<.Series>>", series)
                 .replace("<<.LabelMatchers>>", f'namespace="{TARGET_LABELS["namespace"]}",pod=~"{TARGET_LABELS["pod"]}"')
                 .replace("<<.GroupBy>>", "pod"))
         result = prometheus.query(expr)

@@ -165,10 +165,13 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# The graph axes the manifest fixes: their name in the shapes above -> the manifest's model field.
+_AXIS_FIELDS = {"h": "n_heads", "d_k": "d_k", "V": "vocab_size"}
+
+
 def expected_shape(shape: tuple, dims: ModelDims) -> tuple:
     """A graph shape with h, d_k and V replaced by the model's numbers."""
-    numbers = {"h": dims.n_heads, "d_k": dims.d_k, "V": dims.vocab_size}
-    return tuple(numbers.get(d, d) if isinstance(d, str) else d for d in shape)
+    return tuple(getattr(dims, _AXIS_FIELDS[d]) if d in _AXIS_FIELDS else d for d in shape)
 
 
 def file_names(tokenizer_kind: str) -> dict[str, str]:
@@ -302,14 +305,20 @@ def _check_graph(role: str, content: bytes, dims: ModelDims, root: Path) -> None
             shape = tuple(d.dim_param or d.dim_value for d in tensor_type.shape.dim)
             found[value.name] = (element, shape)
         if list(found) != list(promised):
-            raise BundleError(f"{GRAPH_FILES[role]}: graph {kind}s are {list(found)}, the bundle format promises {list(promised)}")
+            # A count that differs is most often a manifest for another model: say which of its numbers set it.
+            layers = f"; the manifest says n_decoder_layers={dims.n_decoder_layers}" if len(found) != len(promised) else ""
+            raise BundleError(f"{GRAPH_FILES[role]}: graph {kind}s are {list(found)}, the bundle format promises {list(promised)}{layers}")
         for name, (element, shape) in promised.items():
             want = ({"float": "float32", "bool": "bool", "int64": "int64"}[element], expected_shape(shape, dims))
             got = found[name]
             if got[0] != want[0] or len(got[1]) != len(want[1]) or any(
                 isinstance(w, int) and g != w for g, w in zip(got[1], want[1])
             ):
-                raise BundleError(f"{GRAPH_FILES[role]}: {kind} {name!r} is {got[0]}{list(got[1])}, expected {want[0]}{list(want[1])}")
+                fields = "".join(
+                    f"; dimension {i} is {g}, the manifest says {_AXIS_FIELDS[axis]}={w}"
+                    for i, (g, w, axis) in enumerate(zip(got[1], want[1], shape)) if axis in _AXIS_FIELDS and g != w
+                )
+                raise BundleError(f"{GRAPH_FILES[role]}: {kind} {name!r} is {got[0]}{list(got[1])}, expected {want[0]}{list(want[1])}{fields}")
 
 
 def read_bundle(directory: Path | str) -> Bundle:

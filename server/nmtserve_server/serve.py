@@ -108,7 +108,10 @@ class TranslationServer:
         if self.health_grpc is not None:
             self.health_port = self.health_grpc.add_insecure_port(_address(s.host, s.health_port or 0))
             await self.health_grpc.start()
-        self._metrics_http = self.metrics.serve_http(s.host, s.metrics_port)
+        try:
+            self._metrics_http = self.metrics.serve_http(s.host, s.metrics_port)
+        except OSError as error:  # its own message names no address: "[Errno 98] Address already in use"
+            raise OSError(f"--metrics-port: cannot listen on {_address(s.host, s.metrics_port)} ({error.strerror or error})") from error
         self.metrics_port = self._metrics_http.server_port
         log.info(
             "event=listening grpc_port=%d tls=%s mtls=%s health_port=%s metrics_port=%d",

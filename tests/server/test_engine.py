@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from nmtserve.bundle import BOS_ID, read_bundle
+from nmtserve.bundle import BOS_ID, MANIFEST, BundleError, read_bundle
 from nmtserve_export.checkpoint import load_model
 from nmtserve_export.data import encode_sources
 from nmtserve_export.decode import IncrementalDecoder, beam_search, greedy_search
@@ -154,6 +156,30 @@ def test_engines_and_models_keep_no_copy_of_the_graphs(engine, tiny_bundle):
     model = Model.from_path(tiny_bundle)
     assert set(model.bundle.files) == {"tokenizer"}
     assert model.bundle.sha256 == engine.bundle.sha256 == read_bundle(tiny_bundle).sha256
+
+
+GRAPH_DIMENSIONS = {  # manifest field -> what loading says once it is doubled: the file, the tensor, found against expected
+    "n_heads": r"encoder\.onnx: output 'memory_key_0' is .*; dimension 1 is {old}, the manifest says n_heads={new}",
+    "d_k": r"encoder\.onnx: output 'memory_key_0' is .*; dimension 3 is {old}, the manifest says d_k={new}",
+    "vocab_size": r"decoder_step\.onnx: output 'log_probs' is .*; dimension 1 is {old}, the manifest says vocab_size={new}",
+    "n_decoder_layers": r"encoder\.onnx: graph outputs are .*; the manifest says n_decoder_layers={new}",
+}
+
+
+@pytest.mark.parametrize("field", list(GRAPH_DIMENSIONS))
+def test_a_manifest_unlike_its_graphs_is_refused_at_load(tiny_bundle, tmp_path, field):
+    """Each number the engine sizes its buffers and names its tensors by is checked against the graphs when the bundle is
+    read: such a bundle is refused at load, by name, not by an ONNX Runtime shape error in the first request."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    assert Engine.from_path(bundle, device="cpu", capacity=2, decoder_threads=1).capacity == 2  # the copy loads as is
+    # Every file keeps its listed sha256, and the manifest's own hash is computed on reading: the edit still verifies.
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    old = manifest["model"][field]
+    manifest["model"][field] = old * 2
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=GRAPH_DIMENSIONS[field].format(old=old, new=old * 2)):
+        Engine.from_path(bundle, device="cpu", capacity=2, decoder_threads=1)
 
 
 def test_alignment_has_one_distribution_per_generated_token(reference, engine):

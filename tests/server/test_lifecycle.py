@@ -184,6 +184,22 @@ def test_device_cuda_without_a_gpu_fails_fast(serve_process, tiny_bundle):
     assert "event=listening" not in server.log  # refused before binding a port or loading the bundle
 
 
+@pytest.mark.parametrize(
+    ("flag", "cause"),
+    [("--port", "Failed to bind to address 127.0.0.1:{port}"), ("--metrics-port", "--metrics-port: cannot listen on 127.0.0.1:{port}")],
+)
+def test_a_port_already_taken_fails_the_start_with_the_reason(serve_process, tiny_bundle, flag, cause):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = serve_process("--bundle", str(tiny_bundle), flag, str(port))
+        assert server.wait(20) == 1, server.log  # before the bundle is loaded: no waiting for the model
+    failed = [line for line in server.lines if "event=startup_failed" in line]
+    assert failed and cause.format(port=port) in failed[0], server.log
+    assert "event=serving" not in server.log
+
+
 def test_help_documents_every_setting_and_its_environment_variable():
     result = subprocess.run([sys.executable, "-m", "nmtserve.cli", "serve", "--help"], capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0

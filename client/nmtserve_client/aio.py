@@ -13,11 +13,12 @@ from nmtserve.v1 import translator_pb2 as pb
 from nmtserve.v1 import translator_pb2_grpc
 
 from .calls import (
-    HEALTH_CHECK, Deadline, HealthCheckRequest, HealthCheckResponse, Retries, chunks, client_settings, text_list, translate_options,
+    HEALTH_CHECK, Closing, Deadline, HealthCheckRequest, HealthCheckResponse, Retries, StreamCall, chunks, client_settings,
+    task_cancelling, text_list, translate_options,
 )
 from .channel import SERVICE_NAME, ClientSettings, channel_options, credentials
 from .client import POLL_SECONDS, Client, not_serving
-from .errors import DeadlineExceededError, RequestCancelledError, UnavailableError, from_rpc_error, texts_error
+from .errors import DeadlineExceededError, RequestCancelledError, UnavailableError, from_rpc_error
 from .results import HealthStatus, ModelInfo, Piece, Translation, model_info_from, piece_from, translations_from
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -33,48 +34,32 @@ def _documented_as(method: Callable[..., Any]) -> Callable[[F], F]:
     return decorate
 
 
-class AsyncTranslationStream:
+class AsyncTranslationStream(StreamCall):
     """The pieces of one translate_stream call, as they are decoded: `async for piece in stream`; iterate once."""
-
-    def __init__(self, start: Callable[[], grpc.aio.UnaryStreamCall], retries: Retries):
-        self._start = start
-        self._retries = retries
-        self._call = start()
-        self._started = False  # a stream is started again only while it has sent nothing
-        self._cancelled = False
 
     def __aiter__(self) -> AsyncIterator[Piece]:
         return self
 
     async def __anext__(self) -> Piece:
-        while True:
-            try:
-                message = await self._call.read()
-                break
-            except grpc.RpcError as error:
-                delay = None if self._started or self._cancelled else self._retries.delay(error)
-                if delay is None:
-                    raise from_rpc_error(error) from None
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if self._cancelled and not (task is not None and task.cancelling()):
-                    # cancel() ended the call, not this task: a CancelledError here would read as the task's own
-                    # cancellation to TaskGroup and asyncio.timeout. As the sync client says it:
-                    raise RequestCancelledError("the stream was cancelled", code=grpc.StatusCode.CANCELLED) from None
-                raise
-            await asyncio.sleep(delay)
-            self._call = self._start()
-            if self._cancelled:  # cancel() came during the back-off, to the call before
-                self._call.cancel()
+        with self._closing.calls():
+            while True:
+                try:
+                    message = await self._call.read()
+                    break
+                except grpc.RpcError as error:
+                    delay = self._retries.after(error)
+                except asyncio.CancelledError:
+                    if self._cancelled and not task_cancelling():
+                        # cancel() ended the call, not this task: a CancelledError here would read as the task's own
+                        # cancellation to TaskGroup and asyncio.timeout. As the sync client says it:
+                        raise RequestCancelledError("the stream was cancelled", code=grpc.StatusCode.CANCELLED) from None
+                    raise
+                await asyncio.sleep(delay)
+                self._restart()
         if message is grpc.aio.EOF:
             raise StopAsyncIteration
-        self._started = True
+        self._retries.stop()  # a stream is started again only while it has sent nothing
         return piece_from(message)
-
-    def cancel(self) -> None:
-        """Stop the call (the server stops decoding); a pending or later read raises RequestCancelledError."""
-        self._cancelled = True
-        self._call.cancel()
 
     async def __aenter__(self) -> AsyncTranslationStream:
         return self
@@ -101,6 +86,7 @@ class AsyncClient:
         self._health = self._channel.unary_unary(
             HEALTH_CHECK, request_serializer=HealthCheckRequest.SerializeToString, response_deserializer=HealthCheckResponse.FromString
         )
+        self._closing = Closing()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -108,8 +94,9 @@ class AsyncClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    @_documented_as(Client.close)
     async def close(self) -> None:
-        """Close the connections; calls in flight are cancelled."""
+        self._closing.closed = True
         await self._channel.close()
 
     def _deadline(self, timeout: float | None) -> Deadline:
@@ -142,20 +129,18 @@ class AsyncClient:
         async def send(offset: int, chunk: list[str]) -> list[Translation]:
             async with slots:
                 request = pb.TranslateRequest(texts=chunk, options=options)
-                retries = Retries(self.settings, deadline)
+                retries = Retries(self.settings, deadline, offset)
                 while True:
                     try:
                         return translations_from(await self._stub.Translate(request, timeout=deadline.remaining()))
                     except grpc.RpcError as error:
-                        delay = retries.delay(error)
-                        if delay is None:
-                            raise texts_error(error, offset) from None
+                        delay = retries.after(error)
                     await asyncio.sleep(delay)
 
-        size = self.settings.texts_per_request
-        tasks = [asyncio.create_task(send(index * size, chunk)) for index, chunk in enumerate(chunks(texts, size))]
+        tasks = [asyncio.create_task(send(offset, chunk)) for offset, chunk in chunks(texts, self.settings.texts_per_request)]
         try:
-            results = await asyncio.gather(*tasks)
+            with self._closing.calls():
+                results = await asyncio.gather(*tasks)
         finally:
             for task in tasks:  # the rest of a call that failed
                 task.cancel()
@@ -180,25 +165,28 @@ class AsyncClient:
         )
         request = pb.TranslateStreamRequest(text=text, options=options)
         deadline = self._deadline(timeout)
-        return AsyncTranslationStream(
-            lambda: self._stub.TranslateStream(request, timeout=deadline.remaining()), Retries(self.settings, deadline)
-        )
+        with self._closing.calls():
+            return AsyncTranslationStream(
+                lambda: self._stub.TranslateStream(request, timeout=deadline.remaining()), Retries(self.settings, deadline), self._closing
+            )
 
     @_documented_as(Client.model_info)
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        try:
-            return model_info_from(await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._deadline(timeout).remaining()))
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        with self._closing.calls():
+            try:
+                return model_info_from(await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._deadline(timeout).remaining()))
+            except grpc.RpcError as error:
+                raise from_rpc_error(error) from None
 
     @_documented_as(Client.health)
     async def health(self, service: str = SERVICE_NAME, *, timeout: float | None = None) -> HealthStatus:
-        try:
-            response = await self._health(HealthCheckRequest(value=service), timeout=self._deadline(timeout).remaining())
-        except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND:  # how Check answers for a service the server does not know
-                return HealthStatus.SERVICE_UNKNOWN
-            raise from_rpc_error(error) from None
+        with self._closing.calls():
+            try:
+                response = await self._health(HealthCheckRequest(value=service), timeout=self._deadline(timeout).remaining())
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.NOT_FOUND:  # how Check answers for a service the server does not know
+                    return HealthStatus.SERVICE_UNKNOWN
+                raise from_rpc_error(error) from None
         return HealthStatus(response.value)
 
     @_documented_as(Client.wait_until_serving)

@@ -1,10 +1,12 @@
-"""What both clients send: settings from keywords, request messages from a call's data and options."""
+"""What both clients share: settings from keywords, request messages from a call's data and options, and how a failed attempt ends."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -14,7 +16,7 @@ from google.protobuf import wrappers_pb2
 from nmtserve.v1 import translator_pb2 as pb
 
 from .channel import ClientSettings
-from .errors import DeadlineExceededError, FieldViolation, InvalidInputError, is_too_large
+from .errors import DeadlineExceededError, FieldViolation, InvalidInputError, RequestCancelledError, is_too_large, texts_error
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # grpc.health.v1's HealthCheckRequest {string service = 1} and HealthCheckResponse {ServingStatus status = 1}
@@ -54,21 +56,79 @@ class Retries:
     Each attempt may itself be retried by gRPC on UNAVAILABLE: max_attempts bounds each code's retries, the deadline both.
     """
 
-    def __init__(self, settings: ClientSettings, deadline: Deadline):
+    def __init__(self, settings: ClientSettings, deadline: Deadline, offset: int = 0):
         self._settings = settings
         self._deadline = deadline
+        self._offset = offset  # the call's request carries texts[offset:] of the caller's list
+        self._stopped = False
         self.attempt = 1
 
-    def delay(self, error: grpc.RpcError) -> float | None:
-        """Seconds to wait before the next attempt after error (counting it), or None when the call fails with it."""
+    def after(self, error: grpc.RpcError) -> float:
+        """Seconds to wait before the next attempt after error (counting it); raises the SDK exception where the call fails with it."""
         s = self._settings
-        if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or is_too_large(error) or self.attempt >= s.max_attempts:
-            return None
-        delay = random.uniform(0, min(s.initial_backoff * s.backoff_multiplier ** (self.attempt - 1), s.max_backoff))
-        if not self._deadline.allows(delay):  # the server's "overloaded" says more than a deadline passed during back-off
-            return None
-        self.attempt += 1
-        return delay
+        overloaded = error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not is_too_large(error)
+        if overloaded and not self._stopped and self.attempt < s.max_attempts:
+            delay = random.uniform(0, min(s.initial_backoff * s.backoff_multiplier ** (self.attempt - 1), s.max_backoff))
+            if self._deadline.allows(delay):  # the server's "overloaded" says more than a deadline passed during back-off
+                self.attempt += 1
+                return delay
+        raise texts_error(error, self._offset) from None
+
+    def stop(self) -> None:
+        """Make no more attempts: a stream is started again only while it has sent nothing and was not cancelled."""
+        self._stopped = True
+
+
+def task_cancelling() -> bool:
+    """Whether the running asyncio task is itself being cancelled (not only a call it awaits)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class Closing:
+    """Whether a client was closed; once it was, every call of it that fails says so."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    @contextmanager
+    def calls(self) -> Iterator[None]:
+        """Turn a failure inside into RequestCancelledError("the client was closed") once the client is closed.
+
+        gRPC says it in the channel's words: an RpcError (CANCELLED, "Channel closed!") for a call in flight,
+        a ValueError or UsageError for one begun after, and in the asyncio client a CancelledError, which
+        TaskGroup and asyncio.timeout would take for the task's own cancellation.
+        """
+        try:
+            yield
+        except (StopIteration, StopAsyncIteration):  # the end of a stream, which close() does not undo
+            raise
+        except (Exception, asyncio.CancelledError) as error:
+            if not self.closed or (isinstance(error, asyncio.CancelledError) and task_cancelling()):
+                raise
+            raise RequestCancelledError("the client was closed", code=grpc.StatusCode.CANCELLED) from None
+
+
+class StreamCall:
+    """What the streams of both clients share: the TranslateStream call, started again after a full server's refusal, and cancel()."""
+
+    def __init__(self, start: Callable[[], grpc.Call | grpc.aio.UnaryStreamCall], retries: Retries, closing: Closing):
+        self._start = start
+        self._retries = retries
+        self._closing = closing
+        self._call = start()
+        self._cancelled = False
+
+    def _restart(self) -> None:
+        self._call = self._start()
+        if self._cancelled:  # cancel() came during the back-off, to the call before
+            self._call.cancel()
+
+    def cancel(self) -> None:
+        """Stop the call (the server stops decoding); the read that waits for a piece, or any later one, raises RequestCancelledError."""
+        self._cancelled = True
+        self._retries.stop()
+        self._call.cancel()
 
 
 def client_settings(server: str | None, settings: ClientSettings | None, changes: dict[str, Any]) -> ClientSettings:
@@ -103,6 +163,6 @@ def text_list(texts: Sequence[str]) -> list[str]:
     return list(texts)
 
 
-def chunks(texts: list[str], size: int) -> list[list[str]]:
-    """texts cut into consecutive requests of at most size texts."""
-    return [texts[start : start + size] for start in range(0, len(texts), size)]
+def chunks(texts: list[str], size: int) -> list[tuple[int, list[str]]]:
+    """texts cut into consecutive requests of at most size texts, each with the place of its first text in texts."""
+    return [(start, texts[start : start + size]) for start in range(0, len(texts), size)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -13,10 +13,11 @@ from nmtserve.v1 import translator_pb2 as pb
 from nmtserve.v1 import translator_pb2_grpc
 
 from .calls import (
-    HEALTH_CHECK, Deadline, HealthCheckRequest, HealthCheckResponse, Retries, chunks, client_settings, text_list, translate_options,
+    HEALTH_CHECK, Closing, Deadline, HealthCheckRequest, HealthCheckResponse, Retries, StreamCall, chunks, client_settings, text_list,
+    translate_options,
 )
 from .channel import SERVICE_NAME, ClientSettings, channel_options, credentials
-from .errors import DeadlineExceededError, UnavailableError, from_rpc_error, texts_error
+from .errors import DeadlineExceededError, UnavailableError, from_rpc_error
 from .results import HealthStatus, ModelInfo, Piece, Translation, model_info_from, piece_from, translations_from
 
 POLL_SECONDS = 0.2  # between health checks while waiting for a server to be ready
@@ -27,39 +28,24 @@ def not_serving(server: str, timeout: float, status: HealthStatus | str) -> Unav
     return UnavailableError(f"{server} was not serving after {timeout:g} s (last: {getattr(status, 'name', status)})")
 
 
-class TranslationStream:
+class TranslationStream(StreamCall):
     """The pieces of one translate_stream call, as they are decoded; iterate once."""
-
-    def __init__(self, start: Callable[[], grpc.Call], retries: Retries):
-        self._start = start
-        self._retries = retries
-        self._call = start()
-        self._started = False  # a stream is started again only while it has sent nothing
-        self._cancelled = False
 
     def __iter__(self) -> Iterator[Piece]:
         return self
 
     def __next__(self) -> Piece:
-        while True:
-            try:
-                message = next(self._call)
-                break
-            except grpc.RpcError as error:
-                delay = None if self._started or self._cancelled else self._retries.delay(error)
-                if delay is None:
-                    raise from_rpc_error(error) from None
-            time.sleep(delay)
-            self._call = self._start()
-            if self._cancelled:  # cancel() came during the back-off, to the call before
-                self._call.cancel()
-        self._started = True
+        with self._closing.calls():
+            while True:
+                try:
+                    message = next(self._call)
+                    break
+                except grpc.RpcError as error:
+                    delay = self._retries.after(error)
+                time.sleep(delay)
+                self._restart()
+        self._retries.stop()  # a stream is started again only while it has sent nothing
         return piece_from(message)
-
-    def cancel(self) -> None:
-        """Stop the call (the server stops decoding); the iterating thread gets RequestCancelledError."""
-        self._cancelled = True
-        self._call.cancel()
 
     def __enter__(self) -> TranslationStream:
         return self
@@ -86,6 +72,7 @@ class Client:
         self._health = self._channel.unary_unary(
             HEALTH_CHECK, request_serializer=HealthCheckRequest.SerializeToString, response_deserializer=HealthCheckResponse.FromString
         )
+        self._closing = Closing()
 
     def __enter__(self) -> Client:
         return self
@@ -94,7 +81,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Close the connections; calls in flight are cancelled."""
+        """Close the connections; calls in flight, and any made after, raise RequestCancelledError ("the client was closed")."""
+        self._closing.closed = True
         self._channel.close()
 
     def _deadline(self, timeout: float | None) -> Deadline:
@@ -141,15 +129,15 @@ class Client:
         in_flight: deque[tuple[grpc.Future, pb.TranslateRequest, Retries]] = deque()
         results: list[Translation] = []
         try:
-            for chunk in chunks(texts, self.settings.texts_per_request):
-                if len(in_flight) == self.settings.max_concurrent_requests:
+            with self._closing.calls():
+                for offset, chunk in chunks(texts, self.settings.texts_per_request):
+                    if len(in_flight) == self.settings.max_concurrent_requests:
+                        results += self._first_answer(in_flight, deadline)
+                    request = pb.TranslateRequest(texts=chunk, options=options)
+                    future = self._stub.Translate.future(request, timeout=deadline.remaining())
+                    in_flight.append((future, request, Retries(self.settings, deadline, offset)))
+                while in_flight:
                     results += self._first_answer(in_flight, deadline)
-                request = pb.TranslateRequest(texts=chunk, options=options)
-                in_flight.append((self._stub.Translate.future(request, timeout=deadline.remaining()), request, Retries(self.settings, deadline)))
-            while in_flight:
-                results += self._first_answer(in_flight, deadline)
-        except grpc.RpcError as error:
-            raise texts_error(error, offset=len(results)) from None
         finally:
             for future, _, _ in in_flight:  # the rest of a call that failed
                 future.cancel()
@@ -163,9 +151,7 @@ class Client:
                 response = future.result()
                 break
             except grpc.RpcError as error:
-                delay = retries.delay(error)
-                if delay is None:
-                    raise
+                delay = retries.after(error)
             time.sleep(delay)
             in_flight[0] = (self._stub.Translate.future(request, timeout=deadline.remaining()), request, retries)
         in_flight.popleft()
@@ -206,23 +192,28 @@ class Client:
         )
         request = pb.TranslateStreamRequest(text=text, options=options)
         deadline = self._deadline(timeout)
-        return TranslationStream(lambda: self._stub.TranslateStream(request, timeout=deadline.remaining()), Retries(self.settings, deadline))
+        with self._closing.calls():
+            return TranslationStream(
+                lambda: self._stub.TranslateStream(request, timeout=deadline.remaining()), Retries(self.settings, deadline), self._closing
+            )
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The model the server hosts, its limits and where it runs."""
-        try:
-            return model_info_from(self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._deadline(timeout).remaining()))
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        with self._closing.calls():
+            try:
+                return model_info_from(self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._deadline(timeout).remaining()))
+            except grpc.RpcError as error:
+                raise from_rpc_error(error) from None
 
     def health(self, service: str = SERVICE_NAME, *, timeout: float | None = None) -> HealthStatus:
         """The server's health (grpc.health.v1) for service ("" is the server as a whole); a probe, never retried."""
-        try:
-            return HealthStatus(self._health(HealthCheckRequest(value=service), timeout=self._deadline(timeout).remaining()).value)
-        except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND:  # how Check answers for a service the server does not know
-                return HealthStatus.SERVICE_UNKNOWN
-            raise from_rpc_error(error) from None
+        with self._closing.calls():
+            try:
+                return HealthStatus(self._health(HealthCheckRequest(value=service), timeout=self._deadline(timeout).remaining()).value)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.NOT_FOUND:  # how Check answers for a service the server does not know
+                    return HealthStatus.SERVICE_UNKNOWN
+                raise from_rpc_error(error) from None
 
     def wait_until_serving(self, timeout: float = 60.0) -> None:
         """Return once the server reports SERVING (it may still be starting or loading); UnavailableError after timeout seconds."""

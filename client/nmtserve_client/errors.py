@@ -6,7 +6,7 @@
     ├── OverloadedError           RESOURCE_EXHAUSTED: the server's queue is full; retry later
     ├── UnavailableError          UNAVAILABLE: unreachable, starting or shutting down
     ├── DeadlineExceededError     DEADLINE_EXCEEDED: the call's timeout passed; also a TimeoutError
-    ├── RequestCancelledError     CANCELLED: the call was cancelled before it finished
+    ├── RequestCancelledError     CANCELLED: the call was cancelled before it finished, or its client closed
     └── ServerError               any other status (INTERNAL, UNIMPLEMENTED, ...)
 
 The server names every bad field in a google.rpc.BadRequest detail. Where the
@@ -91,7 +91,7 @@ class DeadlineExceededError(NmtserveError, TimeoutError):
 
 
 class RequestCancelledError(NmtserveError):
-    """The call was cancelled before it finished (CANCELLED)."""
+    """The call was cancelled before it finished (CANCELLED), or its client was closed ("the client was closed")."""
 
 
 class ServerError(NmtserveError):

@@ -16,7 +16,9 @@ from google.protobuf import wrappers_pb2
 from nmtserve.v1 import translator_pb2 as pb
 
 from .channel import ClientSettings
-from .errors import DeadlineExceededError, FieldViolation, InvalidInputError, RequestCancelledError, is_too_large, texts_error
+from .errors import (
+    DeadlineExceededError, FieldViolation, InvalidInputError, NmtserveError, RequestCancelledError, is_too_large, texts_error,
+)
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # grpc.health.v1's HealthCheckRequest {string service = 1} and HealthCheckResponse {ServingStatus status = 1}
@@ -86,27 +88,36 @@ def task_cancelling() -> bool:
 
 
 class Closing:
-    """Whether a client was closed; once it was, every call of it that fails says so."""
+    """Whether a client was closed; once it was, the calls that closing ended say so."""
 
     def __init__(self) -> None:
         self.closed = False
 
     @contextmanager
     def calls(self) -> Iterator[None]:
-        """Turn a failure inside into RequestCancelledError("the client was closed") once the client is closed.
-
-        gRPC says it in the channel's words: an RpcError (CANCELLED, "Channel closed!") for a call in flight,
-        a ValueError or UsageError for one begun after, and in the asyncio client a CancelledError, which
-        TaskGroup and asyncio.timeout would take for the task's own cancellation.
-        """
+        """Turn the failure closing the client causes inside into RequestCancelledError("the client was closed")."""
         try:
             yield
-        except (StopIteration, StopAsyncIteration):  # the end of a stream, which close() does not undo
-            raise
         except (Exception, asyncio.CancelledError) as error:
-            if not self.closed or (isinstance(error, asyncio.CancelledError) and task_cancelling()):
+            if not (self.closed and _ended_by_close(error)):
                 raise
             raise RequestCancelledError("the client was closed", code=grpc.StatusCode.CANCELLED) from None
+
+
+def _ended_by_close(error: BaseException) -> bool:
+    """Whether error is how gRPC ends a call when its channel closes, rather than a failure of the call's own.
+
+    gRPC says it in the channel's words: CANCELLED ("Channel closed!", which the SDK maps to RequestCancelledError)
+    or a cancelled future for a call in flight, a ValueError or UsageError for one begun after, and in the asyncio
+    client a CancelledError, which TaskGroup and asyncio.timeout would take for the task's own cancellation.
+    """
+    if isinstance(error, asyncio.CancelledError):
+        return not task_cancelling()
+    if isinstance(error, grpc.RpcError):
+        return error.code() == grpc.StatusCode.CANCELLED
+    if isinstance(error, NmtserveError):  # the SDK's own mapping: only a cancellation is the channel's doing
+        return isinstance(error, RequestCancelledError)
+    return isinstance(error, (grpc.FutureCancelledError, ValueError, grpc.aio.UsageError))
 
 
 class StreamCall:

@@ -6,9 +6,9 @@ texts in batches of 32 for a few seconds (the reference throughput, while the
 server idles; one engine, as the server's decode loop runs it), then N
 concurrent client streams (asyncio tasks on one channel) each send Translate
 calls (greedy, one text) one after another, for a warm-up and then a measured
-window. The client streams stand in for callers on other machines: once the
-server has started, this process lowers its own priority (--client-nice), so
-it takes the cores the server leaves rather than half of one it needs.
+window. The client streams stand in for callers on other machines: they run in
+a process of their own at a lower priority (--client-nice), so that they take
+the cores the server leaves rather than half of one it needs.
 Alternating cancels the drift of a shared machine's speed, which over a minute
 moves either side by more than the gap being measured. Every text is decoded
 to a fixed length (min = max length), so both sides do the same work; the
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -68,7 +70,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--length", type=int, default=32, help="tokens generated per text (min = max length)")
     parser.add_argument("--source-tokens", type=int, default=12, help="words per made-up source text")
     parser.add_argument("--client-nice", type=_niceness, default=10,
-                        help="the client streams (this process) run this much nicer than the server, which is started first: "
+                        help="the client streams run in a process this much nicer than the server and the engine alone: "
                              "they stand in for callers on other machines, so they take the cores the server leaves "
                              "(0: the same priority)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where ONNX Runtime runs, for both sides")
@@ -80,7 +82,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 def _niceness(value: str) -> int:
     """A --client-nice value: 0 or more (a process may lower its own priority, not raise it)."""
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise argparse.ArgumentTypeError(f"must be a whole number, 0 or more, not {value!r}")
     return int(value)
 
@@ -220,6 +222,13 @@ async def _client_streams(
         return stop - start, timings, received, cores
 
 
+def _client_round(
+    port: int, texts: list[str], request_seconds: float, pids: dict[str, int], load: argparse.Namespace, timeout: float
+) -> tuple[float, list[dict], int, tuple[dict[str, float], dict[str, float | None]]]:
+    """One round of client streams, run in the client process: what _client_streams returns, the cores read for pids."""
+    return asyncio.run(asyncio.wait_for(_client_streams(port, texts, request_seconds, CoreMeter(pids), load), timeout))
+
+
 def _server_means(metrics_port: int) -> dict[str, float]:
     """Mean decode-step and encoder times, and mean step batch size, from the server's own metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
@@ -299,23 +308,27 @@ def run(command: str, args: argparse.Namespace) -> int:
     print("starting nmtserve serve ...", flush=True)
     process, found = _start_server(args, out / "bench_serve.log")
     port, metrics_port = found["grpc_port"], found["metrics_port"]
-    pids = {"decode process": found["decode_pid"], "server": process.pid, "client": os.getpid()}
-    os.nice(args.client_nice)  # only now: the server and its decode process keep the priority they started with
-    niceness = {name: psutil.Process(pid).nice() for name, pid in pids.items()}
-    alone, served = CoreMeter({"engine alone": os.getpid()}), CoreMeter(pids)
+    load = argparse.Namespace(**{name: getattr(args, name) for name in ("streams", "length", "warm_up_seconds", "seconds")})
     deadline = time.monotonic() + args.max_seconds
     rounds: list[dict] = []
     timings: list[dict] = []
+    # The client streams run in a process of their own, niced before it starts a thread (Linux sets a nice value per
+    # thread, and new threads take their creator's), while the engine's reference keeps this process's priority.
+    clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=os.nice,
+                                  initargs=(args.client_nice,))
     try:
+        pids = {"decode process": found["decode_pid"], "server": process.pid, "client": clients.submit(os.getpid).result()}
+        niceness = {name: psutil.Process(pid).nice() for name, pid in pids.items()}
+        alone = CoreMeter({"engine alone": os.getpid()})
         for index in range(args.rounds):
             alone.start()
             engine_rate = engine_tokens_per_second(engine, batches, args.length, args.engine_seconds)
             used, waited = alone.stop()
             engine_cores, engine_waiting = used["engine alone"], waited["engine alone"]
             request_seconds = args.length * ENGINE_BATCH / engine_rate  # one text's decode at the engine's batch-32 pace
-            seconds, round_timings, received, (cores, waiting) = asyncio.run(
-                asyncio.wait_for(_client_streams(port, texts, request_seconds, served, args), deadline - time.monotonic())
-            )
+            seconds, round_timings, received, (cores, waiting) = clients.submit(
+                _client_round, port, texts, request_seconds, pids, load, deadline - time.monotonic()
+            ).result()
             rounds.append({"engine_tokens_per_second": engine_rate, "served_tokens_per_second": received / seconds,
                            "ratio": received / seconds / engine_rate, "seconds": seconds, "requests": len(round_timings),
                            "tokens": received, "engine_cores": engine_cores, "served_cores": cores,
@@ -325,6 +338,7 @@ def run(command: str, args: argparse.Namespace) -> int:
                   f"generated tokens/s ({rounds[-1]['ratio']:.2f}x)", flush=True)
         means = _server_means(metrics_port)
     finally:
+        clients.shutdown(cancel_futures=True)
         process.terminate()
         process.wait(60)
     seconds = sum(r["seconds"] for r in rounds)

@@ -18,7 +18,7 @@ from .calls import (
 )
 from .channel import SERVICE_NAME, ClientSettings, channel_options, credentials
 from .client import POLL_SECONDS, Client, not_serving
-from .errors import DeadlineExceededError, RequestCancelledError, UnavailableError, from_rpc_error
+from .errors import DeadlineExceededError, UnavailableError, from_rpc_error
 from .results import HealthStatus, ModelInfo, Piece, Translation, model_info_from, piece_from, translations_from
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -47,12 +47,12 @@ class AsyncTranslationStream(StreamCall):
                     message = await self._call.read()
                     break
                 except grpc.RpcError as error:
-                    delay = self._retries.after(error)
+                    delay = self._after(error)
                 except asyncio.CancelledError:
                     if self._cancelled and not task_cancelling():
                         # cancel() ended the call, not this task: a CancelledError here would read as the task's own
                         # cancellation to TaskGroup and asyncio.timeout. As the sync client says it:
-                        raise RequestCancelledError("the stream was cancelled", code=grpc.StatusCode.CANCELLED) from None
+                        raise self.cancelled_error() from None
                     raise
                 await asyncio.sleep(delay)
                 self._restart()

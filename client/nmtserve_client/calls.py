@@ -141,6 +141,17 @@ class StreamCall:
         self._retries.stop()
         self._call.cancel()
 
+    def _after(self, error: grpc.RpcError) -> float:
+        """Seconds to wait before starting the stream again after error; raises the SDK exception where it ends the stream."""
+        if self._cancelled and error.code() == grpc.StatusCode.CANCELLED:
+            raise self.cancelled_error() from None  # in the SDK's words, not gRPC's "Locally cancelled by application!"
+        return self._retries.after(error)
+
+    @staticmethod
+    def cancelled_error() -> RequestCancelledError:
+        """What a read of a stream that cancel() ended raises, in both clients."""
+        return RequestCancelledError("the stream was cancelled", code=grpc.StatusCode.CANCELLED)
+
 
 def client_settings(server: str | None, settings: ClientSettings | None, changes: dict[str, Any]) -> ClientSettings:
     """The settings a client is made with: `settings` (or the defaults) with the server and keyword changes applied."""

@@ -41,7 +41,7 @@ class TranslationStream(StreamCall):
                     message = next(self._call)
                     break
                 except grpc.RpcError as error:
-                    delay = self._retries.after(error)
+                    delay = self._after(error)
                 time.sleep(delay)
                 self._restart()
         self._retries.stop()  # a stream is started again only while it has sent nothing

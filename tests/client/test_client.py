@@ -14,6 +14,7 @@ from nmtserve_client import (
 
 pytestmark = pytest.mark.e2e
 TIMEOUT = 60
+CANCELLED = "the stream was cancelled"  # what a read of a stream that cancel() ended says, in both clients
 
 
 def _raw(stub, texts: list[str], **options) -> list[list[tuple[str, list[int], float]]]:
@@ -90,6 +91,16 @@ def test_a_long_list_is_split_into_concurrent_requests_in_order(server, test_tex
             client.translate("Friday")
 
 
+def test_a_stream_ended_by_cancel_says_so(server, test_texts):
+    with Client(server.address) as client:
+        with client.translate_stream(test_texts[1], min_length=server.long_options().min_length) as stream:
+            assert next(stream).tokens
+            stream.cancel()
+            with pytest.raises(RequestCancelledError, match=CANCELLED):  # the SDK's words, as the asyncio client's
+                next(stream)
+        assert client.translate(test_texts[:1])  # the client goes on
+
+
 def test_async_client_has_the_same_methods_and_results(server, test_texts):
     texts = test_texts[:20]
 
@@ -101,7 +112,7 @@ def test_async_client_has_the_same_methods_and_results(server, test_texts):
             async with client.translate_stream(texts[1], min_length=server.long_options().min_length) as stream:
                 assert (await anext(stream)).tokens
                 stream.cancel()
-                with pytest.raises(RequestCancelledError):  # as the sync client: the task itself was not cancelled
+                with pytest.raises(RequestCancelledError, match=CANCELLED):  # as the sync client: the task was not cancelled
                     await anext(stream)
             async with client.translate_stream(texts[2], min_length=server.long_options().min_length) as stream:
                 assert (await anext(stream)).tokens

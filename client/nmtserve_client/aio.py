@@ -54,7 +54,7 @@ class AsyncTranslationStream(StreamCall):
                         # cancellation to TaskGroup and asyncio.timeout. As the sync client says it:
                         raise self.cancelled_error() from None
                     raise
-                await asyncio.sleep(delay)
+                await self._closing.sleep_async(delay)
                 self._restart()
         if message is grpc.aio.EOF:
             raise StopAsyncIteration
@@ -96,7 +96,7 @@ class AsyncClient:
 
     @_documented_as(Client.close)
     async def close(self) -> None:
-        self._closing.closed = True
+        self._closing.close()
         await self._channel.close()
 
     def _deadline(self, timeout: float | None) -> Deadline:
@@ -135,7 +135,7 @@ class AsyncClient:
                         return translations_from(await self._stub.Translate(request, timeout=deadline.remaining()))
                     except grpc.RpcError as error:
                         delay = retries.after(error)
-                    await asyncio.sleep(delay)
+                    await self._closing.sleep_async(delay)
 
         tasks = [asyncio.create_task(send(offset, chunk)) for offset, chunk in chunks(texts, self.settings.texts_per_request)]
         try:

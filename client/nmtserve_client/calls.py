@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -88,10 +89,31 @@ def task_cancelling() -> bool:
 
 
 class Closing:
-    """Whether a client was closed; once it was, the calls that closing ended say so."""
+    """Whether a client was closed; once it was, the calls that closing ended say so, and none sleeps out a back-off."""
 
     def __init__(self) -> None:
         self.closed = False
+        self._woken = threading.Event()  # by close(): a blocking call's back-off ends
+        self._woken_async = asyncio.Event()  # the same for the asyncio client's (bound to its loop at the first wait)
+
+    def close(self) -> None:
+        """Mark the client closed and wake the calls that wait to retry."""
+        self.closed = True
+        self._woken.set()
+        self._woken_async.set()
+
+    def sleep(self, seconds: float) -> None:
+        """Wait out a retry's back-off; RequestCancelledError as soon as the client is closed."""
+        if self._woken.wait(seconds):
+            raise _closed_error()
+
+    async def sleep_async(self, seconds: float) -> None:
+        """sleep(), for the asyncio client."""
+        try:
+            await asyncio.wait_for(self._woken_async.wait(), seconds)
+        except TimeoutError:
+            return
+        raise _closed_error()
 
     @contextmanager
     def calls(self) -> Iterator[None]:
@@ -101,7 +123,11 @@ class Closing:
         except (Exception, asyncio.CancelledError) as error:
             if not (self.closed and _ended_by_close(error)):
                 raise
-            raise RequestCancelledError("the client was closed", code=grpc.StatusCode.CANCELLED) from None
+            raise _closed_error() from None
+
+
+def _closed_error() -> RequestCancelledError:
+    return RequestCancelledError("the client was closed", code=grpc.StatusCode.CANCELLED)
 
 
 def _ended_by_close(error: BaseException) -> bool:

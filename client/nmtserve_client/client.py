@@ -42,7 +42,7 @@ class TranslationStream(StreamCall):
                     break
                 except grpc.RpcError as error:
                     delay = self._after(error)
-                time.sleep(delay)
+                self._closing.sleep(delay)
                 self._restart()
         self._retries.stop()  # a stream is started again only while it has sent nothing
         return piece_from(message)
@@ -82,7 +82,7 @@ class Client:
 
     def close(self) -> None:
         """Close the connections; calls in flight, and any made after, raise RequestCancelledError ("the client was closed")."""
-        self._closing.closed = True
+        self._closing.close()
         self._channel.close()
 
     def _deadline(self, timeout: float | None) -> Deadline:
@@ -152,7 +152,7 @@ class Client:
                 break
             except grpc.RpcError as error:
                 delay = retries.after(error)
-            time.sleep(delay)
+            self._closing.sleep(delay)
             in_flight[0] = (self._stub.Translate.future(request, timeout=deadline.remaining()), request, retries)
         in_flight.popleft()
         return translations_from(response)

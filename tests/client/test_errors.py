@@ -7,6 +7,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -23,6 +24,7 @@ from nmtserve_client import (
     RequestCancelledError,
     UnavailableError,
 )
+from nmtserve_client import calls
 from nmtserve_client.errors import FieldViolation
 
 pytestmark = pytest.mark.e2e
@@ -118,6 +120,39 @@ def test_a_full_queue_is_overloaded_after_exactly_the_retry_budget(start_server,
     with _full_queue(server, test_texts), Client(server.address, max_attempts=3, **QUICK_RETRIES) as client, pytest.raises(OverloadedError):
         list(client.translate_stream(test_texts[5]))
     server.wait_for(lambda: server.metric("nmtserve_requests_total", refused_streams) == 3, timeout=5, what="three stream refusals")
+
+
+def test_closing_a_client_ends_a_back_off_at_once(start_server, test_texts, monkeypatch):
+    """A call waiting to retry a full server ends when its client closes, not when its back-off would have."""
+    server = start_server(max_batch_size=4, max_queue_size=4, max_texts_per_request=4)
+    monkeypatch.setattr(calls.random, "uniform", lambda low, high: high)  # every back-off its longest: 5 s
+    slow = dict(max_attempts=5, initial_backoff=5.0, max_backoff=5.0)
+    refused = {"method": "Translate", "code": "RESOURCE_EXHAUSTED"}
+    with _full_queue(server, test_texts), ThreadPoolExecutor(1) as pool:
+        client = Client(server.address, **slow)
+        translating = pool.submit(client.translate, test_texts[5:9])
+        server.wait_for(lambda: server.metric("nmtserve_requests_total", refused) == 1, timeout=5, what="the first refusal")
+        closed = time.monotonic()
+        client.close()
+        with pytest.raises(RequestCancelledError, match="the client was closed"):
+            translating.result(TIMEOUT)
+        assert time.monotonic() - closed < 1.0, "slept out the back-off"
+
+    async def main() -> float:
+        async with AsyncClient(server.address, **slow) as client:
+            translating = asyncio.create_task(client.translate(test_texts[5:9]))
+            end = time.monotonic() + 5
+            while server.metric("nmtserve_requests_total", refused) < 2:
+                assert time.monotonic() < end, "no refusal"
+                await asyncio.sleep(0.01)
+            closed = time.monotonic()
+            await client.close()
+            with pytest.raises(RequestCancelledError, match="the client was closed"):
+                await translating
+            return time.monotonic() - closed
+
+    with _full_queue(server, test_texts):
+        assert asyncio.run(main()) < 1.0, "slept out the back-off"
 
 
 def test_a_request_above_the_message_limit_fails_at_once_and_says_so(start_server):

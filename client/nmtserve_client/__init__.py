@@ -16,6 +16,7 @@ from .aio import AsyncClient, AsyncTranslationStream
 from .channel import ClientSettings
 from .client import Client, TranslationStream
 from .errors import (
+    ClientClosedError,
     DeadlineExceededError,
     FieldViolation,
     InvalidInputError,
@@ -32,6 +33,7 @@ __all__ = [
     "AsyncClient",
     "AsyncTranslationStream",
     "Client",
+    "ClientClosedError",
     "ClientSettings",
     "DeadlineExceededError",
     "FieldViolation",

@@ -18,7 +18,8 @@ from nmtserve.v1 import translator_pb2 as pb
 
 from .channel import ClientSettings
 from .errors import (
-    DeadlineExceededError, FieldViolation, InvalidInputError, NmtserveError, RequestCancelledError, is_too_large, texts_error,
+    ClientClosedError, DeadlineExceededError, FieldViolation, InvalidInputError, NmtserveError, RequestCancelledError, is_too_large,
+    texts_error,
 )
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
@@ -103,7 +104,7 @@ class Closing:
         self._woken_async.set()
 
     def sleep(self, seconds: float) -> None:
-        """Wait out a retry's back-off; RequestCancelledError as soon as the client is closed."""
+        """Wait out a retry's back-off; ClientClosedError as soon as the client is closed."""
         if self._woken.wait(seconds):
             raise _closed_error()
 
@@ -117,7 +118,7 @@ class Closing:
 
     @contextmanager
     def calls(self) -> Iterator[None]:
-        """Turn the failure closing the client causes inside into RequestCancelledError("the client was closed")."""
+        """Turn the failure closing the client causes inside into ClientClosedError."""
         try:
             yield
         except (Exception, asyncio.CancelledError) as error:
@@ -126,8 +127,8 @@ class Closing:
             raise _closed_error() from None
 
 
-def _closed_error() -> RequestCancelledError:
-    return RequestCancelledError("the client was closed", code=grpc.StatusCode.CANCELLED)
+def _closed_error() -> ClientClosedError:
+    return ClientClosedError("the client was closed", code=grpc.StatusCode.CANCELLED)
 
 
 def _ended_by_close(error: BaseException) -> bool:

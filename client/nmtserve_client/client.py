@@ -81,7 +81,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Close the connections; calls in flight, and any made after, raise RequestCancelledError ("the client was closed")."""
+        """Close the connections; calls in flight, and any made after, raise ClientClosedError (a RequestCancelledError)."""
         self._closing.close()
         self._channel.close()
 

@@ -6,7 +6,8 @@
     ├── OverloadedError           RESOURCE_EXHAUSTED: the server's queue is full; retry later
     ├── UnavailableError          UNAVAILABLE: unreachable, starting or shutting down
     ├── DeadlineExceededError     DEADLINE_EXCEEDED: the call's timeout passed; also a TimeoutError
-    ├── RequestCancelledError     CANCELLED: the call was cancelled before it finished, or its client closed
+    ├── RequestCancelledError     CANCELLED: the call was cancelled before it finished
+    │   └── ClientClosedError     the client was closed while the call was in flight, or before it began
     └── ServerError               any other status (INTERNAL, UNIMPLEMENTED, ...)
 
 The server names every bad field in a google.rpc.BadRequest detail. Where the
@@ -91,7 +92,11 @@ class DeadlineExceededError(NmtserveError, TimeoutError):
 
 
 class RequestCancelledError(NmtserveError):
-    """The call was cancelled before it finished (CANCELLED), or its client was closed ("the client was closed")."""
+    """The call was cancelled before it finished (CANCELLED)."""
+
+
+class ClientClosedError(RequestCancelledError):
+    """The client was closed while the call was in flight or waiting to retry, or before it began."""
 
 
 class ServerError(NmtserveError):

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from nmtserve_client import AsyncClient, AsyncTranslationStream, Client, Piece, RequestCancelledError
+from nmtserve_client import AsyncClient, AsyncTranslationStream, Client, ClientClosedError, Piece, RequestCancelledError
 
 pytestmark = pytest.mark.e2e
 TIMEOUT = 60
@@ -38,7 +38,7 @@ async def _read_all(stream: AsyncTranslationStream) -> list[Piece]:
 
 
 def _said_closed(error: RequestCancelledError) -> None:
-    assert error.message == CLOSED and error.code == grpc.StatusCode.CANCELLED
+    assert isinstance(error, ClientClosedError) and error.message == CLOSED and error.code == grpc.StatusCode.CANCELLED
 
 
 def test_closing_a_client_ends_its_calls_in_flight_as_closed(server, test_texts):

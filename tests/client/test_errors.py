@@ -17,6 +17,7 @@ from nmtserve.v1 import translator_pb2_grpc
 from nmtserve_client import (
     AsyncClient,
     Client,
+    ClientClosedError,
     DeadlineExceededError,
     InvalidInputError,
     MessageTooLargeError,
@@ -122,21 +123,24 @@ def test_a_full_queue_is_overloaded_after_exactly_the_retry_budget(start_server,
     server.wait_for(lambda: server.metric("nmtserve_requests_total", refused_streams) == 3, timeout=5, what="three stream refusals")
 
 
+BACK_OFF = 5.0
+
+
 def test_closing_a_client_ends_a_back_off_at_once(start_server, test_texts, monkeypatch):
     """A call waiting to retry a full server ends when its client closes, not when its back-off would have."""
     server = start_server(max_batch_size=4, max_queue_size=4, max_texts_per_request=4)
-    monkeypatch.setattr(calls.random, "uniform", lambda low, high: high)  # every back-off its longest: 5 s
-    slow = dict(max_attempts=5, initial_backoff=5.0, max_backoff=5.0)
+    monkeypatch.setattr(calls.random, "uniform", lambda low, high: high)  # every back-off its longest
+    slow = dict(max_attempts=5, initial_backoff=BACK_OFF, max_backoff=BACK_OFF)
     refused = {"method": "Translate", "code": "RESOURCE_EXHAUSTED"}
     with _full_queue(server, test_texts), ThreadPoolExecutor(1) as pool:
         client = Client(server.address, **slow)
         translating = pool.submit(client.translate, test_texts[5:9])
-        server.wait_for(lambda: server.metric("nmtserve_requests_total", refused) == 1, timeout=5, what="the first refusal")
+        server.wait_for(lambda: server.metric("nmtserve_requests_total", refused) >= 1, timeout=5, what="the first refusal")
         closed = time.monotonic()
         client.close()
-        with pytest.raises(RequestCancelledError, match="the client was closed"):
+        with pytest.raises(ClientClosedError, match="the client was closed"):
             translating.result(TIMEOUT)
-        assert time.monotonic() - closed < 1.0, "slept out the back-off"
+        assert time.monotonic() - closed < BACK_OFF / 2, "slept out the back-off"
 
     async def main() -> float:
         async with AsyncClient(server.address, **slow) as client:
@@ -147,12 +151,12 @@ def test_closing_a_client_ends_a_back_off_at_once(start_server, test_texts, monk
                 await asyncio.sleep(0.01)
             closed = time.monotonic()
             await client.close()
-            with pytest.raises(RequestCancelledError, match="the client was closed"):
+            with pytest.raises(ClientClosedError, match="the client was closed"):
                 await translating
             return time.monotonic() - closed
 
     with _full_queue(server, test_texts):
-        assert asyncio.run(main()) < 1.0, "slept out the back-off"
+        assert asyncio.run(main()) < BACK_OFF / 2, "slept out the back-off"
 
 
 def test_a_request_above_the_message_limit_fails_at_once_and_says_so(start_server):

@@ -93,13 +93,16 @@ class Closing:
     """Whether a client was closed; once it was, the calls that closing ended say so, and none sleeps out a back-off."""
 
     def __init__(self) -> None:
-        self.closed = False
         self._woken = threading.Event()  # by close(): a blocking call's back-off ends
         self._woken_async = asyncio.Event()  # the same for the asyncio client's (bound to its loop at the first wait)
 
+    @property
+    def closed(self) -> bool:
+        """Whether close() was called."""
+        return self._woken.is_set()
+
     def close(self) -> None:
         """Mark the client closed and wake the calls that wait to retry."""
-        self.closed = True
         self._woken.set()
         self._woken_async.set()
 

@@ -355,8 +355,7 @@ def run(command: str, args: argparse.Namespace) -> int:
     worst_parts["budget_seconds"] = float(np.mean(budgets[worst]))
     report = {
         "device": engine.device, "streams": args.streams, "niceness": niceness, "seconds": seconds, "requests": len(timings),
-        "length": args.length,
-        "threads": args.threads, "engine_decoder_threads": engine.decoder_threads, "rounds": rounds,
+        "length": args.length, "threads": args.threads, "engine_decoder_threads": engine.decoder_threads, "rounds": rounds,
         "engine_tokens_per_second": engine_rate, "served_tokens_per_second": served_rate,
         "ratio": served_rate / engine_rate, "p50_time_to_first_token_seconds": float(np.percentile(first_token, 50)),
         "p99_time_to_first_token_seconds": p99, "p99_ttft_over_budget": float(np.percentile(first_token / budgets, 99)),

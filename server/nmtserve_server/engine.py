@@ -9,7 +9,10 @@ engine or on several side by side (`engines_for`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import heapq
+import io
 import logging
 import os
 import time
@@ -48,7 +51,26 @@ def providers_for(device: str) -> list[str]:
             f"{', '.join(ort.get_available_providers())}; NVIDIA device present: {_cuda_device_present()}); "
             "use --device cpu or auto"
         )
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_usable else ["CPUExecutionProvider"]
+    if not cuda_usable:
+        return ["CPUExecutionProvider"]
+    preload_cuda_libraries()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@functools.cache
+def preload_cuda_libraries() -> list[str]:
+    """Load the CUDA and cuDNN libraries the CUDA provider needs, once per process; what failed to load, logged too.
+
+    The provider finds them by name only: ONNX Runtime's preload looks where pip's NVIDIA packages put them (the
+    `cuda` extra), then on the loader's path (a CUDA image), so neither needs LD_LIBRARY_PATH.
+    """
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):  # ONNX Runtime prints what it could not load
+        ort.preload_dlls()
+    failures = [line.strip() for line in said.getvalue().splitlines() if line.startswith("Failed to load")]
+    for failure in failures:
+        log.warning("event=cuda_library_missing detail=%r", failure)
+    return failures
 
 
 def _cuda_device_present() -> bool:

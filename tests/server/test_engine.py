@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -17,7 +19,9 @@ from nmtserve_export.data import encode_sources
 from nmtserve_export.decode import IncrementalDecoder, beam_search, greedy_search
 from nmtserve_export.evaluate import held_out_pairs
 from nmtserve_export.train import exact_match
-from nmtserve_server.engine import Decoder, DeviceError, EncodedBatch, Engine, Model, engines_for, providers_for, translate
+from nmtserve_server.engine import (
+    Decoder, DeviceError, EncodedBatch, Engine, Model, engines_for, preload_cuda_libraries, providers_for, translate,
+)
 from nmtserve_server.search import DecodeOptions, top_candidates
 
 
@@ -242,6 +246,17 @@ def test_cuda_without_a_gpu_fails_fast():
         assert "no usable GPU" in str(error)
     else:
         assert providers[0] == "CUDAExecutionProvider"  # this machine has one
+
+
+def test_missing_cuda_libraries_are_named_in_the_log(caplog):
+    if ctypes.util.find_library("cublas"):
+        pytest.skip("this machine has CUDA's cuBLAS")
+    preload_cuda_libraries.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="nmtserve_server.engine"):
+        failures = preload_cuda_libraries()
+    assert any("libcublas" in failure for failure in failures)
+    assert sum("event=cuda_library_missing" in r.getMessage() for r in caplog.records) == len(failures)
+    assert preload_cuda_libraries() is failures  # once per process
 
 
 def test_engine_and_bundle_reader_never_import_torch(tiny_bundle):

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 
 import grpc
@@ -42,6 +43,15 @@ FINISH_SECONDS = 1.0  # once the last call has its answer: time for gRPC to send
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     """Define one flag per ServeSettings field."""
     add_settings_arguments(parser, ServeSettings)
+
+
+def _listen(flag: str, address: str, add: Callable[..., int], *credentials: grpc.ServerCredentials) -> int:
+    """Add a listening port to a gRPC server (add_insecure_port, or add_secure_port and its credentials); a failure
+    names the flag that set it."""
+    try:
+        return add(address, *credentials)
+    except RuntimeError as error:  # gRPC's says "Failed to bind to address A; set GRPC_VERBOSITY=debug ..." only
+        raise OSError(f"{flag}: cannot listen on {address} (in use, or not an address of this machine)") from error
 
 
 def _address(host: str, port: int) -> str:
@@ -103,10 +113,13 @@ class TranslationServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         credentials = _credentials(s)
         address = _address(s.host, s.port)
-        self.port = self.grpc.add_secure_port(address, credentials) if credentials else self.grpc.add_insecure_port(address)
+        if credentials:
+            self.port = _listen("--port", address, self.grpc.add_secure_port, credentials)
+        else:
+            self.port = _listen("--port", address, self.grpc.add_insecure_port)
         await self.grpc.start()
         if self.health_grpc is not None:
-            self.health_port = self.health_grpc.add_insecure_port(_address(s.host, s.health_port or 0))
+            self.health_port = _listen("--health-port", _address(s.host, s.health_port or 0), self.health_grpc.add_insecure_port)
             await self.health_grpc.start()
         try:
             self._metrics_http = self.metrics.serve_http(s.host, s.metrics_port)

@@ -186,7 +186,7 @@ def test_device_cuda_without_a_gpu_fails_fast(serve_process, tiny_bundle):
 
 @pytest.mark.parametrize(
     ("flag", "cause"),
-    [("--port", "Failed to bind to address 127.0.0.1:{port}"), ("--metrics-port", "--metrics-port: cannot listen on 127.0.0.1:{port}")],
+    [(flag, f"{flag}: cannot listen on 127.0.0.1:{{port}}") for flag in ("--port", "--health-port", "--metrics-port")],
 )
 def test_a_port_already_taken_fails_the_start_with_the_reason(serve_process, tiny_bundle, flag, cause):
     with socket.socket() as taken:

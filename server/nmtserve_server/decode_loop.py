@@ -1,21 +1,21 @@
 """The decode loop, in a process of its own: iteration-level (continuous) batching over one Engine.
 
-The loop owns the ONNX Runtime sessions and the KV-cache rows. Each iteration
-takes what the server sent (new texts, cancellations), drops the texts that
-left (cancelled, deadline passed), lets the texts of a finished encoder run
-join the batch, sends the oldest waiting texts whose beams fit in the free rows
-to the next encoder run, then runs one decoder step for all active texts
-together; a text that finishes leaves at once and its rows serve the next
-admission. The encoder runs in a thread of its own, beside the decoder steps,
-so the texts in the batch do not wait for the newcomers' encoding; while a run
-outlasts a step (a burst), the loop encodes a few newcomers itself, so that
-they do not wait behind it either. What the
-iterations did goes back to the server as a Report, sent as soon as one has
-news for a waiting call (admitted, finished, withdrawn, a streamed token) and
-otherwise at least every REPORT_INTERVAL: a step that only adds a token to
-unary calls is not worth waking the server for. When the decoder is idle
-the loop waits up to `max_queue_delay` after the first arrival for more, so
-that a burst shares one encoder run.
+The loop owns the ONNX Runtime sessions and the KV-cache rows, in two threads.
+The intake thread reads the server's messages as they arrive and encodes new
+texts at once, beside the decoder step in progress, so a newcomer's encoding
+does not wait for the step to end; texts that arrive while it encodes share its
+next run. It hands the encoded runs, cancellations and the stop to the loop's
+thread in the order the server sent them. Each iteration of the loop's thread
+takes them, drops the texts that left (cancelled, deadline passed), lets the
+oldest encoded texts whose beams fit in the free rows join the batch, then runs
+one decoder step for all active texts together; a text that finishes leaves at
+once and its rows serve the next admission. What the iterations did goes back
+to the server as a Report, sent as soon as one has news for a waiting call
+(admitted, finished, withdrawn, a streamed token) and otherwise at least every
+REPORT_INTERVAL: a step that only adds a token to unary calls is not worth
+waking the server for. When the loop is idle the intake waits up to
+`max_queue_delay` after the first arrival for more, so that a burst shares one
+encoder run.
 
 Why a process: the loop's own Python (the searches, the cache bookkeeping) and
 the server's event loop would otherwise share one GIL. Measured on 2 cores, a
@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
+import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 from multiprocessing.connection import Connection
 
 from nmtserve.bundle import BundleError, read_bundle
@@ -44,7 +46,6 @@ from .search import DecodeOptions, Hypothesis
 log = logging.getLogger(__name__)
 
 REPORT_INTERVAL = 0.05  # seconds: the longest the server's step metrics lag while nothing else happens
-INLINE_TEXTS = 4  # most texts the loop encodes on its own thread in one iteration (about a millisecond on a CPU)
 
 
 @dataclass(frozen=True)
@@ -160,47 +161,49 @@ def warm_up(decoder: Decoder) -> float:
 
 @dataclass
 class EncoderRun:
-    """Texts taken from the queue and being encoded, in the encoder's thread, while the decoder steps."""
+    """Texts the intake encoded together, waiting in the loop (whole or in part) for rows in the batch."""
 
-    texts: dict[int, Text]  # by key, in batch order; a text withdrawn meanwhile is taken out
-    keys: list[int]  # every key of the batch, in order
-    started: float  # time.monotonic()
-    result: Future[tuple[EncodedBatch, float]]  # the encoded batch and the run's seconds
+    texts: dict[int, Text]  # by key, in batch order; a text that leaves before it joins is taken out
+    keys: list[int]  # every key of the batch, in order: the encoded batch's rows
+    started: float  # time.monotonic() when its encoding began
+    seconds: float  # the encoder run's
+    batch: EncodedBatch | None  # None if the encoder failed
+    error: str | None = None
 
 
 class DecodeLoop:
-    """The loop's state: texts waiting for rows, texts being encoded, texts in the batch, and the pipes to the server."""
+    """The loop's state: texts encoded and waiting for rows, texts in the batch, the pipes to the server, and the
+    intake thread (see the module's docstring)."""
 
     def __init__(self, decoder: Decoder, inbox: Connection, outbox: Connection, max_queue_delay: float):
         self.decoder = decoder
         self.inbox = MessageReader(inbox)
         self.outbox = outbox
         self.max_queue_delay = max_queue_delay
-        self.waiting: deque[Text] = deque()
-        self.encoding: EncoderRun | None = None
+        self.ready: deque[EncoderRun] = deque()  # encoded, waiting for rows, oldest first
         self.running: dict[int, Text] = {}
         self.stopping = False
         self.report = Report()  # what the iterations since the last report did
         self.sent = time.monotonic()  # when the last report went
         self.rows_free_sent: int | None = None  # the free rows it told
-        self.last_step = 0.0  # seconds the last decoder step took
-        # One encoder run at a time, beside the decoder steps: ONNX Runtime releases the GIL while either runs.
-        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="encoder")
+        self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()  # from the intake, in order
+        self.idle = threading.Event()  # set while the loop waits with nothing to do: the intake may gather a burst
+        self.intake = threading.Thread(target=self._intake, name="intake", daemon=True)
 
     def run(self) -> None:
-        """Iterate until the server says stop."""
-        try:
-            while self.iterate():
-                pass
-        finally:
-            self.encoder.shutdown()
+        """Iterate until the server says stop (or its end of the pipe closes)."""
+        self.start()
+        while self.iterate():
+            pass
+
+    def start(self) -> None:
+        """Start the intake thread."""
+        self.intake.start()
 
     def iterate(self) -> bool:
-        """Take the server's messages (waiting for one when there is nothing to do), drop late texts, admit, step, and
+        """Take the intake's news (waiting for some when there is nothing to do), drop late texts, admit, step, and
         report; False once the server has said stop."""
-        self._receive(wait=not (self.waiting or self.encoding or self.decoder.active))
-        if self.waiting and not (self.encoding or self.decoder.active):
-            self._gather()
+        self._receive(wait=not (self.ready or self.decoder.active))
         if self.stopping:
             return False
         report = self.report
@@ -215,7 +218,7 @@ class DecodeLoop:
             for key in self.running:
                 self.decoder.remove(key)
             self.running.clear()
-        rows_free = self._rows_free()
+        rows_free = self.decoder.rows_free()
         # Rows freed by a cancellation are news too (the free-rows gauge); an idle loop sends before it waits.
         if (report.has_news() or rows_free != self.rows_free_sent or not self.decoder.active
                 or time.monotonic() - self.sent >= REPORT_INTERVAL):
@@ -224,111 +227,121 @@ class DecodeLoop:
             self.report, self.sent, self.rows_free_sent = Report(), time.monotonic(), rows_free
         return True
 
-    def _receive(self, wait: bool, timeout: float | None = None) -> None:
-        """Take the server's messages: wait for some first if `wait` (up to `timeout`), then take what has arrived."""
+    def _receive(self, wait: bool) -> None:
+        """Take what the intake passed on: wait for something first if `wait`."""
         if wait:
-            self.inbox.wait(timeout)
+            self.idle.set()
+            event = self.events.get()
+            self.idle.clear()
+            self._handle(event)
+        while not self.stopping:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(event)
+
+    def _handle(self, event: tuple[str, Any]) -> None:
+        """Act on one of the intake's events."""
+        kind, payload = event
+        if kind == "encoded":
+            self.ready.append(payload)
+            if payload.batch is not None:
+                self.report.encoder_runs.append((len(payload.keys), payload.seconds))
+        elif kind == "cancel":
+            self._withdraw(set(payload))
+        else:  # "stop", or the server's end of the pipe closed
+            self.stopping = True
+
+    def _intake(self) -> None:
+        """The intake thread: read the server's messages as they arrive; encode new texts at once; pass everything on."""
+        try:
+            while True:
+                self.inbox.wait(None)
+                texts, others = self._read()
+                if texts and self.idle.is_set() and self.max_queue_delay > 0:
+                    self._gather(texts, others)
+                if texts:
+                    self.events.put(("encoded", _encode(self.decoder.engine, texts)))
+                for event in others:  # after the texts read with them: a cancel may name one of those
+                    self.events.put(event)
+                    if event[0] == "stop":
+                        return
+        except (EOFError, OSError):  # the server process is gone
+            self.events.put(("stop", None))
+        except Exception:  # the loop stops too, and the server fails the calls with "the decode process ended"
+            log.exception("event=intake_failed")
+            self.events.put(("stop", None))
+
+    def _read(self) -> tuple[list[Text], list[tuple[str, Any]]]:
+        """The messages that have arrived: the texts submitted, and the rest in order."""
+        texts: list[Text] = []
+        others: list[tuple[str, Any]] = []
         for kind, payload in self.inbox.take():
             if kind == "submit":
-                self.waiting.extend(payload)
-            elif kind == "cancel":
-                self._withdraw(set(payload))
+                texts.extend(payload)
             else:
-                self.stopping = True
+                others.append((kind, payload))
+        return texts, others
+
+    def _gather(self, texts: list[Text], others: list[tuple[str, Any]]) -> None:
+        """The loop is idle: wait up to max_queue_delay after the first arrival for more, to encode them together."""
+        end = texts[0].arrived + self.max_queue_delay
+        while sum(t.options.beam_size for t in texts) < self.decoder.rows_free() and not others:
+            remaining = end - time.monotonic()
+            if remaining <= 0 or not self.inbox.wait(remaining):
                 return
+            more, later = self._read()
+            texts.extend(more)
+            others.extend(later)
 
     def _withdraw(self, keys: set[int]) -> None:
-        """Take texts out (cancelled, or past their deadline): out of the queue, the encoder run (its result for them is
-        dropped), or the batch with their rows freed."""
-        self.waiting = deque(text for text in self.waiting if text.key not in keys)
-        if self.encoding is not None:
-            for key in keys & self.encoding.texts.keys():
-                del self.encoding.texts[key]
+        """Take texts out (cancelled, or past their deadline): out of the runs waiting for rows, or out of the batch
+        with their rows freed."""
+        for run in self.ready:
+            for key in keys & run.texts.keys():
+                del run.texts[key]
         for key in keys & self.running.keys():
             del self.running[key]
             self.decoder.remove(key)
 
-    def _rows_free(self) -> int:
-        """KV-cache rows neither in use nor kept for the encoder run in flight."""
-        kept = sum(t.options.beam_size for t in self.encoding.texts.values()) if self.encoding is not None else 0
-        return self.decoder.rows_free() - kept
-
-    def _gather(self) -> None:
-        """The decoder is idle: wait up to max_queue_delay after the oldest arrival for more, to encode them together."""
-        end = self.waiting[0].arrived + self.max_queue_delay
-        while self.waiting and not self.stopping and sum(t.options.beam_size for t in self.waiting) < self.decoder.rows_free():
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                return
-            self._receive(wait=True, timeout=remaining)
-
     def _expire(self, report: Report) -> None:
-        """Texts whose deadline has passed leave the queue and the batch now."""
+        """Texts whose deadline has passed leave now, waiting or in the batch."""
         now = time.monotonic()
-        encoding = self.encoding.texts.values() if self.encoding is not None else ()
-        late = [t.key for t in (*self.running.values(), *encoding, *self.waiting) if t.deadline is not None and t.deadline <= now]
+        waiting = (t for run in self.ready for t in run.texts.values())
+        late = [t.key for t in (*self.running.values(), *waiting) if t.deadline is not None and t.deadline <= now]
         if late:
             report.late.extend(late)
             self._withdraw(set(late))
 
     def _admit(self, report: Report) -> None:
-        """Texts whose encoder run has ended join the batch; then the oldest waiting texts whose beams fit in the rows
-        left go to the encoder, to join at a later step.
-
-        While a run lasts longer than a decoder step (a burst of texts), a few newcomers at a time are encoded on the
-        loop's own thread instead, and join at once. With no text to step, the loop waits for the run in flight.
-        """
-        if self.encoding is not None:
-            if self.decoder.active and not self.encoding.result.done():
-                if time.monotonic() - self.encoding.started > self.last_step:  # a long run: no newcomer waits for it
-                    self._encode_here(report)
+        """The oldest encoded texts whose beams fit in the free rows join the batch (a failed run's texts fail)."""
+        rows_free = self.decoder.rows_free()
+        while self.ready:
+            run = self.ready[0]
+            if run.batch is None:  # the encoder failed: its texts fail with the reason, the batch decodes on
+                if run.texts:
+                    report.failed.extend(run.texts)
+                    report.error = run.error
+                self.ready.popleft()
+                continue
+            joining: list[Text] = []
+            for text in run.texts.values():
+                if text.options.beam_size > rows_free:
+                    break
+                rows_free -= text.options.beam_size
+                joining.append(text)
+            if joining:
+                rows = [run.keys.index(t.key) for t in joining]
+                kept = run.batch if len(rows) == len(run.keys) else run.batch.select(rows)
+                self.decoder.insert([t.key for t in joining], kept, [t.options for t in joining])
+                for text in joining:
+                    del run.texts[text.key]
+                    self.running[text.key] = text
+                report.admitted.extend((text.key, run.started, run.seconds) for text in joining)
+            if run.texts:  # the rest wait for rows
                 return
-            ended, self.encoding = self.encoding, None
-            self._join(ended, report)
-        taken = self._take(self.decoder.rows_free(), len(self.waiting))
-        if taken:
-            result = self.encoder.submit(_timed_encode, self.decoder.engine, [t.source for t in taken])
-            self.encoding = EncoderRun({t.key: t for t in taken}, [t.key for t in taken], time.monotonic(), result)
-
-    def _take(self, rows_free: int, most: int) -> list[Text]:
-        """The oldest waiting texts, at most `most`, while their beams fit in `rows_free` rows."""
-        taken: list[Text] = []
-        while self.waiting and len(taken) < most and self.waiting[0].options.beam_size <= rows_free:
-            text = self.waiting.popleft()
-            rows_free -= text.options.beam_size
-            taken.append(text)
-        return taken
-
-    def _encode_here(self, report: Report) -> None:
-        """A few waiting texts are encoded on the loop's own thread and join at once, not waiting behind a long run."""
-        taken = self._take(self._rows_free(), INLINE_TEXTS)
-        if not taken:
-            return
-        started, result = time.monotonic(), Future()
-        try:
-            result.set_result(_timed_encode(self.decoder.engine, [t.source for t in taken]))
-        except Exception as error:  # _join fails these texts with the reason, as for the encoder thread's runs
-            result.set_exception(error)
-        self._join(EncoderRun({t.key: t for t in taken}, [t.key for t in taken], started, result), report)
-
-    def _join(self, run: EncoderRun, report: Report) -> None:
-        """The texts of a finished encoder run take their rows and join the batch (or fail with the run)."""
-        rows = [i for i, key in enumerate(run.keys) if key in run.texts]  # not withdrawn while it ran
-        texts = [run.texts[run.keys[i]] for i in rows]
-        try:
-            batch, seconds = run.result.result()
-            if texts:
-                kept = batch if len(rows) == len(run.keys) else batch.select(rows)
-                self.decoder.insert([t.key for t in texts], kept, [t.options for t in texts])
-        except Exception as error:  # the encoder failed: the run's texts fail, the batch decodes on
-            log.exception("event=encode_failed texts=%d", len(texts))
-            report.failed.extend(t.key for t in texts)
-            report.error = f"{type(error).__name__}: {error}"
-            return
-        report.encoder_runs.append((len(run.keys), seconds))
-        for text in texts:
-            self.running[text.key] = text
-        report.admitted.extend((text.key, run.started, seconds) for text in texts)
+            self.ready.popleft()
 
     def _step(self, report: Report) -> None:
         """One decoder step for every active text."""
@@ -337,8 +350,7 @@ class DecodeLoop:
         rows = sum(sentence.search.rows for sentence in self.decoder.active)
         started = time.perf_counter()
         finished = self.decoder.step()
-        self.last_step = time.perf_counter() - started
-        report.steps.append((rows, self.last_step))
+        report.steps.append((rows, time.perf_counter() - started))
         for key, hypotheses in finished:
             del self.running[key]
             report.finished.append((key, hypotheses))
@@ -348,8 +360,12 @@ class DecodeLoop:
                 report.streamed.append((sentence.key, len(prefix) - 1, prefix[-1]))
 
 
-def _timed_encode(engine: Engine, sources: list[list[int]]) -> tuple[EncodedBatch, float]:
-    """One encoder run, and its seconds."""
-    started = time.perf_counter()
-    batch = engine.encode(sources)
-    return batch, time.perf_counter() - started
+def _encode(engine: Engine, texts: list[Text]) -> EncoderRun:
+    """One encoder run for texts, timed; a failure is kept for the loop to report."""
+    started, clock = time.monotonic(), time.perf_counter()
+    try:
+        batch, error = engine.encode([t.source for t in texts]), None
+    except Exception as failure:  # the loop fails these texts with the reason; the batch decodes on
+        log.exception("event=encode_failed texts=%d", len(texts))
+        batch, error = None, f"{type(failure).__name__}: {failure}"
+    return EncoderRun({t.key: t for t in texts}, [t.key for t in texts], started, time.perf_counter() - clock, batch, error)

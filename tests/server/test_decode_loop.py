@@ -1,6 +1,6 @@
-"""The decode loop driven one iteration at a time over real pipes and a real engine: the encoder runs beside the
-decoder steps, newcomers do not wait behind a long encoder run, a text withdrawn during its encoder run never takes rows,
-and a text whose encoding fails fails alone."""
+"""The decode loop driven one iteration at a time over real pipes and a real engine, its intake thread running: a
+newcomer is encoded while the batch steps and joins at the next step, an idle loop gathers a burst into one encoder run,
+a text withdrawn or late before it joins never takes rows, and a text whose encoding fails fails alone."""
 
 from __future__ import annotations
 
@@ -54,14 +54,37 @@ class Harness:
             assert self.loop.iterate()
 
 
-@pytest.fixture()
-def harness(tiny_bundle) -> Iterator[Harness]:
+def _harness(tiny_bundle, max_queue_delay: float) -> Iterator[Harness]:
     engine = Engine.from_path(tiny_bundle, device="cpu", capacity=CAPACITY, threads=1)
     loop_inbox, to_loop = multiprocessing.Pipe(duplex=False)
     from_loop, loop_outbox = multiprocessing.Pipe(duplex=False)
-    loop = DecodeLoop(Decoder(engine), loop_inbox, loop_outbox, max_queue_delay=0.0)
+    loop = DecodeLoop(Decoder(engine), loop_inbox, loop_outbox, max_queue_delay=max_queue_delay)
+    loop.start()
     yield Harness(loop, to_loop, from_loop)
-    loop.encoder.shutdown()
+    to_loop.close()  # the intake reads the end of the pipe and stops
+    loop.intake.join(10)
+    assert not loop.intake.is_alive()
+
+
+@pytest.fixture()
+def harness(tiny_bundle) -> Iterator[Harness]:
+    yield from _harness(tiny_bundle, max_queue_delay=0.0)
+
+
+@pytest.fixture()
+def gathering_harness(tiny_bundle) -> Iterator[Harness]:
+    yield from _harness(tiny_bundle, max_queue_delay=GATHER_SECONDS)
+
+
+GATHER_SECONDS = 0.5
+
+
+def _encoded(loop: DecodeLoop, timeout: float = 10.0) -> None:
+    """Wait, without iterating the loop, until the intake has handed it something."""
+    deadline = time.monotonic() + timeout
+    while loop.events.empty():
+        assert time.monotonic() < deadline, "the intake handed nothing over"
+        time.sleep(0.001)
 
 
 def _finish(h: Harness, texts: int) -> dict[int, list]:
@@ -82,7 +105,7 @@ def _start_long_text(h: Harness, source: list[int]) -> None:
     h.iterate_until(lambda: 0 in h.loop.running)
 
 
-def test_the_batch_steps_while_a_newcomer_is_encoded_then_the_newcomer_joins(harness, test_texts):
+def test_a_newcomer_is_encoded_while_the_batch_steps_and_joins_at_the_next_step(harness, test_texts):
     h, loop = harness, harness.loop
     engine = loop.decoder.engine
     first, second = engine.encode_texts(test_texts[:2])
@@ -90,92 +113,87 @@ def test_the_batch_steps_while_a_newcomer_is_encoded_then_the_newcomer_joins(har
     (running,) = loop.decoder.active
     steps = running.search.step
     h.submit(1, second, 5)
+    _encoded(loop)  # encoded by the intake while the loop's thread did nothing
     assert loop.iterate()
-    assert loop.encoding is not None and list(loop.encoding.texts) == [1], "the newcomer did not go to the encoder"
-    assert 1 not in loop.running and running.search.step == steps + 1, "the batch did not step beside the encoder run"
-    h.iterate_until(lambda: 1 in loop.running)
+    assert 1 in loop.running, "the encoded newcomer did not join at the next step"
+    assert running.search.step == steps + 1 and len(loop.decoder.active) == 2
+    assert 1 in [key for r in h.reports() for key, *_ in r.admitted]
     finished = _finish(h, 2)
     alone = translate(engine, [second], DecodeOptions(min_length=5, max_length=5))[0]
     assert [hyp.tokens for hyp in finished[1]] == [hyp.tokens for hyp in alone]
     assert loop.decoder.rows_free() == CAPACITY
 
 
-def test_a_newcomer_does_not_wait_behind_a_long_encoder_run(harness, test_texts):
-    h, loop = harness, harness.loop
-    engine = loop.decoder.engine
-    first, second, third = engine.encode_texts(test_texts[:3])
-    _start_long_text(h, first)
-    release = threading.Event()
-    loop.encoder.submit(release.wait, 30)  # the encoder thread is busy: the next run stays in flight until released
-    try:
-        h.submit(1, second, 5)
-        assert loop.iterate()
-        assert loop.encoding is not None and list(loop.encoding.texts) == [1]
-        time.sleep(10 * loop.last_step)  # the run in flight now outlasts a step
-        h.submit(2, third, 5)
-        assert loop.iterate()
-        assert 2 in loop.running and 1 not in loop.running, "the newcomer waited behind the run in flight"
-    finally:
-        release.set()
-    h.iterate_until(lambda: 1 in loop.running)
-    finished = _finish(h, 3)
-    for key, source in ((1, second), (2, third)):
-        alone = translate(engine, [source], DecodeOptions(min_length=5, max_length=5))[0]
-        assert [hyp.tokens for hyp in finished[key]] == [hyp.tokens for hyp in alone]
+def test_an_idle_loop_gathers_a_burst_into_one_encoder_run(gathering_harness, test_texts):
+    h, loop = gathering_harness, gathering_harness.loop
+    sources = loop.decoder.engine.encode_texts(test_texts[:3])
+    first_iteration = threading.Thread(target=loop.iterate)  # idle: it waits for the intake
+    first_iteration.start()
+    assert loop.idle.wait(10)
+    for key, source in enumerate(sources):  # three messages, well within the queue delay
+        h.submit(key, source, 3)
+        time.sleep(GATHER_SECONDS / 20)
+    first_iteration.join(10)
+    assert not first_iteration.is_alive()
+    runs = [run for r in h.reports() for run in r.encoder_runs]
+    assert [texts for texts, _ in runs] == [3], "the burst was not encoded together"
+    assert sorted(_finish(h, 3)) == [0, 1, 2]
 
 
-def test_a_text_withdrawn_during_its_encoder_run_never_takes_rows(harness, test_texts):
+def test_a_text_withdrawn_before_it_joins_never_takes_rows(harness, test_texts):
     h, loop = harness, harness.loop
     first, second = loop.decoder.engine.encode_texts(test_texts[:2])
     _start_long_text(h, first)
-    h.submit(1, second, 5)
-    assert loop.iterate()
-    assert loop.encoding is not None and 1 in loop.encoding.texts
-    assert h.reports()[-1].rows_free == CAPACITY - 2, "the rows kept for the encoder run were reported free"
-    h.send(("cancel", [1]))
-    h.iterate_until(lambda: loop.encoding is None)
+    options = DecodeOptions(min_length=5, max_length=5)
+    h.send(("submit", [Text(1, second, options, None, time.monotonic(), stream=False)]))
+    h.send(("cancel", [1]))  # read with the submit, or after it: either way after its encoder run
+    _encoded(loop)
+    h.iterate_until(lambda: not loop.ready and loop.events.empty())
     assert 1 not in loop.running and loop.decoder.rows_free() == CAPACITY - 1
     reports = h.reports()
     assert not any(key == 1 for r in reports for key, *_ in r.admitted)
     assert reports[-1].rows_free == CAPACITY - 1
 
 
-@pytest.mark.parametrize("where", ["encoder thread", "loop thread"])
-def test_a_text_whose_encoding_fails_fails_alone(harness, test_texts, where):
+def test_a_text_late_before_it_joins_leaves_as_late(harness, test_texts):
+    h, loop = harness, harness.loop
+    first, second = loop.decoder.engine.encode_texts(test_texts[:2])
+    _start_long_text(h, first)
+    options = DecodeOptions(min_length=5, max_length=5)
+    h.send(("submit", [Text(1, second, options, time.monotonic(), time.monotonic(), stream=False)]))  # already past
+    h.iterate_until(lambda: any(1 in r.late for r in h.reports()))
+    assert 1 not in loop.running and not loop.ready and loop.decoder.rows_free() == CAPACITY - 1
+
+
+def test_a_text_whose_encoding_fails_fails_alone(harness, test_texts):
     h, loop = harness, harness.loop
     engine = loop.decoder.engine
     first, second = engine.encode_texts(test_texts[:2])
     _start_long_text(h, first)
     too_long = second * (engine.max_source_length // len(second) + 1)  # past the server's checks: the encoder refuses it
-    release = threading.Event()
-    if where == "loop thread":  # a long run in flight: the loop encodes the newcomer itself
-        loop.encoder.submit(release.wait, 30)
-        h.submit(1, second, 5)
-        assert loop.iterate()
-        time.sleep(10 * loop.last_step)
-    try:
-        h.submit(2, too_long, 5)
-        h.iterate_until(lambda: any(2 in r.failed for r in h.reports()))
-    finally:
-        release.set()
+    h.submit(2, too_long, 5)
+    failed: list[Report] = []
+    h.iterate_until(lambda: bool(failed.extend(r for r in h.reports() if r.failed)) or bool(failed))
+    assert failed[0].failed == [2] and "longer than the model's limit" in (failed[0].error or "")
     assert 0 in loop.running and 2 not in loop.running, "the batch did not decode on"
-    h.iterate_until(lambda: not loop.running and not loop.encoding)
+    h.iterate_until(lambda: not loop.running)
     assert loop.decoder.rows_free() == CAPACITY
 
 
 def test_a_message_half_written_waits_for_its_rest(harness, test_texts):
-    """The server writes what a full pipe takes and the rest later: the loop takes only whole messages."""
+    """The server writes what a full pipe takes and the rest later: the intake takes only whole messages."""
     h, loop = harness, harness.loop
     (source,) = loop.decoder.engine.encode_texts(test_texts[:1])
     options = DecodeOptions(min_length=3, max_length=3)
     data = frame(("submit", [Text(1, source, options, None, time.monotonic(), stream=False)]))
     os.write(h.to_loop.fileno(), data[:5])  # not even the whole length
-    assert loop.iterate() and not loop.waiting and not loop.encoding and not loop.running
+    time.sleep(0.05)
     os.write(h.to_loop.fileno(), data[5:-1])
-    assert loop.iterate() and not loop.waiting and not loop.encoding and not loop.running
+    time.sleep(0.05)
+    assert loop.events.empty(), "the intake acted on part of a message"
     os.write(h.to_loop.fileno(), data[-1:] + frame(("cancel", [2])))
-    assert loop.iterate()
-    assert 1 in loop.running or (loop.encoding is not None and 1 in loop.encoding.texts)
+    _encoded(loop)
+    assert loop.iterate() and 1 in loop.running
     assert [hyp.tokens for hyp in _finish(h, 1)[1]] == [hyp.tokens for hyp in translate(loop.decoder.engine, [source], options)[0]]
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import selectors
 import signal
 import threading
 import time
@@ -172,15 +173,16 @@ class EncoderRun:
 
 
 class DecodeLoop:
-    """The loop's state: texts encoded and waiting for rows, texts in the batch, the pipes to the server, and the
-    intake thread (see the module's docstring)."""
+    """The loop's state: texts read and not yet encoded (the intake's), texts encoded and waiting for rows, texts in
+    the batch, the pipes to the server, and the intake thread (see the module's docstring)."""
 
     def __init__(self, decoder: Decoder, inbox: Connection, outbox: Connection, max_queue_delay: float):
         self.decoder = decoder
         self.inbox = MessageReader(inbox)
         self.outbox = outbox
         self.max_queue_delay = max_queue_delay
-        self.ready: deque[EncoderRun] = deque()  # encoded, waiting for rows, oldest first
+        self.pending: deque[Text] = deque()  # the intake's: read, not yet encoded, oldest first
+        self.ready: deque[EncoderRun] = deque()  # the loop's: encoded, waiting for rows, oldest first
         self.running: dict[int, Text] = {}
         self.stopping = False
         self.report = Report()  # what the iterations since the last report did
@@ -188,17 +190,34 @@ class DecodeLoop:
         self.rows_free_sent: int | None = None  # the free rows it told
         self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()  # from the intake, in order
         self.idle = threading.Event()  # set while the loop waits with nothing to do: the intake may gather a burst
+        # The intake encodes at most a full batch's rows ahead of the batch, so encoder memory stays bounded and a
+        # text far back in the queue is not encoded before it could join; past that it waits for the loop to wake it.
+        self.ahead_limit = decoder.engine.capacity
+        self.ahead = 0  # rows of texts encoded and not yet joined or gone (both threads, under `lock`)
+        self.starved = False  # the intake waits for `ahead` to fall (under `lock`)
+        self.lock = threading.Lock()
+        self._wake_reader, self._wake_writer = os.pipe()  # the loop wakes a starved intake
         self.intake = threading.Thread(target=self._intake, name="intake", daemon=True)
 
     def run(self) -> None:
         """Iterate until the server says stop (or its end of the pipe closes)."""
         self.start()
-        while self.iterate():
-            pass
+        try:
+            while self.iterate():
+                pass
+        finally:
+            self.close()
 
     def start(self) -> None:
         """Start the intake thread."""
         self.intake.start()
+
+    def close(self) -> None:
+        """After the stop: wait for the intake thread to end, then close the wake-up pipe."""
+        self.intake.join(timeout=10)
+        if not self.intake.is_alive():  # else the process is ending anyway; the thread may still select on it
+            os.close(self._wake_reader)
+            os.close(self._wake_writer)
 
     def iterate(self) -> bool:
         """Take the intake's news (waiting for some when there is nothing to do), drop late texts, admit, step, and
@@ -227,10 +246,13 @@ class DecodeLoop:
             self.report, self.sent, self.rows_free_sent = Report(), time.monotonic(), rows_free
         return True
 
+    # The loop's thread.
+
     def _receive(self, wait: bool) -> None:
         """Take what the intake passed on: wait for something first if `wait`."""
         if wait:
-            self.idle.set()
+            if self.events.empty():
+                self.idle.set()
             event = self.events.get()
             self.idle.clear()
             self._handle(event)
@@ -250,57 +272,19 @@ class DecodeLoop:
                 self.report.encoder_runs.append((len(payload.keys), payload.seconds))
         elif kind == "cancel":
             self._withdraw(set(payload))
+        elif kind == "late":  # left the intake's queue before its encoder run
+            self.report.late.extend(payload)
         else:  # "stop", or the server's end of the pipe closed
             self.stopping = True
-
-    def _intake(self) -> None:
-        """The intake thread: read the server's messages as they arrive; encode new texts at once; pass everything on."""
-        try:
-            while True:
-                self.inbox.wait(None)
-                texts, others = self._read()
-                if texts and self.idle.is_set() and self.max_queue_delay > 0:
-                    self._gather(texts, others)
-                if texts:
-                    self.events.put(("encoded", _encode(self.decoder.engine, texts)))
-                for event in others:  # after the texts read with them: a cancel may name one of those
-                    self.events.put(event)
-                    if event[0] == "stop":
-                        return
-        except (EOFError, OSError):  # the server process is gone
-            self.events.put(("stop", None))
-        except Exception:  # the loop stops too, and the server fails the calls with "the decode process ended"
-            log.exception("event=intake_failed")
-            self.events.put(("stop", None))
-
-    def _read(self) -> tuple[list[Text], list[tuple[str, Any]]]:
-        """The messages that have arrived: the texts submitted, and the rest in order."""
-        texts: list[Text] = []
-        others: list[tuple[str, Any]] = []
-        for kind, payload in self.inbox.take():
-            if kind == "submit":
-                texts.extend(payload)
-            else:
-                others.append((kind, payload))
-        return texts, others
-
-    def _gather(self, texts: list[Text], others: list[tuple[str, Any]]) -> None:
-        """The loop is idle: wait up to max_queue_delay after the first arrival for more, to encode them together."""
-        end = texts[0].arrived + self.max_queue_delay
-        while sum(t.options.beam_size for t in texts) < self.decoder.rows_free() and not others:
-            remaining = end - time.monotonic()
-            if remaining <= 0 or not self.inbox.wait(remaining):
-                return
-            more, later = self._read()
-            texts.extend(more)
-            others.extend(later)
 
     def _withdraw(self, keys: set[int]) -> None:
         """Take texts out (cancelled, or past their deadline): out of the runs waiting for rows, or out of the batch
         with their rows freed."""
+        left = 0
         for run in self.ready:
             for key in keys & run.texts.keys():
-                del run.texts[key]
+                left += run.texts.pop(key).options.beam_size
+        self._release_ahead(left)
         for key in keys & self.running.keys():
             del self.running[key]
             self.decoder.remove(key)
@@ -315,33 +299,52 @@ class DecodeLoop:
             self._withdraw(set(late))
 
     def _admit(self, report: Report) -> None:
-        """The oldest encoded texts whose beams fit in the free rows join the batch (a failed run's texts fail)."""
+        """The oldest encoded texts whose beams fit in the free rows join the batch; the texts of a run that failed (in
+        the encoder, or taking its rows) fail with the reason, and the batch decodes on."""
         rows_free = self.decoder.rows_free()
         while self.ready:
             run = self.ready[0]
-            if run.batch is None:  # the encoder failed: its texts fail with the reason, the batch decodes on
-                if run.texts:
-                    report.failed.extend(run.texts)
-                    report.error = run.error
+            joining: list[Text] = []
+            if run.batch is not None:
+                for text in run.texts.values():
+                    if text.options.beam_size > rows_free:
+                        break
+                    rows_free -= text.options.beam_size
+                    joining.append(text)
+            try:
+                if run.batch is None:
+                    raise RuntimeError(run.error)
+                if joining:
+                    rows = [run.keys.index(t.key) for t in joining]
+                    kept = run.batch if len(rows) == len(run.keys) else run.batch.select(rows)
+                    self.decoder.insert([t.key for t in joining], kept, [t.options for t in joining])
+            except Exception as error:
+                if run.batch is not None:
+                    log.exception("event=admit_failed texts=%d", len(run.texts))
+                report.failed.extend(run.texts)
+                report.error = str(error) if run.batch is None else f"{type(error).__name__}: {error}"
+                self._release_ahead(sum(t.options.beam_size for t in run.texts.values()))
                 self.ready.popleft()
                 continue
-            joining: list[Text] = []
-            for text in run.texts.values():
-                if text.options.beam_size > rows_free:
-                    break
-                rows_free -= text.options.beam_size
-                joining.append(text)
-            if joining:
-                rows = [run.keys.index(t.key) for t in joining]
-                kept = run.batch if len(rows) == len(run.keys) else run.batch.select(rows)
-                self.decoder.insert([t.key for t in joining], kept, [t.options for t in joining])
-                for text in joining:
-                    del run.texts[text.key]
-                    self.running[text.key] = text
-                report.admitted.extend((text.key, run.started, run.seconds) for text in joining)
+            joined = time.monotonic()
+            for text in joining:
+                del run.texts[text.key]
+                self.running[text.key] = text
+            report.admitted.extend((text.key, joined, run.seconds) for text in joining)
+            self._release_ahead(sum(t.options.beam_size for t in joining))
             if run.texts:  # the rest wait for rows
                 return
             self.ready.popleft()
+
+    def _release_ahead(self, rows: int) -> None:
+        """Texts encoded ahead joined the batch or left: the intake may encode as many rows more."""
+        if not rows:
+            return
+        with self.lock:
+            self.ahead -= rows
+            wake, self.starved = self.starved, False
+        if wake:
+            os.write(self._wake_writer, b"\0")
 
     def _step(self, report: Report) -> None:
         """One decoder step for every active text."""
@@ -358,6 +361,100 @@ class DecodeLoop:
             if self.running[sentence.key].stream:  # greedy: a step adds one token to a text it does not finish
                 prefix = sentence.search.prefixes[0]
                 report.streamed.append((sentence.key, len(prefix) - 1, prefix[-1]))
+
+    # The intake thread.
+
+    def _intake(self) -> None:
+        """Read the server's messages as they arrive, encode new texts as rows ahead allow, and pass on, in order,
+        the encoder runs, the cancellations, the texts late before their run, and the stop."""
+        selector = selectors.DefaultSelector()
+        selector.register(self.inbox.connection, selectors.EVENT_READ)
+        selector.register(self._wake_reader, selectors.EVENT_READ)
+        try:
+            while self._intake_once(selector):
+                pass
+        except (EOFError, OSError):  # the server process is gone
+            self.events.put(("stop", None))
+        except Exception:  # the loop stops too, and the server fails the calls with "the decode process ended"
+            log.exception("event=intake_failed")
+            self.events.put(("stop", None))
+        finally:
+            selector.close()
+
+    def _intake_once(self, selector: selectors.BaseSelector) -> bool:
+        """Wait for news, read it, and encode what fits; False after the stop."""
+        for key, _ in selector.select(self._intake_timeout()):
+            if key.fileobj == self._wake_reader:
+                os.read(self._wake_reader, 4096)
+        if not self._read():
+            return False
+        if self.pending and self.idle.is_set() and self.max_queue_delay > 0 and not self._gather(selector):
+            return False
+        self._expire_pending()
+        taken = self._take()
+        if taken:
+            self.events.put(("encoded", _encode(self.decoder.engine, taken)))
+        return True
+
+    def _intake_timeout(self) -> float | None:
+        """How long the intake may wait: not at all while a text can be encoded, else until the next queued text's
+        deadline (None: until a message or the loop wakes it)."""
+        if not self.pending:
+            return None
+        with self.lock:
+            if self.pending[0].options.beam_size <= self.ahead_limit - self.ahead:
+                return 0
+            self.starved = True
+        deadlines = [t.deadline for t in self.pending if t.deadline is not None]
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _read(self) -> bool:
+        """Take the messages that have arrived: queue the texts, drop the cancelled ones and pass the cancellation
+        on (the loop may hold some of them), pass the stop on; False after the stop."""
+        for kind, payload in self.inbox.take():
+            if kind == "submit":
+                self.pending.extend(payload)
+                continue
+            if kind == "cancel":
+                keys = set(payload)
+                self.pending = deque(t for t in self.pending if t.key not in keys)
+            self.events.put((kind, payload))
+            if kind == "stop":
+                return False
+        return True
+
+    def _gather(self, selector: selectors.BaseSelector) -> bool:
+        """The loop is idle: wait up to max_queue_delay after the first arrival for more, to encode them together;
+        False after the stop."""
+        end = self.pending[0].arrived + self.max_queue_delay
+        while self.pending and sum(t.options.beam_size for t in self.pending) < self.decoder.rows_free():
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                break
+            selector.select(remaining)
+            if not self._read():
+                return False
+        return True
+
+    def _expire_pending(self) -> None:
+        """Queued texts whose deadline has passed leave before their encoder run; the loop reports them late."""
+        now = time.monotonic()
+        late = [t.key for t in self.pending if t.deadline is not None and t.deadline <= now]
+        if late:
+            self.pending = deque(t for t in self.pending if t.key not in set(late))
+            self.events.put(("late", late))
+
+    def _take(self) -> list[Text]:
+        """The oldest queued texts whose beams fit in the rows the intake may still encode ahead; counted as ahead."""
+        taken: list[Text] = []
+        with self.lock:
+            room = self.ahead_limit - self.ahead
+            while self.pending and self.pending[0].options.beam_size <= room:
+                text = self.pending.popleft()
+                room -= text.options.beam_size
+                taken.append(text)
+            self.ahead = self.ahead_limit - room
+        return taken
 
 
 def _encode(engine: Engine, texts: list[Text]) -> EncoderRun:

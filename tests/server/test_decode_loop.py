@@ -1,6 +1,7 @@
 """The decode loop driven one iteration at a time over real pipes and a real engine, its intake thread running: a
-newcomer is encoded while the batch steps and joins at the next step, an idle loop gathers a burst into one encoder run,
-a text withdrawn or late before it joins never takes rows, and a text whose encoding fails fails alone."""
+newcomer is encoded without the loop's thread and joins at the next step, an idle loop gathers a burst into one encoder
+run, the intake encodes no more than a batch ahead, a text withdrawn or late before it joins never takes rows, a text
+whose encoding fails fails alone, and the loop stops on the server's stop or when its pipe closes."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def _harness(tiny_bundle, max_queue_delay: float) -> Iterator[Harness]:
     loop.start()
     yield Harness(loop, to_loop, from_loop)
     to_loop.close()  # the intake reads the end of the pipe and stops
-    loop.intake.join(10)
+    loop.close()
     assert not loop.intake.is_alive()
 
 
@@ -79,11 +80,15 @@ def gathering_harness(tiny_bundle) -> Iterator[Harness]:
 GATHER_SECONDS = 0.5
 
 
-def _encoded(loop: DecodeLoop, timeout: float = 10.0) -> None:
-    """Wait, without iterating the loop, until the intake has handed it something."""
+def _handed_over(loop: DecodeLoop, events: int = 1, timeout: float = 10.0) -> None:
+    """Wait, without iterating the loop, until the intake has handed it this many events."""
+    _wait_for(lambda: loop.events.qsize() >= events, timeout)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while loop.events.empty():
-        assert time.monotonic() < deadline, "the intake handed nothing over"
+    while not condition():
+        assert time.monotonic() < deadline, "it never happened"
         time.sleep(0.001)
 
 
@@ -105,7 +110,7 @@ def _start_long_text(h: Harness, source: list[int]) -> None:
     h.iterate_until(lambda: 0 in h.loop.running)
 
 
-def test_a_newcomer_is_encoded_while_the_batch_steps_and_joins_at_the_next_step(harness, test_texts):
+def test_a_newcomer_is_encoded_without_the_loops_thread_and_joins_at_the_next_step(harness, test_texts):
     h, loop = harness, harness.loop
     engine = loop.decoder.engine
     first, second = engine.encode_texts(test_texts[:2])
@@ -113,7 +118,7 @@ def test_a_newcomer_is_encoded_while_the_batch_steps_and_joins_at_the_next_step(
     (running,) = loop.decoder.active
     steps = running.search.step
     h.submit(1, second, 5)
-    _encoded(loop)  # encoded by the intake while the loop's thread did nothing
+    _handed_over(loop)  # encoded by the intake while the loop's thread did nothing
     assert loop.iterate()
     assert 1 in loop.running, "the encoded newcomer did not join at the next step"
     assert running.search.step == steps + 1 and len(loop.decoder.active) == 2
@@ -140,19 +145,48 @@ def test_an_idle_loop_gathers_a_burst_into_one_encoder_run(gathering_harness, te
     assert sorted(_finish(h, 3)) == [0, 1, 2]
 
 
-def test_a_text_withdrawn_before_it_joins_never_takes_rows(harness, test_texts):
+def test_the_intake_encodes_no_more_than_a_batch_ahead(harness, test_texts):
+    h, loop = harness, harness.loop
+    sources = loop.decoder.engine.encode_texts(test_texts[: CAPACITY + 4])
+    for key, source in enumerate(sources):
+        h.submit(key, source, 3)
+    _wait_for(lambda: len(loop.pending) == 4 and loop.ahead == CAPACITY)  # the loop's thread has not taken any
+    time.sleep(0.1)
+    assert len(loop.pending) == 4 and loop.ahead == CAPACITY, "the intake encoded past a batch ahead"
+    finished = _finish(h, CAPACITY + 4)  # joining frees room ahead: the loop wakes the intake for the rest
+    assert sorted(finished) == list(range(CAPACITY + 4))
+    assert loop.ahead == 0 and not loop.pending and loop.decoder.rows_free() == CAPACITY
+
+
+def test_a_text_cancelled_while_queued_is_never_encoded(harness, test_texts):
     h, loop = harness, harness.loop
     first, second = loop.decoder.engine.encode_texts(test_texts[:2])
     _start_long_text(h, first)
+    h.reports()  # text 0's
     options = DecodeOptions(min_length=5, max_length=5)
-    h.send(("submit", [Text(1, second, options, None, time.monotonic(), stream=False)]))
-    h.send(("cancel", [1]))  # read with the submit, or after it: either way after its encoder run
-    _encoded(loop)
-    h.iterate_until(lambda: not loop.ready and loop.events.empty())
-    assert 1 not in loop.running and loop.decoder.rows_free() == CAPACITY - 1
-    reports = h.reports()
+    submit = frame(("submit", [Text(1, second, options, None, time.monotonic(), stream=False)]))
+    os.write(h.to_loop.fileno(), submit + frame(("cancel", [1])))  # read together: the cancel finds it queued
+    _handed_over(loop)
+    assert loop.iterate()
+    reports = [*h.reports(), loop.report]
+    assert not any(r.encoder_runs for r in reports), "the cancelled text was encoded"
+    assert 1 not in loop.running and loop.decoder.rows_free() == CAPACITY - 1 and loop.ahead == 0
+
+
+def test_a_text_withdrawn_after_its_encoder_run_never_takes_rows(harness, test_texts):
+    h, loop = harness, harness.loop
+    first, second = loop.decoder.engine.encode_texts(test_texts[:2])
+    _start_long_text(h, first)
+    h.reports()  # text 0's
+    h.submit(1, second, 5)
+    _handed_over(loop)  # encoded, not yet taken by the loop
+    h.send(("cancel", [1]))
+    _handed_over(loop, events=2)
+    assert loop.iterate()
+    assert 1 not in loop.running and loop.decoder.rows_free() == CAPACITY - 1 and loop.ahead == 0
+    reports = [*h.reports(), loop.report]  # the iteration had no news to send at once
+    assert [texts for r in reports for texts, _ in r.encoder_runs] == [1]
     assert not any(key == 1 for r in reports for key, *_ in r.admitted)
-    assert reports[-1].rows_free == CAPACITY - 1
 
 
 def test_a_text_late_before_it_joins_leaves_as_late(harness, test_texts):
@@ -161,7 +195,9 @@ def test_a_text_late_before_it_joins_leaves_as_late(harness, test_texts):
     _start_long_text(h, first)
     options = DecodeOptions(min_length=5, max_length=5)
     h.send(("submit", [Text(1, second, options, time.monotonic(), time.monotonic(), stream=False)]))  # already past
-    h.iterate_until(lambda: any(1 in r.late for r in h.reports()))
+    reports: list[Report] = []
+    h.iterate_until(lambda: bool(reports.extend(h.reports())) or any(1 in r.late for r in reports))
+    assert not any(key == 1 for r in reports for key, *_ in r.admitted)
     assert 1 not in loop.running and not loop.ready and loop.decoder.rows_free() == CAPACITY - 1
 
 
@@ -180,6 +216,22 @@ def test_a_text_whose_encoding_fails_fails_alone(harness, test_texts):
     assert loop.decoder.rows_free() == CAPACITY
 
 
+@pytest.mark.parametrize("how", ["stop message", "pipe closed"])
+def test_the_loop_stops_on_the_servers_stop_or_when_its_pipe_closes(harness, test_texts, how):
+    h, loop = harness, harness.loop
+    (source,) = loop.decoder.engine.encode_texts(test_texts[:1])
+    _start_long_text(h, source)
+    if how == "stop message":
+        h.send(("stop", None))
+    else:
+        h.to_loop.close()
+    deadline = time.monotonic() + 10
+    while loop.iterate():
+        assert time.monotonic() < deadline, "the loop did not stop"
+    loop.intake.join(10)
+    assert not loop.intake.is_alive()
+
+
 def test_a_message_half_written_waits_for_its_rest(harness, test_texts):
     """The server writes what a full pipe takes and the rest later: the intake takes only whole messages."""
     h, loop = harness, harness.loop
@@ -192,7 +244,7 @@ def test_a_message_half_written_waits_for_its_rest(harness, test_texts):
     time.sleep(0.05)
     assert loop.events.empty(), "the intake acted on part of a message"
     os.write(h.to_loop.fileno(), data[-1:] + frame(("cancel", [2])))
-    _encoded(loop)
+    _handed_over(loop, events=2)  # the cancel, passed on at once, and the encoder run
     assert loop.iterate() and 1 in loop.running
     assert [hyp.tokens for hyp in _finish(h, 1)[1]] == [hyp.tokens for hyp in translate(loop.decoder.engine, [source], options)[0]]
 

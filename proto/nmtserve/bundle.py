@@ -228,7 +228,11 @@ def _check_manifest(manifest: Any) -> None:
                 raise BundleError(f"{MANIFEST}: {section}.{key} must be a positive integer, got {value!r}")
             if value > _FIELD_MAXIMA.get(key, value):
                 raise BundleError(f"{MANIFEST}: {section}.{key} is {value}, above any model's ({_FIELD_MAXIMA[key]})")
-    vocab_size = manifest["model"]["vocab_size"]
+    model = manifest["model"]
+    if model["d_model"] != model["n_heads"] * model["d_k"]:  # the heads split d_model: d_k = d_model / h
+        raise BundleError(f"{MANIFEST}: model.d_model {model['d_model']} must be n_heads × d_k "
+                          f"({model['n_heads']} × {model['d_k']} = {model['n_heads'] * model['d_k']})")
+    vocab_size = model["vocab_size"]
     for name in _TOKEN_FIELDS:
         token_id = manifest["tokens"].get(name)
         if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab_size:

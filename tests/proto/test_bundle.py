@@ -145,7 +145,13 @@ def test_version_1_manifest_reads_as_a_tokenizers_bundle(bundle_copy):
 MANIFEST_ERRORS = {  # what a wrong manifest says, by the edit that makes it wrong
     "wrong_format_version": (lambda m: m.update(format_version=99), "format_version 99 is not supported"),
     "field_of_the_wrong_type": (lambda m: m["model"].update(d_model="wide"), r"model\.d_model must be a positive integer"),
-    "graph_unlike_the_manifest": (lambda m: m["model"].update(n_heads=m["model"]["n_heads"] * 2), r"encoder\.onnx: output 'memory_key_0' is float32\[.*\], expected"),
+    "graph_unlike_the_manifest": (
+        lambda m: m["model"].update(n_heads=m["model"]["n_heads"] * 2, d_k=m["model"]["d_k"] // 2),
+        r"encoder\.onnx: output 'memory_key_0' is float32\[.*\], expected",
+    ),
+    "heads_that_do_not_split_d_model": (
+        lambda m: m["model"].update(d_model=m["model"]["d_model"] + 1), r"model\.d_model \d+ must be n_heads × d_k \(\d+ × \d+ = \d+\)"
+    ),
     "special_token_outside_the_vocabulary": (lambda m: m["tokens"].update(eos=m["model"]["vocab_size"]), r"tokens\.eos must be a token id below the vocabulary size"),
     "unknown_tokenizer_kind": (lambda m: m["tokenizer"].update(kind="wordpiece"), r"tokenizer\.kind 'wordpiece' is not one of tokenizers, marian"),
     "no_target_language": (lambda m: m.update(languages={}), r"languages must have a 'source' string and a non-empty 'target'"),

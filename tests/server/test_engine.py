@@ -181,6 +181,8 @@ def test_a_manifest_unlike_its_graphs_is_refused_at_load(tiny_bundle, tmp_path, 
     manifest = json.loads((bundle / MANIFEST).read_text())
     old = manifest["model"][field]
     manifest["model"][field] = old * 2
+    if field in ("n_heads", "d_k"):
+        manifest["model"]["d_model"] *= 2  # still n_heads × d_k, so the graphs are what the check finds wrong
     (bundle / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=GRAPH_DIMENSIONS[field].format(old=old, new=old * 2)):
         Engine.from_path(bundle, device="cpu", capacity=2, decoder_threads=1)

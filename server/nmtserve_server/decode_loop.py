@@ -166,7 +166,6 @@ class EncoderRun:
 
     texts: dict[int, Text]  # by key, in batch order; a text that leaves before it joins is taken out
     keys: list[int]  # every key of the batch, in order: the encoded batch's rows
-    started: float  # time.monotonic() when its encoding began
     seconds: float  # the encoder run's
     batch: EncodedBatch | None  # None if the encoder failed
     error: str | None = None
@@ -304,27 +303,24 @@ class DecodeLoop:
         rows_free = self.decoder.rows_free()
         while self.ready:
             run = self.ready[0]
+            if run.batch is None:  # the encoder failed
+                self._fail(run, run.error or "the encoder failed", report)
+                continue
             joining: list[Text] = []
-            if run.batch is not None:
-                for text in run.texts.values():
-                    if text.options.beam_size > rows_free:
-                        break
-                    rows_free -= text.options.beam_size
-                    joining.append(text)
+            for text in run.texts.values():
+                if text.options.beam_size > rows_free:
+                    break
+                rows_free -= text.options.beam_size
+                joining.append(text)
             try:
-                if run.batch is None:
-                    raise RuntimeError(run.error)
-                if joining:
+                if len(joining) == len(run.keys):  # the whole run, none withdrawn: the common case
+                    self.decoder.insert(run.keys, run.batch, [t.options for t in joining])
+                elif joining:
                     rows = [run.keys.index(t.key) for t in joining]
-                    kept = run.batch if len(rows) == len(run.keys) else run.batch.select(rows)
-                    self.decoder.insert([t.key for t in joining], kept, [t.options for t in joining])
+                    self.decoder.insert([t.key for t in joining], run.batch.select(rows), [t.options for t in joining])
             except Exception as error:
-                if run.batch is not None:
-                    log.exception("event=admit_failed texts=%d", len(run.texts))
-                report.failed.extend(run.texts)
-                report.error = str(error) if run.batch is None else f"{type(error).__name__}: {error}"
-                self._release_ahead(sum(t.options.beam_size for t in run.texts.values()))
-                self.ready.popleft()
+                log.exception("event=admit_failed texts=%d", len(run.texts))
+                self._fail(run, f"{type(error).__name__}: {error}", report)
                 continue
             joined = time.monotonic()
             for text in joining:
@@ -335,6 +331,14 @@ class DecodeLoop:
             if run.texts:  # the rest wait for rows
                 return
             self.ready.popleft()
+
+    def _fail(self, run: EncoderRun, error: str, report: Report) -> None:
+        """The texts left in the run at the head of `ready` fail with the reason; the batch decodes on."""
+        if run.texts:
+            report.failed.extend(run.texts)
+            report.error = error
+        self._release_ahead(sum(t.options.beam_size for t in run.texts.values()))
+        self.ready.popleft()
 
     def _release_ahead(self, rows: int) -> None:
         """Texts encoded ahead joined the batch or left: the intake may encode as many rows more."""
@@ -439,10 +443,10 @@ class DecodeLoop:
     def _expire_pending(self) -> None:
         """Queued texts whose deadline has passed leave before their encoder run; the loop reports them late."""
         now = time.monotonic()
-        late = [t.key for t in self.pending if t.deadline is not None and t.deadline <= now]
+        late = {t.key for t in self.pending if t.deadline is not None and t.deadline <= now}
         if late:
-            self.pending = deque(t for t in self.pending if t.key not in set(late))
-            self.events.put(("late", late))
+            self.pending = deque(t for t in self.pending if t.key not in late)
+            self.events.put(("late", sorted(late)))
 
     def _take(self) -> list[Text]:
         """The oldest queued texts whose beams fit in the rows the intake may still encode ahead; counted as ahead."""
@@ -459,10 +463,10 @@ class DecodeLoop:
 
 def _encode(engine: Engine, texts: list[Text]) -> EncoderRun:
     """One encoder run for texts, timed; a failure is kept for the loop to report."""
-    started, clock = time.monotonic(), time.perf_counter()
+    started = time.perf_counter()
     try:
         batch, error = engine.encode([t.source for t in texts]), None
     except Exception as failure:  # the loop fails these texts with the reason; the batch decodes on
         log.exception("event=encode_failed texts=%d", len(texts))
         batch, error = None, f"{type(failure).__name__}: {failure}"
-    return EncoderRun({t.key: t for t in texts}, [t.key for t in texts], started, time.perf_counter() - clock, batch, error)
+    return EncoderRun({t.key: t for t in texts}, [t.key for t in texts], time.perf_counter() - started, batch, error)

@@ -51,10 +51,7 @@ def providers_for(device: str) -> list[str]:
             f"{', '.join(ort.get_available_providers())}; NVIDIA device present: {_cuda_device_present()}); "
             "use --device cpu or auto"
         )
-    if not cuda_usable:
-        return ["CPUExecutionProvider"]
-    preload_cuda_libraries()
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_usable else ["CPUExecutionProvider"]
 
 
 @functools.cache
@@ -141,6 +138,8 @@ class Engine(Model):
     def __init__(self, bundle: Bundle, *, device: str = "auto", capacity: int = 64, threads: int = 0, decoder_threads: int = 0):
         super().__init__(bundle)
         self.providers = providers_for(device)
+        if self.providers[0] == "CUDAExecutionProvider":  # here, not in providers_for: only a process that runs models
+            preload_cuda_libraries()
         threads = threads or os.cpu_count() or 1
         self.encoder = ort.InferenceSession(bundle.files["encoder"], session_options(threads), providers=self.providers)
         if self.encoder.get_providers()[0] != self.providers[0]:  # ONNX Runtime fell back: CUDA or cuDNN did not load

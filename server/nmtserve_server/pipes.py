@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 HEADER_BYTES = 8
@@ -88,10 +88,6 @@ class MessageReader:
         self._fd = connection.fileno()
         self._buffer = bytearray()  # received, not yet a whole message
         os.set_blocking(self._fd, False)
-
-    def wait(self, timeout: float | None) -> bool:
-        """Wait up to `timeout` seconds (None: no limit) for bytes to arrive; whether some did."""
-        return bool(wait([self.connection], timeout))
 
     def take(self) -> list[Any]:
         """The whole messages received so far, in order; raises EOFError once the server's end is closed."""

@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nmtserve.bundle import BundleError
-from nmtserve.settings import add_settings_arguments, settings_from_args
+from nmtserve.settings import add_settings_arguments, flag, settings_from_args
 
 from .config import ServeSettings, configure_logging, freeze_startup_objects
 from .decode_loop import EngineSpec
@@ -114,17 +114,17 @@ class TranslationServer:
         credentials = _credentials(s)
         address = _address(s.host, s.port)
         if credentials:
-            self.port = _listen("--port", address, self.grpc.add_secure_port, credentials)
+            self.port = _listen(flag("port"), address, self.grpc.add_secure_port, credentials)
         else:
-            self.port = _listen("--port", address, self.grpc.add_insecure_port)
+            self.port = _listen(flag("port"), address, self.grpc.add_insecure_port)
         await self.grpc.start()
         if self.health_grpc is not None:
-            self.health_port = _listen("--health-port", _address(s.host, s.health_port or 0), self.health_grpc.add_insecure_port)
+            self.health_port = _listen(flag("health_port"), _address(s.host, s.health_port or 0), self.health_grpc.add_insecure_port)
             await self.health_grpc.start()
         try:
             self._metrics_http = self.metrics.serve_http(s.host, s.metrics_port)
         except OSError as error:  # its own message names no address: "[Errno 98] Address already in use"
-            raise OSError(f"--metrics-port: cannot listen on {_address(s.host, s.metrics_port)} ({error.strerror or error})") from error
+            raise OSError(f"{flag('metrics_port')}: cannot listen on {_address(s.host, s.metrics_port)} ({error.strerror or error})") from error
         self.metrics_port = self._metrics_http.server_port
         log.info(
             "event=listening grpc_port=%d tls=%s mtls=%s health_port=%s metrics_port=%d",

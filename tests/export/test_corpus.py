@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 from babel import dates
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nmtserve_export import corpus
@@ -231,6 +231,7 @@ def test_split_rejects_sizes_that_leave_no_training_data():
 
 
 @given(st.lists(st.sampled_from("abcdefghij"), min_size=3, max_size=40), st.data())
+@settings(deadline=None)  # a stall of a busy machine is no failure
 def test_split_keeps_repeated_sources_together(sources, data):
     pairs = [Pair(s, f"t{i}", "tsv") for i, s in enumerate(sources)]
     test_size = data.draw(st.integers(0, len(pairs) - 1))

@@ -52,20 +52,27 @@ def test_bench_serve_measures_the_engine_and_the_server(tiny_bundle, tmp_path):
 
 
 def test_wait_seconds_counts_the_time_a_process_waits_for_a_core():
-    """Three busy processes held to one core: each runs about a third of the time and waits for the rest."""
+    """Three busy processes held to one core: each is running or waiting for it all the time, mostly waiting."""
     if bench.wait_seconds(os.getpid()) is None:
         pytest.skip("this system does not report run-queue waits (/proc/PID/task/*/schedstat)")
-    busy = "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass"
-    processes = [subprocess.Popen([sys.executable, "-c", busy]) for _ in range(3)]
+    core = min(os.sched_getaffinity(0))
+    # Each pins itself before it says so and spins: the window below sees only the three on their core.
+    busy = (f"import os, time\nos.sched_setaffinity(0, {{{core}}})\nprint('ready', flush=True)\n"
+            "end = time.monotonic() + 10\nwhile time.monotonic() < end: pass")
+    processes = [subprocess.Popen([sys.executable, "-c", busy], stdout=subprocess.PIPE) for _ in range(3)]
     try:
         for process in processes:
-            os.sched_setaffinity(process.pid, {min(os.sched_getaffinity(0))})
+            assert process.stdout is not None and process.stdout.readline() == b"ready\n"
         meter = bench.CoreMeter({str(p.pid): p.pid for p in processes})
         meter.start()
         time.sleep(0.8)
         used, waited = meter.stop()
     finally:
         for process in processes:
+            process.kill()
             process.wait(10)
-    assert sum(used.values()) == pytest.approx(1.0, abs=0.2)  # one core between them
+    # Other work on the same core may take some of it (a busy CI machine), but never more than the one core is used,
+    # and a process that spins is at every moment either running or waiting for the core.
+    assert sum(used.values()) <= 1.1
+    assert all(used[name] + waited[name] == pytest.approx(1.0, abs=0.15) for name in used)
     assert all(cores > 0.4 for cores in waited.values())  # each waited while the other two ran: about 2/3 of a core

@@ -115,6 +115,8 @@ def test_a_lost_decode_process_stops_serving_and_exits_non_zero(serve_process, t
         long = pb.TranslateOptions(min_length=limit, max_length=limit)
         in_flight = stub.Translate.future(pb.TranslateRequest(texts=[test_texts[0]], options=long), timeout=TIMEOUT)
         server.wait_for(lambda: server.scrape().value("nmtserve_active_sequences") == 1, what="a text decoding")
+        os.kill(decode_pid, signal.SIGSTOP)  # the text stays in flight however long the drain takes to begin
+        assert not in_flight.done(), "the text finished before the decode process was paused"
         if when == "draining":
             server.process.send_signal(signal.SIGTERM)
             server.wait_for_event("draining")

@@ -4,7 +4,10 @@ servers on 127.0.0.1 (any free port) serving it, for every test package."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -138,6 +141,16 @@ class InProcessServer:
         """Options that make a text decode for the model's full target length (min = max length)."""
         limit = self.server.service.model.max_target_length
         return pb.TranslateOptions(min_length=limit, max_length=limit, **fields)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The decode process stopped for the block: nothing in the batch advances or finishes, however slow the machine."""
+        pid = self.server.scheduler.decode_pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     wait_for = staticmethod(wait_for)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 
 import pytest
@@ -143,12 +144,14 @@ def test_async_client_has_the_same_methods_and_results(server, test_texts):
 def test_leaving_a_stream_early_cancels_it_on_the_server(start_server, test_texts):
     server = start_server(max_batch_size=8)
     with Client(server.address) as client:
-        with client.translate_stream(test_texts[0], min_length=server.long_options().min_length) as stream:
-            assert next(stream).tokens
-            assert server.metric("nmtserve_active_sequences") == 1
+        cancelled = {"method": "TranslateStream", "code": "CANCELLED"}
+        with contextlib.ExitStack() as holding:
+            with client.translate_stream(test_texts[0], min_length=server.long_options().min_length) as stream:
+                assert next(stream).tokens
+                holding.enter_context(server.paused())  # the stream is left mid-decode, however fast the rest would run
+                assert server.metric("nmtserve_active_sequences") == 1
+            server.wait_for(lambda: server.metric("nmtserve_requests_total", cancelled) == 1, timeout=5, what="the call counted as cancelled")
         server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 0, timeout=10, what="the stream's row freed")
-    cancelled = {"method": "TranslateStream", "code": "CANCELLED"}
-    server.wait_for(lambda: server.metric("nmtserve_requests_total", cancelled) == 1, timeout=5, what="the call counted as cancelled")
 
 
 def test_the_sdk_types_cover_every_field_of_the_api():

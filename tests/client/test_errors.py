@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -93,14 +91,10 @@ def _full_queue(server, texts: list[str]) -> Iterator[None]:
         queued = stub.Translate.future(pb.TranslateRequest(texts=texts[1:5], options=beam), timeout=TIMEOUT)
         server.wait_for(lambda: server.metric("nmtserve_queue_depth") == 4, what="a full queue")
         # Paused, the decode process can neither finish the busy text nor admit a queued one, however slow the block.
-        pid = server.server.scheduler.decode_pid
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        with server.paused():
             assert not busy.done() and server.metric("nmtserve_queue_depth") == 4, "the busy text finished before the pause"
             yield
             assert not queued.done(), "the queue emptied during the test; it proves nothing"
-        finally:
-            os.kill(pid, signal.SIGCONT)
         busy.cancel()
         queued.cancel()
     server.wait_for(lambda: server.metric("nmtserve_kv_cache_free_slots") == 4 and server.metric("nmtserve_queue_depth") == 0,

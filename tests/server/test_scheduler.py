@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -51,7 +47,7 @@ def test_a_short_request_joins_the_running_batch_and_finishes_first(start_server
     with channel:
         long = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=server.long_options()), timeout=TIMEOUT) for t in test_texts[:8]]
         server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 8, what="8 long texts decoding")
-        with _paused(server):  # the short text arrives while the long ones are mid-decode, however fast they run
+        with server.paused():  # the short text arrives while the long ones are mid-decode, however fast they run
             assert not any(f.done() for f in long), "a long translation finished before the short one was sent"
             joined_before = _bucket(server, "nmtserve_decode_step_batch_size", 16) - _bucket(server, "nmtserve_decode_step_batch_size", 8)
             pending = stub.Translate.future(pb.TranslateRequest(texts=[test_texts[9]], options=pb.TranslateOptions(max_length=3)), timeout=TIMEOUT)
@@ -71,7 +67,7 @@ def test_queue_full_rejects_exactly_the_overflow(start_server, test_texts):
     with channel:
         busy = stub.Translate.future(pb.TranslateRequest(texts=[test_texts[0]], options=server.long_options(beam_size=4)), timeout=TIMEOUT)
         server.wait_for(lambda: server.metric("nmtserve_kv_cache_free_slots") == 0, what="all rows taken")
-        with _paused(server):  # the loop stays busy through the burst
+        with server.paused():  # the loop stays busy through the burst
             assert not busy.done(), "the busy text finished before the burst; the test proves nothing"
             burst = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=pb.TranslateOptions(max_length=2)), timeout=TIMEOUT)
                      for t in test_texts[1:8]]
@@ -91,7 +87,7 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_by_name_and_counted(start_
         busy = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=server.long_options()), timeout=TIMEOUT)
                 for t in test_texts[:2]]
         server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 2, what="2 long texts decoding")
-        with _paused(server):  # both calls stay in flight while the third comes
+        with server.paused():  # both calls stay in flight while the third comes
             assert not any(f.done() for f in busy), "a long call ended before the third came; the test proves nothing"
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Translate(pb.TranslateRequest(texts=[test_texts[2]]), timeout=TIMEOUT)
@@ -125,17 +121,6 @@ def test_idle_arrivals_share_an_encoder_run(start_server, test_texts):
     assert server.metric("nmtserve_encoder_batch_size_count") <= 4
 
 
-@contextlib.contextmanager
-def _paused(server) -> Iterator[None]:
-    """The decode process stopped for the block: nothing in the batch advances or finishes, however slow the machine."""
-    pid = server.server.scheduler.decode_pid
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
-
-
 def _all_rows_free(server) -> bool:
     return (
         server.metric("nmtserve_kv_cache_free_slots") == server.server.settings.max_batch_size
@@ -151,7 +136,7 @@ def test_deadline_mid_decode_frees_the_rows(start_server, test_texts):
         for _ in range(3):  # a decode that ends between the test seeing it and pausing it is tried again
             late = stub.Translate.future(request, timeout=2.0)
             server.wait_for(lambda: server.metric("nmtserve_kv_cache_free_slots") <= 4 or late.done(), what="the text decoding")
-            with _paused(server):  # held mid-decode, so the deadline passes during it however fast the machine
+            with server.paused():  # held mid-decode, so the deadline passes during it however fast the machine
                 time.sleep(0.3)  # a report already on its way is read meanwhile
                 if not late.done() and server.metric("nmtserve_kv_cache_free_slots") == 4:
                     assert late.exception(timeout=TIMEOUT).code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -197,7 +182,7 @@ def test_the_server_answers_while_the_decode_loop_reads_nothing(start_server, te
     request = pb.TranslateRequest(texts=texts, options=pb.TranslateOptions(max_length=2))
     channel, stub = _stub(server)
     with channel:
-        with _paused(server):
+        with server.paused():
             calls = [stub.Translate.future(request, timeout=TIMEOUT) for _ in range(8)]
             server.wait_for(lambda: server.metric("nmtserve_queue_depth") == 8 * len(texts), what="every text queued")
             assert server.server.scheduler.pending_bytes > 0, "the requests did not fill the pipe"

@@ -48,18 +48,20 @@ def test_closing_a_client_ends_its_calls_in_flight_as_closed(server, test_texts)
     with ThreadPoolExecutor(1) as pool:
         translating = pool.submit(client.translate, test_texts[:64], beam_size=4, **long)  # 8 requests of long decodes
         server.wait_for(_decoding(server), what="the translation decoding")
-        client.close()
-        with pytest.raises(RequestCancelledError) as translate_error:
-            translating.result(TIMEOUT)
+        with server.paused():  # however slow the machine, the translation is still decoding when the client closes
+            client.close()
+            with pytest.raises(RequestCancelledError) as translate_error:
+                translating.result(TIMEOUT)
         server.wait_for(_idle(server), timeout=10, what="the translation's rows freed")
 
         client = Client(server.address)
         stream = client.translate_stream(test_texts[0], **long)
         assert next(stream).tokens
-        reading = pool.submit(list, stream)  # waits for each piece in turn until close() ends it
-        client.close()
-        with pytest.raises(RequestCancelledError) as stream_error:
-            reading.result(TIMEOUT)
+        with server.paused():
+            reading = pool.submit(list, stream)  # waits for each piece in turn until close() ends it
+            client.close()
+            with pytest.raises(RequestCancelledError) as stream_error:
+                reading.result(TIMEOUT)
     _said_closed(translate_error.value)
     _said_closed(stream_error.value)
     # A call begun after close(), or a stream read after it, is refused the same way, not with gRPC's ValueError.
@@ -78,20 +80,22 @@ def test_closing_an_async_client_ends_its_calls_in_flight_as_closed(server, test
         client = AsyncClient(server.address, texts_per_request=8, max_concurrent_requests=2)
         translating = asyncio.create_task(client.translate(test_texts[:64], beam_size=4, **long))
         await _until(_decoding(server), "the translation decoding")
-        await client.close()
-        with pytest.raises(RequestCancelledError) as caught:  # not CancelledError: the task was not cancelled
-            await translating
+        with server.paused():  # however slow the machine, the translation is still decoding when the client closes
+            await client.close()
+            with pytest.raises(RequestCancelledError) as caught:  # not CancelledError: the task was not cancelled
+                await translating
         _said_closed(caught.value)
         await _until(_idle(server), "the translation's rows freed")
 
         client = AsyncClient(server.address)
         stream = client.translate_stream(test_texts[0], **long)
         assert (await anext(stream)).tokens
-        reading = asyncio.create_task(_read_all(stream))  # waits for each piece in turn until close() ends it
-        await asyncio.sleep(0)
-        await client.close()
-        with pytest.raises(RequestCancelledError) as caught:
-            await reading
+        with server.paused():
+            reading = asyncio.create_task(_read_all(stream))  # waits for each piece in turn until close() ends it
+            await asyncio.sleep(0)
+            await client.close()
+            with pytest.raises(RequestCancelledError) as caught:
+                await reading
         _said_closed(caught.value)
         for call in (lambda: client.translate(["Friday"]), client.model_info, client.health, lambda: anext(stream)):
             with pytest.raises(RequestCancelledError) as caught:

@@ -32,8 +32,13 @@ def _health(address: str, service: str = "") -> int:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
 
 
+def _decode_pid(server) -> int:
+    return int(re.search(r"decode_pid=(\d+)", server.wait_for_event("warmed_up")).group(1))
+
+
 def test_sigterm_lets_calls_in_flight_finish_refuses_new_ones_and_exits_0(serve_process, tiny_bundle, test_texts):
     server = serve_process("--bundle", str(tiny_bundle), "--health-port", "0", "--grace-seconds", "30", "--max-batch-size", "16")
+    decode_pid = _decode_pid(server)
     server.wait_for_event("serving")
     address, health_address = f"127.0.0.1:{server.port('grpc_port')}", f"127.0.0.1:{server.port('health_port')}"
     assert _health(health_address) == health_pb2.HealthCheckResponse.SERVING
@@ -43,6 +48,7 @@ def test_sigterm_lets_calls_in_flight_finish_refuses_new_ones_and_exits_0(serve_
         long = pb.TranslateOptions(beam_size=4, min_length=limit, max_length=limit)
         in_flight = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=long), timeout=TIMEOUT) for t in test_texts[:4]]
         server.wait_for(lambda: server.scrape().value("nmtserve_active_sequences") == 4, what="4 texts decoding")
+        os.kill(decode_pid, signal.SIGSTOP)  # the calls stay in flight through the checks, however slow the machine
         server.process.send_signal(signal.SIGTERM)
         server.wait_for_event("draining")
         assert _health(health_address) == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -52,7 +58,8 @@ def test_sigterm_lets_calls_in_flight_finish_refuses_new_ones_and_exits_0(serve_
         with pytest.raises(grpc.RpcError) as refused:
             stub.Translate(pb.TranslateRequest(texts=["Friday"]), timeout=10)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert not all(f.done() for f in in_flight), "the calls finished before the signal; the test proves nothing"
+        assert not any(f.done() for f in in_flight), "a call ended before the signal; the test proves nothing"
+        os.kill(decode_pid, signal.SIGCONT)
         results = [f.result() for f in in_flight]
     assert all(len(r.translations[0].hypotheses[0].tokens) == limit for r in results)
     assert server.wait() == 0, server.log
@@ -72,6 +79,7 @@ def test_a_health_watch_does_not_hold_the_drain_and_a_second_signal_ends_it(serv
         assert time.monotonic() - started < 15, "the drain waited for the health Watch stream"
     # A second signal during the drain cancels the calls in flight at once.
     server = serve_process("--bundle", str(tiny_bundle), "--grace-seconds", "60")
+    decode_pid = _decode_pid(server)
     server.wait_for_event("serving")
     with grpc.insecure_channel(f"127.0.0.1:{server.port('grpc_port')}") as channel:
         stub = translator_pb2_grpc.TranslatorStub(channel)
@@ -79,10 +87,13 @@ def test_a_health_watch_does_not_hold_the_drain_and_a_second_signal_ends_it(serv
         long = pb.TranslateOptions(beam_size=4, min_length=limit, max_length=limit)
         in_flight = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=long), timeout=TIMEOUT) for t in test_texts[:8]]
         server.wait_for(lambda: server.scrape().value("nmtserve_active_sequences") > 0, what="texts decoding")
+        os.kill(decode_pid, signal.SIGSTOP)  # no call can finish before the second signal cuts them short
         server.process.send_signal(signal.SIGTERM)
         server.wait_for_event("draining")
         started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
+        server.wait_for_event("drain_cut_short")
+        os.kill(decode_pid, signal.SIGCONT)  # so that it reads the server's request to stop
         assert server.wait(30) == 1, server.log
         assert time.monotonic() - started < 15
         assert "event=drain_cut_short" in server.log and "by=signal" in server.log
@@ -106,7 +117,7 @@ def test_a_second_signal_with_no_call_left_to_cut_still_exits_0(serve_process, t
 @pytest.mark.parametrize("when", ["serving", "draining"])
 def test_a_lost_decode_process_stops_serving_and_exits_non_zero(serve_process, tiny_bundle, test_texts, when):
     server = serve_process("--bundle", str(tiny_bundle), "--health-port", "0", "--grace-seconds", "30")
-    decode_pid = int(re.search(r"decode_pid=(\d+)", server.wait_for_event("warmed_up")).group(1))
+    decode_pid = _decode_pid(server)
     server.wait_for_event("serving")
     address, health_address = f"127.0.0.1:{server.port('grpc_port')}", f"127.0.0.1:{server.port('health_port')}"
     with grpc.insecure_channel(address) as channel:

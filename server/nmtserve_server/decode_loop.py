@@ -1,19 +1,21 @@
 """The decode loop, in a process of its own: iteration-level (continuous) batching over one Engine.
 
 The loop owns the ONNX Runtime sessions and the KV-cache rows, in two threads.
-The intake thread reads the server's messages as they arrive and encodes new
-texts at once, beside the decoder step in progress, so a newcomer's encoding
-does not wait for the step to end; texts that arrive while it encodes share its
-next run. It hands the encoded runs, cancellations and the stop to the loop's
-thread in the order the server sent them. Each iteration of the loop's thread
-takes them, drops the texts that left (cancelled, deadline passed), lets the
-oldest encoded texts whose beams fit in the free rows join the batch, then runs
-one decoder step for all active texts together; a text that finishes leaves at
-once and its rows serve the next admission. What the iterations did goes back
-to the server as a Report, sent as soon as one has news for a waiting call
-(admitted, finished, withdrawn, a streamed token) and otherwise at least every
-REPORT_INTERVAL: a step that only adds a token to unary calls is not worth
-waking the server for. When the loop is idle the intake waits up to
+The intake thread reads the server's messages as they arrive and starts new
+texts at once, beside the decoder step in progress: one encoder run, then the
+decoder's first step for those texts alone (Decoder.start), whose first tokens
+it reports to the server there and then, so a newcomer's first token waits for
+neither the step in progress nor a step of the whole batch. Texts that arrive
+while it runs share its next run. It hands the started runs, cancellations and
+the stop to the loop's thread in the order the server sent them. Each iteration
+of the loop's thread takes them, drops the texts that left (cancelled, deadline
+passed), lets the oldest started texts whose beams fit in the free rows join
+the batch, then runs one decoder step for all active texts together; a text
+that finishes leaves at once and its rows serve the next admission. What the
+iterations did goes back to the server as a Report, sent as soon as one has
+news for a waiting call (finished, withdrawn, a streamed token) and otherwise
+at least every REPORT_INTERVAL: a step that only adds a token to unary calls is
+not worth waking the server for. When the loop is idle the intake waits up to
 `max_queue_delay` after the first arrival for more, so that a burst shares one
 encoder run.
 
@@ -42,7 +44,7 @@ from nmtserve.bundle import BundleError, read_bundle
 from .config import configure_logging, freeze_startup_objects
 from .engine import Decoder, EncodedBatch, Engine
 from .pipes import MessageReader
-from .search import DecodeOptions, Hypothesis
+from .search import BeamSearch, DecodeOptions, Hypothesis
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +94,11 @@ class LoadFailed:
 
 @dataclass
 class Report:
-    """What the iterations since the last report did, for the server to hand out and record."""
+    """What the iterations since the last report did (or the intake's run, its texts' first tokens), for the server
+    to hand out and record."""
 
-    admitted: list[tuple[int, float, float]] = field(default_factory=list)  # key, when admitted, its encoder run's seconds
+    started: list[tuple[int, float]] = field(default_factory=list)  # first token made: key, its encoder run's seconds
+    admitted: list[tuple[int, float]] = field(default_factory=list)  # key, when it joined the batch (or ended before)
     encoder_runs: list[tuple[int, float]] = field(default_factory=list)  # texts, seconds
     late: list[int] = field(default_factory=list)  # deadline passed: left the queue or the batch
     finished: list[tuple[int, list[Hypothesis]]] = field(default_factory=list)
@@ -102,12 +106,12 @@ class Report:
     failed: list[int] = field(default_factory=list)  # a model run raised `error`; these texts left the batch
     error: str | None = None
     steps: list[tuple[int, float]] = field(default_factory=list)  # rows, seconds
-    active: int = 0
-    rows_free: int = 0
+    active: int | None = None  # texts in the batch and rows free after the iteration (None from the intake)
+    rows_free: int | None = None
 
     def has_news(self) -> bool:
-        """Whether a waiting call hears something from this report (beyond the step metrics)."""
-        return bool(self.admitted or self.late or self.finished or self.streamed or self.failed)
+        """Whether a waiting call hears something from this report (beyond the metrics)."""
+        return bool(self.started or self.late or self.finished or self.streamed or self.failed)
 
 
 # Messages from the server, framed by `pipes`: ("submit", list[Text]), ("cancel", list[int]), ("stop", None).
@@ -162,12 +166,13 @@ def warm_up(decoder: Decoder) -> float:
 
 @dataclass
 class EncoderRun:
-    """Texts the intake encoded together, waiting in the loop (whole or in part) for rows in the batch."""
+    """Texts the intake encoded and started together, waiting in the loop (whole or in part) for rows in the batch."""
 
-    texts: dict[int, Text]  # by key, in batch order; a text that leaves before it joins is taken out
+    texts: dict[int, Text]  # by key, in batch order; a text that leaves (or ends at its first step) is taken out
     keys: list[int]  # every key of the batch, in order: the encoded batch's rows
     seconds: float  # the encoder run's
-    batch: EncodedBatch | None  # None if the encoder failed
+    batch: EncodedBatch | None  # None if the encoder or the first step failed
+    searches: dict[int, BeamSearch] = field(default_factory=dict)  # by key, advanced by the first step
     error: str | None = None
 
 
@@ -195,6 +200,7 @@ class DecodeLoop:
         self.ahead = 0  # rows of texts encoded and not yet joined or gone (both threads, under `lock`)
         self.starved = False  # the intake waits for `ahead` to fall (under `lock`)
         self.lock = threading.Lock()
+        self.sending = threading.Lock()  # both threads send reports: one message at a time in the pipe
         self._wake_reader, self._wake_writer = os.pipe()  # the loop wakes a starved intake
         self.intake = threading.Thread(target=self._intake, name="intake", daemon=True)
 
@@ -241,7 +247,8 @@ class DecodeLoop:
         if (report.has_news() or rows_free != self.rows_free_sent or not self.decoder.active
                 or time.monotonic() - self.sent >= REPORT_INTERVAL):
             report.active, report.rows_free = len(self.running), rows_free
-            self.outbox.send(report)
+            with self.sending:
+                self.outbox.send(report)
             self.report, self.sent, self.rows_free_sent = Report(), time.monotonic(), rows_free
         return True
 
@@ -313,11 +320,12 @@ class DecodeLoop:
                 rows_free -= text.options.beam_size
                 joining.append(text)
             try:
-                if len(joining) == len(run.keys):  # the whole run, none withdrawn: the common case
-                    self.decoder.insert(run.keys, run.batch, [t.options for t in joining])
+                searches = [run.searches[t.key] for t in joining]
+                if len(joining) == len(run.keys):  # the whole run, none withdrawn or ended: the common case
+                    self.decoder.insert(run.keys, run.batch, searches)
                 elif joining:
                     rows = [run.keys.index(t.key) for t in joining]
-                    self.decoder.insert([t.key for t in joining], run.batch.select(rows), [t.options for t in joining])
+                    self.decoder.insert([t.key for t in joining], run.batch.select(rows), searches)
             except Exception as error:
                 log.exception("event=admit_failed texts=%d", len(run.texts))
                 self._fail(run, f"{type(error).__name__}: {error}", report)
@@ -326,7 +334,7 @@ class DecodeLoop:
             for text in joining:
                 del run.texts[text.key]
                 self.running[text.key] = text
-            report.admitted.extend((text.key, joined, run.seconds) for text in joining)
+            report.admitted.extend((text.key, joined) for text in joining)
             self._release_ahead(sum(t.options.beam_size for t in joining))
             if run.texts:  # the rest wait for rows
                 return
@@ -397,8 +405,31 @@ class DecodeLoop:
         self._expire_pending()
         taken = self._take()
         if taken:
-            self.events.put(("encoded", _encode(self.decoder.engine, taken)))
+            run = _start(self.decoder, taken)
+            if run.batch is not None:
+                self._report_started(run)
+            self.events.put(("encoded", run))
         return True
+
+    def _report_started(self, run: EncoderRun) -> None:
+        """Send the server the first tokens of a started run's texts now; those that the first step ended leave the
+        run (they never join the batch)."""
+        report, now, ended_rows = Report(), time.monotonic(), 0
+        for key in run.keys:
+            text, search = run.texts[key], run.searches[key]
+            report.started.append((key, run.seconds))
+            if search.done:
+                report.admitted.append((key, now))
+                report.finished.append((key, search.results()))
+                ended_rows += text.options.beam_size
+                del run.texts[key]
+            elif text.stream:
+                report.streamed.append((key, 0, search.prefixes[0][-1]))
+        if ended_rows:
+            with self.lock:  # no need to wake the intake: this is it
+                self.ahead -= ended_rows
+        with self.sending:
+            self.outbox.send(report)
 
     def _intake_timeout(self) -> float | None:
         """How long the intake may wait: not at all while a text can be encoded, else until the next queued text's
@@ -461,12 +492,16 @@ class DecodeLoop:
         return taken
 
 
-def _encode(engine: Engine, texts: list[Text]) -> EncoderRun:
-    """One encoder run for texts, timed; a failure is kept for the loop to report."""
+def _start(decoder: Decoder, texts: list[Text]) -> EncoderRun:
+    """One encoder run for texts (timed), then their first decoder step; a failure is kept for the loop to report."""
+    keys, searches, batch, error, seconds = [t.key for t in texts], {}, None, None, 0.0
     started = time.perf_counter()
     try:
-        batch, error = engine.encode([t.source for t in texts]), None
+        encoded = decoder.engine.encode([t.source for t in texts])
+        seconds = time.perf_counter() - started
+        searches = dict(zip(keys, decoder.start(encoded, [t.options for t in texts])))
+        batch = encoded
     except Exception as failure:  # the loop fails these texts with the reason; the batch decodes on
-        log.exception("event=encode_failed texts=%d", len(texts))
-        batch, error = None, f"{type(failure).__name__}: {failure}"
-    return EncoderRun({t.key: t for t in texts}, [t.key for t in texts], time.perf_counter() - started, batch, error)
+        log.exception("event=start_failed texts=%d", len(texts))
+        error = f"{type(failure).__name__}: {failure}"
+    return EncoderRun({t.key: t for t in texts}, keys, seconds, batch, searches, error)

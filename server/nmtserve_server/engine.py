@@ -77,16 +77,19 @@ def _cuda_device_present() -> bool:
 
 @dataclass
 class EncodedBatch:
-    """The encoder's output for a batch of sources: each decoder layer's encoder-decoder keys and values."""
+    """The encoder's output for a batch of sources: each decoder layer's encoder-decoder keys and values, and once
+    the decoder's first step has run (Engine.first_step), that step's self-attention keys and values."""
 
     memory: list[np.ndarray]  # memory_key_0, memory_value_0, ... each (B, h, S, d_k)
     source_mask: np.ndarray  # (B, S)
     source_lengths: np.ndarray  # (B,)
+    first_step: list[np.ndarray] = field(default_factory=list)  # new_key_0, new_value_0, ... each (B, h, 1, d_k)
 
     def select(self, rows: Sequence[int]) -> EncodedBatch:
         """The batch's rows `rows`, in that order."""
         index = np.asarray(rows, dtype=np.int64)
-        return EncodedBatch([m[index] for m in self.memory], self.source_mask[index], self.source_lengths[index])
+        return EncodedBatch([m[index] for m in self.memory], self.source_mask[index], self.source_lengths[index],
+                            [k[index] for k in self.first_step])
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -169,6 +172,9 @@ class Engine(Model):
         else:
             self.decoder_threads, self.decoder = self._fastest_decoder(bundle, threads)
         log.info("event=decoder_threads threads=%d", self.decoder_threads)
+        # First steps (`first_step`) run beside the batch's in a session of their own: one session's concurrent runs
+        # share its memory arena and, on a GPU, its stream, so a first step would wait for the step in progress.
+        self.first_step_decoder = self._decoder_session(bundle, 1 if self.device == "cpu" else self.decoder_threads)
         # The decoder step reads and writes these host buffers in place, bound to the session as OrtValues over their
         # memory (I/O binding): a step writes its tokens and masks into them and runs, with no feed dictionary to
         # build, no conversion of a dozen arrays and no output allocation. Rows [0, n) are bound, rebound when n or an
@@ -231,8 +237,33 @@ class Engine(Model):
         memory = self.encoder.run(self.memory_names, {"source_ids": source_ids, "source_mask": source_mask})
         return EncodedBatch(memory, source_mask, lengths)
 
+    def first_step(self, batch: EncodedBatch) -> tuple[np.ndarray, np.ndarray]:
+        """The decoder's first step (<bos>, nothing cached) for an encoded batch, outside the cache: log-probabilities
+        (B, V) and alignment (B, S); its keys and values go into the batch, for `allocate`.
+
+        It takes no rows and touches none of the engine's buffers, and runs in a session of its own, so it may run in
+        another thread beside `step`: a text's first token then need not wait for the batch's step.
+        """
+        rows, dims = len(batch.source_lengths), self.bundle.dims
+        nothing_cached = np.zeros((rows, dims.n_heads, MIN_AXIS, dims.d_k), np.float32)
+        # The source axis padded as the cache's would be: a row's results then do not depend on its batch's padding
+        # (the kernels sum a length that is not a multiple of 16 in another order), as in the batch's own steps.
+        size = _axis_size(batch.source_mask.shape[1], MIN_AXIS, self.max_source_length)
+        source_mask = np.zeros((rows, size), bool)
+        source_mask[:, : batch.source_mask.shape[1]] = batch.source_mask
+        feeds = {
+            "tokens": np.full(rows, self.tokens.bos, np.int64), "positions": np.zeros(rows, np.int64),
+            "past_mask": np.zeros((rows, MIN_AXIS), bool), "source_mask": source_mask,
+            **dict.fromkeys(self.past_names, nothing_cached),
+            **{name: _resized(memory, size) for name, memory in zip(self.memory_names, batch.memory)},
+        }
+        outputs = ["log_probs", "alignment", *self.new_names]
+        log_probs, alignment, *batch.first_step = self.first_step_decoder.run(outputs, feeds)
+        return log_probs, alignment[:, : batch.source_mask.shape[1]]
+
     def allocate(self, batch: EncodedBatch, rows: Sequence[int]) -> list[list[int]]:
-        """Take rows[i] free slots for sentence i of an encoded batch (a beam of k takes k rows); each sentence's slots."""
+        """Take rows[i] free slots for sentence i of an encoded batch whose first step has run (a beam of k takes k
+        rows, each starting from that step); each sentence's slots."""
         if sum(rows) > len(self.free_slots):
             raise RuntimeError(f"{sum(rows)} KV-cache rows requested, {len(self.free_slots)} free")
         sentence = np.repeat(np.arange(len(rows)), rows)  # the batch row each slot copies
@@ -243,10 +274,13 @@ class Engine(Model):
         try:
             for buffer, encoded in zip(self.memory, batch.memory):
                 buffer[taken, :, :length] = encoded[sentence]
+            for buffer, first in zip(self.cache, batch.first_step, strict=True):
+                buffer[taken, :, :1] = first[sentence]
         except Exception:  # a batch that does not fit the buffers: its rows are not lost
             self.release(taken)
             raise
         self.source_lengths[taken] = batch.source_lengths[sentence]
+        self.lengths[taken] = 1
         return slots
 
     def release(self, slots: Sequence[int]) -> None:
@@ -398,15 +432,31 @@ class Decoder:
         """KV-cache rows not held by a sentence."""
         return len(self.engine.free_slots)
 
-    def add(self, keys: Sequence[Any], sources: Sequence[Sequence[int]], options: Sequence[DecodeOptions]) -> None:
-        """Encode sentences in one batch and give each its rows (beam_size each)."""
-        self.insert(keys, self.engine.encode(sources), options)
+    def add(
+        self, keys: Sequence[Any], sources: Sequence[Sequence[int]], options: Sequence[DecodeOptions]
+    ) -> list[tuple[Any, list[Hypothesis]]]:
+        """Encode sentences in one batch, run their first step and give each its rows (beam_size each); returns those
+        that the first step finished."""
+        batch = self.engine.encode(sources)
+        searches = self.start(batch, options)
+        joining = [i for i, search in enumerate(searches) if not search.done]
+        if joining:
+            self.insert([keys[i] for i in joining], batch.select(joining), [searches[i] for i in joining])
+        return [(key, search.results()) for key, search in zip(keys, searches) if search.done]
 
-    def insert(self, keys: Sequence[Any], batch: EncodedBatch, options: Sequence[DecodeOptions]) -> None:
-        """Give the sentences of an encoded batch their rows (beam_size each) and start their searches."""
-        slots = self.engine.allocate(batch, [opts.beam_size for opts in options])
-        for key, opts, own, length in zip(keys, options, slots, batch.source_lengths.tolist()):
-            self.active.append(ActiveSentence(key, BeamSearch(opts, self.engine.tokens), own, length))
+    def start(self, batch: EncodedBatch, options: Sequence[DecodeOptions]) -> list[BeamSearch]:
+        """The searches of an encoded batch's sentences, advanced by the decoder's first step (Engine.first_step: safe
+        beside `step` in another thread); a search may be done already."""
+        log_probs, alignment = self.engine.first_step(batch)
+        searches = [BeamSearch(opts, self.engine.tokens) for opts in options]
+        self._advance(searches, batch.source_lengths.tolist(), log_probs, alignment)
+        return searches
+
+    def insert(self, keys: Sequence[Any], batch: EncodedBatch, searches: Sequence[BeamSearch]) -> None:
+        """Give the sentences of an encoded batch their rows (beam_size each), to go on with their started searches."""
+        slots = self.engine.allocate(batch, [search.options.beam_size for search in searches])
+        for key, search, own, length in zip(keys, searches, slots, batch.source_lengths.tolist()):
+            self.active.append(ActiveSentence(key, search, own, length))
 
     def remove(self, key: Any) -> bool:
         """Drop a sentence (cancelled, deadline passed) and free its rows; False if not active."""
@@ -435,33 +485,18 @@ class Decoder:
         if not self.active:
             return []
         self.compact()  # rows freed since the last step (finished, removed) would otherwise still be computed
-        slots, tokens, early = [], [], []
+        slots, tokens = [], []
         for sequence in self.active:
-            search = sequence.search
-            rows = search.rows
-            if search.step < search.options.min_length:
-                early.extend(range(len(slots), len(slots) + rows))
-            slots.extend(sequence.slots[:rows])
-            tokens.extend(search.next_tokens())
+            slots.extend(sequence.slots[: sequence.search.rows])
+            tokens.extend(sequence.search.next_tokens())
         log_probs, alignment = self.engine.step(slots, tokens)
-        special = self.engine.tokens
-        log_probs[:, special.pad] = -np.inf  # never generated (Marian's <pad> is its start token, and scores high)
-        log_probs[early, special.eos] = -np.inf  # before min_length, <eos> may not end a hypothesis
-        best = log_probs.argmax(axis=1)  # one call for every row: greedy searches need nothing more
-        best_log_probs = log_probs[np.arange(len(best)), best]
-        best_tokens = best.tolist()
-        finished, still_active, released, offset = [], [], [], 0
-        for sequence in self.active:
+        searches = [sequence.search for sequence in self.active]
+        parents = self._advance(searches, [sequence.source_length for sequence in self.active], log_probs, alignment)
+        finished, still_active, released = [], [], []
+        for sequence, own_parents in zip(self.active, parents):
             search = sequence.search
-            rows, options = search.rows, search.options
-            # The batch pads sources: each sentence's alignment is cut to its own, where it is asked for.
-            # A copy: the search keeps it, and the engine reuses its output buffer at the next step.
-            own_source = alignment[offset : offset + rows, : sequence.source_length].copy() if options.return_alignment else None
-            if options.beam_size == 1:
-                search.advance_greedy(best_tokens[offset], best_log_probs[offset], own_source)
-            else:
-                self.engine.reorder(sequence.slots, search.advance(log_probs[offset : offset + rows], own_source))
-            offset += rows
+            if own_parents:
+                self.engine.reorder(sequence.slots, own_parents)
             if search.done:
                 released += sequence.slots
                 finished.append((sequence.key, search.results()))
@@ -471,6 +506,34 @@ class Decoder:
             self.engine.release(released)
         self.active = still_active
         return finished
+
+    def _advance(
+        self, searches: Sequence[BeamSearch], source_lengths: Sequence[int], log_probs: np.ndarray, alignment: np.ndarray
+    ) -> list[list[int]]:
+        """Advance each search by a step's outputs for its rows (in order); each beam search's parent rows."""
+        special, early, offset = self.engine.tokens, [], 0
+        for search in searches:
+            if search.step < search.options.min_length:
+                early.extend(range(offset, offset + search.rows))
+            offset += search.rows
+        log_probs[:, special.pad] = -np.inf  # never generated (Marian's <pad> is its start token, and scores high)
+        log_probs[early, special.eos] = -np.inf  # before min_length, <eos> may not end a hypothesis
+        best = log_probs.argmax(axis=1)  # one call for every row: greedy searches need nothing more
+        best_log_probs = log_probs[np.arange(len(best)), best]
+        best_tokens = best.tolist()
+        parents, offset = [], 0
+        for search, source_length in zip(searches, source_lengths):
+            rows, options = search.rows, search.options
+            # The batch pads sources: each sentence's alignment is cut to its own, where it is asked for.
+            # A copy: the search keeps it, and the engine reuses its output buffer at the next step.
+            own_source = alignment[offset : offset + rows, :source_length].copy() if options.return_alignment else None
+            if options.beam_size == 1:
+                search.advance_greedy(best_tokens[offset], best_log_probs[offset], own_source)
+                parents.append([])
+            else:
+                parents.append(search.advance(log_probs[offset : offset + rows], own_source))
+            offset += rows
+        return parents
 
 
 def engines_for(path: str | os.PathLike, streams: int, *, capacity: int, threads: int = 0, **kwargs: Any) -> list[Engine]:
@@ -516,7 +579,6 @@ def _translate(engine: Engine, sources: Sequence[Sequence[int]], options: Decode
         while pending and (len(admit) + 1) * options.beam_size <= decoder.rows_free():
             admit.append(pending.pop(0))
         if admit:
-            decoder.add(admit, [sources[i] for i in admit], [options] * len(admit))
-        for key, hypotheses in decoder.step():
-            results[key] = hypotheses
+            results.update(decoder.add(admit, [sources[i] for i in admit], [options] * len(admit)))
+        results.update(decoder.step())
     return [results[i] for i in range(len(sources))]

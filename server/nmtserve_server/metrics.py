@@ -33,14 +33,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.queue_wait = Histogram(
-            "nmtserve_queue_wait_seconds", "Time a text waited in the queue before the decoder admitted it.",
+            "nmtserve_queue_wait_seconds", "Time from a text's arrival until it joined the decode batch.",
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.time_to_first_token = Histogram(
             "nmtserve_time_to_first_token_seconds", "Time from a text's arrival to its first generated token.",
             buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.input_tokens = Counter("nmtserve_input_tokens", "Source tokens of the texts admitted for decoding.", registry=r)
+        self.input_tokens = Counter("nmtserve_input_tokens", "Source tokens of the texts decoding started for.", registry=r)
         self.output_tokens = Counter("nmtserve_output_tokens", "Tokens of the hypotheses returned, end-of-sentence excluded.", registry=r)
         self.active_sequences = Gauge("nmtserve_active_sequences", "Texts being decoded.", registry=r)
         self.queue_depth = Gauge("nmtserve_queue_depth", "Texts waiting for free KV-cache rows.", registry=r)

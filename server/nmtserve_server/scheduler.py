@@ -269,15 +269,18 @@ class Scheduler:
             if (job := jobs.get(key)) is not None:
                 self._forget(job)
                 job.finish(EngineFailed(report.error or "the decoder failed"))
-        for key, admitted, encode_seconds in report.admitted:
+        for key, encode_seconds in report.started:
             if (job := jobs.get(key)) is None:
                 continue
-            job.admitted, job.encode_seconds = admitted, encode_seconds
+            job.first_token, job.encode_seconds = now, encode_seconds
+            m.time_to_first_token.observe(now - job.arrived)
+            m.input_tokens.inc(len(job.source))
+        for key, admitted in report.admitted:
+            if (job := jobs.get(key)) is None:
+                continue
+            job.admitted = admitted
             self._queued -= 1
             m.queue_wait.observe(admitted - job.arrived)
-            m.input_tokens.inc(len(job.source))
-            job.first_token = now
-            m.time_to_first_token.observe(now - job.arrived)
         for texts, seconds in report.encoder_runs:
             m.encoder_batch_size.observe(texts)
             m.encoder_duration.observe(seconds)
@@ -297,6 +300,7 @@ class Scheduler:
                 job.pieces.put_nowait(hypotheses[0].tokens[job.streamed :])
             m.output_tokens.inc(sum(len(h.tokens) for h in hypotheses))
             job.finish(hypotheses)
-        m.active_sequences.set(report.active)
-        m.kv_cache_free_slots.set(report.rows_free)
+        if report.active is not None:  # else the intake's report: the batch's gauges stay as the loop last told
+            m.active_sequences.set(report.active)
+            m.kv_cache_free_slots.set(report.rows_free)
         m.queue_depth.set(self._queued)

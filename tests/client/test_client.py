@@ -147,9 +147,9 @@ def test_leaving_a_stream_early_cancels_it_on_the_server(start_server, test_text
         cancelled = {"method": "TranslateStream", "code": "CANCELLED"}
         with contextlib.ExitStack() as holding:
             with client.translate_stream(test_texts[0], min_length=server.long_options().min_length) as stream:
-                assert next(stream).tokens
+                assert next(stream).tokens  # made beside the batch: the text joins it after
+                server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 1, what="the text in the batch")
                 holding.enter_context(server.paused())  # the stream is left mid-decode, however fast the rest would run
-                assert server.metric("nmtserve_active_sequences") == 1
             server.wait_for(lambda: server.metric("nmtserve_requests_total", cancelled) == 1, timeout=5, what="the call counted as cancelled")
         server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 0, timeout=10, what="the stream's row freed")
 

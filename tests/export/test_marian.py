@@ -230,9 +230,12 @@ def test_onnx_log_probs_match_transformers(marian_bundle, marian_checkpoint, mar
     batch, decoder_input, real, expected = teacher_forced(marian_checkpoint, marian_pairs[:8])
     engine = Engine.from_path(marian_bundle, device="cpu", capacity=8)
     sources = [ids[mask].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"].bool())]
-    slots = [own[0] for own in engine.allocate(engine.encode(sources), [1] * len(sources))]
+    encoded = engine.encode(sources)
+    assert (decoder_input[:, 0] == engine.tokens.bos).all()
+    first, _ = engine.first_step(encoded)  # the start token, outside the cache; the rest in the rows it fills
+    slots = [own[0] for own in engine.allocate(encoded, [1] * len(sources))]
     for t in range(decoder_input.size(1)):
-        log_probs, _ = engine.step(slots, decoder_input[:, t].tolist())
+        log_probs = first if t == 0 else engine.step(slots, decoder_input[:, t].tolist())[0]
         rows = real[:, t].numpy()
         np.testing.assert_allclose(log_probs[rows], expected[:, t][rows].numpy(), atol=1e-4, rtol=0, err_msg=f"step {t}")
 

@@ -36,9 +36,8 @@ def test_bench_serve_measures_the_engine_and_the_server(tiny_bundle, tmp_path):
     assert 0 < report["p50_time_to_first_token_seconds"] <= report["p99_time_to_first_token_seconds"]
     assert report["server"]["decode_step_seconds"] > 0 and report["server"]["encoder_batch_size"] >= 1
     worst = report["furthest_over_budget_1_percent_means"]
-    assert set(worst) == {"queue_seconds", "encode_seconds", "after_joining_seconds", "budget_seconds"}
-    assert worst["after_joining_seconds"] > 0 and worst["queue_seconds"] >= worst["encode_seconds"]
-    assert worst["budget_seconds"] > worst["encode_seconds"]
+    assert set(worst) == {"first_token_seconds", "encode_seconds", "budget_seconds"}
+    assert worst["first_token_seconds"] > worst["encode_seconds"] > 0 and worst["budget_seconds"] > worst["encode_seconds"]
     # Cores each process used in the windows: the decode process and the server worked, none above the machine.
     assert set(report["served_cores"]) == {"decode process", "server", "client"}
     assert report["served_cores"]["decode process"] > 0 and report["served_cores"]["server"] > 0

@@ -110,23 +110,42 @@ def _start_long_text(h: Harness, source: list[int]) -> None:
     h.iterate_until(lambda: 0 in h.loop.running)
 
 
-def test_a_newcomer_is_encoded_without_the_loops_thread_and_joins_at_the_next_step(harness, test_texts):
+def test_a_newcomer_is_started_without_the_loops_thread_and_joins_at_the_next_step(harness, test_texts):
     h, loop = harness, harness.loop
     engine = loop.decoder.engine
     first, second = engine.encode_texts(test_texts[:2])
     _start_long_text(h, first)
     (running,) = loop.decoder.active
     steps = running.search.step
+    h.reports()  # text 0's
     h.submit(1, second, 5)
-    _handed_over(loop)  # encoded by the intake while the loop's thread did nothing
+    _handed_over(loop)  # encoded and its first step run by the intake while the loop's thread did nothing
+    started = h.reports()
+    assert [key for r in started for key, _ in r.started] == [1], "the intake did not report the first token at once"
+    assert all(r.active is None and not r.steps for r in started)
     assert loop.iterate()
-    assert 1 in loop.running, "the encoded newcomer did not join at the next step"
+    assert 1 in loop.running, "the started newcomer did not join at the next step"
     assert running.search.step == steps + 1 and len(loop.decoder.active) == 2
-    assert 1 in [key for r in h.reports() for key, *_ in r.admitted]
+    assert loop.decoder.active[1].search.step == 2  # its first step, then the batch's
+    assert 1 in [key for r in [*h.reports(), loop.report] for key, _ in r.admitted]
     finished = _finish(h, 2)
     alone = translate(engine, [second], DecodeOptions(min_length=5, max_length=5))[0]
     assert [hyp.tokens for hyp in finished[1]] == [hyp.tokens for hyp in alone]
     assert loop.decoder.rows_free() == CAPACITY
+
+
+def test_a_text_its_first_step_ends_never_takes_rows(harness, test_texts):
+    h, loop = harness, harness.loop
+    (source,) = loop.decoder.engine.encode_texts(test_texts[:1])
+    h.submit(1, source, 1)
+    _handed_over(loop)
+    reports = h.reports()  # the intake's, at once
+    (finished,) = [hypotheses for r in reports for key, hypotheses in r.finished if key == 1]
+    assert [key for r in reports for key, _ in r.admitted] == [1]
+    options = DecodeOptions(min_length=1, max_length=1)
+    assert [hyp.tokens for hyp in finished] == [hyp.tokens for hyp in translate(loop.decoder.engine, [source], options)[0]]
+    assert loop.iterate()
+    assert not loop.running and not loop.ready and loop.ahead == 0 and loop.decoder.rows_free() == CAPACITY
 
 
 def test_an_idle_loop_gathers_a_burst_into_one_encoder_run(gathering_harness, test_texts):

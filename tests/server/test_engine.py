@@ -53,13 +53,14 @@ def test_log_probs_match_pytorch_at_every_step(reference, engine):
         forced = [[BOS_ID] + t + [t[-1] if t else BOS_ID] * (steps - len(t)) for t in targets]
         decoder = IncrementalDecoder(model, torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s in batch], batch_first=True))
         encoded = engine.encode(batch)
+        first, _ = engine.first_step(encoded)  # <bos>, outside the cache; the rest in the cache rows it fills
         slots = [own[0] for own in engine.allocate(encoded, [1] * len(batch))]
         try:
             for t in range(steps):
                 tokens = [f[t] for f in forced]
                 with torch.inference_mode():
                     expected = decoder.step(torch.tensor(tokens)).numpy()
-                got, _ = engine.step(slots, tokens)
+                got = first if t == 0 else engine.step(slots, tokens)[0]
                 np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0, err_msg=f"step {t}")
         finally:
             engine.release(slots)
@@ -107,7 +108,7 @@ def test_sentences_joining_and_leaving_a_running_batch_decode_as_alone(reference
     while waves or decoder.active:
         if waves and steps % 3 == 0:
             wave = list(waves.pop(0))
-            decoder.add(wave, [sources[i] for i in wave], [options[i] for i in wave])
+            results.update(decoder.add(wave, [sources[i] for i in wave], [options[i] for i in wave]))
         if steps == 4:
             assert decoder.remove(1)
         results.update(decoder.step())
@@ -130,10 +131,10 @@ def test_buffers_replaced_mid_batch_decode_as_alone(reference, engine):
     assert len(long_source) > 2 * max(map(len, short))  # joining doubles the source axis at least once
     options = {0: DecodeOptions(min_length=40, max_length=40), "long": DecodeOptions(beam_size=2, max_length=6)}
     decoder, results = Decoder(engine), {}
-    decoder.add([0, 1, 2, 3], short, [options[0], DecodeOptions(), DecodeOptions(), DecodeOptions()])
+    results.update(decoder.add([0, 1, 2, 3], short, [options[0], DecodeOptions(), DecodeOptions(), DecodeOptions()]))
     for step in range(40):
         if step == 5:
-            decoder.add(["long"], [long_source], [options["long"]])
+            results.update(decoder.add(["long"], [long_source], [options["long"]]))
         results.update(decoder.step())
     assert not decoder.active and sorted(results, key=str) == [0, 1, 2, 3, "long"]
     for key, source in [*enumerate(short), ("long", long_source)]:
@@ -220,9 +221,10 @@ def test_a_batch_that_fails_to_fit_gives_its_rows_back(reference, tiny_bundle):
     _, _, _, sources = reference
     small = Engine.from_path(tiny_bundle, device="cpu", capacity=8)
     batch = small.encode(sources[:2])
-    misshapen = EncodedBatch([m[..., :-1] for m in batch.memory], batch.source_mask, batch.source_lengths)
+    searches = Decoder(small).start(batch, [DecodeOptions(beam_size=3)] * 2)
+    misshapen = EncodedBatch([m[..., :-1] for m in batch.memory], batch.source_mask, batch.source_lengths, batch.first_step)
     with pytest.raises(ValueError):
-        Decoder(small).insert(["a", "b"], misshapen, [DecodeOptions(beam_size=3)] * 2)
+        Decoder(small).insert(["a", "b"], misshapen, searches)
     assert len(small.free_slots) == 8
     assert [h[0].tokens for h in translate(small, sources[:4], DecodeOptions(beam_size=2))] == [
         h[0].tokens for h in translate(Engine.from_path(tiny_bundle, device="cpu", capacity=8), sources[:4], DecodeOptions(beam_size=2))

@@ -61,7 +61,8 @@ def test_translate_greedy_equals_the_engine(stub, engine, test_texts):
     assert response.usage.input_tokens == sum(len(s) for s in engine.encode_texts(texts))
     assert response.usage.output_tokens == sum(len(h[0].tokens) for h in expected)
     timings = response.timings
-    assert 0 <= timings.queue_seconds <= timings.first_token_seconds <= timings.total_seconds < TIMEOUT
+    assert 0 < timings.encode_seconds < timings.first_token_seconds <= timings.total_seconds < TIMEOUT
+    assert 0 <= timings.queue_seconds <= timings.total_seconds
 
 
 def test_translate_n_best_scores_and_alignment(stub, engine, test_texts):

@@ -22,7 +22,7 @@ class Hypothesis:
 class Timings:
     """Where a request's time went on the server, in seconds."""
 
-    queue_seconds: float  # arrival to the decoder admitting the request's last text
+    queue_seconds: float  # arrival until the request's last text joined the decode batch (after its first token)
     first_token_seconds: float  # arrival to the first generated token
     total_seconds: float  # arrival to the response
     encode_seconds: float  # the encoder run that took the request's texts (the longest, where several did)

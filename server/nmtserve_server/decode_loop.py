@@ -100,6 +100,7 @@ class Report:
     started: list[tuple[int, float]] = field(default_factory=list)  # first token made: key, its encoder run's seconds
     admitted: list[tuple[int, float]] = field(default_factory=list)  # key, when it joined the batch (or ended before)
     encoder_runs: list[tuple[int, float]] = field(default_factory=list)  # texts, seconds
+    first_steps: list[float] = field(default_factory=list)  # seconds of the intake's first step for an encoder run
     late: list[int] = field(default_factory=list)  # deadline passed: left the queue or the batch
     finished: list[tuple[int, list[Hypothesis]]] = field(default_factory=list)
     streamed: list[tuple[int, int, int]] = field(default_factory=list)  # streamed texts' new tokens: key, position, id
@@ -172,6 +173,7 @@ class EncoderRun:
     keys: list[int]  # every key of the batch, in order: the encoded batch's rows
     seconds: float  # the encoder run's
     batch: EncodedBatch | None  # None if the encoder or the first step failed
+    first_step_seconds: float = 0.0
     searches: dict[int, BeamSearch] = field(default_factory=dict)  # by key, advanced by the first step
     error: str | None = None
 
@@ -194,11 +196,12 @@ class DecodeLoop:
         self.rows_free_sent: int | None = None  # the free rows it told
         self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()  # from the intake, in order
         self.idle = threading.Event()  # set while the loop waits with nothing to do: the intake may gather a burst
-        # The intake encodes at most a full batch's rows ahead of the batch, so encoder memory stays bounded and a
-        # text far back in the queue is not encoded before it could join; past that it waits for the loop to wake it.
-        self.ahead_limit = decoder.engine.capacity
-        self.ahead = 0  # rows of texts encoded and not yet joined or gone (both threads, under `lock`)
-        self.starved = False  # the intake waits for `ahead` to fall (under `lock`)
+        # The intake starts only texts the batch has free rows for, counting those started and waiting: a first token
+        # then means the text joins at the next step (not a wait for rows, unseen by the time-to-first-token figures),
+        # and encoder output held stays bounded. The rest wait in its queue until the loop wakes it.
+        self.free_rows = decoder.engine.capacity  # the batch's, after the loop's last iteration (both, under `lock`)
+        self.ahead = 0  # rows of texts started and not yet joined or gone (both threads, under `lock`)
+        self.starved = False  # the intake waits for room (under `lock`)
         self.lock = threading.Lock()
         self.sending = threading.Lock()  # both threads send reports: one message at a time in the pipe
         self._wake_reader, self._wake_writer = os.pipe()  # the loop wakes a starved intake
@@ -243,6 +246,7 @@ class DecodeLoop:
                 self.decoder.remove(key)
             self.running.clear()
         rows_free = self.decoder.rows_free()
+        self._publish_free_rows(rows_free)
         # Rows freed by a cancellation are news too (the free-rows gauge); an idle loop sends before it waits.
         if (report.has_news() or rows_free != self.rows_free_sent or not self.decoder.active
                 or time.monotonic() - self.sent >= REPORT_INTERVAL):
@@ -335,7 +339,7 @@ class DecodeLoop:
                 del run.texts[text.key]
                 self.running[text.key] = text
             report.admitted.extend((text.key, joined) for text in joining)
-            self._release_ahead(sum(t.options.beam_size for t in joining))
+            self._release_ahead(sum(t.options.beam_size for t in joining), joined=True)
             if run.texts:  # the rest wait for rows
                 return
             self.ready.popleft()
@@ -348,13 +352,27 @@ class DecodeLoop:
         self._release_ahead(sum(t.options.beam_size for t in run.texts.values()))
         self.ready.popleft()
 
-    def _release_ahead(self, rows: int) -> None:
-        """Texts encoded ahead joined the batch or left: the intake may encode as many rows more."""
+    def _release_ahead(self, rows: int, joined: bool = False) -> None:
+        """Texts started ahead joined the batch (taking as many of its free rows) or left (the intake may start as
+        many rows more)."""
         if not rows:
             return
         with self.lock:
             self.ahead -= rows
+            if joined:
+                self.free_rows -= rows
+                return
             wake, self.starved = self.starved, False
+        if wake:
+            os.write(self._wake_writer, b"\0")
+
+    def _publish_free_rows(self, rows: int) -> None:
+        """Tell the intake the batch's free rows after an iteration; wake it if it waits and rows came free."""
+        with self.lock:
+            wake = self.starved and rows > self.free_rows
+            self.free_rows = rows
+            if wake:
+                self.starved = False
         if wake:
             os.write(self._wake_writer, b"\0")
 
@@ -414,7 +432,7 @@ class DecodeLoop:
     def _report_started(self, run: EncoderRun) -> None:
         """Send the server the first tokens of a started run's texts now; those that the first step ended leave the
         run (they never join the batch)."""
-        report, now, ended_rows = Report(), time.monotonic(), 0
+        report, now, ended_rows = Report(first_steps=[run.first_step_seconds]), time.monotonic(), 0
         for key in run.keys:
             text, search = run.texts[key], run.searches[key]
             report.started.append((key, run.seconds))
@@ -432,12 +450,12 @@ class DecodeLoop:
             self.outbox.send(report)
 
     def _intake_timeout(self) -> float | None:
-        """How long the intake may wait: not at all while a text can be encoded, else until the next queued text's
+        """How long the intake may wait: not at all while a text can be started, else until the next queued text's
         deadline (None: until a message or the loop wakes it)."""
         if not self.pending:
             return None
         with self.lock:
-            if self.pending[0].options.beam_size <= self.ahead_limit - self.ahead:
+            if self.pending[0].options.beam_size <= self.free_rows - self.ahead:
                 return 0
             self.starved = True
         deadlines = [t.deadline for t in self.pending if t.deadline is not None]
@@ -480,28 +498,29 @@ class DecodeLoop:
             self.events.put(("late", sorted(late)))
 
     def _take(self) -> list[Text]:
-        """The oldest queued texts whose beams fit in the rows the intake may still encode ahead; counted as ahead."""
+        """The oldest queued texts whose beams fit in the batch's free rows not yet held for texts started ahead;
+        counted as ahead."""
         taken: list[Text] = []
         with self.lock:
-            room = self.ahead_limit - self.ahead
+            room = self.free_rows - self.ahead
             while self.pending and self.pending[0].options.beam_size <= room:
                 text = self.pending.popleft()
                 room -= text.options.beam_size
                 taken.append(text)
-            self.ahead = self.ahead_limit - room
+            self.ahead = self.free_rows - room
         return taken
 
 
 def _start(decoder: Decoder, texts: list[Text]) -> EncoderRun:
     """One encoder run for texts (timed), then their first decoder step; a failure is kept for the loop to report."""
-    keys, searches, batch, error, seconds = [t.key for t in texts], {}, None, None, 0.0
+    keys, searches, batch, error, seconds, first_step_seconds = [t.key for t in texts], {}, None, None, 0.0, 0.0
     started = time.perf_counter()
     try:
         encoded = decoder.engine.encode([t.source for t in texts])
         seconds = time.perf_counter() - started
         searches = dict(zip(keys, decoder.start(encoded, [t.options for t in texts])))
-        batch = encoded
+        batch, first_step_seconds = encoded, time.perf_counter() - started - seconds
     except Exception as failure:  # the loop fails these texts with the reason; the batch decodes on
         log.exception("event=start_failed texts=%d", len(texts))
         error = f"{type(failure).__name__}: {failure}"
-    return EncoderRun({t.key: t for t in texts}, keys, seconds, batch, searches, error)
+    return EncoderRun({t.key: t for t in texts}, keys, seconds, batch, first_step_seconds, searches, error)

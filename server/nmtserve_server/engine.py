@@ -24,7 +24,7 @@ from typing import Any, Self
 import numpy as np
 import onnxruntime as ort
 
-from nmtserve.bundle import Bundle, read_bundle
+from nmtserve.bundle import Bundle, SpecialTokens, read_bundle
 
 from .search import BeamSearch, DecodeOptions, Hypothesis
 from .tokenization import load_tokenizer
@@ -449,7 +449,7 @@ class Decoder:
         beside `step` in another thread); a search may be done already."""
         log_probs, alignment = self.engine.first_step(batch)
         searches = [BeamSearch(opts, self.engine.tokens) for opts in options]
-        self._advance(searches, batch.source_lengths.tolist(), log_probs, alignment)
+        advance_searches(searches, batch.source_lengths.tolist(), log_probs, alignment, self.engine.tokens)
         return searches
 
     def insert(self, keys: Sequence[Any], batch: EncodedBatch, searches: Sequence[BeamSearch]) -> None:
@@ -491,7 +491,8 @@ class Decoder:
             tokens.extend(sequence.search.next_tokens())
         log_probs, alignment = self.engine.step(slots, tokens)
         searches = [sequence.search for sequence in self.active]
-        parents = self._advance(searches, [sequence.source_length for sequence in self.active], log_probs, alignment)
+        source_lengths = [sequence.source_length for sequence in self.active]
+        parents = advance_searches(searches, source_lengths, log_probs, alignment, self.engine.tokens)
         finished, still_active, released = [], [], []
         for sequence, own_parents in zip(self.active, parents):
             search = sequence.search
@@ -507,33 +508,38 @@ class Decoder:
         self.active = still_active
         return finished
 
-    def _advance(
-        self, searches: Sequence[BeamSearch], source_lengths: Sequence[int], log_probs: np.ndarray, alignment: np.ndarray
-    ) -> list[list[int]]:
-        """Advance each search by a step's outputs for its rows (in order); each beam search's parent rows."""
-        special, early, offset = self.engine.tokens, [], 0
-        for search in searches:
-            if search.step < search.options.min_length:
-                early.extend(range(offset, offset + search.rows))
-            offset += search.rows
-        log_probs[:, special.pad] = -np.inf  # never generated (Marian's <pad> is its start token, and scores high)
-        log_probs[early, special.eos] = -np.inf  # before min_length, <eos> may not end a hypothesis
-        best = log_probs.argmax(axis=1)  # one call for every row: greedy searches need nothing more
-        best_log_probs = log_probs[np.arange(len(best)), best]
-        best_tokens = best.tolist()
-        parents, offset = [], 0
-        for search, source_length in zip(searches, source_lengths):
-            rows, options = search.rows, search.options
-            # The batch pads sources: each sentence's alignment is cut to its own, where it is asked for.
-            # A copy: the search keeps it, and the engine reuses its output buffer at the next step.
-            own_source = alignment[offset : offset + rows, :source_length].copy() if options.return_alignment else None
-            if options.beam_size == 1:
-                search.advance_greedy(best_tokens[offset], best_log_probs[offset], own_source)
-                parents.append([])
-            else:
-                parents.append(search.advance(log_probs[offset : offset + rows], own_source))
-            offset += rows
-        return parents
+
+def advance_searches(
+    searches: Sequence[BeamSearch], source_lengths: Sequence[int], log_probs: np.ndarray, alignment: np.ndarray,
+    special: SpecialTokens,
+) -> list[list[int]]:
+    """Advance each search by a step's outputs for its rows (in order); each beam search's parent rows.
+
+    It touches nothing but the searches and the step's outputs, so the intake thread may start searches with it.
+    """
+    early, offset = [], 0
+    for search in searches:
+        if search.step < search.options.min_length:
+            early.extend(range(offset, offset + search.rows))
+        offset += search.rows
+    log_probs[:, special.pad] = -np.inf  # never generated (Marian's <pad> is its start token, and scores high)
+    log_probs[early, special.eos] = -np.inf  # before min_length, <eos> may not end a hypothesis
+    best = log_probs.argmax(axis=1)  # one call for every row: greedy searches need nothing more
+    best_log_probs = log_probs[np.arange(len(best)), best]
+    best_tokens = best.tolist()
+    parents, offset = [], 0
+    for search, source_length in zip(searches, source_lengths):
+        rows, options = search.rows, search.options
+        # The batch pads sources: each sentence's alignment is cut to its own, where it is asked for.
+        # A copy: the search keeps it, and the engine reuses its output buffer at the next step.
+        own_source = alignment[offset : offset + rows, :source_length].copy() if options.return_alignment else None
+        if options.beam_size == 1:
+            search.advance_greedy(best_tokens[offset], best_log_probs[offset], own_source)
+            parents.append([])
+        else:
+            parents.append(search.advance(log_probs[offset : offset + rows], own_source))
+        offset += rows
+    return parents
 
 
 def engines_for(path: str | os.PathLike, streams: int, *, capacity: int, threads: int = 0, **kwargs: Any) -> list[Engine]:

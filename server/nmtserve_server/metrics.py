@@ -55,7 +55,11 @@ class Metrics:
             "nmtserve_encoder_batch_size", "Texts encoded together in one encoder run.", buckets=BATCH_BUCKETS, registry=r
         )
         self.encoder_duration = Histogram(
-            "nmtserve_encoder_duration_seconds", "Time of one encoder run (and copying its output into the cache).",
+            "nmtserve_encoder_duration_seconds", "Time of one encoder run.", buckets=STEP_BUCKETS, registry=r,
+        )
+        self.first_step_duration = Histogram(
+            "nmtserve_first_step_duration_seconds",
+            "Time of the first decoder step for an encoder run's texts, run beside the batch's steps.",
             buckets=STEP_BUCKETS, registry=r,
         )
         self.kv_cache_free_slots = Gauge("nmtserve_kv_cache_free_slots", "KV-cache rows not held by a text.", registry=r)

@@ -284,6 +284,8 @@ class Scheduler:
         for texts, seconds in report.encoder_runs:
             m.encoder_batch_size.observe(texts)
             m.encoder_duration.observe(seconds)
+        for seconds in report.first_steps:
+            m.first_step_duration.observe(seconds)
         for rows, seconds in report.steps:
             m.decode_step_batch_size.observe(rows)
             m.decode_step_duration.observe(seconds)

@@ -164,16 +164,18 @@ def test_an_idle_loop_gathers_a_burst_into_one_encoder_run(gathering_harness, te
     assert sorted(_finish(h, 3)) == [0, 1, 2]
 
 
-def test_the_intake_encodes_no_more_than_a_batch_ahead(harness, test_texts):
+def test_the_intake_starts_only_texts_the_batch_has_free_rows_for(harness, test_texts):
+    """A first token means the text joins at the next step: texts past the free rows wait unstarted."""
     h, loop = harness, harness.loop
-    sources = loop.decoder.engine.encode_texts(test_texts[: CAPACITY + 4])
-    for key, source in enumerate(sources):
+    first, *sources = loop.decoder.engine.encode_texts(test_texts[: CAPACITY + 5])
+    _start_long_text(h, first)  # one row taken
+    for key, source in enumerate(sources, start=1):
         h.submit(key, source, 3)
-    _wait_for(lambda: len(loop.pending) == 4 and loop.ahead == CAPACITY)  # the loop's thread has not taken any
+    _wait_for(lambda: len(loop.pending) == 5 and loop.ahead == CAPACITY - 1)  # the loop's thread has not taken any
     time.sleep(0.1)
-    assert len(loop.pending) == 4 and loop.ahead == CAPACITY, "the intake encoded past a batch ahead"
-    finished = _finish(h, CAPACITY + 4)  # joining frees room ahead: the loop wakes the intake for the rest
-    assert sorted(finished) == list(range(CAPACITY + 4))
+    assert len(loop.pending) == 5 and loop.ahead == CAPACITY - 1, "the intake started texts the batch has no rows for"
+    finished = _finish(h, CAPACITY + 5)  # rows coming free: the loop wakes the intake for the rest
+    assert sorted(finished) == list(range(CAPACITY + 5))
     assert loop.ahead == 0 and not loop.pending and loop.decoder.rows_free() == CAPACITY
 
 

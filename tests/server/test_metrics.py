@@ -27,6 +27,7 @@ FAMILIES = (
     "nmtserve_decode_step_duration_seconds",
     "nmtserve_encoder_batch_size",
     "nmtserve_encoder_duration_seconds",
+    "nmtserve_first_step_duration_seconds",
     "nmtserve_kv_cache_free_slots",
     "nmtserve_kv_cache_slots",
     "nmtserve_model_info",
@@ -70,6 +71,7 @@ def test_metrics_move_with_the_traffic(traffic):
         assert delta(f"{histogram}_count") == 7  # one per text
     assert delta("nmtserve_encoder_batch_size_sum") == 7
     assert delta("nmtserve_encoder_duration_seconds_count") == delta("nmtserve_encoder_batch_size_count") > 0
+    assert delta("nmtserve_first_step_duration_seconds_count") == delta("nmtserve_encoder_batch_size_count")
     assert delta("nmtserve_decode_step_duration_seconds_count") == delta("nmtserve_decode_step_batch_size_count") > 0
     assert delta("nmtserve_decode_step_batch_size_sum") >= sum(u.output_tokens for u in usages)  # a row per token and step
     max_batch_size = server.server.settings.max_batch_size

@@ -222,6 +222,23 @@ def test_a_text_late_before_it_joins_leaves_as_late(harness, test_texts):
     assert 1 not in loop.running and not loop.ready and loop.decoder.rows_free() == CAPACITY - 1
 
 
+def test_a_text_late_after_its_first_token_leaves_as_late_without_taking_rows(harness, test_texts):
+    h, loop = harness, harness.loop
+    (source,) = loop.decoder.engine.encode_texts(test_texts[:1])
+    options = DecodeOptions(min_length=5, max_length=5)
+    deadline = time.monotonic() + 2.0
+    h.send(("submit", [Text(1, source, options, deadline, time.monotonic(), stream=True)]))
+    _handed_over(loop)  # started by the intake: its first token is out
+    started = h.reports()
+    assert [key for r in started for key, _ in r.started] == [1] and [s[0] for r in started for s in r.streamed] == [1]
+    time.sleep(max(0.0, deadline - time.monotonic()) + 0.05)  # its deadline passes before the loop's thread takes it
+    assert loop.iterate()
+    reports = [*h.reports(), loop.report]
+    assert [key for r in reports for key in r.late] == [1]
+    assert not any(r.admitted or r.finished for r in reports)
+    assert not loop.running and not loop.ready and loop.ahead == 0 and loop.decoder.rows_free() == CAPACITY
+
+
 def test_a_text_whose_encoding_fails_fails_alone(harness, test_texts):
     h, loop = harness, harness.loop
     engine = loop.decoder.engine

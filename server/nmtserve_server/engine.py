@@ -440,7 +440,9 @@ class Decoder:
         batch = self.engine.encode(sources)
         searches = self.start(batch, options)
         joining = [i for i, search in enumerate(searches) if not search.done]
-        if joining:
+        if len(joining) == len(searches):  # none ended: the common case, no copy of the batch
+            self.insert(keys, batch, searches)
+        elif joining:
             self.insert([keys[i] for i in joining], batch.select(joining), [searches[i] for i in joining])
         return [(key, search.results()) for key, search in zip(keys, searches) if search.done]
 

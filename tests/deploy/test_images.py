@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import onnxruntime
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnxruntime.capi import build_and_package_info
@@ -44,6 +45,8 @@ def test_every_dockerfile_is_clean_under_hadolint(run_tool):
 
 
 def test_the_gpu_base_has_the_cuda_major_version_of_onnxruntime_gpu():
+    # The image pins the release installed here, whose build information tells its CUDA version.
+    assert _default_arg(DOCKER / "Dockerfile.gpu", "ONNXRUNTIME_GPU_VERSION") == onnxruntime.__version__
     image = _default_arg(DOCKER / "Dockerfile.gpu", "CUDA_IMAGE")
     match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-runtime-ubuntu[\d.]+", image)
     assert match, f"{image}: expected an nvidia/cuda cudnn-runtime image"
@@ -56,7 +59,8 @@ def test_server_images_install_the_serve_extra_and_run_serve_unprivileged(name):
     stages = [args for op, args in instructions if op == "FROM"]
     assert len(stages) == 2 and stages[0].endswith(" AS build")  # build stage, then a clean runtime stage
     installs = [args for op, args in instructions if op == "RUN" and "pip install" in args]
-    assert len(installs) == 1 and re.search(r'pip install --no-cache-dir "\.\[serve\]"$', installs[0]), installs
+    pin = ' "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"' if name == "Dockerfile.gpu" else ""  # its CUDA major, fixed
+    assert len(installs) == 1 and installs[0].endswith(f'pip install --no-cache-dir ".[serve]"{pin}'), installs
     assert ("ENTRYPOINT", '["nmtserve", "serve"]') in instructions  # exec form: the server gets the signals
     (user,) = [args for op, args in instructions if op == "USER"]
     uid, gid = map(int, user.split(":"))

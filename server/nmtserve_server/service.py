@@ -277,6 +277,20 @@ class TranslatorService:
         violations += [(f"{name}[{index}]" if name == "texts" else name, wrong[index]) for index in sorted(wrong)]
         return sources
 
+    def _check_alignment_fits(self, sources: list[list[int]], options: DecodeOptions, violations: list[tuple[str, str]]) -> None:
+        """Adds a violation where the alignments alone, at the shortest output the options allow, would exceed the
+        answer's limit: such a request is refused before it takes rows and memory to decode."""
+        if not options.return_alignment:
+            return
+        # Each hypothesis has at least min_length tokens, each with a row of 4-byte weights, one per source token.
+        least = options.num_hypotheses * options.min_length * 4 * sum(len(source) for source in sources)
+        limit = self.settings.max_message_bytes
+        if least > limit:
+            violations.append(("options.return_alignment", f"the alignments alone would be at least {least} bytes "
+                               f"({options.num_hypotheses} hypotheses of at least min_length {options.min_length} tokens, "
+                               f"4 bytes per source token each), above the {limit} the server sends (--max-message-bytes): "
+                               "ask for fewer texts, hypotheses or tokens, or no alignment"))
+
     def _check_size(self, response: Message, options: pb.TranslateOptions) -> None:
         """Refuse a response larger than the server may send, naming what made it so, rather than let gRPC drop it."""
         size, limit = response.ByteSize(), self.settings.max_message_bytes
@@ -289,13 +303,12 @@ class TranslatorService:
         remaining = context.time_remaining()
         return None if remaining is None else time.monotonic() + remaining
 
-    def _hypothesis(self, hypothesis: Hypothesis, text: str, source_length: int, options: pb.TranslateOptions) -> pb.Hypothesis:
+    def _hypothesis(self, hypothesis: Hypothesis, text: str, options: pb.TranslateOptions) -> pb.Hypothesis:
         result = pb.Hypothesis(text=text, tokens=hypothesis.tokens)
         if options.return_scores:
             result.score = hypothesis.score
-        for weights in hypothesis.alignment or ():
-            # Each step's row spans the longest source in that step's batch; the columns past this text's are masked zeros.
-            result.alignment.add(weights=weights[:source_length])
+        for weights in hypothesis.alignment if hypothesis.alignment is not None else ():
+            result.alignment.add(weights=weights.tolist())  # a list converts faster than the array's row
         return result
 
     def _timings(self, call: Call, jobs: list[Job]) -> pb.Timings:
@@ -321,6 +334,7 @@ class TranslatorService:
             options = self._options(request.options, violations)
             tokenize = 0 < len(texts) <= self.settings.max_texts_per_request
             sources = self._sources(texts, "texts", request.options.target_language, violations) if tokenize else []
+            self._check_alignment_fits(sources, options, violations)
             if violations:
                 raise ValidationError(violations)
             jobs = self.scheduler.submit(sources, options, deadline=self._deadline(context))
@@ -333,7 +347,7 @@ class TranslatorService:
             for source, hypotheses in zip(sources, results):
                 outputs = model.decode_ids([h.tokens for h in hypotheses])
                 translation = response.translations.add(source_tokens=source)
-                translation.hypotheses.extend(self._hypothesis(h, o, len(source), request.options) for h, o in zip(hypotheses, outputs))
+                translation.hypotheses.extend(self._hypothesis(h, o, request.options) for h, o in zip(hypotheses, outputs))
             response.usage.input_tokens = sum(len(s) for s in sources)
             response.usage.output_tokens = sum(len(h.tokens) for hypotheses in results for h in hypotheses)
             response.timings.CopyFrom(self._timings(call, jobs))
@@ -352,6 +366,7 @@ class TranslatorService:
             if options.beam_size != 1:
                 violations.append(("options.beam_size", f"{options.beam_size}: streaming decodes greedily (0 or 1)"))
             sources = self._sources([request.text], "text", request.options.target_language, violations)
+            self._check_alignment_fits(sources, options, violations)
             if violations:
                 raise ValidationError(violations)
             model = self.model
@@ -372,7 +387,7 @@ class TranslatorService:
             if final_text.startswith(sent) and len(final_text) > len(sent):  # what the last pieces held back
                 yield pb.TranslateStreamResponse(piece=pb.TranslationPiece(text=final_text[len(sent) :]))
             final = pb.TranslationFinal(
-                hypothesis=self._hypothesis(hypothesis, final_text, len(sources[0]), request.options),
+                hypothesis=self._hypothesis(hypothesis, final_text, request.options),
                 source_tokens=sources[0],
                 usage=pb.Usage(input_tokens=len(sources[0]), output_tokens=len(hypothesis.tokens)),
                 timings=self._timings(call, [job]),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import numpy as np
 import pytest
@@ -164,16 +166,37 @@ def test_oversized_requests_are_refused_before_tokenizing_and_in_a_small_error(s
 
 
 def test_an_answer_above_the_message_limit_is_refused_by_name(start_server, test_texts):
-    server = start_server(max_message_bytes=16_384)
+    server = start_server(max_message_bytes=2048)
     with grpc.insecure_channel(server.address) as channel:
         stub = translator_pb2_grpc.TranslatorStub(channel)
-        request = pb.TranslateRequest(texts=test_texts[:4], options=server.long_options(return_alignment=True))
+        # Known only once decoded: four texts of the longest output, their tokens and text alone above 2 KB (about 3.5).
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Translate(request, timeout=TIMEOUT)
+            stub.Translate(pb.TranslateRequest(texts=test_texts[:4], options=server.long_options()), timeout=TIMEOUT)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert _bad_request(caught.value) == ["options.return_alignment"]
-        assert "above the 16384 the server sends" in caught.value.details()
+        assert _bad_request(caught.value) == ["texts"]
+        assert re.search(r"the answer would be \d+ bytes, above the 2048 the server sends", caught.value.details())
         assert stub.Translate(pb.TranslateRequest(texts=test_texts[:4]), timeout=TIMEOUT).translations  # still serving
+
+
+def test_alignments_sure_to_exceed_the_message_limit_are_refused_before_decoding(start_server, test_texts):
+    """min_length fixes the least the alignments take: beyond the limit, the request never takes rows and memory."""
+    # Below the 2 KB of weights the shortest text (a word and <eos>) takes over 256 tokens: every text's are above it.
+    server = start_server(max_message_bytes=2000)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        encoder_runs = server.metric("nmtserve_encoder_duration_seconds_count")
+        for call in (lambda r: stub.Translate(pb.TranslateRequest(texts=test_texts[:4], options=r), timeout=TIMEOUT),
+                     lambda r: list(stub.TranslateStream(pb.TranslateStreamRequest(text=test_texts[0], options=r), timeout=TIMEOUT))):
+            with pytest.raises(grpc.RpcError) as caught:
+                call(server.long_options(return_alignment=True))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert _bad_request(caught.value) == ["options.return_alignment"]
+            assert "the alignments alone would be at least" in caught.value.details()
+        assert server.metric("nmtserve_encoder_duration_seconds_count") == encoder_runs  # nothing was decoded
+        # Where the shortest output fits, the text is decoded and its alignment returned.
+        options = pb.TranslateOptions(max_length=8, return_alignment=True)
+        (translation,) = stub.Translate(pb.TranslateRequest(texts=test_texts[:1], options=options), timeout=TIMEOUT).translations
+        assert translation.hypotheses[0].alignment
 
 
 def test_stream_validation(stub):

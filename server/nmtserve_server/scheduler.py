@@ -232,9 +232,12 @@ class Scheduler:
             self._queued -= 1
 
     def _fail_all(self, error: Exception) -> None:
+        """End every job with `error`: the decode process has stopped or is gone, and its batch with it."""
         for job in list(self._jobs.values()):
             self._forget(job)
             job.finish(error)
+        self.metrics.queue_depth.set(self._queued)
+        self.metrics.active_sequences.set(0)
 
     # The decode process's reports, read on the event loop.
 

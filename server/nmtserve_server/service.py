@@ -339,7 +339,8 @@ class TranslatorService:
                 raise ValidationError(violations)
             jobs = self.scheduler.submit(sources, options, deadline=self._deadline(context))
             try:
-                results = [await job.future for job in jobs]
+                # gather: the call fails at its first failed text, and the errors of the others are read, not logged.
+                results = await asyncio.gather(*(job.future for job in jobs))
             finally:
                 self.scheduler.cancel(jobs)  # the ones still unfinished: the client went away or a sibling failed
             model = self.model

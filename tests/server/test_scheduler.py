@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import grpc
@@ -147,6 +149,20 @@ def test_deadline_mid_decode_frees_the_rows(start_server, test_texts):
             pytest.fail("the text finished each time before the decode process was paused")
         server.wait_for(lambda: _all_rows_free(server), timeout=10, what="the rows to be freed")
         assert stub.Translate(pb.TranslateRequest(texts=[test_texts[1]]), timeout=TIMEOUT).translations  # still serving
+
+
+def test_a_lost_decode_process_fails_every_text_and_clears_the_batch_gauges(start_server, test_texts):
+    server = start_server(max_batch_size=2)
+    channel, stub = _stub(server)
+    with channel:
+        call = stub.Translate.future(pb.TranslateRequest(texts=test_texts[:5], options=server.long_options()), timeout=TIMEOUT)
+        server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 2 and server.metric("nmtserve_queue_depth") == 3,
+                        what="two texts decoding and three queued")
+        os.kill(server.server.scheduler.decode_pid, signal.SIGKILL)
+        assert call.exception(timeout=TIMEOUT).code() == grpc.StatusCode.UNAVAILABLE
+    # Nothing is decoding or waiting any more, and the gauges say so (they kept the last report's values before).
+    server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 0 and server.metric("nmtserve_queue_depth") == 0,
+                    timeout=10, what="the gauges to clear")
 
 
 def _cancelled(server, method: str) -> float:

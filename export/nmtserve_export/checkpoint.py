@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
@@ -26,20 +27,43 @@ STATE_FILE = "train_state.safetensors"
 STATE_META_FILE = "train_state.json"
 
 
+def _json(data: Any) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
 def _write_json(path: Path, data: Any) -> None:
     # Written beside and renamed, so an interrupted save never leaves a half file.
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    tmp.write_text(_json(data))
     tmp.replace(path)
 
 
-def save_model(directory: Path, model: Transformer, metadata: dict[str, Any]) -> None:
-    """Write the weights and config.json (model configuration + metadata)."""
+def save_checkpoint(
+    directory: Path, model: Transformer, metadata: dict[str, Any], optimizer: torch.optim.Optimizer, step: int,
+    history: list[dict],
+) -> None:
+    """Write the weights and config.json (model configuration + metadata), and the optimizer moments, the RNG state
+    and the loss history at `step`, for resuming.
+
+    Every file is written beside its place before any is renamed into it, so an interruption leaves the last save
+    whole, or a mix of it and this one that the step recorded in each file tells (load_train_state refuses a mix).
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / (MODEL_FILE + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(directory / MODEL_FILE)
-    _write_json(directory / CONFIG_FILE, {"model": model.config.to_dict(), **metadata})
+    tag = {"step": str(step)}
+    state = {"rng": torch.get_rng_state()}
+    for index, values in optimizer.state_dict()["state"].items():
+        for name, value in values.items():
+            state[f"{index}.{name}"] = value.reshape(-1) if value.dim() == 0 else value
+    writers = {
+        MODEL_FILE: lambda path: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=tag),
+        STATE_FILE: lambda path: save_file(state, str(path), metadata=tag),
+        CONFIG_FILE: lambda path: path.write_text(_json({"model": model.config.to_dict(), **metadata})),
+        STATE_META_FILE: lambda path: path.write_text(_json({"step": step, "history": history})),
+    }
+    for name, write in writers.items():
+        write(directory / (name + ".tmp"))
+    for name in writers:
+        (directory / (name + ".tmp")).replace(directory / name)
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:
@@ -67,20 +91,16 @@ def load_model(directory: Path) -> tuple[Transformer, Tokenizer, dict[str, Any]]
     return model, Tokenizer.from_file(str(directory / TOKENIZER_FILE)), metadata
 
 
-def save_train_state(directory: Path, optimizer: torch.optim.Optimizer, step: int, history: list[dict]) -> None:
-    """Optimizer moments, the step, the RNG state and the loss history, for resuming."""
-    tensors = {"rng": torch.get_rng_state()}
-    for index, state in optimizer.state_dict()["state"].items():
-        for name, value in state.items():
-            tensors[f"{index}.{name}"] = value.reshape(-1) if value.dim() == 0 else value
-    tmp = directory / (STATE_FILE + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(directory / STATE_FILE)
-    _write_json(directory / STATE_META_FILE, {"step": step, "history": history})
-
-
 def load_train_state(directory: Path, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
-    """Restore what save_train_state wrote; returns the step and history."""
+    """Restore the training state save_checkpoint wrote; returns the step and history. Raises ValueError where the
+    weights and the state are of different steps (a save was interrupted)."""
+    meta = json.loads((directory / STATE_META_FILE).read_text())
+    steps = {MODEL_FILE: _saved_step(directory / MODEL_FILE), STATE_FILE: _saved_step(directory / STATE_FILE),
+             STATE_META_FILE: meta["step"]}
+    if len({step for step in steps.values() if step is not None}) > 1:  # None: saved before steps were recorded
+        raise ValueError(f"{directory}: its last save was interrupted, and its files are of different steps ("
+                         + ", ".join(f"{name}: {step}" for name, step in steps.items() if step is not None)
+                         + "); it cannot be resumed: train again, or evaluate and export it as it is")
     tensors = load_file(str(directory / STATE_FILE))
     torch.set_rng_state(tensors.pop("rng"))
     state_dict = optimizer.state_dict()
@@ -88,5 +108,11 @@ def load_train_state(directory: Path, optimizer: torch.optim.Optimizer) -> tuple
         index, name = key.split(".", 1)
         state_dict["state"].setdefault(int(index), {})[name] = value.reshape(()) if name == "step" else value
     optimizer.load_state_dict(state_dict)
-    meta = json.loads((directory / STATE_META_FILE).read_text())
     return meta["step"], meta["history"]
+
+
+def _saved_step(path: Path) -> int | None:
+    """The training step a safetensors file of a checkpoint was saved at (None if it does not say)."""
+    with safe_open(str(path), framework="pt") as file:
+        step = (file.metadata() or {}).get("step")
+    return None if step is None else int(step)

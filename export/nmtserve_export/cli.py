@@ -66,7 +66,13 @@ def run(command: str, args: argparse.Namespace) -> int:
     elif command == "train":
         from .train import train
 
-        out = train(settings_from_args(TrainSettings, args))
+        settings = settings_from_args(TrainSettings, args)
+        problems = settings.problems() + settings.resume_problems()
+        if problems:
+            for problem in problems:
+                print(f"nmtserve {command}: {problem}", file=sys.stderr)
+            return 2
+        out = train(settings)
         print(f"checkpoint written to {out}")
     elif command == "evaluate":
         from .evaluate import evaluate

@@ -100,6 +100,8 @@ def plot_all(checkpoint_dir: Path, *, sentence: str | None = None) -> list[Path]
     if state.is_file():
         paths.append(plot_training(json.loads(state.read_text())["history"], checkpoint_dir / "training.png"))
     if sentence is None:
-        sentence = next(p.source for p in held_out_pairs(metadata) if len(p.source.split()) >= 4)
+        sources = [p.source for p in held_out_pairs(metadata)]
+        # A few words draw a readable map; a corpus of unspaced text (Chinese, Japanese) or short entries may have none.
+        sentence = next((source for source in sources if len(source.split()) >= 4), sources[0])
     paths += plot_attention(model, tokenizer, sentence, checkpoint_dir)
     return paths

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from nmtserve.bundle import PAD_ID
+from nmtserve.settings import flag
 
 from . import checkpoint
 from .corpus import Pair, Splits, generate_corpus, read_tsv, split_corpus
@@ -47,7 +48,42 @@ class TrainSettings:
     valid_every: int = field(default=200, metadata={"help": "steps between validations (and checkpoint saves)"})
     valid_decode: int = field(default=300, metadata={"help": "validation pairs decoded greedily for exact match at each validation"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in --out"})
+    resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in --out, with the settings it was started with"})
+
+    def problems(self) -> list[str]:
+        """What is wrong with the settings, one sentence per problem (empty when they can train)."""
+        found = [f"{flag(name)} must be at least 1" for name in _AT_LEAST_ONE if getattr(self, name) < 1]
+        found += [f"{flag(name)} cannot be negative" for name in _NOT_NEGATIVE if not getattr(self, name) >= 0]
+        if not 0 <= self.label_smoothing < 1:
+            found.append(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
+        if not (math.isfinite(self.peak_lr) and self.peak_lr > 0):
+            found.append(f"--peak-lr must be a positive number, not {self.peak_lr}")
+        if self.corpus is None and self.corpus_size <= self.valid_size + self.test_size:
+            found.append(f"--corpus-size {self.corpus_size} leaves no training pairs after --valid-size {self.valid_size} "
+                         f"and --test-size {self.test_size}")
+        return found
+
+    def resume_problems(self) -> list[str]:
+        """With --resume, the settings that differ from those the run in --out was started with (empty otherwise)."""
+        if not self.resume or not (Path(self.out) / checkpoint.STATE_FILE).is_file():
+            return []
+        started = checkpoint.read_metadata(Path(self.out))["training"]["settings"]
+        return [f"--resume: {flag(name)} is {_stored(getattr(self, name))!r}, but the run in {self.out} was started with "
+                f"{started[name]!r}; a resumed run keeps its corpus, model and optimisation (give the same, or a new --out)"
+                for name in FIXED_ON_RESUME if name in started and _stored(getattr(self, name)) != started[name]]
+
+
+# What a resumed run must share with its start: a change would train on other data or batches, another model or
+# another schedule than the one its weights, optimizer moments and batch position come from.
+FIXED_ON_RESUME = ("preset", "corpus", "corpus_size", "source_lang", "target_lang", "seed", "valid_size", "test_size",
+                   "vocab_size", "max_tokens", "peak_lr", "warmup_steps", "label_smoothing", "clip_norm")
+_AT_LEAST_ONE = ("corpus_size", "valid_size", "test_size", "vocab_size", "max_tokens", "steps", "warmup_steps", "valid_every")
+_NOT_NEGATIVE = ("max_minutes", "clip_norm", "valid_decode", "threads")
+
+
+def _stored(value: object) -> object:
+    """A setting as config.json holds it."""
+    return str(value) if isinstance(value, Path) else value
 
 
 def learning_rate(step: int, peak_lr: float, warmup_steps: int) -> float:
@@ -114,6 +150,9 @@ def validate(
 
 def train(settings: TrainSettings) -> Path:
     """Train a model as the settings say; returns the checkpoint directory."""
+    problems = settings.problems() + settings.resume_problems()
+    if problems:
+        raise ValueError("; ".join(problems))
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
@@ -173,8 +212,7 @@ def train(settings: TrainSettings) -> Path:
                              em=f"{record.get('valid_exact_match', 0):.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
         log.info("step %d: %s", step, json.dumps(record))
         training = {**metadata["training"], "steps": step, "seconds": record["seconds"]}
-        checkpoint.save_model(out, model, {**metadata, "training": training})
-        checkpoint.save_train_state(out, optimizer, step, history)
+        checkpoint.save_checkpoint(out, model, {**metadata, "training": training}, optimizer, step, history)
         window.update(loss=0.0, tokens=0, start=time.perf_counter())
         start += window["start"] - now  # validation and saving are not training time
 

@@ -19,6 +19,15 @@ def test_corpus_writes_three_splits(tmp_path):
     assert lengths == {"train": 400, "valid": 50, "test": 50}
 
 
+def test_train_refuses_settings_that_cannot_train_before_any_work(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "nmtserve.cli", "train", "--out", str(tmp_path / "run"), "--warmup-steps", "0",
+                             "--valid-every", "0"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["nmtserve train: --warmup-steps must be at least 1",
+                                          "nmtserve train: --valid-every must be at least 1"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_then_evaluate(tmp_path):
     run = tmp_path / "run"
     nmtserve("train", "--out", run, "--preset", "tiny", "--corpus-size", "800", "--valid-size", "50", "--test-size", "50",

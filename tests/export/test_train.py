@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -74,3 +77,24 @@ def test_training_is_reproducible_and_resumable(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    # A resumed run keeps its start's settings: another seed would replay other batches on these weights.
+    other_seed = TrainSettings(out=resumed, steps=30, resume=True, **{**common, "seed": 1})
+    (problem,) = other_seed.resume_problems()
+    assert problem.startswith("--resume: --seed is 1, but the run in") and "started with 0" in problem
+    with pytest.raises(ValueError, match="--seed is 1"):
+        train(other_seed)
+    # Weights of step 20 beside a training state of step 10, as a save cut short between its files would leave them.
+    state = resumed / "train_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "step": 10}))
+    with pytest.raises(ValueError, match=r"its last save was interrupted.*model.safetensors: 20.*train_state.json: 10"):
+        train(TrainSettings(out=resumed, steps=30, resume=True, **common))
+
+
+def test_settings_that_cannot_train_are_named():
+    settings = TrainSettings(warmup_steps=0, valid_size=0, label_smoothing=1.0, corpus_size=100, test_size=100)
+    assert settings.problems() == [
+        "--valid-size must be at least 1", "--warmup-steps must be at least 1",
+        "--label-smoothing must be in [0, 1), not 1.0",
+        "--corpus-size 100 leaves no training pairs after --valid-size 0 and --test-size 100",
+    ]
+    assert TrainSettings().problems() == []

@@ -84,7 +84,7 @@ def run(command: str, args: argparse.Namespace) -> int:
             print(f"{results['test_pairs']} test pairs, decoded with {results['decoder']}")
             for name, r in results.items():
                 if isinstance(r, dict):
-                    print(f"{name:>7}: exact match {100 * r['exact_match']:.2f}%  BLEU {r['bleu']:.2f}  chrF {r['chrf']:.2f}  "
+                    print(f"{name:>7}: exact match {100 * r['exact_match']:.2f}%  BLEU {r['bleu']:.2f} ({r['bleu_tokenize']})  chrF {r['chrf']:.2f}  "
                           f"{r['tokens_per_second']:.0f} tokens/s")
                     worst = sorted(r["exact_match_by_category"].items(), key=lambda kv: kv[1])[:3]
                     print("         weakest categories: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in worst))

@@ -48,15 +48,27 @@ def translate_pairs(
     return tokenizer.decode_batch(outputs), generated, seconds
 
 
-def score(hypotheses: list[str], pairs: list[Pair]) -> dict:
-    """Exact match overall and per category, BLEU and chrF."""
+# Target languages written without spaces between words, and the sacrebleu tokenizer that splits them for BLEU: 13a
+# (its default) would take a whole Chinese or Japanese sentence for a word or two, and score near-misses 0.
+UNSPACED_BLEU_TOKENIZERS = {"zh": "zh", "ja": "char", "th": "char", "lo": "char", "km": "char", "my": "char"}
+
+
+def bleu_tokenizer(corpus: dict) -> str:
+    """The sacrebleu tokenizer for BLEU on a corpus's targets: 13a, or one that splits unspaced scripts."""
+    language = str(corpus.get("target_lang", "")).replace("-", "_").split("_")[0].lower()
+    return UNSPACED_BLEU_TOKENIZERS.get(language, "13a")
+
+
+def score(hypotheses: list[str], pairs: list[Pair], bleu_tokenize: str = "13a") -> dict:
+    """Exact match overall and per category, BLEU (with sacrebleu's tokenizer `bleu_tokenize`) and chrF."""
     references = [p.target for p in pairs]
     by_category: dict[str, list[bool]] = defaultdict(list)
     for hypothesis, pair in zip(hypotheses, pairs):
         by_category[pair.category].append(hypothesis == pair.target)
     return {
         "exact_match": sum(h == r for h, r in zip(hypotheses, references)) / len(references),
-        "bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+        "bleu": sacrebleu.corpus_bleu(hypotheses, [references], tokenize=bleu_tokenize).score,
+        "bleu_tokenize": bleu_tokenize,
         "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
         "exact_match_by_category": {c: sum(v) / len(v) for c, v in sorted(by_category.items())},
     }
@@ -93,7 +105,7 @@ def evaluate(
         else:
             hypotheses, generated, seconds = translate_pairs(model, tokenizer, pairs, beam_size=beam_size)
         name = "greedy" if beam_size == 1 else f"beam{beam_size}"
-        results[name] = {**score(hypotheses, pairs), "tokens_per_second": generated / seconds, "seconds": seconds}
+        results[name] = {**score(hypotheses, pairs, bleu_tokenizer(metadata["corpus"])), "tokens_per_second": generated / seconds, "seconds": seconds}
         if beam_size == 1:
             errors = [(p.source, p.target, h) for p, h in zip(pairs, hypotheses) if h != p.target]
     if not bundle:  # the checkpoint's own scores are those of its PyTorch reference decoding

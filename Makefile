@@ -54,7 +54,7 @@ demo: install
 	kill -TERM $$server; wait $$server; status=$$?; \
 	echo "--- server stopped by SIGTERM, exit status $$status"; \
 	[ $$status -eq 0 ] || { tail -n 5 $(RUN)/serve.log; exit 1; }
-	@echo "--- pictures: $(RUN)/*.png; scores: $(RUN)/config.json"
+	@echo "--- pictures: $(RUN)/*.png; training curves: $(RUN)/train_state.json; test scores: $(BIN)/nmtserve evaluate $(RUN)"
 
 test: install tools
 	$(BIN)/python -m pytest

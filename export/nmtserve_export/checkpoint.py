@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from .model import ModelConfig, Transformer
+from .tokenizer import load_tokenizer
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -88,7 +89,7 @@ def load_model(directory: Path) -> tuple[Transformer, Tokenizer, dict[str, Any]]
     model = Transformer(ModelConfig(**metadata["model"]))
     model.load_state_dict(load_file(str(directory / MODEL_FILE)))
     model.eval()
-    return model, Tokenizer.from_file(str(directory / TOKENIZER_FILE)), metadata
+    return model, load_tokenizer(directory / TOKENIZER_FILE), metadata
 
 
 def load_train_state(directory: Path, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:

@@ -8,6 +8,7 @@ copied and regrouped digit by digit rather than memorised.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -31,4 +32,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    return as_text_tokenizer(tokenizer)
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """A checkpoint's tokenizer.json, ready to encode texts."""
+    return as_text_tokenizer(Tokenizer.from_file(str(path)))
+
+
+def as_text_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer, set to read "<pad>" or "<eos>" in a text as the characters they are, never as the special ids
+    (which would end or blank a source mid-sentence); tokenizer.json does not keep the setting. The server's
+    SubwordTokenizer reads texts the same way."""
+    tokenizer.encode_special_tokens = True
     return tokenizer

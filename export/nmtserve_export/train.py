@@ -21,7 +21,7 @@ from .corpus import Pair, Splits, generate_corpus, read_tsv, split_corpus
 from .data import encode_sources, encode_targets, epoch_batches, make_batch, token_batches
 from .decode import greedy_search
 from .model import Transformer, count_parameters, label_smoothed_nll_loss, model_config
-from .tokenizer import train_tokenizer
+from .tokenizer import load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def train(settings: TrainSettings) -> Path:
     splits = load_splits(settings)
     tokenizer_path = out / checkpoint.TOKENIZER_FILE
     if settings.resume and tokenizer_path.is_file():
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        tokenizer = load_tokenizer(tokenizer_path)
     else:
         tokenizer = train_tokenizer((text for p in splits.train for text in (p.source, p.target)), settings.vocab_size)
         tokenizer.save(str(tokenizer_path))

@@ -20,6 +20,9 @@ class SubwordTokenizer:
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+        # "<eos>" or "<pad>" typed in a text is read as those characters, never as the special ids (which would end or
+        # blank the source mid-sentence), as training read its corpus (nmtserve_export.tokenizer.as_text_tokenizer).
+        self.tokenizer.encode_special_tokens = True
         self.eos = tokens.eos
 
     # One text at a time, on the caller's thread: the batch calls hand every batch, even of one text, to a pool of

@@ -42,6 +42,8 @@ def test_tokenizer_round_trip_is_lossless_on_the_generated_corpus(default_corpus
     assert not mismatches, mismatches[:5]
     assert tokenizer.token_to_id("<pad>") == 0 and tokenizer.token_to_id("<unk>") == 3
     assert tokenizer.encode("1234").tokens == ["1", "2", "3", "4"]  # digits one by one
+    # Special tokens' names in a corpus are text, as the server reads them, not ids that end or blank a sentence.
+    assert not {0, 1, 2, 3} & set(tokenizer.encode("see <eos> or <pad>").ids)
 
 
 def test_tiny_model_overfits_a_small_corpus(tmp_path):

@@ -22,3 +22,15 @@ def test_encoding_and_decoding_start_no_threads(tiny_bundle, test_texts):
         "assert len(os.listdir('/proc/self/task')) == threads, 'tokenizing started threads'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_special_token_names_in_a_text_are_read_as_characters(tiny_bundle):
+    """"<eos>" typed in a text used to become the eos id mid-source: the model read the sentence as ended there."""
+    from nmtserve_server.engine import Model
+
+    model = Model.from_path(tiny_bundle)
+    text = "Pay <eos> on <pad> Friday <unk> <bos>"
+    (ids,) = model.encode_texts([text])
+    special = {model.tokens.pad, model.tokens.bos, model.tokens.eos, model.tokens.unk}
+    assert ids[-1] == model.tokens.eos and not special & set(ids[:-1])
+    assert model.decode_ids([ids[:-1]]) == [text]

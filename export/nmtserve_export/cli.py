@@ -51,9 +51,20 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 
 def run(command: str, args: argparse.Namespace) -> int:
-    """Run one subcommand."""
+    """Run one subcommand; a corpus that cannot be read (a malformed TSV line, a file changed since training) ends it
+    with one line naming the file and the line, exit 1."""
+    from .corpus import CorpusError
+
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("nmtserve_export").setLevel(logging.INFO)  # ours, not the exporter libraries' chatter
+    try:
+        return _run(command, args)
+    except CorpusError as error:
+        print(f"nmtserve {command}: {error}", file=sys.stderr)
+        return 1
+
+
+def _run(command: str, args: argparse.Namespace) -> int:
     if command == "corpus":
         from .corpus import generate_corpus, split_corpus, write_tsv
 

@@ -467,6 +467,15 @@ def split_corpus(pairs: list[Pair], *, valid_size: int, test_size: int) -> Split
     return Splits(**by_split)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, hex: what a checkpoint records of the TSV corpus it was trained on."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_tsv(path: str | os.PathLike) -> list[Pair]:
     """Read a user corpus of `source<TAB>target` lines."""
     lines = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8).split(b"\n")

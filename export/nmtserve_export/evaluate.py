@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from .checkpoint import load_model, update_metadata
-from .corpus import Pair, generate_corpus, read_tsv, split_corpus
+from .corpus import CorpusError, Pair, file_sha256, generate_corpus, read_tsv, split_corpus
 from .data import encode_sources
 from .decode import beam_search, greedy_search
 from .model import Transformer
@@ -22,6 +22,11 @@ def held_out_pairs(metadata: dict) -> list[Pair]:
     """Rebuild the exact test split the checkpoint was held out from."""
     corpus = metadata["corpus"]
     if corpus["kind"] == "tsv":
+        # A file changed since training splits differently: its test set could hold sentences the model trained on.
+        if "sha256" in corpus and file_sha256(corpus["path"]) != corpus["sha256"]:
+            raise CorpusError(f"{corpus['path']} has changed since the model was trained on it (sha256 "
+                              f"{corpus['sha256'][:12]}…, now {file_sha256(corpus['path'])[:12]}…): its held-out split "
+                              "can no longer be rebuilt; restore the file, or train again")
         pairs = read_tsv(corpus["path"])
     else:
         pairs = generate_corpus(corpus["size"], source_lang=corpus["source_lang"], target_lang=corpus["target_lang"], seed=corpus["seed"])

@@ -17,7 +17,7 @@ from nmtserve.bundle import PAD_ID
 from nmtserve.settings import flag
 
 from . import checkpoint
-from .corpus import Pair, Splits, generate_corpus, read_tsv, split_corpus
+from .corpus import Pair, Splits, file_sha256, generate_corpus, read_tsv, split_corpus
 from .data import encode_sources, encode_targets, epoch_batches, make_batch, token_batches
 from .decode import greedy_search
 from .model import Transformer, count_parameters, label_smoothed_nll_loss, model_config
@@ -104,7 +104,9 @@ def load_splits(settings: TrainSettings) -> Splits:
 def corpus_metadata(settings: TrainSettings) -> dict:
     """How to rebuild the corpus exactly (for evaluation and the bundle manifest)."""
     if settings.corpus is not None:
-        return {"kind": "tsv", "path": str(settings.corpus), "valid_size": settings.valid_size, "test_size": settings.test_size}
+        path = Path(settings.corpus).resolve()  # evaluate and plot may run from another directory
+        return {"kind": "tsv", "path": str(path), "sha256": file_sha256(path), "valid_size": settings.valid_size,
+                "test_size": settings.test_size}
     return {
         "kind": "cldr",
         "size": settings.corpus_size,

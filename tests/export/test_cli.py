@@ -42,6 +42,27 @@ def test_train_then_evaluate(tmp_path):
     assert json.loads((run / "config.json").read_text())["scores"]["greedy"]["bleu"] == scores["greedy"]["bleu"]
 
 
+def test_a_tsv_corpus_is_found_from_any_directory_and_a_changed_one_is_refused(tmp_path):
+    from nmtserve_export.corpus import generate_corpus, write_tsv
+
+    write_tsv(generate_corpus(300, seed=1), tmp_path / "my.tsv")
+    run = tmp_path / "run"
+    trained = subprocess.run(
+        [sys.executable, "-m", "nmtserve.cli", "train", "--out", "run", "--corpus", "my.tsv", "--preset", "tiny",
+         "--valid-size", "20", "--test-size", "20", "--vocab-size", "300", "--steps", "2", "--valid-every", "2",
+         "--valid-decode", "0", "--max-tokens", "512"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert json.loads(nmtserve("evaluate", run, "--beam-sizes", "1", "--json").stdout)["test_pairs"] == 20  # from elsewhere
+    with (tmp_path / "my.tsv").open("a") as corpus:  # one more line: the splits would move
+        corpus.write("one more line\teine Zeile mehr\n")
+    result = subprocess.run([sys.executable, "-m", "nmtserve.cli", "evaluate", str(run)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"nmtserve evaluate: {(tmp_path / 'my.tsv').resolve()} has changed since the model was trained on it")
+
+
 def test_plot_writes_every_picture(tiny_run):
     result = nmtserve("plot", tiny_run)
     for name in ("positional_encoding.png", "training.png", "encoder_self_attention.png", "alignment.png"):

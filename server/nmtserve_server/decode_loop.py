@@ -413,9 +413,7 @@ class DecodeLoop:
 
     def _intake_once(self, selector: selectors.BaseSelector) -> bool:
         """Wait for news, read it, and encode what fits; False after the stop."""
-        for key, _ in selector.select(self._intake_timeout()):
-            if key.fileobj == self._wake_reader:
-                os.read(self._wake_reader, 4096)
+        self._wait(selector, self._intake_timeout())
         if not self._read():
             return False
         if self.pending and self.idle.is_set() and self.max_queue_delay > 0 and not self._gather(selector):
@@ -484,10 +482,17 @@ class DecodeLoop:
             remaining = end - time.monotonic()
             if remaining <= 0:
                 break
-            selector.select(remaining)
+            self._wait(selector, remaining)
             if not self._read():
                 return False
         return True
+
+    def _wait(self, selector: selectors.BaseSelector, timeout: float | None) -> None:
+        """Wait up to `timeout` for a message or the loop's wake-up, and take the wake-up's bytes, which would
+        otherwise end every later wait at once."""
+        for key, _ in selector.select(timeout):
+            if key.fileobj == self._wake_reader:
+                os.read(self._wake_reader, 4096)
 
     def _expire_pending(self) -> None:
         """Queued texts whose deadline has passed leave before their encoder run; the loop reports them late."""

@@ -28,13 +28,13 @@ from .data import encode_sources
 from .decode import greedy_search
 from .evaluate import held_out_pairs
 from .onnx_export import export_bundle
+from .train import default_run
 
-DEFAULT_RUN = Path("runs/default")
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     """Define the benchmark's flags."""
-    parser.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_RUN, help="checkpoint directory (default: %(default)s)")
+    parser.add_argument("checkpoint", type=Path, nargs="?", default=default_run(), help="checkpoint directory (default: %(default)s)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="sentences decoded together")
     parser.add_argument("--length", type=int, default=32, help="tokens generated per sentence (min = max length)")
     parser.add_argument("--sentences", type=int, default=128, help="test sentences per measurement")

@@ -10,9 +10,7 @@ from pathlib import Path
 
 from nmtserve.settings import add_settings_arguments, flag, settings_from_args
 
-from .train import TrainSettings
-
-DEFAULT_RUN = TrainSettings().out
+from .train import TrainSettings, default_run
 
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
@@ -25,17 +23,17 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     elif command == "train":
         add_settings_arguments(parser, TrainSettings)
     elif command == "evaluate":
-        parser.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_RUN, help="checkpoint directory (default: %(default)s)")
+        parser.add_argument("checkpoint", type=Path, nargs="?", default=default_run(), help="checkpoint directory (default: %(default)s)")
         parser.add_argument("--beam-sizes", type=int, nargs="+", default=[1, 4], help="beam sizes to decode with (1: greedy)")
         parser.add_argument("--limit", type=int, default=0, help="decode only the first N test pairs (0: all)")
         parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
         parser.add_argument("--bundle", type=Path, default=None, help="decode with the ONNX Runtime engine and this bundle instead of PyTorch")
         parser.add_argument("--json", action="store_true", help="print the full results as JSON")
     elif command == "plot":
-        parser.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_RUN, help="checkpoint directory (default: %(default)s)")
+        parser.add_argument("checkpoint", type=Path, nargs="?", default=default_run(), help="checkpoint directory (default: %(default)s)")
         parser.add_argument("--sentence", default=None, help="source sentence for the attention maps (default: the first test sentence)")
     elif command == "export":
-        parser.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_RUN, help="checkpoint directory (default: %(default)s)")
+        parser.add_argument("checkpoint", type=Path, nargs="?", default=default_run(), help="checkpoint directory (default: %(default)s)")
         parser.add_argument("--out", type=Path, required=True, help="bundle directory to write")
         parser.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
                             help="fp32; fp16 (for GPUs); int8 (dynamic quantization, for CPUs)")

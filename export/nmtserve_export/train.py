@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from nmtserve.bundle import PAD_ID
-from nmtserve.settings import flag
+from nmtserve.settings import env_var, flag
 
 from . import checkpoint
 from .corpus import Pair, Splits, file_sha256, generate_corpus, read_tsv, split_corpus
@@ -71,6 +72,12 @@ class TrainSettings:
         return [f"--resume: {flag(name)} is {_stored(getattr(self, name))!r}, but the run in {self.out} was started with "
                 f"{started[name]!r}; a resumed run keeps its corpus, model and optimisation (give the same, or a new --out)"
                 for name in FIXED_ON_RESUME if name in started and _stored(getattr(self, name)) != started[name]]
+
+
+def default_run() -> Path:
+    """The checkpoint `nmtserve train` writes when not told where: NMTSERVE_OUT, else runs/default; the other
+    commands read it by default."""
+    return Path(os.environ.get(env_var("out"), TrainSettings.out))
 
 
 # What a resumed run must share with its start: a change would train on other data or batches, another model or

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 
-def nmtserve(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "nmtserve.cli", *map(str, args)], capture_output=True, text=True, timeout=600)
+def nmtserve(*args: str, **environment: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "nmtserve.cli", *map(str, args)], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, **environment})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -64,7 +66,7 @@ def test_a_tsv_corpus_is_found_from_any_directory_and_a_changed_one_is_refused(t
 
 
 def test_plot_writes_every_picture(tiny_run):
-    result = nmtserve("plot", tiny_run)
+    result = nmtserve("plot", NMTSERVE_OUT=str(tiny_run))  # where train wrote, by the same variable
     for name in ("positional_encoding.png", "training.png", "encoder_self_attention.png", "alignment.png"):
         path = tiny_run / name
         assert str(path) in result.stdout

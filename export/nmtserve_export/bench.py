@@ -31,7 +31,6 @@ from .onnx_export import export_bundle
 from .train import default_run
 
 
-
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     """Define the benchmark's flags."""
     parser.add_argument("checkpoint", type=Path, nargs="?", default=default_run(), help="checkpoint directory (default: %(default)s)")

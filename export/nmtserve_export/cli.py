@@ -73,15 +73,14 @@ def _run(command: str, args: argparse.Namespace) -> int:
             write_tsv(getattr(splits, name), args.out / f"{name}.tsv")
             print(f"{args.out / name}.tsv: {len(getattr(splits, name))} pairs")
     elif command == "train":
-        from .train import train
+        from .train import TrainSettingsError, train
 
-        settings = settings_from_args(TrainSettings, args)
-        problems = settings.problems() + settings.resume_problems()
-        if problems:
-            for problem in problems:
+        try:
+            out = train(settings_from_args(TrainSettings, args))  # checks the settings before any work
+        except TrainSettingsError as error:
+            for problem in error.problems:
                 print(f"nmtserve {command}: {problem}", file=sys.stderr)
             return 2
-        out = train(settings)
         print(f"checkpoint written to {out}")
     elif command == "evaluate":
         from .evaluate import evaluate

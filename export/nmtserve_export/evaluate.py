@@ -23,9 +23,9 @@ def held_out_pairs(metadata: dict) -> list[Pair]:
     corpus = metadata["corpus"]
     if corpus["kind"] == "tsv":
         # A file changed since training splits differently: its test set could hold sentences the model trained on.
-        if "sha256" in corpus and file_sha256(corpus["path"]) != corpus["sha256"]:
+        if "sha256" in corpus and (now := file_sha256(corpus["path"])) != corpus["sha256"]:
             raise CorpusError(f"{corpus['path']} has changed since the model was trained on it (sha256 "
-                              f"{corpus['sha256'][:12]}…, now {file_sha256(corpus['path'])[:12]}…): its held-out split "
+                              f"{corpus['sha256'][:12]}…, now {now[:12]}…): its held-out split "
                               "can no longer be rebuilt; restore the file, or train again")
         pairs = read_tsv(corpus["path"])
     else:
@@ -104,13 +104,14 @@ def evaluate(
         pairs = pairs[:limit]
     results: dict = {"test_pairs": len(pairs), "decoder": f"onnxruntime:{bundle}" if bundle else "pytorch"}
     errors = []
+    bleu_tokenize = bleu_tokenizer(metadata["corpus"])
     for beam_size in beam_sizes:
         if bundle:
             hypotheses, generated, seconds = translate_pairs_onnx(bundle, pairs, beam_size=beam_size, threads=threads)
         else:
             hypotheses, generated, seconds = translate_pairs(model, tokenizer, pairs, beam_size=beam_size)
         name = "greedy" if beam_size == 1 else f"beam{beam_size}"
-        results[name] = {**score(hypotheses, pairs, bleu_tokenizer(metadata["corpus"])), "tokens_per_second": generated / seconds, "seconds": seconds}
+        results[name] = {**score(hypotheses, pairs, bleu_tokenize), "tokens_per_second": generated / seconds, "seconds": seconds}
         if beam_size == 1:
             errors = [(p.source, p.target, h) for p, h in zip(pairs, hypotheses) if h != p.target]
     if not bundle:  # the checkpoint's own scores are those of its PyTorch reference decoding

@@ -74,6 +74,14 @@ class TrainSettings:
                 for name in FIXED_ON_RESUME if name in started and _stored(getattr(self, name)) != started[name]]
 
 
+class TrainSettingsError(ValueError):
+    """Settings that cannot train, or cannot resume the run in --out; `problems` has one sentence each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 def default_run() -> Path:
     """The checkpoint `nmtserve train` writes when not told where: NMTSERVE_OUT, else runs/default; the other
     commands read it by default."""
@@ -161,7 +169,7 @@ def train(settings: TrainSettings) -> Path:
     """Train a model as the settings say; returns the checkpoint directory."""
     problems = settings.problems() + settings.resume_problems()
     if problems:
-        raise ValueError("; ".join(problems))
+        raise TrainSettingsError(problems)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)

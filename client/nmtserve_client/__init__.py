@@ -9,7 +9,8 @@
             print(piece.text, end="", flush=True)
 
 AsyncClient has the same methods, awaited (translate_stream is an async
-iterator). Needs only grpcio and protobuf (`pip install 'nmtserve[client]'`).
+iterator). Needs only grpcio and protobuf: the `client` extra (`pip install -e '.[client]'` in the
+checkout).
 """
 
 from .aio import AsyncClient, AsyncTranslationStream

@@ -13,7 +13,7 @@ from nmtserve.v1 import translator_pb2 as pb
 from nmtserve.v1 import translator_pb2_grpc
 
 from .calls import (
-    HEALTH_CHECK, Closing, Deadline, HealthCheckRequest, HealthCheckResponse, Retries, StreamCall, chunks, client_settings,
+    HEALTH_CHECK, Closing, Deadline, HealthCheckRequest, HealthCheckResponse, Retries, StreamCall, check_text, chunks, client_settings,
     task_cancelling, text_list, translate_options,
 )
 from .channel import SERVICE_NAME, ClientSettings, channel_options, credentials
@@ -54,7 +54,7 @@ class AsyncTranslationStream(StreamCall):
                         # cancellation to TaskGroup and asyncio.timeout. As the sync client says it:
                         raise self.cancelled_error() from None
                     raise
-                await self._closing.sleep_async(delay)
+                await self._closing.sleep_async(delay, self._wake)
                 self._restart()
         if message is grpc.aio.EOF:
             raise StopAsyncIteration
@@ -140,10 +140,13 @@ class AsyncClient:
         tasks = [asyncio.create_task(send(offset, chunk)) for offset, chunk in chunks(texts, self.settings.texts_per_request)]
         try:
             with self._closing.calls():
-                results = await asyncio.gather(*tasks)
+                # In order, as in the blocking client: a failed call raises the error of its first request that failed, not of the
+                # one that failed soonest.
+                results = [await task for task in tasks]
         finally:
             for task in tasks:  # the rest of a call that failed
-                task.cancel()
+                if not task.cancel() and not task.cancelled():
+                    task.exception()  # a later request's failure, not raised: retrieved, so asyncio does not log it
         return [translation for chunk in results for translation in chunk]
 
     @_documented_as(Client.translate_stream)
@@ -163,11 +166,13 @@ class AsyncClient:
             max_length=max_length, min_length=min_length, length_penalty=length_penalty, return_scores=return_scores,
             return_alignment=return_alignment, target_language=target_language,
         )
+        check_text(text, "text")
         request = pb.TranslateStreamRequest(text=text, options=options)
         deadline = self._deadline(timeout)
         with self._closing.calls():
             return AsyncTranslationStream(
-                lambda: self._stub.TranslateStream(request, timeout=deadline.remaining()), Retries(self.settings, deadline), self._closing
+                lambda: self._stub.TranslateStream(request, timeout=deadline.remaining()), Retries(self.settings, deadline), self._closing,
+                asyncio.Event(),
             )
 
     @_documented_as(Client.model_info)

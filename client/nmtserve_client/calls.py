@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 import time
@@ -51,13 +52,15 @@ class Deadline:
 
 
 class Retries:
-    """The SDK's own retries of one Translate or TranslateStream call that a full server refused (RESOURCE_EXHAUSTED).
+    """The retries of one Translate or TranslateStream call: UNAVAILABLE (a server starting, draining or out of reach) and
+    a full server's RESOURCE_EXHAUSTED, max_attempts in all, within the call's deadline.
 
-    gRPC's retry policy matches status codes only, and would also retry gRPC's
-    own RESOURCE_EXHAUSTED for a message above the size limit, which can never
-    succeed; so the SDK retries that code itself, on gRPC's schedule: attempt
-    n + 1 after random(0, min(initial_backoff * backoff_multiplier ** (n - 1), max_backoff)).
-    Each attempt may itself be retried by gRPC on UNAVAILABLE: max_attempts bounds each code's retries, the deadline both.
+    The SDK makes them rather than gRPC's retry policy, which matches status
+    codes only: it would also retry gRPC's own RESOURCE_EXHAUSTED for a message
+    above the size limit, which can never succeed, and leaving UNAVAILABLE to it
+    would multiply the two budgets (gRPC's attempts inside each of the SDK's).
+    Attempt n + 1 follows gRPC's schedule: after random(0, min(initial_backoff *
+    backoff_multiplier ** (n - 1), max_backoff)).
     """
 
     def __init__(self, settings: ClientSettings, deadline: Deadline, offset: int = 0):
@@ -70,10 +73,11 @@ class Retries:
     def after(self, error: grpc.RpcError) -> float:
         """Seconds to wait before the next attempt after error (counting it); raises the SDK exception where the call fails with it."""
         s = self._settings
-        overloaded = error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not is_too_large(error)
-        if overloaded and not self._stopped and self.attempt < s.max_attempts:
+        code = error.code()
+        retryable = code == grpc.StatusCode.UNAVAILABLE or (code == grpc.StatusCode.RESOURCE_EXHAUSTED and not is_too_large(error))
+        if retryable and not self._stopped and self.attempt < s.max_attempts:
             delay = random.uniform(0, min(s.initial_backoff * s.backoff_multiplier ** (self.attempt - 1), s.max_backoff))
-            if self._deadline.allows(delay):  # the server's "overloaded" says more than a deadline passed during back-off
+            if self._deadline.allows(delay):  # the server's own answer says more than a deadline passed during back-off
                 self.attempt += 1
                 return delay
         raise texts_error(error, self._offset) from None
@@ -93,31 +97,45 @@ class Closing:
     """Whether a client was closed; once it was, the calls that closing ended say so, and none sleeps out a back-off."""
 
     def __init__(self) -> None:
-        self._woken = threading.Event()  # by close(): a blocking call's back-off ends
-        self._woken_async = asyncio.Event()  # the same for the asyncio client's (bound to its loop at the first wait)
+        self._closed = threading.Event()
+        # The events of the calls waiting out a back-off: close() sets them all, as a stream's cancel() sets its own.
+        self._sleepers: set[threading.Event | asyncio.Event] = set()
 
     @property
     def closed(self) -> bool:
         """Whether close() was called."""
-        return self._woken.is_set()
+        return self._closed.is_set()
 
     def close(self) -> None:
         """Mark the client closed and wake the calls that wait to retry."""
-        self._woken.set()
-        self._woken_async.set()
+        self._closed.set()
+        for sleeper in list(self._sleepers):
+            sleeper.set()
 
-    def sleep(self, seconds: float) -> None:
-        """Wait out a retry's back-off; ClientClosedError as soon as the client is closed."""
-        if self._woken.wait(seconds):
+    def sleep(self, seconds: float, wake: threading.Event | None = None) -> None:
+        """Wait out a retry's back-off, or until `wake` is set; ClientClosedError as soon as the client is closed."""
+        wake = wake or threading.Event()
+        self._sleepers.add(wake)
+        try:
+            if not self.closed:
+                wake.wait(seconds)
+        finally:
+            self._sleepers.discard(wake)
+        if self.closed:
             raise _closed_error()
 
-    async def sleep_async(self, seconds: float) -> None:
+    async def sleep_async(self, seconds: float, wake: asyncio.Event | None = None) -> None:
         """sleep(), for the asyncio client."""
+        wake = wake or asyncio.Event()
+        self._sleepers.add(wake)
         try:
-            await asyncio.wait_for(self._woken_async.wait(), seconds)
-        except TimeoutError:
-            return
-        raise _closed_error()
+            if not self.closed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), seconds)
+        finally:
+            self._sleepers.discard(wake)
+        if self.closed:
+            raise _closed_error()
 
     @contextmanager
     def calls(self) -> Iterator[None]:
@@ -151,18 +169,24 @@ def _ended_by_close(error: BaseException) -> bool:
 
 
 class StreamCall:
-    """What the streams of both clients share: the TranslateStream call, started again after a full server's refusal, and cancel()."""
+    """What the streams of both clients share: the TranslateStream call, started again while the server refuses it
+    before its first piece (Retries), and cancel(), which also ends a back-off."""
 
-    def __init__(self, start: Callable[[], grpc.Call | grpc.aio.UnaryStreamCall], retries: Retries, closing: Closing):
+    def __init__(self, start: Callable[[], grpc.Call | grpc.aio.UnaryStreamCall], retries: Retries, closing: Closing,
+                 wake: threading.Event | asyncio.Event):
         self._start = start
         self._retries = retries
         self._closing = closing
+        self._wake = wake  # set by cancel(): a back-off in progress ends at once
         self._call = start()
         self._cancelled = False
 
     def _restart(self) -> None:
+        """Start the call again after a back-off; a stream cancelled during it ends instead."""
+        if self._cancelled:
+            raise self.cancelled_error()
         self._call = self._start()
-        if self._cancelled:  # cancel() came during the back-off, to the call before
+        if self._cancelled:  # cancel() came from another thread while the call started
             self._call.cancel()
 
     def cancel(self) -> None:
@@ -170,6 +194,7 @@ class StreamCall:
         self._cancelled = True
         self._retries.stop()
         self._call.cancel()
+        self._wake.set()
 
     def _after(self, error: grpc.RpcError) -> float:
         """Seconds to wait before starting the stream again after error; raises the SDK exception where it ends the stream."""
@@ -209,10 +234,24 @@ def translate_options(**values: Any) -> pb.TranslateOptions:
 
 
 def text_list(texts: Sequence[str]) -> list[str]:
-    """texts as a list; a single string is refused rather than translated character by character."""
+    """texts as a list; a single string is refused rather than translated character by character, and a text that is
+    not Unicode text (InvalidInputError) before anything is sent."""
     if isinstance(texts, str):
         raise TypeError("translate() takes a list of texts; for one text, pass [text] or use translate_stream(text)")
-    return list(texts)
+    texts = list(texts)
+    for index, text in enumerate(texts):
+        check_text(text, f"texts[{index}]")
+    return texts
+
+
+def check_text(text: str, field: str) -> None:
+    """InvalidInputError where text cannot be sent as UTF-8: a lone surrogate, as Python decodes bytes that are not UTF-8
+    with errors="surrogateescape" (file names, stdin under a C locale)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        description = f"not valid Unicode text: {error.reason} at character {error.start} (was the input UTF-8?)"
+        raise InvalidInputError(f"{field}: {description}", [FieldViolation(field, description)]) from None
 
 
 def chunks(texts: list[str], size: int) -> list[tuple[int, list[str]]]:

@@ -1,15 +1,13 @@
 """How the SDK connects: one settings dataclass, and the gRPC channel options and credentials made from it.
 
-Load balancing and most retries are gRPC's own, set through the channel's
-service config (https://github.com/grpc/grpc/blob/master/doc/service_config.md):
-gRPC retries a call that failed with UNAVAILABLE before the server sent
-anything back, waiting random(0, min(initial_backoff * backoff_multiplier **
-(n - 1), max_backoff)) before attempt n + 1, all within the call's deadline;
-round robin spreads calls over every address the target resolves to (e.g. the
-pods behind a headless Kubernetes Service). RESOURCE_EXHAUSTED of Translate and
-TranslateStream is retried by the SDK on the same schedule (calls.Retries),
-because gRPC also answers with that code a message above its size limit, and
-its retry policy cannot tell the two apart.
+Load balancing is gRPC's own, set through the channel's service config
+(https://github.com/grpc/grpc/blob/master/doc/service_config.md): round robin
+spreads calls over every address the target resolves to (e.g. the pods behind
+a headless Kubernetes Service). Translate and TranslateStream are retried by
+the SDK (calls.Retries) when a server is unavailable or full, max_attempts in
+all, waiting random(0, min(initial_backoff * backoff_multiplier ** (n - 1),
+max_backoff)) before attempt n + 1, within the call's deadline; GetModelInfo,
+whose messages are tiny, by gRPC's retry policy on the same schedule.
 """
 
 from __future__ import annotations
@@ -95,25 +93,19 @@ def _seconds(value: float) -> str:
 
 
 def service_config(settings: ClientSettings) -> dict[str, Any]:
-    """The channel's service config: round robin, and gRPC's retry policy for the Translator's methods."""
-    # GetModelInfo's messages are tiny, so its RESOURCE_EXHAUSTED (gRPC's concurrent-call limit) can be gRPC's to retry.
-    methods: list[tuple[dict[str, str], list[str]]] = [
-        ({"service": SERVICE_NAME}, ["UNAVAILABLE"]),
-        ({"service": SERVICE_NAME, "method": "GetModelInfo"}, ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]),
-    ]
-    configs = []
-    for name, codes in methods:
-        method: dict[str, Any] = {"name": [name]}
-        if settings.max_attempts > 1:
-            method["retryPolicy"] = {
-                "maxAttempts": settings.max_attempts,
-                "initialBackoff": _seconds(settings.initial_backoff),
-                "maxBackoff": _seconds(settings.max_backoff),
-                "backoffMultiplier": settings.backoff_multiplier,
-                "retryableStatusCodes": codes,
-            }
-        configs.append(method)
-    return {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": configs}
+    """The channel's service config: round robin, and gRPC's retry policy for GetModelInfo."""
+    method: dict[str, Any] = {"name": [{"service": SERVICE_NAME, "method": "GetModelInfo"}]}
+    # Its RESOURCE_EXHAUSTED can only be gRPC's concurrent-call limit; Translate's could also be a message above the
+    # size limit, which no retry gets through, so the SDK retries those calls itself (calls.Retries).
+    if settings.max_attempts > 1:
+        method["retryPolicy"] = {
+            "maxAttempts": settings.max_attempts,
+            "initialBackoff": _seconds(settings.initial_backoff),
+            "maxBackoff": _seconds(settings.max_backoff),
+            "backoffMultiplier": settings.backoff_multiplier,
+            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+        }
+    return {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]}
 
 
 def channel_options(settings: ClientSettings) -> list[tuple[str, Any]]:
@@ -143,8 +135,9 @@ def credentials(settings: ClientSettings) -> grpc.ChannelCredentials | None:
     """TLS credentials from the certificate paths (a client certificate makes it mutual TLS); None for plaintext."""
     if not settings.secure:
         return None
+    def read(path: Path | str | None) -> bytes | None:
+        return Path(path).read_bytes() if path is not None else None
+
     return grpc.ssl_channel_credentials(
-        root_certificates=settings.tls_ca.read_bytes() if settings.tls_ca else None,
-        private_key=settings.client_key.read_bytes() if settings.client_key else None,
-        certificate_chain=settings.client_cert.read_bytes() if settings.client_cert else None,
+        root_certificates=read(settings.tls_ca), private_key=read(settings.client_key), certificate_chain=read(settings.client_cert),
     )

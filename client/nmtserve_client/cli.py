@@ -20,11 +20,13 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
+from nmtserve.cli import install_hint
 from nmtserve.settings import add_settings_arguments, settings_from_args
 
 from .channel import ClientSettings
+from .calls import check_text
 from .client import Client
-from .errors import InvalidInputError, NmtserveError, UnavailableError
+from .errors import FieldViolation, InvalidInputError, NmtserveError, UnavailableError, text_index
 from .results import Hypothesis
 
 
@@ -44,7 +46,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-length", type=int, default=0, help="fewest tokens to generate before a translation may end")
     parser.add_argument("--length-penalty", type=float, default=None, help="scores are divided by length ** this (default: 1.0)")
     parser.add_argument("--target-language", default=None, help="language to translate into (default: the model's first)")
-    parser.add_argument("--json", action="store_true", help="one JSON object per text, with scores")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per text, with scores (with --stream, one per piece, then the text's)")
     parser.add_argument("--stream", action="store_true", help="print each translation as it is decoded (greedy search)")
     parser.add_argument("--show-source", action="store_true", help="print each source before its translation")
     parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
@@ -79,33 +82,56 @@ def _skipping_blanks(texts: list[str], translate: Callable[[list[str]], list[lis
     return ((text, next(results) if text.strip() else []) for text in texts)
 
 
-def _through_server(client: Client, texts: Iterable[str], args: argparse.Namespace, *, typed: bool = False) -> None:
+def _lines(stream: Iterable[bytes]) -> Iterator[str]:
+    """The lines of a byte stream without their ends; InvalidInputError naming the first one that is not UTF-8."""
+    for number, line in enumerate(stream, 1):
+        try:
+            yield line.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as error:
+            description = f"not UTF-8 text (byte {error.start + 1} of the line)"
+            raise InvalidInputError(f"line {number}: {description}", [FieldViolation(f"line {number}", description)]) from None
+
+
+def _placed(error: InvalidInputError, numbers: list[int], place: str) -> InvalidInputError:
+    """error with the request's texts[i] named by where text i came from in the input (e.g. "line 12")."""
+    return error.renamed(lambda field: field if (index := text_index(field)) is None else f"{place} {numbers[index]}")
+
+
+def _through_server(client: Client, texts: Iterable[str], args: argparse.Namespace, *, place: str, typed: bool = False) -> None:
     # Lines typed at a terminal are translated one at a time, as they come, not once a whole chunk has been typed.
     chunk = 1 if typed else client.settings.texts_per_request * client.settings.max_concurrent_requests
     options = dict(beam_size=args.beam_size, num_hypotheses=args.n_best, **_options(args))
-    remaining = iter(texts)
+    remaining, start = iter(texts), 1
     while batch := list(itertools.islice(remaining, chunk)):
-        translated = _skipping_blanks(batch, lambda sent: [t.hypotheses for t in client.translate(sent, **options)])
+        numbers = [start + index for index, text in enumerate(batch) if text.strip()]  # the input's, of the texts sent
+        try:
+            translated = _skipping_blanks(batch, lambda sent: [t.hypotheses for t in client.translate(sent, **options)])
+        except InvalidInputError as error:
+            raise _placed(error, numbers, place) from None
         for text, hypotheses in translated:
             _print_result(text, hypotheses, args)
         sys.stdout.flush()
+        start += len(batch)
 
 
-def _stream(client: Client, texts: Iterable[str], args: argparse.Namespace) -> None:
-    for text in texts:
+def _stream(client: Client, texts: Iterable[str], args: argparse.Namespace, *, place: str) -> None:
+    for number, text in enumerate(texts, 1):
         if not text.strip():
             _print_result(text, [], args)
             continue
         if args.show_source and not args.json:
             print(f"{text}  ->  ", end="", flush=True)
-        for piece in client.translate_stream(text, **_options(args)):
-            if piece.final is not None:
-                if args.json:
-                    _print_result(text, piece.final.hypotheses, args)
-            elif args.json:
-                print(json.dumps({"text": piece.text, "tokens": piece.tokens}, ensure_ascii=False), flush=True)
-            else:
-                print(piece.text, end="", flush=True)
+        try:
+            for piece in client.translate_stream(text, **_options(args)):
+                if piece.final is not None:
+                    if args.json:
+                        _print_result(text, piece.final.hypotheses, args)
+                elif args.json:
+                    print(json.dumps({"text": piece.text, "tokens": piece.tokens}, ensure_ascii=False), flush=True)
+                else:
+                    print(piece.text, end="", flush=True)
+        except InvalidInputError as error:
+            raise error.renamed(lambda field: f"{place} {number}" if field == "text" else field) from None
         if not args.json:
             print(flush=True)
 
@@ -146,36 +172,42 @@ def _run(command: str, args: argparse.Namespace) -> int:
         print(f"nmtserve {command}: {message}", file=sys.stderr)
         return status
 
-    lines = (line.rstrip("\r\n") for line in sys.stdin)
-    if args.bundle is not None:
-        if args.stream or args.target_language:
-            return fail(2, "--stream and --target-language need a server (--server), not --bundle")
-        try:
-            _in_process(args.texts or list(lines), args)
-        except InProcessError as error:
-            return fail(1, str(error))
-        except ImportError as error:
-            if (error.name or "").startswith("nmtserve"):
-                raise  # our own code is broken: not a missing extra
-            return fail(2, f"--bundle needs the 'serve' extra (missing {error.name!r}): pip install 'nmtserve[serve]'")
-        except ValueError as error:
-            return fail(2, str(error))
-        return 0
-    if args.stream and (args.beam_size != 1 or args.n_best != 1):
-        return fail(2, "--stream decodes greedily: it takes no --beam-size or --n-best")
+    texts, place = (args.texts, "argument") if args.texts else (_lines(sys.stdin.buffer), "line")
     settings = settings_from_args(ClientSettings, args)
-    if settings.problems():
-        return fail(2, "; ".join(settings.problems()))
     try:
+        if args.bundle is not None:
+            if args.stream or args.target_language:
+                return fail(2, "--stream and --target-language need a server (--server), not --bundle")
+            texts = list(texts)
+            for number, text in enumerate(texts, 1):
+                check_text(text, f"{place} {number}")
+            try:
+                _in_process(texts, args)
+            except InProcessError as error:
+                return fail(1, str(error))
+            except ImportError as error:
+                if (error.name or "").startswith("nmtserve"):
+                    raise  # our own code is broken: not a missing extra
+                return fail(2, f"--bundle needs the 'serve' extra (missing {error.name!r}): {install_hint('serve')}")
+            except ValueError as error:
+                if isinstance(error, InvalidInputError):
+                    raise
+                return fail(2, str(error))
+            return 0
+        if args.stream and (args.beam_size != 1 or args.n_best != 1):
+            return fail(2, "--stream decodes greedily: it takes no --beam-size or --n-best")
+        if settings.problems():
+            return fail(2, "; ".join(settings.problems()))
         with Client(settings=settings) as client:
             if args.wait > 0:
                 client.wait_until_serving(args.wait)
             if args.stream:
-                _stream(client, args.texts or lines, args)
+                _stream(client, texts, args, place=place)
             else:
-                _through_server(client, args.texts or lines, args, typed=not args.texts and sys.stdin.isatty())
+                _through_server(client, texts, args, place=place, typed=not args.texts and sys.stdin.isatty())
     except InvalidInputError as error:
-        return fail(2, f"the server refused the input: {error.message}")
+        # With a status code, the server's answer; without, refused here before anything was sent.
+        return fail(2, f"{'the server refused the input' if error.code else 'invalid input'}: {error.message}")
     except UnavailableError as error:
         return fail(1, f"no serving nmtserve at {settings.server}: {error.message}")
     except NmtserveError as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -13,8 +14,8 @@ from nmtserve.v1 import translator_pb2 as pb
 from nmtserve.v1 import translator_pb2_grpc
 
 from .calls import (
-    HEALTH_CHECK, Closing, Deadline, HealthCheckRequest, HealthCheckResponse, Retries, StreamCall, chunks, client_settings, text_list,
-    translate_options,
+    HEALTH_CHECK, Closing, Deadline, HealthCheckRequest, HealthCheckResponse, Retries, StreamCall, check_text, chunks, client_settings,
+    text_list, translate_options,
 )
 from .channel import SERVICE_NAME, ClientSettings, channel_options, credentials
 from .errors import DeadlineExceededError, UnavailableError, from_rpc_error
@@ -42,7 +43,7 @@ class TranslationStream(StreamCall):
                     break
                 except grpc.RpcError as error:
                     delay = self._after(error)
-                self._closing.sleep(delay)
+                self._closing.sleep(delay, self._wake)
                 self._restart()
         self._retries.stop()  # a stream is started again only while it has sent nothing
         return piece_from(message)
@@ -190,11 +191,13 @@ class Client:
             max_length=max_length, min_length=min_length, length_penalty=length_penalty, return_scores=return_scores,
             return_alignment=return_alignment, target_language=target_language,
         )
+        check_text(text, "text")
         request = pb.TranslateStreamRequest(text=text, options=options)
         deadline = self._deadline(timeout)
         with self._closing.calls():
             return TranslationStream(
-                lambda: self._stub.TranslateStream(request, timeout=deadline.remaining()), Retries(self.settings, deadline), self._closing
+                lambda: self._stub.TranslateStream(request, timeout=deadline.remaining()), Retries(self.settings, deadline), self._closing,
+                threading.Event(),
             )
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:

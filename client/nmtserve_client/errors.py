@@ -19,6 +19,7 @@ lists the same violations as "field: description; field: description".
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -65,7 +66,11 @@ class InvalidInputError(NmtserveError, ValueError):
         """The same error for a request that was texts[offset:] of the caller's list: texts[i] becomes texts[offset + i]."""
         if offset == 0:
             return self
-        violations = [FieldViolation(_TEXT_FIELD.sub(lambda m: f"texts[{offset + int(m[1])}]", v.field), v.description) for v in self.violations]
+        return self.renamed(lambda field: _TEXT_FIELD.sub(lambda m: f"texts[{offset + int(m[1])}]", field))
+
+    def renamed(self, rename: Callable[[str], str]) -> InvalidInputError:
+        """The same error with each violation's field renamed, e.g. after the place of the text in the caller's input."""
+        violations = [FieldViolation(rename(v.field), v.description) for v in self.violations]
         message = "; ".join(f"{v.field}: {v.description}" for v in violations) or self.message
         return type(self)(message, violations, code=self.code, request_id=self.request_id)
 
@@ -124,6 +129,12 @@ def _violations(message: str, metadata: dict[str, str | bytes]) -> list[FieldVio
             return found
     parts = [part for part in _VIOLATION_START.split(message) if part]
     return [FieldViolation(*part.split(": ", 1)) for part in parts if ": " in part]
+
+
+def text_index(field: str) -> int | None:
+    """i, for a violation of the request's texts[i]; None for any other field."""
+    found = _TEXT_FIELD.match(field)
+    return int(found[1]) if found else None
 
 
 def is_too_large(error: grpc.RpcError) -> bool:

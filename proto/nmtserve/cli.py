@@ -33,6 +33,11 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+def install_hint(extra: str) -> str:
+    """How to add an extra's dependencies: nmtserve installs from its source tree (it is not on PyPI)."""
+    return f"pip install -e '.[{extra}]' in the nmtserve checkout"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nmtserve",
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             raise  # our own code is broken: not a missing extra
         print(
             f"nmtserve {name}: missing dependency {error.name!r}; "
-            f"install the '{command.extra}' extra: pip install 'nmtserve[{command.extra}]'",
+            f"install the '{command.extra}' extra: {install_hint(command.extra)}",
             file=sys.stderr,
         )
         return 2

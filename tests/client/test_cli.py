@@ -91,16 +91,38 @@ def test_an_unreachable_server_is_a_clear_error():
 
 
 def test_rejected_input_is_a_clear_error(server):
-    result = translate("--server", server.address, stdin="Friday\n" + "Friday " * 300 + "\nMay 2003\n")
+    result = translate("--server", server.address, stdin="Friday\n\n" + "Friday " * 300 + "\nMay 2003\n")
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.startswith("nmtserve translate: the server refused the input: texts[1]: ")
+    # Named by its line, blank lines (never sent) counted.
+    assert result.stderr.startswith("nmtserve translate: the server refused the input: line 3: ")
     assert result.stderr.endswith(" tokens, the model reads at most 256\n")
+    result = translate("--server", server.address, "--stream", "Friday", "", "Friday " * 300)
+    assert result.returncode == 2 and "the server refused the input: argument 3: " in result.stderr
+    # Lines beyond the first chunk of texts_per_request x max_concurrent_requests are counted from the start too.
+    result = translate("--server", server.address, "--texts-per-request", "2", "--max-concurrent-requests", "1",
+                       stdin="Friday\n" * 5 + "Friday " * 300 + "\n")
+    assert result.returncode == 2 and result.stdout.count("\n") == 4 and "refused the input: line 6: " in result.stderr
     result = translate("--server", server.address, "--beam-size", "2", "--n-best", "3", "Friday")
     assert result.returncode == 2 and "options.num_hypotheses: 3 is above beam_size 2" in result.stderr
     result = translate("--server", server.address, "--stream", "--n-best", "2", "--beam-size", "2", "Friday")
     assert result.returncode == 2 and "--stream decodes greedily: it takes no --beam-size or --n-best" in result.stderr
     result = translate("--bundle", "some/bundle", "--stream", "Friday")
     assert result.returncode == 2 and "--stream and --target-language need a server" in result.stderr
+    result = translate("--server", server.address, "--beam-size", "-1", "Friday")  # refused before anything is sent
+    assert result.returncode == 2 and result.stderr == "nmtserve translate: invalid input: options.beam_size: Value out of range: -1\n"
+
+
+def test_input_that_is_not_utf8_is_a_clear_error(server, tiny_bundle):
+    result = subprocess.run([sys.executable, "-m", "nmtserve.cli", "translate", "--server", server.address],
+                            input=b"Friday\ncaf\xe9\n", capture_output=True, timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert result.stderr.decode() == "nmtserve translate: invalid input: line 2: not UTF-8 text (byte 4 of the line)\n"
+    # An argument that is not UTF-8 reaches Python as a lone surrogate (os.fsdecode), with --bundle as without.
+    for where in (("--server", server.address), ("--bundle", str(tiny_bundle))):
+        result = subprocess.run([sys.executable, "-m", "nmtserve.cli", "translate", *where, "Friday", b"caf\xe9"],
+                                capture_output=True, timeout=TIMEOUT)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.decode().startswith("nmtserve translate: invalid input: argument 2: not valid Unicode text")
 
 
 def _running(*args: str) -> subprocess.Popen:

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import itertools
 import re
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from nmtserve_client import Client, UnavailableError
+from nmtserve.v1 import translator_pb2_grpc
+from nmtserve_client import AsyncClient, Client, OverloadedError, UnavailableError
 from nmtserve_client.channel import ClientSettings, service_config
 
 pytestmark = pytest.mark.e2e
@@ -29,14 +34,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_service_config_retries_the_translator_on_unavailable():
+def test_service_config_leaves_only_get_model_info_to_grpcs_retries():
     config = service_config(ClientSettings(max_attempts=4, initial_backoff=0.25, max_backoff=2.0, backoff_multiplier=1.5))
-    translator, model_info = config["methodConfig"]
-    assert translator["name"] == [{"service": "nmtserve.v1.Translator"}]
-    assert translator["retryPolicy"] == {"maxAttempts": 4, "initialBackoff": "0.250s", "maxBackoff": "2.000s", "backoffMultiplier": 1.5,
-                                         "retryableStatusCodes": ["UNAVAILABLE"]}  # RESOURCE_EXHAUSTED: the SDK's own retries
+    (model_info,) = config["methodConfig"]  # Translate and TranslateStream: the SDK's own retries, one budget for both codes
     assert model_info["name"] == [{"service": "nmtserve.v1.Translator", "method": "GetModelInfo"}]
-    assert model_info["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
+    assert model_info["retryPolicy"] == {"maxAttempts": 4, "initialBackoff": "0.250s", "maxBackoff": "2.000s", "backoffMultiplier": 1.5,
+                                         "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]}
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     assert all("retryPolicy" not in method for method in service_config(ClientSettings(max_attempts=1))["methodConfig"])
     # keepalive_time 5: the server would end a long call with GOAWAY "too_many_pings", and gRPC would send it again.
@@ -65,6 +68,57 @@ def test_retries_give_up_after_the_budget():
         with pytest.raises(UnavailableError, match="Connection refused|failed to connect|Failed to connect"):
             client.translate(["Friday"])
     assert time.monotonic() - started < 0.4 + 2.0  # two back-offs of at most 0.2 s, plus slack for a busy machine
+
+
+class _Refusing(translator_pb2_grpc.TranslatorServicer):
+    """Replicas that refuse every call: each attempt gets the next code of `codes`, as a fleet with one replica draining
+    (UNAVAILABLE) and another full (RESOURCE_EXHAUSTED) answers."""
+
+    def __init__(self, codes: list[grpc.StatusCode]):
+        self.codes = itertools.cycle(codes)
+        self.attempts = 0
+        self.lock = threading.Lock()
+
+    def _refuse(self, context: grpc.ServicerContext) -> None:
+        with self.lock:
+            self.attempts += 1
+            code = next(self.codes)
+        context.abort(code, f"refused with {code.name}")
+
+    def Translate(self, request, context):
+        self._refuse(context)
+
+    def TranslateStream(self, request, context):
+        self._refuse(context)
+
+
+@pytest.mark.parametrize("codes", [
+    [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED],
+    [grpc.StatusCode.UNAVAILABLE] * 4 + [grpc.StatusCode.RESOURCE_EXHAUSTED],
+], ids=["alternating", "mostly-unavailable"])
+def test_max_attempts_bounds_every_call_whichever_codes_refuse_it(codes):
+    refusing = _Refusing(codes)
+    server = grpc.server(ThreadPoolExecutor(2))
+    translator_pb2_grpc.add_TranslatorServicer_to_server(refusing, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    quick = dict(max_attempts=3, initial_backoff=0.01, max_backoff=0.01)
+
+    async def translate_async() -> None:
+        async with AsyncClient(f"127.0.0.1:{port}", **quick) as client:
+            await client.translate(["Friday"])
+
+    try:
+        with Client(f"127.0.0.1:{port}", **quick) as client:
+            calls = {"translate": lambda: client.translate(["Friday"]), "stream": lambda: list(client.translate_stream("Friday")),
+                     "async translate": lambda: asyncio.run(translate_async())}
+            for name, call in calls.items():
+                refusing.attempts = 0
+                with pytest.raises((UnavailableError, OverloadedError)):
+                    call()
+                assert refusing.attempts == 3, f"{name}: {refusing.attempts} attempts"
+    finally:
+        server.stop(None)
 
 
 def test_an_answer_above_grpcs_default_limit_arrives_from_a_server_allowed_to_send_it(start_server):
@@ -157,5 +211,9 @@ def test_mutual_tls_with_a_client_certificate(start_server, certificates):
     tls = dict(tls_ca=d / "ca.pem", tls_server_name="localhost")  # the address is 127.0.0.1; the certificate names localhost
     with Client(server.address, client_cert=d / "client.pem", client_key=d / "client.key", **tls) as client:
         assert client.translate(["Friday"])[0].text
+    as_strings = dict(tls_ca=str(d / "ca.pem"), client_cert=str(d / "client.pem"), client_key=str(d / "client.key"))
+    with Client(server.address, tls_server_name="localhost", **as_strings) as client:  # paths as str work too
+        assert client.translate(["Friday"])[0].text
     with Client(server.address, max_attempts=1, **tls) as client, pytest.raises(UnavailableError):
         client.translate(["Friday"])
+

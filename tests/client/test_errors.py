@@ -126,6 +126,23 @@ def test_a_full_queue_is_overloaded_after_exactly_the_retry_budget(start_server,
     server.wait_for(lambda: server.metric("nmtserve_requests_total", refused_streams) == 3, timeout=5, what="three stream refusals")
 
 
+def test_a_call_fails_with_its_first_failed_requests_error_in_both_clients(start_server, test_texts):
+    """The first request is refused by a full queue after its retries; the second, with an empty text, at once: both
+    clients raise the first request's error, as they return results, in order."""
+    server = start_server(max_batch_size=4, max_queue_size=4, max_texts_per_request=4)
+    texts = test_texts[5:9] + [" "] + test_texts[9:12]
+    settings = dict(max_attempts=3, texts_per_request=4, max_concurrent_requests=2, **QUICK_RETRIES)
+
+    async def main():
+        async with AsyncClient(server.address, **settings) as client:
+            await client.translate(texts)
+
+    with _full_queue(server, test_texts), Client(server.address, **settings) as client, pytest.raises(OverloadedError):
+        client.translate(texts)
+    with _full_queue(server, test_texts), pytest.raises(OverloadedError):
+        asyncio.run(main())
+
+
 BACK_OFF = 5.0
 
 
@@ -160,6 +177,41 @@ def test_closing_a_client_ends_a_back_off_at_once(start_server, test_texts, monk
 
     with _full_queue(server, test_texts):
         assert asyncio.run(main()) < BACK_OFF / 2, "slept out the back-off"
+
+
+def test_cancelling_a_stream_ends_its_back_off_at_once(start_server, test_texts, monkeypatch):
+    """A stream waiting to start again after a full server's refusal ends when cancel() comes, not when its back-off would."""
+    server = start_server(max_batch_size=4, max_queue_size=4, max_texts_per_request=4)
+    monkeypatch.setattr(calls.random, "uniform", lambda low, high: high)  # every back-off its longest
+    slow = dict(max_attempts=5, initial_backoff=BACK_OFF, max_backoff=BACK_OFF)
+    refused = {"method": "TranslateStream", "code": "RESOURCE_EXHAUSTED"}
+    with _full_queue(server, test_texts), Client(server.address, **slow) as client, ThreadPoolExecutor(1) as pool:
+        stream = client.translate_stream(test_texts[5])
+        reading = pool.submit(list, stream)
+        server.wait_for(lambda: server.metric("nmtserve_requests_total", refused) >= 1, timeout=5, what="the first refusal")
+        cancelled = time.monotonic()
+        stream.cancel()
+        with pytest.raises(RequestCancelledError, match="the stream was cancelled"):
+            reading.result(TIMEOUT)
+        assert time.monotonic() - cancelled < BACK_OFF / 2, "slept out the back-off"
+
+    async def main() -> float:
+        async with AsyncClient(server.address, **slow) as client:
+            stream = client.translate_stream(test_texts[5])
+            reading = asyncio.create_task(anext(stream))
+            end = time.monotonic() + 5
+            while server.metric("nmtserve_requests_total", refused) < 2:
+                assert time.monotonic() < end, "no refusal"
+                await asyncio.sleep(0.01)
+            cancelled = time.monotonic()
+            stream.cancel()
+            with pytest.raises(RequestCancelledError, match="the stream was cancelled"):
+                await reading
+            return time.monotonic() - cancelled
+
+    with _full_queue(server, test_texts):
+        assert asyncio.run(main()) < BACK_OFF / 2, "slept out the back-off"
+    assert server.metric("nmtserve_requests_total", refused) == 2, "a cancelled stream was started again"
 
 
 def test_a_request_above_the_message_limit_fails_at_once_and_says_so(start_server):

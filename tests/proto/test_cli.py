@@ -33,7 +33,7 @@ def test_missing_extra_is_named():
     code = "import sys; sys.modules['torch'] = None; from nmtserve.cli import main; sys.exit(main(['train']))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 2
-    assert "install the 'train' extra: pip install 'nmtserve[train]'" in result.stderr
+    assert "install the 'train' extra: pip install -e '.[train]' in the nmtserve checkout" in result.stderr
 
 
 @dataclass

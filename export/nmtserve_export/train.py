@@ -111,6 +111,10 @@ def load_splits(settings: TrainSettings) -> Splits:
     """The corpus the settings name, split into train / valid / test."""
     if settings.corpus is not None:
         pairs: list[Pair] = read_tsv(settings.corpus)
+        if len(pairs) <= settings.valid_size + settings.test_size:  # known only once the file is read
+            raise TrainSettingsError([
+                f"--corpus {settings.corpus} has {len(pairs)} pairs, which leaves none for training after --valid-size "
+                f"{settings.valid_size} and --test-size {settings.test_size}: give more pairs or hold out fewer"])
     else:
         pairs = generate_corpus(settings.corpus_size, source_lang=settings.source_lang, target_lang=settings.target_lang, seed=settings.seed)
     return split_corpus(pairs, valid_size=settings.valid_size, test_size=settings.test_size)

@@ -74,7 +74,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
                              "they stand in for callers on other machines, so they take the cores the server leaves "
                              "(0: the same priority)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where ONNX Runtime runs, for both sides")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime encoder threads, for both sides (0: all cores)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime encoder threads, for both sides (0: each side's default: all cores for the engine alone, "
+                             "whose encoder runs between its steps; a core fewer in the server, whose encoder runs beside them)")
     parser.add_argument("--decoder-threads", type=int, default=0, help="decoder step threads, for both sides (0: the faster of 1 and --threads)")
     parser.add_argument("--max-seconds", type=float, default=600, help="give up (non-zero exit) after this long")
     parser.add_argument("--out", type=Path, default=None, help="where to write bench_serve.json/.png (default: the bundle's parent)")

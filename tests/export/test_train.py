@@ -13,7 +13,7 @@ from nmtserve_export.corpus import generate_corpus
 from nmtserve_export.data import encode_sources, token_batches
 from nmtserve_export.decode import greedy_search
 from nmtserve_export.tokenizer import train_tokenizer
-from nmtserve_export.train import TrainSettings, learning_rate, load_splits, train
+from nmtserve_export.train import TrainSettings, TrainSettingsError, learning_rate, load_splits, train
 
 
 def test_learning_rate_warms_up_then_decays_as_the_paper():
@@ -100,3 +100,12 @@ def test_settings_that_cannot_train_are_named():
         "--corpus-size 100 leaves no training pairs after --valid-size 0 and --test-size 100",
     ]
     assert TrainSettings().problems() == []
+
+
+def test_a_tsv_too_small_to_hold_out_from_is_named(tmp_path):
+    corpus = tmp_path / "small.tsv"
+    corpus.write_text("".join(f"source {i}\ttarget {i}\n" for i in range(3)), encoding="utf-8")
+    with pytest.raises(TrainSettingsError) as caught:
+        load_splits(TrainSettings(corpus=corpus, valid_size=2, test_size=1))
+    assert caught.value.problems == [f"--corpus {corpus} has 3 pairs, which leaves none for training after --valid-size 2 "
+                                     "and --test-size 1: give more pairs or hold out fewer"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import threading
 import time
 from collections.abc import Iterator
@@ -146,72 +147,54 @@ def test_a_call_fails_with_its_first_failed_requests_error_in_both_clients(start
 BACK_OFF = 5.0
 
 
-def test_closing_a_client_ends_a_back_off_at_once(start_server, test_texts, monkeypatch):
-    """A call waiting to retry a full server ends when its client closes, not when its back-off would have."""
+@pytest.mark.parametrize("ending", ["close the client", "cancel the stream"])
+def test_a_back_off_ends_at_once_when_the_call_is_ended(ending, start_server, test_texts, monkeypatch):
+    """A call waiting to send again after a full server's refusal ends as soon as its client closes (or, for a stream,
+    its cancel() comes), not when its back-off would have."""
     server = start_server(max_batch_size=4, max_queue_size=4, max_texts_per_request=4)
     monkeypatch.setattr(calls.random, "uniform", lambda low, high: high)  # every back-off its longest
     slow = dict(max_attempts=5, initial_backoff=BACK_OFF, max_backoff=BACK_OFF)
-    refused = {"method": "Translate", "code": "RESOURCE_EXHAUSTED"}
+    streaming = ending == "cancel the stream"
+    refused = {"method": "TranslateStream" if streaming else "Translate", "code": "RESOURCE_EXHAUSTED"}
+    error, says = (RequestCancelledError, "the stream was cancelled") if streaming else (ClientClosedError, "the client was closed")
+
     with _full_queue(server, test_texts), ThreadPoolExecutor(1) as pool:
         client = Client(server.address, **slow)
-        translating = pool.submit(client.translate, test_texts[5:9])
-        server.wait_for(lambda: server.metric("nmtserve_requests_total", refused) >= 1, timeout=5, what="the first refusal")
-        closed = time.monotonic()
-        client.close()
-        with pytest.raises(ClientClosedError, match="the client was closed"):
-            translating.result(TIMEOUT)
-        assert time.monotonic() - closed < BACK_OFF / 2, "slept out the back-off"
-
-    async def main() -> float:
-        async with AsyncClient(server.address, **slow) as client:
-            translating = asyncio.create_task(client.translate(test_texts[5:9]))
-            end = time.monotonic() + 5
-            while server.metric("nmtserve_requests_total", refused) < 2:
-                assert time.monotonic() < end, "no refusal"
-                await asyncio.sleep(0.01)
-            closed = time.monotonic()
-            await client.close()
-            with pytest.raises(ClientClosedError, match="the client was closed"):
-                await translating
-            return time.monotonic() - closed
-
-    with _full_queue(server, test_texts):
-        assert asyncio.run(main()) < BACK_OFF / 2, "slept out the back-off"
-
-
-def test_cancelling_a_stream_ends_its_back_off_at_once(start_server, test_texts, monkeypatch):
-    """A stream waiting to start again after a full server's refusal ends when cancel() comes, not when its back-off would."""
-    server = start_server(max_batch_size=4, max_queue_size=4, max_texts_per_request=4)
-    monkeypatch.setattr(calls.random, "uniform", lambda low, high: high)  # every back-off its longest
-    slow = dict(max_attempts=5, initial_backoff=BACK_OFF, max_backoff=BACK_OFF)
-    refused = {"method": "TranslateStream", "code": "RESOURCE_EXHAUSTED"}
-    with _full_queue(server, test_texts), Client(server.address, **slow) as client, ThreadPoolExecutor(1) as pool:
-        stream = client.translate_stream(test_texts[5])
-        reading = pool.submit(list, stream)
-        server.wait_for(lambda: server.metric("nmtserve_requests_total", refused) >= 1, timeout=5, what="the first refusal")
-        cancelled = time.monotonic()
-        stream.cancel()
-        with pytest.raises(RequestCancelledError, match="the stream was cancelled"):
-            reading.result(TIMEOUT)
-        assert time.monotonic() - cancelled < BACK_OFF / 2, "slept out the back-off"
-
-    async def main() -> float:
-        async with AsyncClient(server.address, **slow) as client:
+        if streaming:
             stream = client.translate_stream(test_texts[5])
-            reading = asyncio.create_task(anext(stream))
-            end = time.monotonic() + 5
+            running, end = pool.submit(list, stream), stream.cancel
+        else:
+            running, end = pool.submit(client.translate, test_texts[5:9]), client.close
+        server.wait_for(lambda: server.metric("nmtserve_requests_total", refused) >= 1, timeout=5, what="the first refusal")
+        ended = time.monotonic()
+        end()
+        with pytest.raises(error, match=says):
+            running.result(TIMEOUT)
+        assert time.monotonic() - ended < BACK_OFF / 2, "slept out the back-off"
+        client.close()
+
+    async def main() -> float:
+        async with AsyncClient(server.address, **slow) as client:
+            if streaming:
+                stream = client.translate_stream(test_texts[5])
+                running, end = asyncio.create_task(anext(stream)), stream.cancel
+            else:
+                running, end = asyncio.create_task(client.translate(test_texts[5:9])), client.close
+            deadline = time.monotonic() + 5
             while server.metric("nmtserve_requests_total", refused) < 2:
-                assert time.monotonic() < end, "no refusal"
+                assert time.monotonic() < deadline, "no refusal"
                 await asyncio.sleep(0.01)
-            cancelled = time.monotonic()
-            stream.cancel()
-            with pytest.raises(RequestCancelledError, match="the stream was cancelled"):
-                await reading
-            return time.monotonic() - cancelled
+            ended = time.monotonic()
+            if inspect.isawaitable(closing := end()):
+                await closing
+            with pytest.raises(error, match=says):
+                await running
+            return time.monotonic() - ended
 
     with _full_queue(server, test_texts):
         assert asyncio.run(main()) < BACK_OFF / 2, "slept out the back-off"
-    assert server.metric("nmtserve_requests_total", refused) == 2, "a cancelled stream was started again"
+    if streaming:
+        assert server.metric("nmtserve_requests_total", refused) == 2, "a cancelled stream was started again"
 
 
 def test_a_request_above_the_message_limit_fails_at_once_and_says_so(start_server):

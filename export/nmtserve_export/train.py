@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from nmtserve.bundle import PAD_ID
-from nmtserve.settings import env_var, flag
+from nmtserve.settings import env_value, flag
 
 from . import checkpoint
 from .corpus import Pair, Splits, file_sha256, generate_corpus, read_tsv, split_corpus
@@ -85,7 +84,7 @@ class TrainSettingsError(ValueError):
 def default_run() -> Path:
     """The checkpoint `nmtserve train` writes when not told where: NMTSERVE_OUT, else runs/default; the other
     commands read it by default."""
-    return Path(os.environ.get(env_var("out"), TrainSettings.out))
+    return Path(env_value("out") or TrainSettings.out)
 
 
 # What a resumed run must share with its start: a change would train on other data or batches, another model or

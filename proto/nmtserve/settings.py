@@ -2,7 +2,9 @@
 
 Every field of a settings dataclass carries its help text in
 `field(metadata={"help": ...})`; this module turns the fields into argparse
-flags (the environment variable supplies the default) and back.
+flags (the environment variable supplies the default) and back. An empty
+variable counts as unset, as templated manifests and configuration maps often
+leave one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ T = TypeVar("T")
 def env_var(name: str) -> str:
     """The environment variable that sets the field `name`."""
     return ENV_PREFIX + name.upper()
+
+
+def env_value(name: str) -> str | None:
+    """The value the environment gives the field `name`; None where its variable is unset or empty."""
+    return os.environ.get(env_var(name)) or None
 
 
 def flag(name: str) -> str:
@@ -55,9 +62,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, *, positi
         kind = str if kind is Path else kind
         env = env_var(f.name)
         default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
-        if env in os.environ:
+        if (text := env_value(f.name)) is not None:
             try:
-                default = _parse(kind, os.environ[env], f.name)
+                default = _parse(kind, text, f.name)
             except ValueError as error:
                 parser.error(str(error))
             choices = f.metadata.get("choices")

@@ -55,7 +55,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from nmtserve.v1 import translator_pb2 as pb
 from nmtserve.v1 import translator_pb2_grpc
 
-from .engine import DEVICES, Engine, translate
+from .config import DEVICES
+from .engine import Engine, translate
 from .search import DecodeOptions
 
 DEFAULT_BUNDLE = Path("runs/default/bundle")  # what `make demo` exports (fp32)

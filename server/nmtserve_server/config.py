@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
 import sys
@@ -11,18 +12,24 @@ from pathlib import Path
 
 from nmtserve.settings import flag
 
-from .engine import DEVICES
-
+DEVICES = ("auto", "cpu", "cuda")  # where ONNX Runtime runs: auto takes CUDA where a usable GPU is
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMAT = "time=%(asctime)s.%(msecs)03d level=%(levelname)s logger=%(name)s %(message)s"  # one key=value line per event
 LOG_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 MAX_PORT = 65535
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC takes message limits as a C int
+MAX_QUEUE_DELAY_MS = 60_000.0  # a wait far beyond any use; epoll's own limit (about 25 days) would end the decode process
 
 
 def configure_logging(level: str) -> None:
     """Log one key=value line per event to stderr at `level`: the server and its decode process alike."""
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, datefmt=LOG_TIME_FORMAT, stream=sys.stderr)
+
+
+def logfmt(value: object) -> str:
+    """A value as a key=value log line holds it: as it is where it has no space, quote or =, else double-quoted."""
+    text = str(value)
+    return text if text and not any(c in text for c in ' "=\\') and text.isprintable() else json.dumps(text, ensure_ascii=False)
 
 
 def freeze_startup_objects() -> None:
@@ -102,6 +109,8 @@ class ServeSettings:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 found.append(f"{flag(name)} must be a number of at least 0, not {value}")
+        if self.max_queue_delay_ms > MAX_QUEUE_DELAY_MS:
+            found.append(f"--max-queue-delay-ms cannot exceed {MAX_QUEUE_DELAY_MS:.0f}, not {self.max_queue_delay_ms:g}")
         if min(self.threads, self.decoder_threads) < 0:
             found.append("--threads and --decoder-threads cannot be negative")
         for name in ("port", "health_port", "metrics_port"):

@@ -26,12 +26,11 @@ import onnxruntime as ort
 
 from nmtserve.bundle import Bundle, SpecialTokens, read_bundle
 
+from .config import DEVICES, logfmt
 from .search import BeamSearch, DecodeOptions, Hypothesis
 from .tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class DeviceError(RuntimeError):
@@ -66,7 +65,7 @@ def preload_cuda_libraries() -> list[str]:
         ort.preload_dlls()
     failures = [line.strip() for line in said.getvalue().splitlines() if line.startswith("Failed to load")]
     for failure in failures:
-        log.warning("event=cuda_library_missing detail=%r", failure)
+        log.warning("event=cuda_library_missing detail=%s", logfmt(failure))
     return failures
 
 

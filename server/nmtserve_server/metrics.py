@@ -9,6 +9,7 @@ process (the tests) keep separate counts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector, start_http_server
@@ -67,6 +68,11 @@ class Metrics:
         self.model_info = Gauge(
             "nmtserve_model_info", "The model being served (always 1).", ["name", "version", "precision", "device"], registry=r
         )
+
+    def watch_decode_process(self, pid: Callable[[], int | None]) -> None:
+        """Also export the decode process's CPU time, memory and open files (nmtserve_decode_process_*), which the
+        process_* series, the server process's own, leave out: it does the model's work. No series while pid() is None."""
+        ProcessCollector(namespace="nmtserve_decode", pid=pid, registry=self.registry)
 
     def serve_http(self, host: str, port: int) -> WSGIServer:
         """Expose the registry over HTTP in a daemon thread (port 0: any free port, see `.server_port`)."""

@@ -190,15 +190,15 @@ class Scheduler:
             yield tokens
 
     def drain(self) -> None:
-        """Refuse new work; jobs already queued or running go on."""
-        self.state = "draining"
+        """Refuse new work; jobs already queued or running go on (a scheduler still starting stays so: stop() ends it)."""
+        if self.state == "serving":
+            self.state = "draining"
 
     async def stop(self) -> None:
         """Stop the decode process, fail whatever is left."""
-        started = self.state in ("serving", "draining")
         self.state = "stopped"
         if self._process is not None and self._process.is_alive():
-            if started:  # the loop reads its messages: ask it to stop
+            if self._writer is not None:  # the loop reads its messages: ask it to stop
                 try:
                     self._send("stop", None)
                 except UnavailableError:

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -28,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from nmtserve.bundle import BundleError
 from nmtserve.settings import add_settings_arguments, flag, settings_from_args
 
-from .config import ServeSettings, configure_logging, freeze_startup_objects
+from .config import ServeSettings, configure_logging, freeze_startup_objects, logfmt
 from .decode_loop import EngineSpec
 from .engine import Model, providers_for
 from .metrics import Metrics
@@ -59,9 +60,22 @@ def _address(host: str, port: int) -> str:
 
 
 def _credentials(settings: ServeSettings) -> grpc.ServerCredentials | None:
-    """TLS credentials for the main port, requiring client certificates when a client CA is given (mutual TLS)."""
+    """TLS credentials for the main port, requiring client certificates when a client CA is given (mutual TLS); raises
+    OSError naming the flag whose file is unusable."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None
+    # gRPC finds out only as it binds the port, and says so as "cannot bind": ask OpenSSL first, naming the file.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (ssl.SSLError, OSError) as error:
+        raise OSError(f"--tls-cert {settings.tls_cert} and --tls-key {settings.tls_key}: not a PEM certificate chain and its "
+                      f"private key ({error})") from error
+    if settings.tls_client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=settings.tls_client_ca)
+        except (ssl.SSLError, OSError) as error:
+            raise OSError(f"--tls-client-ca {settings.tls_client_ca}: not PEM CA certificates ({error})") from error
     return grpc.ssl_server_credentials(
         [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
         root_certificates=settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None,
@@ -80,6 +94,7 @@ class TranslationServer:
             max_queue_size=settings.max_queue_size,
             max_queue_delay=settings.max_queue_delay_ms / 1000,
         )
+        self.metrics.watch_decode_process(lambda: self.scheduler.decode_pid)
         self.service = TranslatorService(settings, self.scheduler, self.metrics)
         self.health = health.aio.HealthServicer()
         options = [
@@ -122,7 +137,7 @@ class TranslationServer:
             self.health_port = _listen(flag("health_port"), _address(s.host, s.health_port or 0), self.health_grpc.add_insecure_port)
             await self.health_grpc.start()
         try:
-            self._metrics_http = self.metrics.serve_http(s.host, s.metrics_port)
+            self._metrics_http = self.metrics.serve_http(s.host.removeprefix("[").removesuffix("]"), s.metrics_port)
         except OSError as error:  # its own message names no address: "[Errno 98] Address already in use"
             raise OSError(f"{flag('metrics_port')}: cannot listen on {_address(s.host, s.metrics_port)} ({error.strerror or error})") from error
         self.metrics_port = self._metrics_http.server_port
@@ -185,7 +200,7 @@ class TranslationServer:
 async def serve(settings: ServeSettings) -> int:
     """Serve until SIGTERM or SIGINT; 0 after a clean drain, 1 if it cannot serve, loses its decode process, or a
     second signal cuts calls short."""
-    log.info("event=config %s", " ".join(f"{key}={value}" for key, value in asdict(settings).items()))
+    log.info("event=config %s", " ".join(f"{key}={logfmt(value)}" for key, value in asdict(settings).items()))
     stop, force = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -210,9 +225,9 @@ async def serve(settings: ServeSettings) -> int:
             await asyncio.gather(starting, return_exceptions=True)
     except Exception as error:
         if isinstance(error, (BundleError, RuntimeError, OSError)):  # DeviceError, a port gRPC cannot bind, ORT load
-            log.error("event=startup_failed error=%r", str(error))
+            log.error("event=startup_failed error=%s", logfmt(error))
         else:  # unforeseen: where it came from too; stopping still matters, or gRPC's threads keep the process alive
-            log.exception("event=startup_failed error=%r", str(error))
+            log.exception("event=startup_failed error=%s", logfmt(error))
         stopping.cancel()
         await server.stop(0)
         return 1

@@ -57,6 +57,10 @@ def test_settings_flags_environment_and_defaults(monkeypatch):
     monkeypatch.setenv("NMTSERVE_RESUME", "true")
     assert parse([]) == Example(steps=7, resume=True)
     assert parse(["--steps", "9", "--no-resume", "--out", "y"]) == Example(out=Path("y"), steps=9, resume=False)
+    # An empty variable is unset, as a templated manifest leaves one: not "", ".", or a number that fails to parse.
+    for variable in ("NMTSERVE_STEPS", "NMTSERVE_RESUME", "NMTSERVE_OUT", "NMTSERVE_MODE"):
+        monkeypatch.setenv(variable, "")
+    assert parse([]) == Example()
 
 
 @pytest.mark.parametrize(

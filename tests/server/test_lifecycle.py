@@ -15,6 +15,7 @@ import time
 from dataclasses import fields
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -238,6 +239,7 @@ def test_missing_bundle_and_inconsistent_settings_are_refused():
         (["--grace-seconds", "nan"], {}, "--grace-seconds must be a number of at least 0, not nan"),
         (["--port", "70000"], {}, "--port 70000 is not a port (0 to 65535)"),
         (["--max-message-bytes", str(2**31)], {}, "--max-message-bytes cannot exceed 2147483647"),
+        (["--max-queue-delay-ms", "1e10"], {}, "--max-queue-delay-ms cannot exceed 60000, not 1e+10"),
         ([], {"NMTSERVE_LOG_LEVEL": "verbose"}, "NMTSERVE_LOG_LEVEL='verbose' is not one of debug, info, warning, error"),
         ([], {"NMTSERVE_PORT": "fifty"}, "NMTSERVE_PORT='fifty' is not a valid int"),
     ],
@@ -255,15 +257,62 @@ def test_settings_that_would_fail_later_are_refused_at_once(tiny_bundle, flags, 
 def test_environment_variables_configure_the_server_and_the_config_is_logged(serve_process, tiny_bundle, monkeypatch):
     monkeypatch.setenv("NMTSERVE_BUNDLE", str(tiny_bundle))
     monkeypatch.setenv("NMTSERVE_MAX_QUEUE_SIZE", "77")
+    for unset in ("NMTSERVE_HEALTH_PORT", "NMTSERVE_TLS_CERT", "NMTSERVE_TLS_KEY"):  # empty: as if not there
+        monkeypatch.setenv(unset, "")
     server = serve_process()
     line = server.wait_for_event("config")
     assert "max_queue_size=77" in line and f"bundle={tiny_bundle}" in line
+    assert "health_port=None" in line and "tls_cert=None" in line
     server.wait_for_event("serving")
     with grpc.insecure_channel(f"127.0.0.1:{server.port('grpc_port')}") as channel:
         info = translator_pb2_grpc.TranslatorStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
     assert info.limits.max_queue_size == 77
     server.process.send_signal(signal.SIGINT)
     assert server.wait() == 0
+
+
+def test_a_signal_while_the_model_loads_stops_the_server_at_once(serve_process, tiny_bundle):
+    server = serve_process("--bundle", str(tiny_bundle))
+    decode_pid = _decode_pid_started(server)
+    os.kill(decode_pid, signal.SIGSTOP)  # still loading, however fast this machine loads
+    signalled = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.wait(TIMEOUT) == 0, server.log
+    assert time.monotonic() - signalled < 10, "waited for a decode process that was never told to stop"
+    assert "event=signal_during_start" in server.log and "event=serving" not in server.log
+    with pytest.raises(ProcessLookupError):
+        os.kill(decode_pid, 0)
+
+
+def _decode_pid_started(server) -> int:
+    """The decode process's id, as soon as the server has started it (before it has loaded the model)."""
+
+    def spawned() -> list[psutil.Process]:
+        return [child for child in psutil.Process(server.process.pid).children() if "spawn_main" in " ".join(child.cmdline())]
+
+    server.wait_for(spawned, what="the decode process started")
+    return spawned()[0].pid
+
+
+def test_a_bad_tls_key_is_named_and_not_taken_for_a_busy_port(serve_process, tiny_bundle, certificates):
+    d = certificates
+    server = serve_process("--bundle", str(tiny_bundle), "--tls-cert", str(d / "server.pem"), "--tls-key", str(d / "client.key"))
+    assert server.wait(TIMEOUT) == 1, server.log
+    (failed,) = [line for line in server.lines if "event=startup_failed" in line]
+    assert f'error="--tls-cert {d / "server.pem"} and --tls-key {d / "client.key"}: not a PEM certificate chain' in failed
+    assert "cannot listen" not in failed
+
+
+def test_a_bracketed_ipv6_host_serves_every_port(serve_process, tiny_bundle):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    server = serve_process("--bundle", str(tiny_bundle), "--host", "[::1]")
+    server.wait_for_event("serving")
+    assert _health(f"[::1]:{server.port('grpc_port')}") == health_pb2.HealthCheckResponse.SERVING
+    with socket.create_connection(("::1", server.port("metrics_port")), timeout=10):
+        pass
+    server.process.send_signal(signal.SIGTERM)
+    assert server.wait(TIMEOUT) == 0
 
 
 def _openssl(*args: str) -> None:

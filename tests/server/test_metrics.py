@@ -79,6 +79,9 @@ def test_metrics_move_with_the_traffic(traffic):
     assert after.value("nmtserve_active_sequences") == after.value("nmtserve_queue_depth") == 0
     info = server.server.service.model.bundle
     assert after.value("nmtserve_model_info", {"version": info.sha256[:12], "precision": "fp32", "device": "cpu"}) == 1
+    # The decode process's own CPU time and memory, beside the server process's process_* series.
+    assert after.value("nmtserve_decode_process_cpu_seconds_total") > 0
+    assert after.value("nmtserve_decode_process_resident_memory_bytes") > 0
 
 
 def test_every_decoder_step_is_counted(traffic, test_texts):

@@ -227,6 +227,8 @@ class Engine(Model):
     def encode(self, sources: Sequence[Sequence[int]]) -> EncodedBatch:
         """Run the encoder once for a batch of source id lists."""
         lengths = np.array([len(s) for s in sources], dtype=np.int64)
+        if lengths.min() < 1:
+            raise ValueError("an empty source: a source has at least its <eos>")
         if lengths.max() > self.max_source_length:
             raise ValueError(f"a source of {lengths.max()} tokens is longer than the model's limit of {self.max_source_length}")
         source_ids = np.zeros((len(sources), int(lengths.max())), dtype=np.int64)
@@ -448,6 +450,8 @@ class Decoder:
     def start(self, batch: EncodedBatch, options: Sequence[DecodeOptions]) -> list[BeamSearch]:
         """The searches of an encoded batch's sentences, advanced by the decoder's first step (Engine.first_step: safe
         beside `step` in another thread); a search may be done already."""
+        for opts in options:  # before any model run: past the model's positions, a step would fail the whole batch
+            check_options(self.engine, opts)
         log_probs, alignment = self.engine.first_step(batch)
         searches = [BeamSearch(opts, self.engine.tokens) for opts in options]
         advance_searches(searches, batch.source_lengths.tolist(), log_probs, alignment, self.engine.tokens)
@@ -572,12 +576,20 @@ def translate(
     return results
 
 
-def _translate(engine: Engine, sources: Sequence[Sequence[int]], options: DecodeOptions) -> list[list[Hypothesis]]:
-    """Decode on one engine, admitting sources in order as rows come free."""
+def check_options(engine: Engine, options: DecodeOptions) -> None:
+    """ValueError where the engine cannot decode with these options: a beam its cache cannot hold, an output longer
+    than the model's positions."""
     if not 1 <= options.beam_size <= engine.capacity:
         raise ValueError(f"beam size {options.beam_size} must be between 1 and the engine's {engine.capacity} cache rows")
+    if not 1 <= options.max_length <= engine.max_target_length:
+        raise ValueError(f"max_length {options.max_length} must be between 1 and the model's {engine.max_target_length} tokens")
+
+
+def _translate(engine: Engine, sources: Sequence[Sequence[int]], options: DecodeOptions) -> list[list[Hypothesis]]:
+    """Decode on one engine, admitting sources in order as rows come free."""
     max_length = min(options.max_length, engine.max_target_length)
     options = DecodeOptions(**{**options.__dict__, "max_length": max_length})
+    check_options(engine, options)  # before the loop, which would wait for ever for rows a beam cannot have
     decoder = Decoder(engine)
     results: dict[int, list[Hypothesis]] = {}
     pending = list(range(len(sources)))

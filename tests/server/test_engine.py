@@ -241,6 +241,20 @@ def test_beam_that_cannot_fit_the_cache_is_refused(reference, engine, beam_size)
 def test_source_longer_than_the_model_limit_is_refused(engine):
     with pytest.raises(ValueError, match="longer than the model's limit"):
         engine.encode([[5] * (engine.max_source_length + 1)])
+    with pytest.raises(ValueError, match="an empty source"):
+        engine.encode([[5, engine.tokens.eos], []])
+
+
+def test_options_the_engine_cannot_decode_are_refused_before_any_model_run(reference, engine):
+    """Past the model's positions a step fails, and in the decode loop the whole batch with it: the decoder refuses first."""
+    _, _, _, sources = reference
+    decoder = Decoder(engine)
+    too_long = DecodeOptions(min_length=engine.max_target_length + 1, max_length=engine.max_target_length + 1)
+    with pytest.raises(ValueError, match=f"max_length {engine.max_target_length + 1} must be between 1 and the model's"):
+        decoder.add(["a"], sources[:1], [too_long])
+    with pytest.raises(ValueError, match="beam size 0 must be between 1"):
+        decoder.add(["a"], sources[:1], [DecodeOptions(beam_size=0)])
+    assert not decoder.active and decoder.rows_free() == engine.capacity
 
 
 def test_cuda_without_a_gpu_fails_fast():

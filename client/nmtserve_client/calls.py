@@ -198,8 +198,10 @@ class StreamCall:
 
     def _after(self, error: grpc.RpcError) -> float:
         """Seconds to wait before starting the stream again after error; raises the SDK exception where it ends the stream."""
-        if self._cancelled and error.code() == grpc.StatusCode.CANCELLED:
-            raise self.cancelled_error() from None  # in the SDK's words, not gRPC's "Locally cancelled by application!"
+        if self._cancelled:
+            # Whatever answer was already on its way (gRPC's "Locally cancelled by application!", a refusal that
+            # crossed the cancel): the caller asked for the stream to end, and a read after cancel() says so.
+            raise self.cancelled_error() from None
         return self._retries.after(error)
 
     @staticmethod

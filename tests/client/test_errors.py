@@ -197,6 +197,20 @@ def test_a_back_off_ends_at_once_when_the_call_is_ended(ending, start_server, te
         assert server.metric("nmtserve_requests_total", refused) == 2, "a cancelled stream was started again"
 
 
+def test_a_stream_cancelled_after_its_refusal_arrived_reads_as_cancelled(start_server, test_texts):
+    """A refusal already received when cancel() comes does not outrun it: the read says the stream was cancelled."""
+    server = start_server(max_batch_size=4, max_queue_size=4, max_texts_per_request=4)
+    refused = {"method": "TranslateStream", "code": "RESOURCE_EXHAUSTED"}
+    with _full_queue(server, test_texts), Client(server.address, max_attempts=5) as client:
+        stream = client.translate_stream(test_texts[5])  # the call starts now; nothing reads it yet
+        server.wait_for(lambda: server.metric("nmtserve_requests_total", refused) >= 1, timeout=5, what="the refusal")
+        time.sleep(0.2)  # the refusal reaches the client's channel, which takes it in without a reader
+        stream.cancel()
+        with pytest.raises(RequestCancelledError, match="the stream was cancelled"):
+            next(stream)
+    assert server.metric("nmtserve_requests_total", refused) == 1, "a cancelled stream was started again"
+
+
 def test_a_request_above_the_message_limit_fails_at_once_and_says_so(start_server):
     server = start_server(max_message_bytes=4096)
     text = "Friday " * 1000  # 7,000 bytes: gRPC refuses the message before the service sees it

@@ -198,11 +198,15 @@ class StreamCall:
 
     def _after(self, error: grpc.RpcError) -> float:
         """Seconds to wait before starting the stream again after error; raises the SDK exception where it ends the stream."""
-        if self._cancelled:
+        try:
+            return self._retries.after(error)
+        except NmtserveError:
             # Whatever answer was already on its way (gRPC's "Locally cancelled by application!", a refusal that
             # crossed the cancel): the caller asked for the stream to end, and a read after cancel() says so.
-            raise self.cancelled_error() from None
-        return self._retries.after(error)
+            # cancel() marks the stream cancelled before it stops the retries, so a stop seen here is read as one.
+            if self._cancelled:
+                raise self.cancelled_error() from None
+            raise
 
     @staticmethod
     def cancelled_error() -> RequestCancelledError:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from nmtserve.v1 import translator_pb2_grpc
-from nmtserve_client import AsyncClient, Client, OverloadedError, UnavailableError
+from nmtserve_client import AsyncClient, Client, OverloadedError, UnavailableError, calls
 from nmtserve_client.channel import ClientSettings, service_config
 
 pytestmark = pytest.mark.e2e
@@ -49,11 +49,12 @@ def test_service_config_leaves_only_get_model_info_to_grpcs_retries():
             Client("localhost:1", **bad)
 
 
-def test_a_call_survives_a_server_that_comes_back_within_the_retry_budget(start_server):
+def test_a_call_survives_a_server_that_comes_back_within_the_retry_budget(start_server, monkeypatch):
     port = _free_port()
-    # Up to 4 + 8 + 16 + 16 s of back-off (each drawn at random below its bound), against a server that is back
-    # (listening, then loading) within a few seconds: the four retries all fall before then in well under 1% of runs.
-    with Client(f"127.0.0.1:{port}", initial_backoff=4.0, max_backoff=16.0) as client, ThreadPoolExecutor(1) as pool:
+    # Every back-off its longest: retries 1, 3, 7 and 15 s after the first attempt, against a server that is back
+    # (listening, then loading) within a few seconds; drawn at random, all four could fall before it.
+    monkeypatch.setattr(calls.random, "uniform", lambda low, high: high)
+    with Client(f"127.0.0.1:{port}", initial_backoff=1.0, max_backoff=8.0) as client, ThreadPoolExecutor(1) as pool:
         call = pool.submit(client.translate, ["Friday"])
         time.sleep(0.3)  # the first attempt has been refused
         server = start_server(port=port)

@@ -117,7 +117,9 @@ def test_a_second_signal_with_no_call_left_to_cut_still_exits_0(serve_process, t
 
 @pytest.mark.parametrize("when", ["serving", "draining"])
 def test_a_lost_decode_process_stops_serving_and_exits_non_zero(serve_process, tiny_bundle, test_texts, when):
-    server = serve_process("--bundle", str(tiny_bundle), "--health-port", "0", "--grace-seconds", "30")
+    # Two rows: the third text waits for one, so the call lasts two whole decodes, however long the scrapes take.
+    server = serve_process("--bundle", str(tiny_bundle), "--health-port", "0", "--grace-seconds", "30", "--max-batch-size", "2",
+                           "--max-beam-size", "2")
     decode_pid = _decode_pid(server)
     server.wait_for_event("serving")
     address, health_address = f"127.0.0.1:{server.port('grpc_port')}", f"127.0.0.1:{server.port('health_port')}"
@@ -126,7 +128,7 @@ def test_a_lost_decode_process_stops_serving_and_exits_non_zero(serve_process, t
         limit = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).limits.max_target_tokens
         long = pb.TranslateOptions(min_length=limit, max_length=limit)
         in_flight = stub.Translate.future(pb.TranslateRequest(texts=test_texts[:3], options=long), timeout=TIMEOUT)
-        server.wait_for(lambda: server.scrape().value("nmtserve_active_sequences") == 3, what="the texts decoding")
+        server.wait_for(lambda: server.scrape().value("nmtserve_active_sequences") == 2, what="the texts decoding")
         os.kill(decode_pid, signal.SIGSTOP)  # the texts stay in flight however long the drain takes to begin
         assert not in_flight.done(), "the texts finished before the decode process was paused"
         if when == "draining":

@@ -49,18 +49,23 @@ def test_a_short_request_joins_the_running_batch_and_finishes_first(start_server
     with channel:
         long = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=server.long_options()), timeout=TIMEOUT) for t in test_texts[:8]]
         server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 8, what="8 long texts decoding")
+        finished: list[str] = []  # in the order the answers came, whenever the test's own thread gets to look
         with server.paused():  # the short text arrives while the long ones are mid-decode, however fast they run
             assert not any(f.done() for f in long), "a long translation finished before the short one was sent"
+            for f in long:
+                f.add_done_callback(lambda _: finished.append("long"))
             joined_before = _bucket(server, "nmtserve_decode_step_batch_size", 16) - _bucket(server, "nmtserve_decode_step_batch_size", 8)
             pending = stub.Translate.future(pb.TranslateRequest(texts=[test_texts[9]], options=pb.TranslateOptions(max_length=3)), timeout=TIMEOUT)
+            pending.add_done_callback(lambda _: finished.append("short"))
             server.wait_for(lambda: server.metric("nmtserve_queue_depth") == 1, what="the short text queued")
         short = pending.result()
         assert len(short.translations[0].hypotheses[0].tokens) <= 3
-        assert not any(f.done() for f in long), "a long translation finished before the short one"
         joined = _bucket(server, "nmtserve_decode_step_batch_size", 16) - _bucket(server, "nmtserve_decode_step_batch_size", 8)
         assert joined > joined_before, "no decoder step ran the short text together with the 8 long ones"
         limit = server.server.service.model.max_target_length
         assert all(len(f.result().translations[0].hypotheses[0].tokens) == limit for f in long)
+        server.wait_for(lambda: len(finished) == 9, timeout=5, what="every answer's callback")
+        assert finished[0] == "short", "a long translation finished before the short one"
 
 
 def test_queue_full_rejects_exactly_the_overflow(start_server, test_texts):

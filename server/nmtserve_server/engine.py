@@ -395,13 +395,20 @@ MULTI_THREAD_GAIN = 1.1  # how much faster a multi-threaded decoder step must be
 
 
 def _axis_size(needed: int, current: int, limit: int) -> int:
-    """A cache axis size for `needed` entries: doubled to grow, halved once four times too large, within [16, limit]."""
+    """A cache axis size for `needed` entries: doubled to grow, halved once four times too large, always 16 * 2**k
+    up to the first such size that holds `limit`."""
+    # Never `limit` itself: a row's results are independent of its batch's padding only at multiples of 16 (see
+    # first_step), and halving a limit such as 300 would give 150 and 75. Positions come from their own input,
+    # so an axis longer than the model's limit only adds masked entries.
+    largest = MIN_AXIS
+    while largest < limit:
+        largest *= 2
     size = current
     while size < needed:
         size *= 2
     while size > MIN_AXIS and needed <= size // 4:
         size //= 2
-    return min(max(size, MIN_AXIS), max(limit, MIN_AXIS))
+    return min(max(size, MIN_AXIS), largest)
 
 
 def _resized(buffer: np.ndarray, size: int) -> np.ndarray:

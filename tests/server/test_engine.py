@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nmtserve.bundle import BOS_ID, MANIFEST, BundleError, read_bundle
 from nmtserve_export.checkpoint import load_model
@@ -20,7 +22,8 @@ from nmtserve_export.decode import IncrementalDecoder, beam_search, greedy_searc
 from nmtserve_export.evaluate import held_out_pairs
 from nmtserve_export.train import exact_match
 from nmtserve_server.engine import (
-    Decoder, DeviceError, EncodedBatch, Engine, Model, engines_for, preload_cuda_libraries, providers_for, translate,
+    Decoder, DeviceError, EncodedBatch, Engine, Model, _axis_size, engines_for, preload_cuda_libraries, providers_for,
+    translate,
 )
 from nmtserve_server.search import DecodeOptions, top_candidates
 
@@ -141,6 +144,16 @@ def test_buffers_replaced_mid_batch_decode_as_alone(reference, engine):
         alone = translate(engine, [source], options.get(key, DecodeOptions()))[0]
         assert [h.tokens for h in results[key]] == [h.tokens for h in alone]
         assert results[key][0].score == pytest.approx(alone[0].score, abs=1e-4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(limit=st.integers(1, 1024), needs=st.lists(st.integers(1, 1024), min_size=1, max_size=12))
+def test_cache_axes_are_always_sixteen_times_a_power_of_two(limit, needs):
+    """A row decodes as alone only at such widths (see first_step), also under a limit that is not one of them."""
+    size = 16
+    for needed in (min(n, limit) for n in needs):
+        size = _axis_size(needed, size, limit)
+        assert size >= needed and size % 16 == 0 and (size // 16) & (size // 16 - 1) == 0, (limit, needed, size)
 
 
 def test_engines_side_by_side_decode_as_one(reference, engine, tiny_bundle):

@@ -152,6 +152,25 @@ class InProcessServer:
         finally:
             os.kill(pid, signal.SIGCONT)
 
+    @contextlib.contextmanager
+    def paused_mid_decode(self, start: Callable[[], list[grpc.Future]], decoding: Callable[[], bool], what: str,
+                          attempts: int = 3) -> Iterator[list[grpc.Future]]:
+        """paused(), once decoding() holds, with every call start() made still in flight.
+
+        On a loaded machine a whole decode can end between seeing it run and the pause: the calls are then made
+        again, up to `attempts` times.
+        """
+        for _ in range(attempts):
+            calls = start()
+            self.wait_for(decoding, what=what)
+            with self.paused():
+                time.sleep(0.05)  # the reports the decode process sent before its pause reach the server
+                if not any(call.done() for call in calls):
+                    yield calls
+                    return
+            self.wait_for(lambda: all(call.done() for call in calls), timeout=60, what="the calls of the attempt before")
+        pytest.fail(f"{what}: a call finished before the pause in each of {attempts} attempts")
+
     wait_for = staticmethod(wait_for)
 
 

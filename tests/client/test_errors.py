@@ -87,12 +87,12 @@ def _full_queue(server, texts: list[str]) -> Iterator[None]:
     beam = server.long_options(beam_size=4)  # a text takes every row: the queue empties one text per whole decode
     with grpc.insecure_channel(server.address) as channel:
         stub = translator_pb2_grpc.TranslatorStub(channel)
-        busy = stub.Translate.future(pb.TranslateRequest(texts=texts[:1], options=beam), timeout=TIMEOUT)
-        server.wait_for(lambda: server.metric("nmtserve_kv_cache_free_slots") == 0, what="all rows taken")
         # Paused, the decode process can neither finish the busy text nor admit a queued one, however slow the block;
         # the server queues texts without it, so the queue fills inside the pause.
-        with server.paused():
-            assert not busy.done(), "the busy text finished before the pause"
+        with server.paused_mid_decode(
+            lambda: [stub.Translate.future(pb.TranslateRequest(texts=texts[:1], options=beam), timeout=TIMEOUT)],
+            lambda: server.metric("nmtserve_kv_cache_free_slots") == 0, "all rows taken",
+        ) as (busy,):
             queued = stub.Translate.future(pb.TranslateRequest(texts=texts[1:5], options=beam), timeout=TIMEOUT)
             server.wait_for(lambda: server.metric("nmtserve_queue_depth") == 4, what="a full queue")
             yield

@@ -47,11 +47,12 @@ def test_a_short_request_joins_the_running_batch_and_finishes_first(start_server
     server = start_server()
     channel, stub = _stub(server)
     with channel:
-        long = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=server.long_options()), timeout=TIMEOUT) for t in test_texts[:8]]
-        server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 8, what="8 long texts decoding")
         finished: list[str] = []  # in the order the answers came, whenever the test's own thread gets to look
-        with server.paused():  # the short text arrives while the long ones are mid-decode, however fast they run
-            assert not any(f.done() for f in long), "a long translation finished before the short one was sent"
+        # The short text arrives while the long ones are mid-decode, however fast they run.
+        with server.paused_mid_decode(
+            lambda: [stub.Translate.future(pb.TranslateRequest(texts=[t], options=server.long_options()), timeout=TIMEOUT) for t in test_texts[:8]],
+            lambda: server.metric("nmtserve_active_sequences") == 8, "8 long texts decoding",
+        ) as long:
             for f in long:
                 f.add_done_callback(lambda _: finished.append("long"))
             joined_before = _bucket(server, "nmtserve_decode_step_batch_size", 16) - _bucket(server, "nmtserve_decode_step_batch_size", 8)
@@ -72,10 +73,10 @@ def test_queue_full_rejects_exactly_the_overflow(start_server, test_texts):
     server = start_server(max_batch_size=4, max_queue_size=4)
     channel, stub = _stub(server)
     with channel:
-        busy = stub.Translate.future(pb.TranslateRequest(texts=[test_texts[0]], options=server.long_options(beam_size=4)), timeout=TIMEOUT)
-        server.wait_for(lambda: server.metric("nmtserve_kv_cache_free_slots") == 0, what="all rows taken")
-        with server.paused():  # the loop stays busy through the burst
-            assert not busy.done(), "the busy text finished before the burst; the test proves nothing"
+        with server.paused_mid_decode(  # the loop stays busy through the burst
+            lambda: [stub.Translate.future(pb.TranslateRequest(texts=[test_texts[0]], options=server.long_options(beam_size=4)), timeout=TIMEOUT)],
+            lambda: server.metric("nmtserve_kv_cache_free_slots") == 0, "all rows taken",
+        ) as (busy,):
             burst = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=pb.TranslateOptions(max_length=2)), timeout=TIMEOUT)
                      for t in test_texts[1:8]]
             server.wait_for(lambda: sum(f.done() for f in burst) >= 3, what="the overflow's answers")
@@ -91,11 +92,10 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_by_name_and_counted(start_
     server = start_server(max_concurrent_rpcs=2)
     channel, stub = _stub(server)
     with channel:
-        busy = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=server.long_options()), timeout=TIMEOUT)
-                for t in test_texts[:2]]
-        server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 2, what="2 long texts decoding")
-        with server.paused():  # both calls stay in flight while the third comes
-            assert not any(f.done() for f in busy), "a long call ended before the third came; the test proves nothing"
+        with server.paused_mid_decode(  # both calls stay in flight while the third comes
+            lambda: [stub.Translate.future(pb.TranslateRequest(texts=[t], options=server.long_options()), timeout=TIMEOUT) for t in test_texts[:2]],
+            lambda: server.metric("nmtserve_active_sequences") == 2, "2 long texts decoding",
+        ) as busy:
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Translate(pb.TranslateRequest(texts=[test_texts[2]]), timeout=TIMEOUT)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -178,16 +178,19 @@ def test_cancelled_stream_and_call_free_the_rows(start_server, test_texts):
     server = start_server(max_batch_size=8)
     channel, stub = _stub(server)
     with channel:
-        stream = stub.TranslateStream(pb.TranslateStreamRequest(text=test_texts[0], options=server.long_options()), timeout=TIMEOUT)
-        assert next(stream).piece.tokens  # decoding has begun
-        with server.paused():  # cancelled mid-decode, however fast the rest of it would run
+        with server.paused_mid_decode(  # cancelled mid-decode, however fast the rest of it would run
+            lambda: [stub.TranslateStream(pb.TranslateStreamRequest(text=test_texts[0], options=server.long_options()), timeout=TIMEOUT)],
+            lambda: server.metric("nmtserve_active_sequences") == 1, "the stream decoding",
+        ) as (stream,):
+            assert next(stream).piece.tokens
             stream.cancel()
             server.wait_for(lambda: _cancelled(server, "TranslateStream") == 1, timeout=10, what="the stream counted as cancelled")
         server.wait_for(lambda: _all_rows_free(server), timeout=10, what="the stream's row to be freed")
-        output_tokens = server.metric("nmtserve_output_tokens_total")
-        call = stub.Translate.future(pb.TranslateRequest(texts=[test_texts[1]], options=server.long_options(beam_size=4)), timeout=TIMEOUT)
-        server.wait_for(lambda: server.metric("nmtserve_kv_cache_free_slots") == 4, what="the text decoding")
-        with server.paused():
+        with server.paused_mid_decode(
+            lambda: [stub.Translate.future(pb.TranslateRequest(texts=[test_texts[1]], options=server.long_options(beam_size=4)), timeout=TIMEOUT)],
+            lambda: server.metric("nmtserve_kv_cache_free_slots") == 4, "the text decoding",
+        ) as (call,):
+            output_tokens = server.metric("nmtserve_output_tokens_total")
             call.cancel()
             server.wait_for(lambda: _cancelled(server, "Translate") == 1, timeout=10, what="the call counted as cancelled")
         server.wait_for(lambda: _all_rows_free(server), timeout=10, what="the call's rows to be freed")

@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import TypeVar
 from pathlib import Path
 
 import grpc
@@ -76,6 +77,7 @@ def default_corpus():
 
 
 START_TIMEOUT = 60.0
+T = TypeVar("T")
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
@@ -153,23 +155,24 @@ class InProcessServer:
             os.kill(pid, signal.SIGCONT)
 
     @contextlib.contextmanager
-    def paused_mid_decode(self, start: Callable[[], list[grpc.Future]], decoding: Callable[[], bool], what: str,
-                          attempts: int = 3) -> Iterator[list[grpc.Future]]:
-        """paused(), once decoding() holds, with every call start() made still in flight.
+    def paused_mid_decode(self, start: Callable[[], T], decoding: Callable[[], bool], what: str, attempts: int = 3) -> Iterator[T]:
+        """paused(), with what start() began still decoding: decoding() holds once the reports sent before the pause
+        are read.
 
-        On a loaded machine a whole decode can end between seeing it run and the pause: the calls are then made
-        again, up to `attempts` times.
+        On a loaded machine a whole decode can end between seeing it run and the pause: start() is then called
+        again, once the server is idle, up to `attempts` times.
         """
         for _ in range(attempts):
-            calls = start()
+            began = start()
             self.wait_for(decoding, what=what)
             with self.paused():
                 time.sleep(0.05)  # the reports the decode process sent before its pause reach the server
-                if not any(call.done() for call in calls):
-                    yield calls
+                if decoding():
+                    yield began
                     return
-            self.wait_for(lambda: all(call.done() for call in calls), timeout=60, what="the calls of the attempt before")
-        pytest.fail(f"{what}: a call finished before the pause in each of {attempts} attempts")
+            self.wait_for(lambda: self.metric("nmtserve_active_sequences") == 0 and self.metric("nmtserve_queue_depth") == 0,
+                          timeout=60, what="the server idle after the attempt before")
+        pytest.fail(f"{what}: it ended before the pause in each of {attempts} attempts")
 
     wait_for = staticmethod(wait_for)
 

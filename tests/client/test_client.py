@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 
 import pytest
@@ -145,11 +144,12 @@ def test_leaving_a_stream_early_cancels_it_on_the_server(start_server, test_text
     server = start_server(max_batch_size=8)
     with Client(server.address) as client:
         cancelled = {"method": "TranslateStream", "code": "CANCELLED"}
-        with contextlib.ExitStack() as holding:
-            with client.translate_stream(test_texts[0], min_length=server.long_options().min_length) as stream:
-                assert next(stream).tokens  # made beside the batch: the text joins it after
-                server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 1, what="the text in the batch")
-                holding.enter_context(server.paused())  # the stream is left mid-decode, however fast the rest would run
+        with server.paused_mid_decode(  # the stream is left mid-decode, however fast the rest would run
+            lambda: client.translate_stream(test_texts[0], min_length=server.long_options().min_length),
+            lambda: server.metric("nmtserve_active_sequences") == 1, "the text in the batch",
+        ) as stream:
+            with stream:
+                assert next(stream).tokens
             server.wait_for(lambda: server.metric("nmtserve_requests_total", cancelled) == 1, timeout=5, what="the call counted as cancelled")
         server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 0, timeout=10, what="the stream's row freed")
 

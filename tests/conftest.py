@@ -15,8 +15,8 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import TypeVar
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest

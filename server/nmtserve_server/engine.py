@@ -160,6 +160,7 @@ class Engine(Model):
         # encoder-decoder keys/values (capacity, h, S, d_k). The graphs read rows [0, n) of them in place (no copy
         # per step), so T and S are sized to the longest row in use, doubling as rows grow (see _axis_size).
         shape = (capacity, dims.n_heads, MIN_AXIS, dims.d_k)
+        self.max_source_axis, self.max_target_axis = _axis_limit(self.max_source_length), _axis_limit(self.max_target_length)
         self.cache = [np.zeros(shape, np.float32) for _ in self.past_names]
         self.memory = [np.zeros(shape, np.float32) for _ in self.memory_names]
         self.lengths = np.zeros(capacity, np.int64)  # cached steps per row
@@ -249,7 +250,7 @@ class Engine(Model):
         nothing_cached = np.zeros((rows, dims.n_heads, MIN_AXIS, dims.d_k), np.float32)
         # The source axis padded as the cache's would be: a row's results then do not depend on its batch's padding
         # (the kernels sum a length that is not a multiple of 16 in another order), as in the batch's own steps.
-        size = _axis_size(batch.source_mask.shape[1], MIN_AXIS, self.max_source_length)
+        size = _axis_size(batch.source_mask.shape[1], MIN_AXIS, self.max_source_axis)
         source_mask = np.zeros((rows, size), bool)
         source_mask[:, : batch.source_mask.shape[1]] = batch.source_mask
         feeds = {
@@ -320,7 +321,7 @@ class Engine(Model):
         """Size the memory buffers' source axis for the longest source in use (kept as is when none is)."""
         if longest == 0:
             return
-        size = _axis_size(longest, self.memory[0].shape[2], self.max_source_length)
+        size = _axis_size(longest, self.memory[0].shape[2], self.max_source_axis)
         if size != self.memory[0].shape[2]:
             self.memory = [_resized(buffer, size) for buffer in self.memory]
             self.source_mask = np.zeros((self.capacity, size), bool)
@@ -335,7 +336,7 @@ class Engine(Model):
         index = np.asarray(slots, dtype=np.int64)
         rows = int(index.max()) + 1  # the graph runs rows [0, rows); rows in there that are not stepping are ignored
         lengths = self.lengths[index]
-        size = _axis_size(int(self.lengths.max()) + 1, self.cache[0].shape[2], self.max_target_length)
+        size = _axis_size(int(self.lengths.max()) + 1, self.cache[0].shape[2], self.max_target_axis)
         if size != self.cache[0].shape[2]:
             self.cache = [_resized(buffer, size) for buffer in self.cache]
             self.past_mask = np.zeros((self.capacity, size), bool)
@@ -394,15 +395,20 @@ MIN_AXIS = 16  # smallest cache time / source axis
 MULTI_THREAD_GAIN = 1.1  # how much faster a multi-threaded decoder step must be to be preferred to one thread
 
 
-def _axis_size(needed: int, current: int, limit: int) -> int:
-    """A cache axis size for `needed` entries: doubled to grow, halved once four times too large, always 16 * 2**k
-    up to the first such size that holds `limit`."""
+def _axis_limit(limit: int) -> int:
+    """The largest cache axis for a model limit: the first 16 * 2**k that holds it."""
     # Never `limit` itself: a row's results are independent of its batch's padding only at multiples of 16 (see
     # first_step), and halving a limit such as 300 would give 150 and 75. Positions come from their own input,
     # so an axis longer than the model's limit only adds masked entries.
     largest = MIN_AXIS
     while largest < limit:
         largest *= 2
+    return largest
+
+
+def _axis_size(needed: int, current: int, largest: int) -> int:
+    """A cache axis size for `needed` entries: doubled to grow, halved once four times too large, 16 * 2**k up to
+    `largest` (an _axis_limit)."""
     size = current
     while size < needed:
         size *= 2

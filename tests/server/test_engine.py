@@ -22,8 +22,8 @@ from nmtserve_export.decode import IncrementalDecoder, beam_search, greedy_searc
 from nmtserve_export.evaluate import held_out_pairs
 from nmtserve_export.train import exact_match
 from nmtserve_server.engine import (
-    Decoder, DeviceError, EncodedBatch, Engine, Model, _axis_size, engines_for, preload_cuda_libraries, providers_for,
-    translate,
+    Decoder, DeviceError, EncodedBatch, Engine, Model, _axis_limit, _axis_size, engines_for, preload_cuda_libraries,
+    providers_for, translate,
 )
 from nmtserve_server.search import DecodeOptions, top_candidates
 
@@ -150,9 +150,10 @@ def test_buffers_replaced_mid_batch_decode_as_alone(reference, engine):
 @given(limit=st.integers(1, 1024), needs=st.lists(st.integers(1, 1024), min_size=1, max_size=12))
 def test_cache_axes_are_always_sixteen_times_a_power_of_two(limit, needs):
     """A row decodes as alone only at such widths (see first_step), also under a limit that is not one of them."""
-    size = 16
+    largest, size = _axis_limit(limit), 16
+    assert largest >= limit and (largest // 16) & (largest // 16 - 1) == 0 and largest % 16 == 0, (limit, largest)
     for needed in (min(n, limit) for n in needs):
-        size = _axis_size(needed, size, limit)
+        size = _axis_size(needed, size, largest)
         assert size >= needed and size % 16 == 0 and (size // 16) & (size // 16 - 1) == 0, (limit, needed, size)
 
 

@@ -177,11 +177,15 @@ class AsyncClient:
 
     @_documented_as(Client.model_info)
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        deadline = self._deadline(timeout)
+        retries = Retries(self.settings, deadline)
         with self._closing.calls():
-            try:
-                return model_info_from(await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._deadline(timeout).remaining()))
-            except grpc.RpcError as error:
-                raise from_rpc_error(error) from None
+            while True:
+                try:
+                    return model_info_from(await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=deadline.remaining()))
+                except grpc.RpcError as error:
+                    delay = retries.after(error)
+                await self._closing.sleep_async(delay)
 
     @_documented_as(Client.health)
     async def health(self, service: str = SERVICE_NAME, *, timeout: float | None = None) -> HealthStatus:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import threading
 import time
@@ -34,6 +35,8 @@ class Deadline:
     """The time left of one SDK call that may make several RPCs."""
 
     def __init__(self, timeout: float | None):
+        if timeout is not None and not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive, finite number of seconds (or None for the client's), not {timeout}")
         self.timeout = timeout
         self._end = None if timeout is None else time.monotonic() + timeout
 
@@ -52,15 +55,15 @@ class Deadline:
 
 
 class Retries:
-    """The retries of one Translate or TranslateStream call: UNAVAILABLE (a server starting, draining or out of reach) and
-    a full server's RESOURCE_EXHAUSTED, max_attempts in all, within the call's deadline.
+    """The retries of one request: UNAVAILABLE (a server starting, draining or out of reach) and a full server's
+    RESOURCE_EXHAUSTED, max_attempts in all, within the call's deadline.
 
     The SDK makes them rather than gRPC's retry policy, which matches status
     codes only: it would also retry gRPC's own RESOURCE_EXHAUSTED for a message
-    above the size limit, which can never succeed, and leaving UNAVAILABLE to it
-    would multiply the two budgets (gRPC's attempts inside each of the SDK's).
-    Attempt n + 1 follows gRPC's schedule: after random(0, min(initial_backoff *
-    backoff_multiplier ** (n - 1), max_backoff)).
+    above the size limit, which can never succeed, and it waits out back-offs
+    the deadline cuts short, ending in DEADLINE_EXCEEDED where the server's
+    own answer says more. Attempt n + 1 follows gRPC's schedule: after
+    random(0, min(initial_backoff * backoff_multiplier ** (n - 1), max_backoff)).
     """
 
     def __init__(self, settings: ClientSettings, deadline: Deadline, offset: int = 0):
@@ -242,7 +245,7 @@ def translate_options(**values: Any) -> pb.TranslateOptions:
 def text_list(texts: Sequence[str]) -> list[str]:
     """texts as a list; a single string is refused rather than translated character by character, and a text that is
     not Unicode text (InvalidInputError) before anything is sent."""
-    if isinstance(texts, str):
+    if isinstance(texts, (str, bytes, bytearray)):
         raise TypeError("translate() takes a list of texts; for one text, pass [text] or use translate_stream(text)")
     texts = list(texts)
     for index, text in enumerate(texts):
@@ -252,7 +255,9 @@ def text_list(texts: Sequence[str]) -> list[str]:
 
 def check_text(text: str, field: str) -> None:
     """InvalidInputError where text cannot be sent as UTF-8: a lone surrogate, as Python decodes bytes that are not UTF-8
-    with errors="surrogateescape" (file names, stdin under a C locale)."""
+    with errors="surrogateescape" (file names, stdin under a C locale); TypeError where it is not a str at all."""
+    if not isinstance(text, str):
+        raise TypeError(f"{field} must be a str, not {type(text).__name__} (decode bytes first, e.g. data.decode('utf-8'))")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:

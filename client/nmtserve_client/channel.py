@@ -3,16 +3,16 @@
 Load balancing is gRPC's own, set through the channel's service config
 (https://github.com/grpc/grpc/blob/master/doc/service_config.md): round robin
 spreads calls over every address the target resolves to (e.g. the pods behind
-a headless Kubernetes Service). Translate and TranslateStream are retried by
-the SDK (calls.Retries) when a server is unavailable or full, max_attempts in
-all, waiting random(0, min(initial_backoff * backoff_multiplier ** (n - 1),
-max_backoff)) before attempt n + 1, within the call's deadline; GetModelInfo,
-whose messages are tiny, by gRPC's retry policy on the same schedule.
+a headless Kubernetes Service). Calls are retried by the SDK (calls.Retries),
+not by a gRPC retry policy, when a server is unavailable or full: max_attempts
+in all, waiting random(0, min(initial_backoff * backoff_multiplier ** (n - 1),
+max_backoff)) before attempt n + 1, within the call's deadline.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from nmtserve.v1 import translator_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
 DEFAULT_SERVER = "localhost:50051"
-MAX_ATTEMPTS_LIMIT = 5  # gRPC caps retry policies at 5 attempts
+MAX_ATTEMPTS_LIMIT = 5  # as gRPC caps its retry policies: more attempts only add load to a fleet that is refusing calls
 # The server's grpc.http2.min_ping_interval_without_data_ms: it answers faster pings during a long call with GOAWAY
 # "too_many_pings", which ends the call, and gRPC sends it again from the start.
 MIN_KEEPALIVE_TIME = 10.0
@@ -61,11 +61,11 @@ class ClientSettings:
         """What is wrong with the settings, one sentence per problem (empty when they are usable)."""
         found = []
         if not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
-            found.append(f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT} (gRPC's limit), not {self.max_attempts}")
+            found.append(f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}, not {self.max_attempts}")
         if self.initial_backoff <= 0 or self.max_backoff < self.initial_backoff or self.backoff_multiplier < 1:
             found.append("retries need initial_backoff > 0, max_backoff >= initial_backoff and backoff_multiplier >= 1")
-        if self.timeout is not None and self.timeout <= 0:
-            found.append(f"timeout must be positive (or None for no deadline), not {self.timeout}")
+        if self.timeout is not None and not 0 < self.timeout < math.inf:
+            found.append(f"timeout must be a positive, finite number of seconds (or None for no deadline), not {self.timeout}")
         if self.keepalive_time < 0 or self.keepalive_timeout <= 0:
             found.append("keepalive_time cannot be negative and keepalive_timeout must be positive")
         elif 0 < self.keepalive_time < MIN_KEEPALIVE_TIME:
@@ -88,31 +88,15 @@ class ClientSettings:
         return self.tls or self.tls_ca is not None or self.client_cert is not None
 
 
-def _seconds(value: float) -> str:
-    return f"{value:.3f}s"  # the service config's Duration format
-
-
-def service_config(settings: ClientSettings) -> dict[str, Any]:
-    """The channel's service config: round robin, and gRPC's retry policy for GetModelInfo."""
-    method: dict[str, Any] = {"name": [{"service": SERVICE_NAME, "method": "GetModelInfo"}]}
-    # Its RESOURCE_EXHAUSTED can only be gRPC's concurrent-call limit; Translate's could also be a message above the
-    # size limit, which no retry gets through, so the SDK retries those calls itself (calls.Retries).
-    if settings.max_attempts > 1:
-        method["retryPolicy"] = {
-            "maxAttempts": settings.max_attempts,
-            "initialBackoff": _seconds(settings.initial_backoff),
-            "maxBackoff": _seconds(settings.max_backoff),
-            "backoffMultiplier": settings.backoff_multiplier,
-            "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
-        }
-    return {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]}
+def service_config() -> dict[str, Any]:
+    """The channel's service config: round robin over every address the target resolves to."""
+    return {"loadBalancingConfig": [{"round_robin": {}}]}
 
 
 def channel_options(settings: ClientSettings) -> list[tuple[str, Any]]:
     """gRPC channel arguments: service config, reconnection back-off, message size, keep-alive, TLS name override."""
     options: list[tuple[str, Any]] = [
-        ("grpc.service_config", json.dumps(service_config(settings))),
-        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(service_config())),
         # A server that went away is reconnected to on the retries' schedule, not gRPC's default (1 s, up to 120 s).
         ("grpc.initial_reconnect_backoff_ms", int(settings.initial_backoff * 1000)),
         ("grpc.max_reconnect_backoff_ms", int(settings.max_backoff * 1000)),

@@ -202,11 +202,15 @@ class Client:
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The model the server hosts, its limits and where it runs."""
+        deadline = self._deadline(timeout)
+        retries = Retries(self.settings, deadline)
         with self._closing.calls():
-            try:
-                return model_info_from(self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._deadline(timeout).remaining()))
-            except grpc.RpcError as error:
-                raise from_rpc_error(error) from None
+            while True:
+                try:
+                    return model_info_from(self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=deadline.remaining()))
+                except grpc.RpcError as error:
+                    delay = retries.after(error)
+                self._closing.sleep(delay)
 
     def health(self, service: str = SERVICE_NAME, *, timeout: float | None = None) -> HealthStatus:
         """The server's health (grpc.health.v1) for service ("" is the server as a whole); a probe, never retried."""

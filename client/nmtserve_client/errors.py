@@ -2,7 +2,7 @@
 
     NmtserveError                 any failed call (.code, .message, .request_id)
     ├── InvalidInputError         INVALID_ARGUMENT: fix the request (.field, .violations); also a ValueError
-    │   └── MessageTooLargeError  RESOURCE_EXHAUSTED from gRPC itself: a message above the size limit; never retried
+    │   └── MessageTooLargeError  RESOURCE_EXHAUSTED from gRPC itself: a request above the server's size limit; never retried
     ├── OverloadedError           RESOURCE_EXHAUSTED: the server's queue is full; retry later
     ├── UnavailableError          UNAVAILABLE: unreachable, starting or shutting down
     ├── DeadlineExceededError     DEADLINE_EXCEEDED: the call's timeout passed; also a TimeoutError
@@ -81,7 +81,11 @@ class InvalidInputError(NmtserveError, ValueError):
 
 
 class MessageTooLargeError(InvalidInputError):
-    """A request (or its answer) was larger than gRPC lets through (RESOURCE_EXHAUSTED from gRPC itself): send fewer or shorter texts."""
+    """A request was larger than the server accepts (RESOURCE_EXHAUSTED from gRPC itself): send fewer or shorter texts.
+
+    An answer that would be too large is refused by the server before it is sent, as an InvalidInputError naming the
+    option that made it so; the client accepts answers of any size.
+    """
 
 
 class OverloadedError(NmtserveError):
@@ -152,7 +156,7 @@ def from_rpc_error(error: grpc.RpcError) -> NmtserveError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidInputError(message, _violations(message, metadata), **kwargs)
     if is_too_large(error):
-        advice = "the request or its answer is larger than the server or client accepts: send fewer or shorter texts"
+        advice = "the request is larger than the server accepts (its --max-message-bytes): send fewer or shorter texts"
         return MessageTooLargeError(f"{advice} ({message})", [], **kwargs)
     return _CLASSES.get(code, ServerError)(message, **kwargs)
 

@@ -88,8 +88,13 @@ def test_a_long_list_is_split_into_concurrent_requests_in_order(server, test_tex
     assert [t.source_tokens for t in split] == [server.server.service.model.encode_texts([t])[0] for t in texts]
     with Client(server.address) as client:
         assert client.translate([]) == []
-        with pytest.raises(TypeError, match=r"list of texts"):
-            client.translate("Friday")
+        for one_text in ("Friday", b"Friday"):
+            with pytest.raises(TypeError, match=r"list of texts"):
+                client.translate(one_text)
+        with pytest.raises(TypeError, match=r"texts\[1\] must be a str, not bytes"):
+            client.translate(["Friday", b"Friday"])
+        with pytest.raises(TypeError, match=r"text must be a str, not NoneType"):
+            client.translate_stream(None)
 
 
 def test_a_stream_ended_by_cancel_says_so(server, test_texts):

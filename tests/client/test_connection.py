@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import itertools
+import math
 import re
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,19 +37,18 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_service_config_leaves_only_get_model_info_to_grpcs_retries():
-    config = service_config(ClientSettings(max_attempts=4, initial_backoff=0.25, max_backoff=2.0, backoff_multiplier=1.5))
-    (model_info,) = config["methodConfig"]  # Translate and TranslateStream: the SDK's own retries, one budget for both codes
-    assert model_info["name"] == [{"service": "nmtserve.v1.Translator", "method": "GetModelInfo"}]
-    assert model_info["retryPolicy"] == {"maxAttempts": 4, "initialBackoff": "0.250s", "maxBackoff": "2.000s", "backoffMultiplier": 1.5,
-                                         "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]}
-    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
-    assert all("retryPolicy" not in method for method in service_config(ClientSettings(max_attempts=1))["methodConfig"])
+def test_settings_are_checked_and_calls_spread_round_robin():
+    assert service_config() == {"loadBalancingConfig": [{"round_robin": {}}]}  # and no gRPC retry policy: the SDK retries
     # keepalive_time 5: the server would end a long call with GOAWAY "too_many_pings", and gRPC would send it again.
+    # An infinite or NaN timeout would reach gRPC as a deadline already passed.
     for bad in (dict(max_attempts=6), dict(max_attempts=0), dict(initial_backoff=0), dict(client_cert=Path("c.pem")), dict(timeout=0),
-                dict(keepalive_time=5)):
+                dict(timeout=math.inf), dict(timeout=math.nan), dict(keepalive_time=5)):
         with pytest.raises(ValueError):
             Client("localhost:1", **bad)
+    with Client("localhost:1") as client:
+        for timeout in (-1.0, math.inf, math.nan):
+            with pytest.raises(ValueError, match="timeout must be a positive, finite number"):
+                client.translate(["Friday"], timeout=timeout)
 
 
 def test_a_call_survives_a_server_that_comes_back_within_the_retry_budget(start_server, monkeypatch):
@@ -92,34 +94,70 @@ class _Refusing(translator_pb2_grpc.TranslatorServicer):
     def TranslateStream(self, request, context):
         self._refuse(context)
 
+    def GetModelInfo(self, request, context):
+        self._refuse(context)
+
+
+@contextlib.contextmanager
+def _refusing_server(codes: list[grpc.StatusCode]) -> Iterator[tuple[_Refusing, str]]:
+    """A loopback server whose every call is refused with the next of codes, and its target."""
+    refusing = _Refusing(codes)
+    server = grpc.server(ThreadPoolExecutor(2))
+    translator_pb2_grpc.add_TranslatorServicer_to_server(refusing, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield refusing, f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+def _every_call(target: str, **settings: object) -> dict[str, Callable[[], object]]:
+    """Each SDK call that the SDK retries, blocking and asyncio, as a function that makes it once."""
+
+    async def translate_async() -> None:
+        async with AsyncClient(target, **settings) as client:
+            await client.translate(["Friday"])
+
+    async def model_info_async() -> None:
+        async with AsyncClient(target, **settings) as client:
+            await client.model_info()
+
+    def blocking(call: Callable[[Client], object]) -> Callable[[], object]:
+        def make() -> object:
+            with Client(target, **settings) as client:
+                return call(client)
+        return make
+
+    return {"translate": blocking(lambda client: client.translate(["Friday"])),
+            "stream": blocking(lambda client: list(client.translate_stream("Friday"))),
+            "model info": blocking(Client.model_info),
+            "async translate": lambda: asyncio.run(translate_async()), "async model info": lambda: asyncio.run(model_info_async())}
+
 
 @pytest.mark.parametrize("codes", [
     [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED],
     [grpc.StatusCode.UNAVAILABLE] * 4 + [grpc.StatusCode.RESOURCE_EXHAUSTED],
 ], ids=["alternating", "mostly-unavailable"])
 def test_max_attempts_bounds_every_call_whichever_codes_refuse_it(codes):
-    refusing = _Refusing(codes)
-    server = grpc.server(ThreadPoolExecutor(2))
-    translator_pb2_grpc.add_TranslatorServicer_to_server(refusing, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    quick = dict(max_attempts=3, initial_backoff=0.01, max_backoff=0.01)
+    with _refusing_server(codes) as (refusing, target):
+        for name, call in _every_call(target, max_attempts=3, initial_backoff=0.01, max_backoff=0.01).items():
+            refusing.attempts = 0
+            with pytest.raises((UnavailableError, OverloadedError)):
+                call()
+            assert refusing.attempts == 3, f"{name}: {refusing.attempts} attempts"
 
-    async def translate_async() -> None:
-        async with AsyncClient(f"127.0.0.1:{port}", **quick) as client:
-            await client.translate(["Friday"])
 
-    try:
-        with Client(f"127.0.0.1:{port}", **quick) as client:
-            calls = {"translate": lambda: client.translate(["Friday"]), "stream": lambda: list(client.translate_stream("Friday")),
-                     "async translate": lambda: asyncio.run(translate_async())}
-            for name, call in calls.items():
-                refusing.attempts = 0
-                with pytest.raises((UnavailableError, OverloadedError)):
-                    call()
-                assert refusing.attempts == 3, f"{name}: {refusing.attempts} attempts"
-    finally:
-        server.stop(None)
+def test_the_servers_refusal_is_raised_at_once_where_the_next_back_off_would_pass_the_deadline(monkeypatch):
+    # Every back-off 5 s, the deadline 2 s: the call ends with what the server said, not in waiting for DEADLINE_EXCEEDED.
+    monkeypatch.setattr(calls.random, "uniform", lambda low, high: high)
+    with _refusing_server([grpc.StatusCode.UNAVAILABLE]) as (refusing, target):
+        for name, call in _every_call(target, timeout=2.0, initial_backoff=5.0, max_backoff=5.0).items():
+            refusing.attempts = 0
+            started = time.monotonic()
+            with pytest.raises(UnavailableError, match="refused with UNAVAILABLE"):
+                call()
+            assert refusing.attempts == 1 and time.monotonic() - started < 1.5, name
 
 
 def test_an_answer_above_grpcs_default_limit_arrives_from_a_server_allowed_to_send_it(start_server):

@@ -42,7 +42,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.input_tokens = Counter("nmtserve_input_tokens", "Source tokens of the texts decoding started for.", registry=r)
-        self.output_tokens = Counter("nmtserve_output_tokens", "Tokens of the hypotheses returned, end-of-sentence excluded.", registry=r)
+        self.output_tokens = Counter("nmtserve_output_tokens", "Tokens generated for the texts that finished decoding, every hypothesis, end-of-sentence excluded.", registry=r)
         self.active_sequences = Gauge("nmtserve_active_sequences", "Texts being decoded.", registry=r)
         self.queue_depth = Gauge("nmtserve_queue_depth", "Texts waiting for free KV-cache rows.", registry=r)
         self.decode_step_batch_size = Histogram(

@@ -45,8 +45,8 @@ class MessageWriter:
         return len(self._pending)
 
     def send(self, message: Any) -> None:
-        """Write a message, or keep the part the pipe has no room for; raises OSError (BrokenPipeError) once the
-        reader has gone."""
+        """Write a message, or keep the part the pipe has no room for to write as it drains; raises OSError
+        (BrokenPipeError) where the write finds the reader gone (a later flush drops what waits instead)."""
         data = frame(message)
         if self._pending:  # behind earlier bytes, in order
             self._pending += data

@@ -55,7 +55,6 @@ class Job:
     source: list[int]
     options: DecodeOptions
     future: asyncio.Future[list[Hypothesis]]
-    deadline: float | None = None  # time.monotonic() after which it leaves
     pieces: asyncio.Queue[list[int] | None] | None = None  # streaming: new token ids per step, None at the end
     key: int = field(default_factory=lambda: next(_keys))
     arrived: float = field(default_factory=time.monotonic)
@@ -92,6 +91,7 @@ class Scheduler:
         self._from_loop: Connection | None = None
         self._jobs: dict[int, Job] = {}  # every text sent to the loop and not yet ended
         self._queued = 0  # of those, the ones the loop has not admitted yet
+        self._capacity = 0  # KV-cache rows the decode process holds, once it is ready
         self.lost = asyncio.Event()  # set if the decode process ends while serving
 
     async def start(self, spec: EngineSpec, *, log_level: str) -> Ready:
@@ -114,6 +114,7 @@ class Scheduler:
             await asyncio.to_thread(self._process.join, STOP_TIMEOUT)
             raise EngineFailed(ready.reason)
         log.info("event=warmed_up seconds=%.3f decode_pid=%d", ready.warm_up_seconds, self._process.pid)
+        self._capacity = ready.capacity
         self.metrics.kv_cache_slots.set(ready.capacity)
         self.metrics.kv_cache_free_slots.set(ready.capacity)
         self._loop = asyncio.get_running_loop()
@@ -149,7 +150,7 @@ class Scheduler:
             )
         loop = asyncio.get_running_loop()
         jobs = [
-            Job(list(source), options, loop.create_future(), deadline, asyncio.Queue() if stream else None)
+            Job(list(source), options, loop.create_future(), asyncio.Queue() if stream else None)
             for source in sources
         ]
         self._send("submit", [Text(job.key, job.source, options, deadline, job.arrived, stream) for job in jobs])
@@ -238,6 +239,7 @@ class Scheduler:
             job.finish(error)
         self.metrics.queue_depth.set(self._queued)
         self.metrics.active_sequences.set(0)
+        self.metrics.kv_cache_free_slots.set(self._capacity)  # no text holds a row any more
 
     # The decode process's reports, read on the event loop.
 

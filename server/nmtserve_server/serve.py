@@ -4,7 +4,7 @@ Start: listen at once with health NOT_SERVING (so probes get an answer while
 the model loads), verify and load the bundle, warm up, then report SERVING.
 A bundle that fails verification never reaches SERVING: the process exits 1.
 SIGTERM or SIGINT: health NOT_SERVING, new calls UNAVAILABLE, calls in flight
-get --grace-seconds to finish (`server.stop(grace)`), then exit 0; what is
+get --grace-seconds to finish (`TranslationServer.stop`), then exit 0; what is
 still open then (calls past the grace, health Watch streams) is cancelled. A
 second signal cancels the calls in flight at once, exit 1. If the
 decode process (see `decode_loop.py`) dies on its own: health NOT_SERVING,
@@ -122,7 +122,8 @@ class TranslationServer:
             await self.health.set(service, status)
 
     async def start(self) -> None:
-        """Listen, load and warm up the bundle, then report SERVING; raises BundleError or DeviceError."""
+        """Listen, load and warm up the bundle, then report SERVING; raises BundleError, DeviceError, EngineFailed, or OSError
+        for an address or TLS file that cannot be used."""
         s = self.settings
         providers_for(s.device)  # --device cuda without a GPU fails here, before anything is loaded
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

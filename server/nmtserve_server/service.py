@@ -107,6 +107,11 @@ def _echo(value: str) -> str:
     return repr(value[:MAX_ECHOED]) + ("…" if len(value) > MAX_ECHOED else "")
 
 
+def _less(name: str) -> str:
+    """What to ask for less of when the answer to a request with this texts field ("texts" or "text") is too large."""
+    return "fewer texts or hypotheses" if name == "texts" else "a shorter text"
+
+
 def _lenient(message: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
     """A request parser that hands malformed bytes to the handler (INVALID_ARGUMENT) instead of failing in gRPC (INTERNAL)."""
 
@@ -114,7 +119,8 @@ def _lenient(message: type[Message]) -> Callable[[bytes], Message | MalformedReq
         try:
             return message.FromString(data)
         except DecodeError as error:
-            return MalformedRequest(str(error))
+            # "Error parsing message with type 'nmtserve.v1.TranslateRequest': String field had bad UTF-8": the reason only.
+            return MalformedRequest(str(error).rpartition("': ")[2])
 
     return parse
 
@@ -193,7 +199,7 @@ class TranslatorService:
         self._idle.clear()
         try:
             if isinstance(request, MalformedRequest):
-                raise ValidationError([("request", f"not a valid {method} request (string fields must be UTF-8): {request.error}")])
+                raise ValidationError([("request", f"not a valid {method} request: {request.error}")])
             if self._model is None or not self.scheduler.accepting:
                 raise UnavailableError(f"server is {self.scheduler.state}")
             # Here rather than gRPC's own limit, which refuses calls before any handler runs: uncounted and unlogged.
@@ -277,7 +283,8 @@ class TranslatorService:
         violations += [(f"{name}[{index}]" if name == "texts" else name, wrong[index]) for index in sorted(wrong)]
         return sources
 
-    def _check_alignment_fits(self, sources: list[list[int]], options: DecodeOptions, violations: list[tuple[str, str]]) -> None:
+    def _check_alignment_fits(self, sources: list[list[int]], options: DecodeOptions, name: str,
+                              violations: list[tuple[str, str]]) -> None:
         """Adds a violation where the alignments alone, at the shortest output the options allow, would exceed the
         answer's limit: such a request is refused before it takes rows and memory to decode."""
         if not options.return_alignment:
@@ -289,15 +296,16 @@ class TranslatorService:
             violations.append(("options.return_alignment", f"the alignments alone would be at least {least} bytes "
                                f"({options.num_hypotheses} hypotheses of at least min_length {options.min_length} tokens, "
                                f"4 bytes per source token each), above the {limit} the server sends (--max-message-bytes): "
-                               "ask for fewer texts, hypotheses or tokens, or no alignment"))
+                               f"ask for {_less(name)}, a smaller min_length, or no alignment"))
 
-    def _check_size(self, response: Message, options: pb.TranslateOptions) -> None:
+    def _check_size(self, response: Message, options: pb.TranslateOptions, name: str) -> None:
         """Refuse a response larger than the server may send, naming what made it so, rather than let gRPC drop it."""
         size, limit = response.ByteSize(), self.settings.max_message_bytes
         if size > limit:
-            field_name = "options.return_alignment" if options.return_alignment else "texts"
+            field_name = "options.return_alignment" if options.return_alignment else name
+            alignment = ", or no alignment" if options.return_alignment else ""
             raise ValidationError([(field_name, f"the answer would be {size} bytes, above the {limit} the server sends "
-                                                "(--max-message-bytes): ask for fewer texts or hypotheses, or no alignment")])
+                                                f"(--max-message-bytes): ask for {_less(name)}, a smaller max_length{alignment}")])
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> float | None:
         remaining = context.time_remaining()
@@ -334,7 +342,7 @@ class TranslatorService:
             options = self._options(request.options, violations)
             tokenize = 0 < len(texts) <= self.settings.max_texts_per_request
             sources = self._sources(texts, "texts", request.options.target_language, violations) if tokenize else []
-            self._check_alignment_fits(sources, options, violations)
+            self._check_alignment_fits(sources, options, "texts", violations)
             if violations:
                 raise ValidationError(violations)
             jobs = self.scheduler.submit(sources, options, deadline=self._deadline(context))
@@ -352,7 +360,7 @@ class TranslatorService:
             response.usage.input_tokens = sum(len(s) for s in sources)
             response.usage.output_tokens = sum(len(h.tokens) for hypotheses in results for h in hypotheses)
             response.timings.CopyFrom(self._timings(call, jobs))
-            self._check_size(response, request.options)
+            self._check_size(response, request.options, "texts")
             call.fields.update(texts=len(texts), beam_size=options.beam_size, input_tokens=response.usage.input_tokens,
                                output_tokens=response.usage.output_tokens)
             return response
@@ -367,7 +375,7 @@ class TranslatorService:
             if options.beam_size != 1:
                 violations.append(("options.beam_size", f"{options.beam_size}: streaming decodes greedily (0 or 1)"))
             sources = self._sources([request.text], "text", request.options.target_language, violations)
-            self._check_alignment_fits(sources, options, violations)
+            self._check_alignment_fits(sources, options, "text", violations)
             if violations:
                 raise ValidationError(violations)
             model = self.model
@@ -396,7 +404,7 @@ class TranslatorService:
             )
             call.fields.update(input_tokens=final.usage.input_tokens, output_tokens=final.usage.output_tokens)
             message = pb.TranslateStreamResponse(final=final)
-            self._check_size(message, request.options)
+            self._check_size(message, request.options, "text")
             yield message
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:

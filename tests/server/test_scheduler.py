@@ -165,9 +165,9 @@ def test_a_lost_decode_process_fails_every_text_and_clears_the_batch_gauges(star
                         what="two texts decoding and three queued")
         os.kill(server.server.scheduler.decode_pid, signal.SIGKILL)
         assert call.exception(timeout=TIMEOUT).code() == grpc.StatusCode.UNAVAILABLE
-    # Nothing is decoding or waiting any more, and the gauges say so (they kept the last report's values before).
-    server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 0 and server.metric("nmtserve_queue_depth") == 0,
-                    timeout=10, what="the gauges to clear")
+    # Nothing is decoding, waiting or holding a row any more, and the gauges say so (they kept the last report's values before).
+    server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 0 and server.metric("nmtserve_queue_depth") == 0
+                    and _all_rows_free(server), timeout=10, what="the gauges to clear")
 
 
 def _cancelled(server, method: str) -> float:

@@ -166,16 +166,24 @@ def test_oversized_requests_are_refused_before_tokenizing_and_in_a_small_error(s
 
 
 def test_an_answer_above_the_message_limit_is_refused_by_name(start_server, test_texts):
-    server = start_server(max_message_bytes=2048)
+    server = start_server(max_message_bytes=512)
     with grpc.insecure_channel(server.address) as channel:
         stub = translator_pb2_grpc.TranslatorStub(channel)
-        # Known only once decoded: four texts of the longest output, their tokens and text alone above 2 KB (about 3.5).
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.Translate(pb.TranslateRequest(texts=test_texts[:4], options=server.long_options()), timeout=TIMEOUT)
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert _bad_request(caught.value) == ["texts"]
-        assert re.search(r"the answer would be \d+ bytes, above the 2048 the server sends", caught.value.details())
-        assert stub.Translate(pb.TranslateRequest(texts=test_texts[:4]), timeout=TIMEOUT).translations  # still serving
+        # Known only once decoded: texts of the longest output, their tokens and text alone above 512 bytes (one, about 900).
+        for call, field, advice in (
+            (lambda: stub.Translate(pb.TranslateRequest(texts=test_texts[:4], options=server.long_options()), timeout=TIMEOUT),
+             "texts", "fewer texts or hypotheses"),
+            (lambda: list(stub.TranslateStream(pb.TranslateStreamRequest(text=test_texts[0], options=server.long_options()),
+                                               timeout=TIMEOUT)), "text", "a shorter text"),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert _bad_request(caught.value) == [field]
+            assert re.search(rf"the answer would be \d+ bytes, above the 512 the server sends \(--max-message-bytes\): "
+                             rf"ask for {advice}, a smaller max_length$", caught.value.details())
+        assert stub.Translate(pb.TranslateRequest(texts=test_texts[:1], options=pb.TranslateOptions(max_length=8)),
+                              timeout=TIMEOUT).translations  # still serving
 
 
 def test_alignments_sure_to_exceed_the_message_limit_are_refused_before_decoding(start_server, test_texts):
@@ -210,12 +218,16 @@ def test_stream_validation(stub):
     assert _bad_request(caught.value) == ["text"]
 
 
-def test_text_that_is_not_utf8_is_invalid_argument(channel):
-    translate = channel.unary_unary("/nmtserve.v1.Translator/Translate")  # raw bytes: field 1 (texts) = b"\xff\xfe"
+@pytest.mark.parametrize("data, reason", [
+    (b"\x0a\x02\xff\xfe", "String field had bad UTF-8"),  # field 1 (texts) = b"\xff\xfe"
+    (b"\x0a\x05ab", "Wire format was corrupt"),  # a text of 5 bytes cut short after 2
+], ids=["not-utf8", "truncated"])
+def test_a_malformed_request_is_invalid_argument_and_says_why(channel, data, reason):
+    translate = channel.unary_unary("/nmtserve.v1.Translator/Translate")  # raw bytes, as no well-behaved client sends
     with pytest.raises(grpc.RpcError) as caught:
-        translate(b"\x0a\x02\xff\xfe", timeout=TIMEOUT)
+        translate(data, timeout=TIMEOUT)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "UTF-8" in caught.value.details()
+    assert caught.value.details() == f"request: not a valid Translate request: {reason}"
 
 
 def test_message_size_is_limited(start_server):

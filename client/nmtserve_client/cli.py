@@ -13,6 +13,7 @@ were refused, 130 interrupted (Ctrl-C), 141 the reader of the output went away
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -150,7 +151,8 @@ def _in_process(texts: list[str], args: argparse.Namespace) -> None:
         beam_size=args.beam_size, num_hypotheses=args.n_best, max_length=args.max_length or engine.max_target_length,
         min_length=args.min_length, length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
     )
-    for text, hypotheses in _skipping_blanks(texts, lambda sent: translate(engine, engine.encode_texts(sent), options)):
+    encode = functools.partial(engine.encode_texts, target_language=args.target_language)
+    for text, hypotheses in _skipping_blanks(texts, lambda sent: translate(engine, encode(sent), options)):
         outputs = engine.decode_ids([h.tokens for h in hypotheses])
         _print_result(text, [Hypothesis(o, h.tokens, h.score) for o, h in zip(outputs, hypotheses)], args)
 
@@ -176,8 +178,8 @@ def _run(command: str, args: argparse.Namespace) -> int:
     settings = settings_from_args(ClientSettings, args)
     try:
         if args.bundle is not None:
-            if args.stream or args.target_language:
-                return fail(2, "--stream and --target-language need a server (--server), not --bundle")
+            if args.stream:
+                return fail(2, "--stream needs a server (--server), not --bundle")
             texts = list(texts)
             for number, text in enumerate(texts, 1):
                 check_text(text, f"{place} {number}")

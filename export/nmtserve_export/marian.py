@@ -8,7 +8,9 @@ Transformer with a few differences, each a ModelConfig field: the swish
 activation, unscaled or scaled embeddings, a sinusoid table of all sines then all
 cosines, a bias on the final linear, separate embeddings, and <pad> as the
 decoder's start token. Anything else is refused with the reason. Nothing is
-downloaded.
+downloaded. A multilingual model (opus-mt-en-ROMANCE and the like) is asked
+for its target language by a >>lang<< token before the source; each such token
+of the source vocabulary becomes a target language of the bundle.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,6 +34,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SPM_FILES = {"source_spm": "source.spm", "target_spm": "target.spm"}
 VOCAB_FILES = {"vocab": "vocab.json", "target_vocab": "target_vocab.json"}
 TOKENIZER_CONFIG = "tokenizer_config.json"
+LANGUAGE_TOKEN = re.compile(r">>(.+)<<")  # as transformers' MarianTokenizer finds a multilingual model's target languages
 ACTIVATIONS = {"relu": "relu", "swish": "silu", "silu": "silu"}  # Marian's name -> ours
 # Config switches of related architectures (mBART, pre-norm Marian ports) that this mapping does not cover.
 UNSUPPORTED_SWITCHES = {
@@ -221,6 +225,16 @@ def read_tokenizer_files(directory: Path, config: ModelConfig) -> dict[str, byte
     return files
 
 
+def marian_languages(source_vocab: dict[str, int], tokenizer_config: dict[str, Any]) -> dict[str, Any]:
+    """The bundle's languages: tokenizer_config.json's pair, or, for a multilingual model, every >>lang<< token of the
+    source vocabulary as a target language, in id order (the first is the default)."""
+    source = tokenizer_config.get("source_lang") or "und"
+    codes = sorted((token_id, found[1]) for token, token_id in source_vocab.items() if (found := LANGUAGE_TOKEN.fullmatch(token)))
+    if not codes:
+        return {"source": source, "target": [tokenizer_config.get("target_lang") or "und"]}
+    return {"source": source, "target": [code for _, code in codes], "target_tokens": {code: f">>{code}<<" for _, code in codes}}
+
+
 def load_marian(directory: Path | str) -> MarianCheckpoint:
     """Read a Marian checkpoint directory into our Transformer, with its tokenizer files and languages."""
     directory = Path(directory)
@@ -235,7 +249,7 @@ def load_marian(directory: Path | str) -> MarianCheckpoint:
     model.load_state_dict(map_weights(weights, config, str(weights_path)))
     model.eval()
     tokenizer_config = _read_json(directory / TOKENIZER_CONFIG) if (directory / TOKENIZER_CONFIG).is_file() else {}
-    languages = {"source": tokenizer_config.get("source_lang") or "und", "target": [tokenizer_config.get("target_lang") or "und"]}
+    languages = marian_languages(json.loads(tokenizer_files["vocab"]), tokenizer_config)
     metadata = {"imported_from": "marian", "checkpoint": directory.name, "parameters": sum(p.numel() for p in model.parameters())}
     return MarianCheckpoint(model, tokenizer_files, languages, metadata)
 

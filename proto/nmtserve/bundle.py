@@ -14,6 +14,11 @@ A bundle is a directory:
 The special token ids (pad, the decoder's start token, eos, unk) are the manifest's:
 nmtserve's own tokenizer puts them at 0-3, imported models keep their own.
 
+Languages: {"source": "en", "target": ["de"]}. A model with several target
+languages is asked for one by a source token put before the text, which the
+manifest names in "target_tokens", e.g. {"fr": ">>fr<<", "es": ">>es<<"} for a
+multilingual Marian model; the first target is the default.
+
 The reader trusts nothing: it checks the manifest's schema and version, every
 listed file's presence and sha256, that no path leaves the directory, that the
 graphs' inputs and outputs are the ones below, and that no ONNX tensor refers to
@@ -257,6 +262,15 @@ def _check_manifest(manifest: Any) -> None:
         isinstance(target, str) for target in targets
     ):
         raise BundleError(f"{MANIFEST}: languages must have a 'source' string and a non-empty 'target' list of strings")
+    if len(set(targets)) != len(targets):
+        raise BundleError(f"{MANIFEST}: languages.target lists a language twice: {targets}")
+    target_tokens = languages.get("target_tokens")
+    if target_tokens is None and len(targets) > 1:
+        raise BundleError(f"{MANIFEST}: languages.target_tokens is required with several target languages ({', '.join(targets)}): "
+                          "the source token that asks for each")
+    if target_tokens is not None and (not isinstance(target_tokens, dict) or set(target_tokens) != set(targets)
+                                      or not all(isinstance(token, str) and token for token in target_tokens.values())):
+        raise BundleError(f"{MANIFEST}: languages.target_tokens must map each target language, and no other, to a token")
 
 
 def _tensors(model: Any) -> Iterator[Any]:

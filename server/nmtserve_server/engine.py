@@ -28,7 +28,7 @@ from nmtserve.bundle import Bundle, SpecialTokens, read_bundle
 
 from .config import DEVICES, logfmt
 from .search import BeamSearch, DecodeOptions, Hypothesis
-from .tokenization import load_tokenizer
+from .tokenization import language_prefixes, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +114,25 @@ class Model:
         self.max_source_length = bundle.max_source_length
         self.max_target_length = bundle.max_target_length
         self.tokens = bundle.tokens  # the model's special ids, read once: the decode loop needs them every step
+        self.target_languages: list[str] = bundle.manifest["languages"]["target"]
+        self.language_prefixes = language_prefixes(bundle.manifest["languages"], self.tokenizer)
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, **kwargs: Any) -> Self:
         """Verify the bundle at path and load it."""
         return cls(read_bundle(path), **kwargs)
 
-    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
-        """Source ids (subwords + <eos>) of each text."""
-        return self.tokenizer.encode_batch(list(texts))
+    def encode_texts(self, texts: Sequence[str], target_language: str | None = None) -> list[list[int]]:
+        """Source ids (subwords + <eos>) of each text, after the token that asks for target_language where the model
+        has several; None: the language token a text already begins with, else the model's first language."""
+        encoded = self.tokenizer.encode_batch(list(texts))
+        if target_language is None:
+            prefix = self.language_prefixes[self.target_languages[0]]
+            asked = {ids[0] for ids in self.language_prefixes.values() if ids}
+            return [ids if ids[:1] and ids[0] in asked else prefix + ids for ids in encoded]
+        if target_language not in self.language_prefixes:
+            raise ValueError(f"{target_language!r} is not one of this model's target languages ({', '.join(self.target_languages)})")
+        return [self.language_prefixes[target_language] + ids for ids in encoded]
 
     def decode_ids(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Texts of generated id lists."""

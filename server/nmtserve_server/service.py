@@ -20,7 +20,6 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from nmtserve import __version__
-from nmtserve.bundle import BundleError
 from nmtserve.v1 import translator_pb2 as pb
 
 from .config import ServeSettings
@@ -88,20 +87,6 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status
     return code, status_pb2.Status(code=rpc_code, message=message or str(error))
 
 
-def language_prefixes(model: Model) -> dict[str, list[int]]:
-    """Source ids each target language puts before the text: none for a one-language model, its <2xx> token otherwise."""
-    targets = model.bundle.manifest["languages"]["target"]
-    if len(targets) == 1:
-        return {targets[0]: []}
-    prefixes = {}
-    for language in targets:
-        token_id = model.tokenizer.token_to_id(f"<2{language}>")
-        if token_id is None:
-            raise BundleError(f"tokenizer.json: the model translates into {targets} but has no <2{language}> token to ask for {language!r}")
-        prefixes[language] = [token_id]
-    return prefixes
-
-
 def _echo(value: str) -> str:
     """A client's value, quoted and cut short, for an error message."""
     return repr(value[:MAX_ECHOED]) + ("…" if len(value) > MAX_ECHOED else "")
@@ -134,7 +119,6 @@ class TranslatorService:
         self.metrics = metrics
         self._model: Model | None = None
         self._model_info: pb.ModelInfo | None = None
-        self._prefixes: dict[str, list[int]] = {}
         self.in_flight = 0  # calls of this service being handled
         self._idle = asyncio.Event()
         self._idle.set()
@@ -160,7 +144,6 @@ class TranslatorService:
 
     def ready(self, model: Model, device: str) -> None:
         """Serve this model, now that the decode process has loaded and warmed it up on `device`."""
-        self._prefixes = language_prefixes(model)
         manifest, dims, s = model.bundle.manifest, model.bundle.dims, self.settings
         self._model_info = pb.ModelInfo(
             name=manifest["name"],
@@ -256,8 +239,8 @@ class TranslatorService:
             ("options.num_hypotheses", num_hypotheses <= beam_size, f"{num_hypotheses} is above beam_size {beam_size}"),
             ("options.length_penalty", math.isfinite(length_penalty) and 0 <= length_penalty <= MAX_LENGTH_PENALTY,
              f"{length_penalty} is outside [0, {MAX_LENGTH_PENALTY:g}]"),
-            ("options.target_language", not options.target_language or options.target_language in self._prefixes,
-             f"{_echo(options.target_language)} is not one of this model's target languages ({', '.join(self._prefixes)})"),
+            ("options.target_language", not options.target_language or options.target_language in model.language_prefixes,
+             f"{_echo(options.target_language)} is not one of this model's target languages ({', '.join(model.target_languages)})"),
         ]
         violations += [(name, description) for name, ok, description in checks if not ok]
         return DecodeOptions(beam_size, max_length, options.min_length, length_penalty, num_hypotheses, options.return_alignment)
@@ -265,7 +248,7 @@ class TranslatorService:
     def _sources(self, texts: list[str], name: str, target_language: str, violations: list[tuple[str, str]]) -> list[list[int]]:
         """Source ids of each text, target-language token first where the model needs one; adds a violation per bad text."""
         model = self.model
-        prefix = self._prefixes.get(target_language or next(iter(self._prefixes)), [])
+        language = target_language if target_language in model.language_prefixes else None  # a bad one is _options' violation
         most_characters = MAX_CHARACTERS_PER_TOKEN * model.max_source_length
         sources: list[list[int]] = [[] for _ in texts]
         wrong: dict[int, str] = {}
@@ -276,8 +259,8 @@ class TranslatorService:
                 wrong[index] = (f"{len(text)} characters, above the {most_characters} a text may have "
                                 f"(the model reads at most {model.max_source_length} tokens)")
         readable = [index for index in range(len(texts)) if index not in wrong]
-        for index, ids in zip(readable, model.encode_texts([texts[index] for index in readable])):
-            sources[index] = prefix + ids
+        for index, ids in zip(readable, model.encode_texts([texts[index] for index in readable], language)):
+            sources[index] = ids
             if len(sources[index]) > model.max_source_length:
                 wrong[index] = f"{len(sources[index])} tokens, the model reads at most {model.max_source_length}"
         violations += [(f"{name}[{index}]" if name == "texts" else name, wrong[index]) for index in sorted(wrong)]

@@ -93,6 +93,20 @@ def split_language_code(text: str) -> tuple[list[str], str]:
     return ([text[: end + 2]], text[end + 2 :]) if end != -1 else ([], text)
 
 
+def language_prefixes(languages: dict, tokenizer: SubwordTokenizer | MarianTokenizer) -> dict[str, list[int]]:
+    """The source ids put before a text to ask for each target language: the id of its token in the manifest's
+    languages.target_tokens, none where the model names no tokens; BundleError for a token not in the vocabulary."""
+    tokens = languages.get("target_tokens") or {}
+    prefixes = {}
+    for language in languages["target"]:
+        token = tokens.get(language)
+        token_id = None if token is None else tokenizer.token_to_id(token)
+        if token is not None and token_id is None:
+            raise BundleError(f"manifest.json: languages.target_tokens names {token!r} for {language!r}, which the vocabulary lacks")
+        prefixes[language] = [] if token_id is None else [token_id]
+    return prefixes
+
+
 def load_tokenizer(bundle: Bundle) -> SubwordTokenizer | MarianTokenizer:
     """The tokenizer of a verified bundle, by its kind; raises BundleError if its files do not load as one."""
     files, tokens = bundle.files, bundle.tokens

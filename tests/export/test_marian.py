@@ -54,14 +54,17 @@ def pieces(spm_model: bytes) -> list[str]:
     return [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if not (sp.is_control(i) or sp.is_unknown(i))]
 
 
-def marian_vocab(ordinary: list[str], *, pad_last: bool) -> dict[str, int]:
-    """A Marian vocabulary: </s> 0, <unk> 1, the pieces, and <pad> last (opus-mt) or at 2."""
-    ordered = ["</s>", "<unk>"] + ([] if pad_last else ["<pad>"]) + list(dict.fromkeys(ordinary)) + (["<pad>"] if pad_last else [])
+def marian_vocab(ordinary: list[str], *, pad_last: bool, languages: tuple[str, ...] = ()) -> dict[str, int]:
+    """A Marian vocabulary: </s> 0, <unk> 1, a multilingual model's >>lang<< tokens, the pieces, and <pad> last (opus-mt) or
+    after <unk>."""
+    codes = [f">>{language}<<" for language in languages]
+    ordered = ["</s>", "<unk>"] + ([] if pad_last else ["<pad>"]) + codes + list(dict.fromkeys(ordinary)) + (["<pad>"] if pad_last else [])
     return {piece: i for i, piece in enumerate(ordered)}
 
 
-def build_checkpoint(directory: Path, pairs, *, separate_vocabs: bool, pytorch_bin: bool) -> Path:
-    """A random MarianMTModel with its SentencePiece models and vocabularies, saved as transformers saves it."""
+def build_checkpoint(directory: Path, pairs, *, separate_vocabs: bool, pytorch_bin: bool, languages: tuple[str, ...] = ()) -> Path:
+    """A random MarianMTModel with its SentencePiece models and vocabularies, saved as transformers saves it; with
+    languages, a multilingual one, asked for each by its >>lang<< source token."""
     from transformers import MarianConfig, MarianMTModel, MarianTokenizer
 
     directory.mkdir(parents=True)
@@ -69,10 +72,11 @@ def build_checkpoint(directory: Path, pairs, *, separate_vocabs: bool, pytorch_b
     (directory / "source.spm").write_bytes(source_spm)
     (directory / "target.spm").write_bytes(target_spm)
     if separate_vocabs:  # <pad> at one id in both: transformers has a single pad_token_id
-        source_vocab, target_vocab = marian_vocab(pieces(source_spm), pad_last=False), marian_vocab(pieces(target_spm), pad_last=False)
+        source_vocab = marian_vocab(pieces(source_spm), pad_last=False, languages=languages)
+        target_vocab = marian_vocab(pieces(target_spm), pad_last=False)
         (directory / "target_vocab.json").write_text(json.dumps(target_vocab))
     else:
-        source_vocab = target_vocab = marian_vocab(pieces(source_spm) + pieces(target_spm), pad_last=True)
+        source_vocab = target_vocab = marian_vocab(pieces(source_spm) + pieces(target_spm), pad_last=True, languages=languages)
     (directory / "vocab.json").write_text(json.dumps(source_vocab))
     pad = target_vocab["<pad>"]
     config = MarianConfig(
@@ -113,7 +117,7 @@ def build_checkpoint(directory: Path, pairs, *, separate_vocabs: bool, pytorch_b
     MarianTokenizer(
         str(directory / "source.spm"), str(directory / "target.spm"), str(directory / "vocab.json"),
         target_vocab_file=str(directory / "target_vocab.json") if separate_vocabs else None,
-        separate_vocabs=separate_vocabs, source_lang="en", target_lang="de",
+        separate_vocabs=separate_vocabs, source_lang="en", target_lang="mul" if languages else "de",
     ).save_pretrained(directory)
     return directory
 
@@ -155,27 +159,29 @@ def reference(checkpoint: Path):
     return MarianMTModel.from_pretrained(str(checkpoint), local_files_only=True).eval(), MarianTokenizer.from_pretrained(str(checkpoint))
 
 
+def generate(checkpoint: Path, texts: list[str], beams: int) -> list[list[int]]:
+    """transformers' generate with the search rules of our engine: ids without start and </s>."""
+    model, tokenizer = reference(checkpoint)
+    pad = model.config.pad_token_id
+    rows = []
+    for i in range(0, len(texts), 100):
+        batch = tokenizer(texts[i : i + 100], return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            out = model.generate(
+                **batch, num_beams=beams, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, length_penalty=1.0,
+                bad_words_ids=[[pad]], forced_eos_token_id=None, **({"early_stopping": True} if beams > 1 else {}),
+            )
+        for row in out.tolist():
+            row = row[1:]  # the start token
+            row = row[: row.index(EOS)] if EOS in row else row
+            rows.append([t for t in row if t != pad])  # <pad> is never generated: only the batch's filler
+    return rows
+
+
 @pytest.fixture(scope="session")
 def generated(marian_checkpoint, marian_texts) -> dict[int, list[list[int]]]:
-    """transformers' generate, greedy and beam 4, with the search rules of our engine: ids without start and </s>."""
-    model, tokenizer = reference(marian_checkpoint)
-    pad = model.config.pad_token_id
-    outputs = {}
-    for beams in (1, 4):
-        rows = []
-        for i in range(0, len(marian_texts), 100):
-            batch = tokenizer(marian_texts[i : i + 100], return_tensors="pt", padding=True)
-            with torch.inference_mode():
-                out = model.generate(
-                    **batch, num_beams=beams, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, length_penalty=1.0,
-                    bad_words_ids=[[pad]], forced_eos_token_id=None, **({"early_stopping": True} if beams > 1 else {}),
-                )
-            for row in out.tolist():
-                row = row[1:]  # the start token
-                row = row[: row.index(EOS)] if EOS in row else row
-                rows.append([t for t in row if t != pad])  # <pad> is never generated: only the batch's filler
-        outputs[beams] = rows
-    return outputs
+    """transformers' generate, greedy and beam 4."""
+    return {beams: generate(marian_checkpoint, marian_texts, beams) for beams in (1, 4)}
 
 
 def teacher_forced(checkpoint: Path, pairs):
@@ -266,6 +272,53 @@ def test_grpc_server_serves_the_marian_bundle(start_server, marian_bundle, maria
             assert [t.hypotheses[0].text for t in response.translations] == tokenizer.batch_decode(expected, skip_special_tokens=True)
         info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
         assert info.name == "marian-shared" and info.dimensions.d_model == 32
+
+
+def test_a_multilingual_checkpoint_serves_each_target_language(start_server, marian_pairs, marian_texts, tmp_path, capsys):
+    checkpoint = build_checkpoint(tmp_path / "multilingual", marian_pairs, separate_vocabs=False, pytorch_bin=False,
+                                  languages=("fr", "de", "es"))
+    bundle = tmp_path / "bundle"
+    assert main(["import-marian", str(checkpoint), "--out", str(bundle)]) == 0
+    tokens = {"fr": ">>fr<<", "de": ">>de<<", "es": ">>es<<"}
+    assert read_bundle(bundle).manifest["languages"] == {"source": "en", "target": ["fr", "de", "es"], "target_tokens": tokens}
+    vocab = json.loads((checkpoint / "vocab.json").read_text())
+    texts = marian_texts[:12]
+    server = start_server(bundle=bundle)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+        assert list(info.target_languages) == ["fr", "de", "es"]
+
+        def ask(texts: list[str], language: str = "") -> list[pb.Translation]:
+            options = pb.TranslateOptions(max_length=MAX_NEW_TOKENS, target_language=language)
+            return list(stub.Translate(pb.TranslateRequest(texts=texts, options=options), timeout=60).translations)
+
+        outputs, words = {}, {}
+        for language in ("de", "es"):
+            # As transformers is asked: the language's token typed before the text.
+            expected = generate(checkpoint, [f"{tokens[language]} {text}" for text in texts], beams=1)
+            translations = ask(texts, language)
+            assert [list(t.hypotheses[0].tokens) for t in translations] == expected
+            assert {t.source_tokens[0] for t in translations} == {vocab[tokens[language]]}
+            outputs[language], words[language] = expected, [t.hypotheses[0].text for t in translations]
+        assert outputs["de"] != outputs["es"]  # the token steers the model
+        # No target_language: the model's first, unless the text begins with a language token of its own.
+        default, typed = ask([texts[0], f">>es<< {texts[1]}"])
+        assert default.source_tokens[0] == vocab[">>fr<<"] and list(default.hypotheses[0].tokens) == generate(checkpoint, [f">>fr<< {texts[0]}"], 1)[0]
+        assert typed.source_tokens == ask([texts[1]], "es")[0].source_tokens and list(typed.hypotheses[0].tokens) == outputs["es"][1]
+        with pytest.raises(grpc.RpcError) as caught:
+            ask(texts[:1], "it")
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "options.target_language: 'it' is not one of this model's target languages (fr, de, es)" in caught.value.details()
+    # In-process, the same choice: the engine, and the command that uses it.
+    engine = Engine.from_path(bundle, device="cpu", capacity=16)
+    in_process = translate(engine, engine.encode_texts(texts, "es"), DecodeOptions(max_length=MAX_NEW_TOKENS))
+    assert [h[0].tokens for h in in_process] == outputs["es"]
+    capsys.readouterr()
+    assert main(["translate", "--bundle", str(bundle), "--target-language", "de", "--max-length", str(MAX_NEW_TOKENS), *texts[:3]]) == 0
+    assert capsys.readouterr().out.splitlines() == words["de"][:3]
+    assert main(["translate", "--bundle", str(bundle), "--target-language", "it", texts[0]]) == 2
+    assert "'it' is not one of this model's target languages (fr, de, es)" in capsys.readouterr().err
 
 
 def _write_safetensors_with(directory: Path, name: str, tensor: torch.Tensor) -> None:

@@ -34,3 +34,34 @@ def test_special_token_names_in_a_text_are_read_as_characters(tiny_bundle):
     special = {model.tokens.pad, model.tokens.bos, model.tokens.eos, model.tokens.unk}
     assert ids[-1] == model.tokens.eos and not special & set(ids[:-1])
     assert model.decode_ids([ids[:-1]]) == [text]
+
+
+def test_target_language_tokens_come_from_the_manifest(tiny_bundle, tmp_path):
+    """A bundle with several target languages names the source token that asks for each; the tokenizer must know it."""
+    import json
+    import shutil
+
+    from nmtserve.bundle import MANIFEST, BundleError
+    from nmtserve_server.engine import Model
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    vocab = Model.from_path(bundle).tokenizer.get_vocab()
+    first, second = sorted(token for token in vocab if token.isalpha())[:2]  # two ordinary entries stand in for <2xx> tokens
+
+    def languages(target_tokens: dict[str, str]) -> None:
+        manifest = json.loads((bundle / MANIFEST).read_text())
+        manifest["languages"].update(target=list(target_tokens), target_tokens=target_tokens)
+        (bundle / MANIFEST).write_text(json.dumps(manifest))
+
+    languages({"de": first, "fr": second})
+    model = Model.from_path(bundle)
+    (plain,) = Model.from_path(tiny_bundle).encode_texts(["Friday"])
+    assert model.target_languages == ["de", "fr"]
+    assert model.encode_texts(["Friday"], "fr") == [[vocab[second], *plain]]
+    assert model.encode_texts(["Friday"]) == [[vocab[first], *plain]]  # the first language is the default
+    with pytest.raises(ValueError, match=r"'it' is not one of this model's target languages \(de, fr\)"):
+        model.encode_texts(["Friday"], "it")
+    languages({"de": first, "fr": "<2fr>"})
+    with pytest.raises(BundleError, match=r"languages\.target_tokens names '<2fr>' for 'fr', which the vocabulary lacks"):
+        Model.from_path(bundle)

@@ -128,7 +128,19 @@ def test_input_that_is_not_utf8_is_a_clear_error(server, tiny_bundle):
 def _running(*args: str) -> subprocess.Popen:
     """`nmtserve translate` reading stdin a line at a time (one text per request, one request at a time)."""
     command = [sys.executable, "-m", "nmtserve.cli", "translate", "--texts-per-request", "1", "--max-concurrent-requests", "1", *args]
-    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # faulthandler: a SIGABRT makes it print every thread's stack, for _exit_status to show where it hangs.
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+
+
+def _exit_status(process: subprocess.Popen) -> int:
+    """The process's exit status; a failure showing its threads' stacks if it has not ended within TIMEOUT."""
+    try:
+        return process.wait(TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        _, stderr = process.communicate(timeout=30)
+        pytest.fail(f"still running after {TIMEOUT} s; where its threads were:\n{stderr}")
 
 
 def test_a_reader_that_stops_reading_ends_it_quietly(server, test_texts):
@@ -137,7 +149,7 @@ def test_a_reader_that_stops_reading_ends_it_quietly(server, test_texts):
     translating.stdin.close()
     assert translating.stdout.readline().strip()
     translating.stdout.close()  # as `| head -1` does
-    assert translating.wait(TIMEOUT) == 141  # as for a command that SIGPIPE ends
+    assert _exit_status(translating) == 141  # as for a command that SIGPIPE ends
     assert translating.stderr.read() == ""
 
 
@@ -147,7 +159,7 @@ def test_ctrl_c_ends_it_quietly(server, test_texts):
     translating.stdin.flush()
     assert translating.stdout.readline().strip()  # translated; now waiting for the next line
     translating.send_signal(signal.SIGINT)
-    assert translating.wait(TIMEOUT) == 130
+    assert _exit_status(translating) == 130
     assert translating.stderr.read() == ""
     translating.stdin.close()
 

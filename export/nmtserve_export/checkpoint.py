@@ -40,11 +40,11 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def save_checkpoint(
-    directory: Path, model: Transformer, metadata: dict[str, Any], optimizer: torch.optim.Optimizer, step: int,
-    history: list[dict],
+    directory: Path, model: Transformer, tokenizer: Tokenizer, metadata: dict[str, Any], optimizer: torch.optim.Optimizer,
+    step: int, history: list[dict],
 ) -> None:
-    """Write the weights and config.json (model configuration + metadata), and the optimizer moments, the RNG state
-    and the loss history at `step`, for resuming.
+    """Write the weights, the tokenizer and config.json (model configuration + metadata), and the optimizer moments,
+    the RNG state and the loss history at `step`, for resuming.
 
     Every file is written beside its place before any is renamed into it, so an interruption leaves the last save
     whole, or a mix of it and this one that the step recorded in each file tells (load_train_state refuses a mix).
@@ -57,6 +57,8 @@ def save_checkpoint(
             state[f"{index}.{name}"] = value.reshape(-1) if value.dim() == 0 else value
     writers = {
         MODEL_FILE: lambda path: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=tag),
+        # With the weights, not before: a new run stopped ahead of its first save leaves the old checkpoint whole.
+        TOKENIZER_FILE: lambda path: tokenizer.save(str(path)),
         STATE_FILE: lambda path: save_file(state, str(path), metadata=tag),
         CONFIG_FILE: lambda path: path.write_text(_json({"model": model.config.to_dict(), **metadata})),
         STATE_META_FILE: lambda path: path.write_text(_json({"step": step, "history": history})),
@@ -67,11 +69,15 @@ def save_checkpoint(
         (directory / (name + ".tmp")).replace(directory / name)
 
 
+class NotACheckpointError(FileNotFoundError):
+    """A directory given as a checkpoint holds none."""
+
+
 def read_metadata(directory: Path) -> dict[str, Any]:
     """config.json of a checkpoint."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a checkpoint: {CONFIG_FILE} is missing (train one with 'nmtserve train')")
+        raise NotACheckpointError(f"{directory} is not a checkpoint: {CONFIG_FILE} is missing (train one with 'nmtserve train')")
     return json.loads(path.read_text())
 
 

@@ -12,20 +12,31 @@ from nmtserve.settings import add_settings_arguments, flag, settings_from_args
 
 from .train import TrainSettings, default_run
 
+# `nmtserve corpus` writes the built-in corpus that `nmtserve train` generates with the same values (its defaults).
+CORPUS_FLAGS = {
+    "corpus_size": "pairs to generate, all splits together",
+    "source_lang": "source locale (any Babel locale)",
+    "target_lang": "target locale (any Babel locale)",
+    "seed": "seed of the generation: the same seed, the same corpus",
+    "valid_size": "pairs held out for validation (valid.tsv)",
+    "test_size": "pairs held out for the final test (test.tsv)",
+}
+
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     """Define the flags of one subcommand."""
     if command == "corpus":
         parser.add_argument("--out", type=Path, default=Path("data"), help="directory for train.tsv, valid.tsv, test.tsv")
-        for name in ("corpus_size", "source_lang", "target_lang", "seed", "valid_size", "test_size"):
-            f = TrainSettings.__dataclass_fields__[name]
-            parser.add_argument(flag(name), type=type(f.default), default=f.default, help=f.metadata["help"])
+        for name, help_text in CORPUS_FLAGS.items():
+            default = TrainSettings.__dataclass_fields__[name].default
+            parser.add_argument(flag(name), type=type(default), default=default, help=f"{help_text} (default: %(default)s)")
     elif command == "train":
         add_settings_arguments(parser, TrainSettings)
     elif command == "evaluate":
         parser.add_argument("checkpoint", type=Path, nargs="?", default=default_run(), help="checkpoint directory (default: %(default)s)")
         parser.add_argument("--beam-sizes", type=int, nargs="+", default=[1, 4], help="beam sizes to decode with (1: greedy)")
-        parser.add_argument("--limit", type=int, default=0, help="decode only the first N test pairs (0: all)")
+        parser.add_argument("--limit", type=int, default=0,
+                            help="decode only the first N test pairs (0: all; the scores of a part are not stored in the checkpoint)")
         parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
         parser.add_argument("--bundle", type=Path, default=None, help="decode with the ONNX Runtime engine and this bundle instead of PyTorch")
         parser.add_argument("--json", action="store_true", help="print the full results as JSON")
@@ -49,23 +60,34 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 
 def run(command: str, args: argparse.Namespace) -> int:
-    """Run one subcommand; a corpus that cannot be read (a malformed TSV line, a file changed since training) ends it
-    with one line naming the file and the line, exit 1."""
+    """Run one subcommand; a corpus that cannot be read (a malformed TSV line, a file changed since training) or a
+    checkpoint that is not there ends it with one line naming the file, exit 1."""
+    from .checkpoint import NotACheckpointError
     from .corpus import CorpusError
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("nmtserve_export").setLevel(logging.INFO)  # ours, not the exporter libraries' chatter
     try:
         return _run(command, args)
-    except CorpusError as error:
+    except (CorpusError, NotACheckpointError) as error:
         print(f"nmtserve {command}: {error}", file=sys.stderr)
         return 1
 
 
+def _refuse(command: str, problems: list[str]) -> int:
+    """Print each problem with the options on its own line; exit status 2."""
+    for problem in problems:
+        print(f"nmtserve {command}: {problem}", file=sys.stderr)
+    return 2
+
+
 def _run(command: str, args: argparse.Namespace) -> int:
     if command == "corpus":
-        from .corpus import generate_corpus, split_corpus, write_tsv
+        from .corpus import corpus_problems, generate_corpus, split_corpus, write_tsv
 
+        problems = corpus_problems(args.corpus_size, args.valid_size, args.test_size, args.source_lang, args.target_lang)
+        if problems:
+            return _refuse(command, problems)
         pairs = generate_corpus(args.corpus_size, source_lang=args.source_lang, target_lang=args.target_lang, seed=args.seed)
         splits = split_corpus(pairs, valid_size=args.valid_size, test_size=args.test_size)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -78,12 +100,16 @@ def _run(command: str, args: argparse.Namespace) -> int:
         try:
             out = train(settings_from_args(TrainSettings, args))  # checks the settings before any work
         except TrainSettingsError as error:
-            for problem in error.problems:
-                print(f"nmtserve {command}: {problem}", file=sys.stderr)
-            return 2
+            return _refuse(command, error.problems)
         print(f"checkpoint written to {out}")
     elif command == "evaluate":
         from .evaluate import evaluate
+
+        problems = [f"--beam-sizes {size}: a beam holds at least 1 hypothesis" for size in args.beam_sizes if size < 1]
+        if args.limit < 0:
+            problems.append(f"--limit must be 0 (all) or a number of pairs, not {args.limit}")
+        if problems:
+            return _refuse(command, problems)
 
         results = evaluate(args.checkpoint, beam_sizes=tuple(args.beam_sizes), limit=args.limit, threads=args.threads, bundle=args.bundle)
         if args.json:

@@ -440,6 +440,19 @@ def generate_corpus(
     return pairs
 
 
+def corpus_problems(size: int, valid_size: int, test_size: int, source_lang: str, target_lang: str) -> list[str]:
+    """What is wrong with the built-in corpus's settings, one sentence per problem, named by their flags."""
+    found = []
+    if size <= valid_size + test_size:
+        found.append(f"--corpus-size {size} leaves no training pairs after --valid-size {valid_size} and --test-size {test_size}")
+    for name, tag in (("--source-lang", source_lang), ("--target-lang", target_lang)):
+        try:
+            _locale(tag)
+        except ValueError as error:
+            found.append(f"{name}: {error} (a Babel locale such as de, fr_CA or zh_Hant)")
+    return found
+
+
 def split_corpus(pairs: list[Pair], *, valid_size: int, test_size: int) -> Splits:
     """Split pairs into train/valid/test so that no source sentence is in two splits."""
     if valid_size < 0 or test_size < 0 or valid_size + test_size >= len(pairs):
@@ -478,7 +491,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def read_tsv(path: str | os.PathLike) -> list[Pair]:
     """Read a user corpus of `source<TAB>target` lines."""
-    lines = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8).split(b"\n")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise CorpusError(f"{path}: cannot be read ({error.strerror or error})") from error
+    lines = data.removeprefix(codecs.BOM_UTF8).split(b"\n")
     if lines[-1] == b"":  # the final newline ends the last line; it does not start an empty one
         lines.pop()
     pairs = []

@@ -55,10 +55,12 @@ class IncrementalDecoder:
 
 @torch.inference_mode()
 def greedy_search(
-    model: Transformer, sources: Sequence[Sequence[int]], *, max_length: int = 128, min_length: int = 0
+    model: Transformer, sources: Sequence[Sequence[int]], *, max_length: int | None = None, min_length: int = 0
 ) -> list[list[int]]:
-    """Greedy decoding of a batch of source id lists; returns the generated ids without <eos>."""
+    """Greedy decoding of a batch of source id lists (at most max_length tokens, None: the model's limit, as the
+    server's default); returns the generated ids without <eos>."""
     c = model.config
+    max_length = c.max_len if max_length is None else max_length
     decoder = IncrementalDecoder(model, pad(sources, c.pad_id))
     B = len(sources)
     tokens = torch.full((B,), c.bos_id, dtype=torch.long)
@@ -86,7 +88,7 @@ def beam_search(
     source: Sequence[int],
     *,
     beam_size: int = 4,
-    max_length: int = 128,
+    max_length: int | None = None,
     min_length: int = 0,
     length_penalty: float = 1.0,
     num_hypotheses: int = 1,
@@ -98,10 +100,13 @@ def beam_search(
     <eos> among the first beam_size finishes a hypothesis; other candidates fill
     the next beam up to beam_size rows. Search ends when beam_size hypotheses
     have finished or at max_length, where the unfinished ones are finished as
-    they are. Scores are divided by length ** length_penalty (length counts
-    <eos>).
+    they are (None: the model's limit). Scores are divided by length **
+    length_penalty (length counts <eos>).
     """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be at least 1, not {beam_size}")
     c = model.config
+    max_length = c.max_len if max_length is None else max_length
     decoder = IncrementalDecoder(model, pad([source], c.pad_id))
     prefixes: list[list[int]] = [[]]
     scores = torch.zeros(1)

@@ -23,6 +23,9 @@ def held_out_pairs(metadata: dict) -> list[Pair]:
     corpus = metadata["corpus"]
     if corpus["kind"] == "tsv":
         # A file changed since training splits differently: its test set could hold sentences the model trained on.
+        if not Path(corpus["path"]).is_file():
+            raise CorpusError(f"{corpus['path']}, the corpus the model was trained on, is gone: its held-out split can "
+                              "only be rebuilt from it; put it back at that path")
         if "sha256" in corpus and (now := file_sha256(corpus["path"])) != corpus["sha256"]:
             raise CorpusError(f"{corpus['path']} has changed since the model was trained on it (sha256 "
                               f"{corpus['sha256'][:12]}…, now {now[:12]}…): its held-out split "
@@ -95,7 +98,8 @@ def translate_pairs_onnx(bundle_dir: Path, pairs: list[Pair], *, beam_size: int,
 def evaluate(
     checkpoint_dir: Path, *, beam_sizes: tuple[int, ...] = (1, 4), limit: int = 0, threads: int = 0, bundle: Path | None = None
 ) -> dict:
-    """Decode the test set with each beam size (PyTorch, or the ONNX engine with a bundle); store the scores."""
+    """Decode the test set with each beam size (PyTorch, or the ONNX engine with a bundle); the PyTorch scores of the
+    whole test set are stored in the checkpoint (and so in the bundle an export makes of it)."""
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer, metadata = load_model(checkpoint_dir)
@@ -114,7 +118,9 @@ def evaluate(
         results[name] = {**score(hypotheses, pairs, bleu_tokenize), "tokens_per_second": generated / seconds, "seconds": seconds}
         if beam_size == 1:
             errors = [(p.source, p.target, h) for p, h in zip(pairs, hypotheses) if h != p.target]
-    if not bundle:  # the checkpoint's own scores are those of its PyTorch reference decoding
+    # The checkpoint's own scores are those of its PyTorch reference decoding of the whole test set: a part of it
+    # (--limit) would replace them with a noisier figure.
+    if not bundle and not limit:
         update_metadata(checkpoint_dir, scores=results)
     results["greedy_errors"] = errors[:20]
     return results

@@ -25,6 +25,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from nmtserve.cli import install_hint
+
 from .model import ModelConfig, PositionalEncoding, Transformer
 
 log = logging.getLogger(__name__)
@@ -260,7 +262,7 @@ def reference_difference(directory: Path | str, model: Transformer, *, batch: in
     try:
         from transformers import MarianMTModel
     except ImportError as error:
-        raise MarianImportError("the reference check needs transformers (pip install transformers, or 'nmtserve[dev]')") from error
+        raise MarianImportError(f"the reference check needs transformers (pip install transformers, or {install_hint('dev')})") from error
     reference = MarianMTModel.from_pretrained(str(directory), local_files_only=True).eval()
     c = model.config
     generator = torch.Generator().manual_seed(seed)
@@ -286,7 +288,7 @@ def import_marian(
         if difference > 1e-4:
             raise MarianImportError(f"{directory}: log-probabilities differ from transformers' by {difference:.2e} (> 1e-4)")
         log.info("matches transformers' MarianMTModel to %.1e", difference)
-        metadata["transformers_max_logit_difference"] = difference
+        metadata["transformers_max_log_prob_difference"] = difference
     return write_model_bundle(
         checkpoint.model, Path(out),
         tokenizer_kind="marian",

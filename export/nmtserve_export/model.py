@@ -42,7 +42,9 @@ class ModelConfig:
     n_heads: int = 4  # h: parallel attention heads (3.2.2)
     n_encoder_layers: int = 2  # N for the encoder stack (3.1)
     n_decoder_layers: int = 2  # N for the decoder stack (3.1)
-    dropout: float = 0.1  # P_drop on sub-layer outputs and embedding sums (5.4)
+    # P_drop on sub-layer outputs and embedding sums (5.4); also, as The Annotated Transformer and tensor2tensor do,
+    # on the attention weights and the feed-forward's hidden layer, which the paper does not mention.
+    dropout: float = 0.1
     max_len: int = 256  # longest sequence the positional encoding table covers
     activation: str = "relu"  # the feed-forward non-linearity: max(0, x) (equation 2), or "silu" (Marian's swish)
     scale_embeddings: bool = True  # multiply embeddings by sqrt(d_model) (3.4)
@@ -82,7 +84,7 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=64, d_ff=256, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, dropout=0.1),
     # The default: sized by measurement for 2 CPU cores (see README, "Choosing the default model").
     "small": dict(d_model=128, d_ff=512, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, dropout=0.1),
-    # The paper's base model (Table 3), for machines with a GPU.
+    # The paper's base model (Table 3), sized for its GPUs; nmtserve trains on the CPU only, where it is slow.
     "base": dict(d_model=512, d_ff=2048, n_heads=8, n_encoder_layers=6, n_decoder_layers=6, dropout=0.1),
 }
 

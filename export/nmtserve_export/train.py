@@ -17,7 +17,7 @@ from nmtserve.bundle import PAD_ID
 from nmtserve.settings import env_value, flag
 
 from . import checkpoint
-from .corpus import Pair, Splits, file_sha256, generate_corpus, read_tsv, split_corpus
+from .corpus import Pair, Splits, corpus_problems, file_sha256, generate_corpus, read_tsv, split_corpus
 from .data import encode_sources, encode_targets, epoch_batches, make_batch, token_batches
 from .decode import greedy_search
 from .model import Transformer, count_parameters, label_smoothed_nll_loss, model_config
@@ -32,8 +32,11 @@ class TrainSettings:
     preset: str = field(default="small", metadata={"help": "model size", "choices": ["tiny", "small", "base"]})
     corpus: Path | None = field(default=None, metadata={"help": "TSV file of source<TAB>target lines (default: the generated CLDR corpus)"})
     corpus_size: int = field(default=200_000, metadata={"help": "pairs to generate for the built-in corpus"})
-    source_lang: str = field(default="en", metadata={"help": "source locale of the built-in corpus"})
-    target_lang: str = field(default="de", metadata={"help": "target locale of the built-in corpus (any Babel locale)"})
+    source_lang: str = field(default="en", metadata={
+        "help": "source locale: the built-in corpus's, or the language of --corpus's sources (the bundle's source language)"})
+    target_lang: str = field(default="de", metadata={
+        "help": "target locale (any Babel locale for the built-in corpus; for --corpus, its targets' language, which also "
+                "picks the BLEU tokenizer)"})
     seed: int = field(default=0, metadata={"help": "seed for the corpus, initialisation, batching and dropout"})
     valid_size: int = field(default=1000, metadata={"help": "held-out pairs for validation"})
     test_size: int = field(default=1000, metadata={"help": "held-out pairs for the final test"})
@@ -58,19 +61,43 @@ class TrainSettings:
             found.append(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
         if not (math.isfinite(self.peak_lr) and self.peak_lr > 0):
             found.append(f"--peak-lr must be a positive number, not {self.peak_lr}")
-        if self.corpus is None and self.corpus_size <= self.valid_size + self.test_size:
-            found.append(f"--corpus-size {self.corpus_size} leaves no training pairs after --valid-size {self.valid_size} "
-                         f"and --test-size {self.test_size}")
+        if self.corpus is None:
+            found += corpus_problems(self.corpus_size, self.valid_size, self.test_size, self.source_lang, self.target_lang)
+        elif not Path(self.corpus).is_file():
+            found.append(f"--corpus {self.corpus}: no such file")
         return found
 
     def resume_problems(self) -> list[str]:
         """With --resume, the settings that differ from those the run in --out was started with (empty otherwise)."""
         if not self.resume or not (Path(self.out) / checkpoint.STATE_FILE).is_file():
             return []
-        started = checkpoint.read_metadata(Path(self.out))["training"]["settings"]
-        return [f"--resume: {flag(name)} is {_stored(getattr(self, name))!r}, but the run in {self.out} was started with "
-                f"{started[name]!r}; a resumed run keeps its corpus, model and optimisation (give the same, or a new --out)"
-                for name in FIXED_ON_RESUME if name in started and _stored(getattr(self, name)) != started[name]]
+        metadata = checkpoint.read_metadata(Path(self.out))
+        started = metadata["training"]["settings"]
+        found = [f"--resume: {flag(name)} is {_stored(getattr(self, name))!r}, but the run in {self.out} was started with "
+                 f"{started[name]!r}; a resumed run keeps its corpus, model and optimisation (give the same, or a new --out)"
+                 for name in FIXED_ON_RESUME if name in started and _stored(getattr(self, name)) != started[name]]
+        return found + self._corpus_problems(metadata["corpus"])
+
+    def _corpus_problems(self, corpus: dict) -> list[str]:
+        """With --resume: whether the corpus is the one the run was started on; a --corpus file by its resolved path
+        (the path as typed may name another file) and, byte for byte, its sha256."""
+        started_on_file = corpus.get("kind") == "tsv"
+        if (self.corpus is not None) != started_on_file:
+            was = corpus["path"] if started_on_file else "the built-in corpus"
+            now = Path(self.corpus).resolve() if self.corpus is not None else "the built-in corpus"
+            return [f"--resume: the run in {self.out} was started on {was}, not {now}; a resumed run keeps its corpus "
+                    "(give the same, or a new --out)"]
+        if not started_on_file:
+            return []
+        path = Path(self.corpus).resolve()
+        if str(path) != corpus["path"]:
+            return [f"--resume: --corpus {path} is not {corpus['path']}, the file the run in {self.out} was started on"]
+        if not path.is_file():
+            return [f"--resume: --corpus {path}: no such file"]
+        if "sha256" in corpus and file_sha256(path) != corpus["sha256"]:
+            return [f"--resume: {path} has changed since the run in {self.out} was started on it: its splits and batches "
+                    "would no longer be the run's (restore the file, or start a new --out)"]
+        return []
 
 
 class TrainSettingsError(ValueError):
@@ -88,8 +115,9 @@ def default_run() -> Path:
 
 
 # What a resumed run must share with its start: a change would train on other data or batches, another model or
-# another schedule than the one its weights, optimizer moments and batch position come from.
-FIXED_ON_RESUME = ("preset", "corpus", "corpus_size", "source_lang", "target_lang", "seed", "valid_size", "test_size",
+# another schedule than the one its weights, optimizer moments and batch position come from. The corpus is checked
+# apart (_corpus_problems).
+FIXED_ON_RESUME = ("preset", "corpus_size", "source_lang", "target_lang", "seed", "valid_size", "test_size",
                    "vocab_size", "max_tokens", "peak_lr", "warmup_steps", "label_smoothing", "clip_norm")
 _AT_LEAST_ONE = ("corpus_size", "valid_size", "test_size", "vocab_size", "max_tokens", "steps", "warmup_steps", "valid_every")
 _NOT_NEGATIVE = ("max_minutes", "clip_norm", "valid_decode", "threads")
@@ -123,8 +151,8 @@ def corpus_metadata(settings: TrainSettings) -> dict:
     """How to rebuild the corpus exactly (for evaluation and the bundle manifest)."""
     if settings.corpus is not None:
         path = Path(settings.corpus).resolve()  # evaluate and plot may run from another directory
-        return {"kind": "tsv", "path": str(path), "sha256": file_sha256(path), "valid_size": settings.valid_size,
-                "test_size": settings.test_size}
+        return {"kind": "tsv", "path": str(path), "sha256": file_sha256(path), "source_lang": settings.source_lang,
+                "target_lang": settings.target_lang, "valid_size": settings.valid_size, "test_size": settings.test_size}
     return {
         "kind": "cldr",
         "size": settings.corpus_size,
@@ -185,7 +213,6 @@ def train(settings: TrainSettings) -> Path:
         tokenizer = load_tokenizer(tokenizer_path)
     else:
         tokenizer = train_tokenizer((text for p in splits.train for text in (p.source, p.target)), settings.vocab_size)
-        tokenizer.save(str(tokenizer_path))
     train_src = encode_sources(tokenizer, [p.source for p in splits.train])
     train_tgt = encode_targets(tokenizer, [p.target for p in splits.train])
     valid_src = encode_sources(tokenizer, [p.source for p in splits.valid])
@@ -232,7 +259,7 @@ def train(settings: TrainSettings) -> Path:
                              em=f"{record.get('valid_exact_match', 0):.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
         log.info("step %d: %s", step, json.dumps(record))
         training = {**metadata["training"], "steps": step, "seconds": record["seconds"]}
-        checkpoint.save_checkpoint(out, model, {**metadata, "training": training}, optimizer, step, history)
+        checkpoint.save_checkpoint(out, model, tokenizer, {**metadata, "training": training}, optimizer, step, history)
         window.update(loss=0.0, tokens=0, start=time.perf_counter())
         start += window["start"] - now  # validation and saving are not training time
 

@@ -250,9 +250,10 @@ def _check_manifest(manifest: Any) -> None:
     kind = manifest["tokenizer"].get("kind")
     if kind not in TOKENIZER_FILES:
         raise BundleError(f"{MANIFEST}: tokenizer.kind {kind!r} is not one of {', '.join(TOKENIZER_FILES)}")
-    for role in {**GRAPH_FILES, **TOKENIZER_FILES[kind][0]}:
+    required = {**GRAPH_FILES, **TOKENIZER_FILES[kind][0]}
+    for role in required:
         if role not in manifest["files"]:
-            raise BundleError(f"{MANIFEST}: files.{role} must be an object with 'path' and 'sha256'")
+            raise BundleError(f"{MANIFEST}: files.{role} is missing: a {kind!r} bundle lists {', '.join(required)}")
     for role, entry in manifest["files"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("sha256"), str):
             raise BundleError(f"{MANIFEST}: files.{role} must be an object with 'path' and 'sha256'")

@@ -21,12 +21,29 @@ def test_corpus_writes_three_splits(tmp_path):
     assert lengths == {"train": 400, "valid": 50, "test": 50}
 
 
+def refused(*args: str) -> list[str]:
+    """The stderr lines of a command that must fail; its exit status first."""
+    result = subprocess.run([sys.executable, "-m", "nmtserve.cli", *map(str, args)], capture_output=True, text=True, timeout=120)
+    return [str(result.returncode), *result.stderr.splitlines()]
+
+
 def test_train_refuses_settings_that_cannot_train_before_any_work(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "nmtserve.cli", "train", "--out", str(tmp_path / "run"), "--warmup-steps", "0",
-                             "--valid-every", "0"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == ["nmtserve train: --warmup-steps must be at least 1",
-                                          "nmtserve train: --valid-every must be at least 1"]
+    assert refused("train", "--out", tmp_path / "run", "--warmup-steps", "0", "--valid-every", "0", "--target-lang", "xx") == [
+        "2", "nmtserve train: --warmup-steps must be at least 1", "nmtserve train: --valid-every must be at least 1",
+        "nmtserve train: --target-lang: unknown locale 'xx' (a Babel locale such as de, fr_CA or zh_Hant)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_mistakes_end_in_one_line_naming_them(tmp_path):
+    assert refused("corpus", "--corpus-size", "500", "--out", tmp_path) == [
+        "2", "nmtserve corpus: --corpus-size 500 leaves no training pairs after --valid-size 1000 and --test-size 1000"]
+    assert refused("evaluate", tmp_path, "--beam-sizes", "1", "0", "--limit", "-5") == [
+        "2", "nmtserve evaluate: --beam-sizes 0: a beam holds at least 1 hypothesis",
+        "nmtserve evaluate: --limit must be 0 (all) or a number of pairs, not -5"]
+    assert refused("evaluate", tmp_path) == [
+        "1", f"nmtserve evaluate: {tmp_path} is not a checkpoint: config.json is missing (train one with 'nmtserve train')"]
+    assert refused("train", "--corpus", tmp_path / "missing.tsv", "--out", tmp_path / "run") == [
+        "2", f"nmtserve train: --corpus {tmp_path / 'missing.tsv'}: no such file"]
     assert not (tmp_path / "run").exists()
 
 
@@ -41,6 +58,9 @@ def test_train_then_evaluate(tmp_path):
     scores = json.loads(result.stdout)
     assert scores["test_pairs"] == 10 and set(scores) >= {"greedy", "beam4"}
     assert 0 <= scores["greedy"]["exact_match"] <= 1 and scores["greedy"]["tokens_per_second"] > 0
+    assert "scores" not in json.loads((run / "config.json").read_text())  # a part of the test set: not the checkpoint's scores
+    scores = json.loads(nmtserve("evaluate", run, "--beam-sizes", "1", "--json").stdout)
+    assert scores["test_pairs"] == 50
     assert json.loads((run / "config.json").read_text())["scores"]["greedy"]["bleu"] == scores["greedy"]["bleu"]
 
 

@@ -229,7 +229,7 @@ def test_bundle_holds_the_marian_tokenizer_and_ids(marian_bundle, marian_checkpo
     assert set(bundle.files) == {"encoder", "decoder_step", "source_spm", "target_spm", "vocab"}
     assert (bundle.tokens.pad, bundle.tokens.bos, bundle.tokens.eos) == (config["pad_token_id"], config["decoder_start_token_id"], EOS)
     assert bundle.manifest["languages"] == {"source": "en", "target": ["de"]}
-    assert bundle.manifest["training"]["transformers_max_logit_difference"] < 1e-5
+    assert bundle.manifest["training"]["transformers_max_log_prob_difference"] < 1e-5
 
 
 def test_onnx_log_probs_match_transformers(marian_bundle, marian_checkpoint, marian_pairs):

@@ -109,3 +109,42 @@ def test_a_tsv_too_small_to_hold_out_from_is_named(tmp_path):
         load_splits(TrainSettings(corpus=corpus, valid_size=2, test_size=1))
     assert caught.value.problems == [f"--corpus {corpus} has 3 pairs, which leaves none for training after --valid-size 2 "
                                      "and --test-size 1: give more pairs or hold out fewer"]
+
+
+def test_resume_refuses_a_corpus_file_that_is_not_the_one_the_run_started_on(tmp_path, monkeypatch):
+    from nmtserve_export.corpus import write_tsv
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_tsv(generate_corpus(300, seed=1), data / "my.tsv")
+    common = dict(out=tmp_path / "run", preset="tiny", valid_size=20, test_size=20, vocab_size=300, max_tokens=512,
+                  valid_every=2, valid_decode=0, threads=1)
+    monkeypatch.chdir(data)
+    train(TrainSettings(corpus="my.tsv", steps=2, **common))
+    monkeypatch.chdir(tmp_path)  # the same file by another path: resumable
+    assert TrainSettings(corpus="data/my.tsv", steps=4, resume=True, **common).resume_problems() == []
+    (tmp_path / "copy.tsv").write_bytes((data / "my.tsv").read_bytes())  # the same bytes, another file
+    (problem,) = TrainSettings(corpus="copy.tsv", steps=4, resume=True, **common).resume_problems()
+    assert problem == f"--resume: --corpus {tmp_path / 'copy.tsv'} is not {data / 'my.tsv'}, the file the run in {tmp_path / 'run'} was started on"
+    with (data / "my.tsv").open("a") as corpus:
+        corpus.write("one more line\teine Zeile mehr\n")
+    (problem,) = TrainSettings(corpus="data/my.tsv", steps=4, resume=True, **common).resume_problems()
+    assert problem.startswith(f"--resume: {data / 'my.tsv'} has changed since the run in {tmp_path / 'run'} was started on it")
+    (problem,) = TrainSettings(steps=4, resume=True, **common).resume_problems()
+    assert problem.startswith(f"--resume: the run in {tmp_path / 'run'} was started on {data / 'my.tsv'}, not the built-in corpus")
+
+
+def test_a_new_run_replaces_nothing_of_an_old_checkpoint_before_its_first_save(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+
+    def interrupted(*args, **kwargs):  # Ctrl-C once the new tokenizer is trained, before the first step
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.optim, "Adam", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainSettings(out=run, preset="tiny", corpus_size=1500, valid_size=50, test_size=50, vocab_size=200, threads=1))
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before

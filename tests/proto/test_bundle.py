@@ -164,7 +164,7 @@ MANIFEST_ERRORS = {  # what a wrong manifest says, by the edit that makes it wro
     "layers_beyond_any_model": (lambda m: m["model"].update(n_decoder_layers=300_000), r"model\.n_decoder_layers is 300000, above any model's"),
     "eos_that_is_the_padding": (lambda m: m["tokens"].update(eos=m["tokens"]["pad"]), r"tokens\.eos \d+ must differ from tokens\.pad and tokens\.bos"),
     "optional_file_entry_not_an_object": (lambda m: m["files"].update(target_vocab="x"), r"files\.target_vocab must be an object"),
-    "tokenizer_files_unlike_the_kind": (lambda m: m["tokenizer"].update(kind="marian"), r"files\.source_spm must be an object"),
+    "tokenizer_files_unlike_the_kind": (lambda m: m["tokenizer"].update(kind="marian"), r"files\.source_spm is missing: a 'marian' bundle lists encoder, decoder_step, source_spm, target_spm, vocab"),
 }
 
 

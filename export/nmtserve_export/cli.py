@@ -8,28 +8,17 @@ import logging
 import sys
 from pathlib import Path
 
-from nmtserve.settings import add_settings_arguments, flag, settings_from_args
+from nmtserve.settings import add_settings_arguments, settings_from_args
 
 from .train import TrainSettings, default_run
-
-# `nmtserve corpus` writes the built-in corpus that `nmtserve train` generates with the same values (its defaults).
-CORPUS_FLAGS = {
-    "corpus_size": "pairs to generate, all splits together",
-    "source_lang": "source locale (any Babel locale)",
-    "target_lang": "target locale (any Babel locale)",
-    "seed": "seed of the generation: the same seed, the same corpus",
-    "valid_size": "pairs held out for validation (valid.tsv)",
-    "test_size": "pairs held out for the final test (test.tsv)",
-}
-
 
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     """Define the flags of one subcommand."""
     if command == "corpus":
+        from .corpus import CorpusSettings
+
         parser.add_argument("--out", type=Path, default=Path("data"), help="directory for train.tsv, valid.tsv, test.tsv")
-        for name, help_text in CORPUS_FLAGS.items():
-            default = TrainSettings.__dataclass_fields__[name].default
-            parser.add_argument(flag(name), type=type(default), default=default, help=f"{help_text} (default: %(default)s)")
+        add_settings_arguments(parser, CorpusSettings)
     elif command == "train":
         add_settings_arguments(parser, TrainSettings)
     elif command == "evaluate":
@@ -83,13 +72,14 @@ def _refuse(command: str, problems: list[str]) -> int:
 
 def _run(command: str, args: argparse.Namespace) -> int:
     if command == "corpus":
-        from .corpus import corpus_problems, generate_corpus, split_corpus, write_tsv
+        from .corpus import CorpusSettings, generate_corpus, split_corpus, write_tsv
 
-        problems = corpus_problems(args.corpus_size, args.valid_size, args.test_size, args.source_lang, args.target_lang)
-        if problems:
+        settings = settings_from_args(CorpusSettings, args)
+        if problems := settings.problems():
             return _refuse(command, problems)
-        pairs = generate_corpus(args.corpus_size, source_lang=args.source_lang, target_lang=args.target_lang, seed=args.seed)
-        splits = split_corpus(pairs, valid_size=args.valid_size, test_size=args.test_size)
+        pairs = generate_corpus(settings.corpus_size, source_lang=settings.source_lang, target_lang=settings.target_lang,
+                                seed=settings.seed)
+        splits = split_corpus(pairs, valid_size=settings.valid_size, test_size=settings.test_size)
         args.out.mkdir(parents=True, exist_ok=True)
         for name in ("train", "valid", "test"):
             write_tsv(getattr(splits, name), args.out / f"{name}.tsv")

@@ -16,7 +16,7 @@ import math
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import lru_cache, partial
 from pathlib import Path
@@ -24,9 +24,36 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 
 from babel import Locale, UnknownLocaleError, dates, numbers, units
 
+from nmtserve.settings import flag
+
 
 class CorpusError(ValueError):
     """A user corpus file is malformed; the message names the file and line."""
+
+
+@dataclass
+class CorpusSettings:
+    """The built-in corpus: what `nmtserve corpus` writes, and `nmtserve train` generates from the same values."""
+
+    corpus_size: int = field(default=200_000, metadata={"help": "pairs to generate, all splits together"})
+    source_lang: str = field(default="en", metadata={"help": "source locale (any Babel locale)"})
+    target_lang: str = field(default="de", metadata={"help": "target locale (any Babel locale)"})
+    seed: int = field(default=0, metadata={"help": "seed of the generation and the shuffle: the same seed, the same corpus"})
+    valid_size: int = field(default=1000, metadata={"help": "pairs held out for validation"})
+    test_size: int = field(default=1000, metadata={"help": "pairs held out for the final test"})
+
+    def problems(self) -> list[str]:
+        """What is wrong with the settings, one sentence per problem, named by their flags (empty when they can generate)."""
+        found = [f"{flag(name)} must be at least 1" for name in ("corpus_size", "valid_size", "test_size") if getattr(self, name) < 1]
+        if self.corpus_size <= self.valid_size + self.test_size:
+            found.append(f"--corpus-size {self.corpus_size} leaves no training pairs after --valid-size {self.valid_size} "
+                         f"and --test-size {self.test_size}")
+        for name, tag in (("--source-lang", self.source_lang), ("--target-lang", self.target_lang)):
+            try:
+                _locale(tag)
+            except ValueError as error:
+                found.append(f"{name}: {error} (a Babel locale such as de, fr_CA or zh_Hant)")
+        return found
 
 
 @dataclass(frozen=True)
@@ -438,19 +465,6 @@ def generate_corpus(
         raise ValueError(f"only {len(pairs)} distinct {source_lang}->{target_lang} pairs exist, not {size}")
     rng.shuffle(pairs)
     return pairs
-
-
-def corpus_problems(size: int, valid_size: int, test_size: int, source_lang: str, target_lang: str) -> list[str]:
-    """What is wrong with the built-in corpus's settings, one sentence per problem, named by their flags."""
-    found = []
-    if size <= valid_size + test_size:
-        found.append(f"--corpus-size {size} leaves no training pairs after --valid-size {valid_size} and --test-size {test_size}")
-    for name, tag in (("--source-lang", source_lang), ("--target-lang", target_lang)):
-        try:
-            _locale(tag)
-        except ValueError as error:
-            found.append(f"{name}: {error} (a Babel locale such as de, fr_CA or zh_Hant)")
-    return found
 
 
 def split_corpus(pairs: list[Pair], *, valid_size: int, test_size: int) -> Splits:

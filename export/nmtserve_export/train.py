@@ -17,7 +17,7 @@ from nmtserve.bundle import PAD_ID
 from nmtserve.settings import env_value, flag
 
 from . import checkpoint
-from .corpus import Pair, Splits, corpus_problems, file_sha256, generate_corpus, read_tsv, split_corpus
+from .corpus import CorpusSettings, Pair, Splits, file_sha256, generate_corpus, read_tsv, split_corpus
 from .data import encode_sources, encode_targets, epoch_batches, make_batch, token_batches
 from .decode import greedy_search
 from .model import Transformer, count_parameters, label_smoothed_nll_loss, model_config
@@ -31,15 +31,16 @@ class TrainSettings:
     out: Path = field(default=Path("runs/default"), metadata={"help": "directory for the checkpoint, tokenizer, history and plots"})
     preset: str = field(default="small", metadata={"help": "model size", "choices": ["tiny", "small", "base"]})
     corpus: Path | None = field(default=None, metadata={"help": "TSV file of source<TAB>target lines (default: the generated CLDR corpus)"})
-    corpus_size: int = field(default=200_000, metadata={"help": "pairs to generate for the built-in corpus"})
-    source_lang: str = field(default="en", metadata={
+    # The built-in corpus's settings, with CorpusSettings' defaults (`nmtserve corpus` writes the same corpus).
+    corpus_size: int = field(default=CorpusSettings.corpus_size, metadata={"help": "pairs to generate for the built-in corpus"})
+    source_lang: str = field(default=CorpusSettings.source_lang, metadata={
         "help": "source locale: the built-in corpus's, or the language of --corpus's sources (the bundle's source language)"})
-    target_lang: str = field(default="de", metadata={
+    target_lang: str = field(default=CorpusSettings.target_lang, metadata={
         "help": "target locale (any Babel locale for the built-in corpus; for --corpus, its targets' language, which also "
                 "picks the BLEU tokenizer)"})
-    seed: int = field(default=0, metadata={"help": "seed for the corpus, initialisation, batching and dropout"})
-    valid_size: int = field(default=1000, metadata={"help": "held-out pairs for validation"})
-    test_size: int = field(default=1000, metadata={"help": "held-out pairs for the final test"})
+    seed: int = field(default=CorpusSettings.seed, metadata={"help": "seed for the corpus, initialisation, batching and dropout"})
+    valid_size: int = field(default=CorpusSettings.valid_size, metadata={"help": "held-out pairs for validation"})
+    test_size: int = field(default=CorpusSettings.test_size, metadata={"help": "held-out pairs for the final test"})
     vocab_size: int = field(default=1000, metadata={"help": "shared subword vocabulary size"})
     max_tokens: int = field(default=4096, metadata={"help": "padded tokens per batch"})
     steps: int = field(default=1600, metadata={"help": "optimizer steps to train for"})
@@ -62,10 +63,14 @@ class TrainSettings:
         if not (math.isfinite(self.peak_lr) and self.peak_lr > 0):
             found.append(f"--peak-lr must be a positive number, not {self.peak_lr}")
         if self.corpus is None:
-            found += corpus_problems(self.corpus_size, self.valid_size, self.test_size, self.source_lang, self.target_lang)
+            found += [problem for problem in self.corpus_settings().problems() if problem not in found]
         elif not Path(self.corpus).is_file():
             found.append(f"--corpus {self.corpus}: no such file")
         return found
+
+    def corpus_settings(self) -> CorpusSettings:
+        """The built-in corpus these settings generate."""
+        return CorpusSettings(self.corpus_size, self.source_lang, self.target_lang, self.seed, self.valid_size, self.test_size)
 
     def resume_problems(self) -> list[str]:
         """With --resume, the settings that differ from those the run in --out was started with (empty otherwise)."""

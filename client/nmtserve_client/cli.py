@@ -17,6 +17,7 @@ import functools
 import itertools
 import json
 import os
+import select
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
@@ -32,6 +33,8 @@ from .results import Hypothesis
 
 
 H = TypeVar("H")  # a hypothesis: the SDK's, or the engine's in-process
+POLL_SECONDS = 0.2  # the longest a Ctrl-C waits while no input arrives
+READ_BYTES = 1 << 16
 
 
 class InProcessError(Exception):
@@ -81,6 +84,25 @@ def _skipping_blanks(texts: list[str], translate: Callable[[list[str]], list[lis
     sent = [text for text in texts if text.strip()]
     results = iter(translate(sent) if sent else [])
     return ((text, next(results) if text.strip() else []) for text in texts)
+
+
+def _arriving_lines(fd: int) -> Iterator[bytes]:
+    """The lines read from a file descriptor as they arrive, each with its end.
+
+    The wait for input wakes every POLL_SECONDS. The kernel may hand a Ctrl-C to any thread, gRPC's included, and
+    then Python only marks it pending: a main thread blocked in read() would never raise KeyboardInterrupt.
+    """
+    pending = b""
+    while True:
+        if not select.select([fd], [], [], POLL_SECONDS)[0]:
+            continue
+        chunk = os.read(fd, READ_BYTES)
+        if not chunk:
+            break
+        *complete, pending = (pending + chunk).split(b"\n")
+        yield from (line + b"\n" for line in complete)
+    if pending:
+        yield pending
 
 
 def _lines(stream: Iterable[bytes]) -> Iterator[str]:
@@ -174,7 +196,8 @@ def _run(command: str, args: argparse.Namespace) -> int:
         print(f"nmtserve {command}: {message}", file=sys.stderr)
         return status
 
-    texts, place = (args.texts, "argument") if args.texts else (_lines(sys.stdin.buffer), "line")
+    stdin = _arriving_lines(sys.stdin.fileno()) if os.name == "posix" else sys.stdin.buffer  # select() needs POSIX for pipes
+    texts, place = (args.texts, "argument") if args.texts else (_lines(stdin), "line")
     settings = settings_from_args(ClientSettings, args)
     try:
         if args.bundle is not None:

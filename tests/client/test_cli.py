@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pty
@@ -9,6 +10,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -153,12 +155,29 @@ def test_a_reader_that_stops_reading_ends_it_quietly(server, test_texts):
     assert translating.stderr.read() == ""
 
 
-def test_ctrl_c_ends_it_quietly(server, test_texts):
+def _interrupt_another_thread(pid: int) -> None:
+    """SIGINT to one of the process's threads other than its main one, as the kernel may pick for a Ctrl-C, once the
+    main thread has gone to sleep waiting for input (a signal that comes before is seen on its way there)."""
+    asleep, deadline = 0, time.monotonic() + 10
+    while asleep < 5 and time.monotonic() < deadline:
+        state = open(f"/proc/{pid}/task/{pid}/stat").read().rpartition(")")[2].split()[0]
+        asleep = asleep + 1 if state == "S" else 0
+        time.sleep(0.05)
+    others = sorted(int(task) for task in os.listdir(f"/proc/{pid}/task") if int(task) != pid)
+    assert others, "no thread but the main one: gRPC's would be there"
+    assert ctypes.CDLL(None, use_errno=True).tgkill(pid, others[0], signal.SIGINT) == 0, os.strerror(ctypes.get_errno())
+
+
+@pytest.mark.parametrize("to", ["process", "another-thread"])
+def test_ctrl_c_ends_it_quietly(server, test_texts, to):
     translating = _running("--server", server.address)
     translating.stdin.write(test_texts[0] + "\n")
     translating.stdin.flush()
     assert translating.stdout.readline().strip()  # translated; now waiting for the next line
-    translating.send_signal(signal.SIGINT)
+    if to == "process":
+        translating.send_signal(signal.SIGINT)
+    else:  # Python only marks it pending there: the main thread, waiting for input, must still notice it
+        _interrupt_another_thread(translating.pid)
     assert _exit_status(translating) == 130
     assert translating.stderr.read() == ""
     translating.stdin.close()

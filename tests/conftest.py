@@ -53,6 +53,14 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def multilingual_run(tmp_path_factory) -> Path:
+    """A tiny Transformer trained as tiny_run is, for two target languages (German and French) at once."""
+    from nmtserve_export.train import TrainSettings, train
+
+    return train(TrainSettings(out=tmp_path_factory.mktemp("multilingual-run"), **{**TINY_TRAINING, "target_lang": "de,fr"}))
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
     """The tiny model exported as an fp32 bundle."""
     from nmtserve_export.onnx_export import export_bundle

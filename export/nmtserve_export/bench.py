@@ -57,7 +57,8 @@ def run(command: str, args: argparse.Namespace) -> int:
     out = Path(args.out or args.checkpoint)
     out.mkdir(parents=True, exist_ok=True)  # before the measurements, not after them
     model, tokenizer, metadata = load_model(args.checkpoint)
-    sources = encode_sources(tokenizer, [p.source for p in held_out_pairs(metadata)[: args.sentences]])
+    pairs = held_out_pairs(metadata)[: args.sentences]
+    sources = encode_sources(tokenizer, [p.source for p in pairs], [p.language for p in pairs])
     streams = args.streams or threads
     engines = {}
     for precision in ("fp32", "int8"):

@@ -72,10 +72,14 @@ def _refuse(command: str, problems: list[str]) -> int:
 
 def _run(command: str, args: argparse.Namespace) -> int:
     if command == "corpus":
-        from .corpus import CorpusSettings, generate_corpus, split_corpus, write_tsv
+        from .corpus import CorpusSettings, generate_corpus, split_corpus, target_languages, write_tsv
 
         settings = settings_from_args(CorpusSettings, args)
-        if problems := settings.problems():
+        problems = settings.problems()
+        if len(target_languages(settings.target_lang)) > 1:
+            problems.append(f"--target-lang {settings.target_lang}: a TSV file holds one target language; write one "
+                            "directory per language")
+        if problems:
             return _refuse(command, problems)
         pairs = generate_corpus(settings.corpus_size, source_lang=settings.source_lang, target_lang=settings.target_lang,
                                 seed=settings.seed)

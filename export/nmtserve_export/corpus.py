@@ -16,7 +16,7 @@ import math
 import os
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import lru_cache, partial
 from pathlib import Path
@@ -37,7 +37,8 @@ class CorpusSettings:
 
     corpus_size: int = field(default=200_000, metadata={"help": "pairs to generate, all splits together"})
     source_lang: str = field(default="en", metadata={"help": "source locale (any Babel locale)"})
-    target_lang: str = field(default="de", metadata={"help": "target locale (any Babel locale)"})
+    target_lang: str = field(default="de", metadata={
+        "help": "target locale (any Babel locale); several, comma-separated, for a multilingual model (de,fr,es)"})
     seed: int = field(default=0, metadata={"help": "seed of the generation and the shuffle: the same seed, the same corpus"})
     valid_size: int = field(default=1000, metadata={"help": "pairs held out for validation"})
     test_size: int = field(default=1000, metadata={"help": "pairs held out for the final test"})
@@ -48,11 +49,14 @@ class CorpusSettings:
         if self.corpus_size <= self.valid_size + self.test_size:
             found.append(f"--corpus-size {self.corpus_size} leaves no training pairs after --valid-size {self.valid_size} "
                          f"and --test-size {self.test_size}")
-        for name, tag in (("--source-lang", self.source_lang), ("--target-lang", self.target_lang)):
+        targets = target_languages(self.target_lang)
+        for name, tag in [("--source-lang", self.source_lang), *(("--target-lang", target) for target in targets)]:
             try:
                 _locale(tag)
             except ValueError as error:
                 found.append(f"{name}: {error} (a Babel locale such as de, fr_CA or zh_Hant)")
+        if len(set(targets)) != len(targets):
+            found.append(f"--target-lang {self.target_lang}: a language is named twice")
         return found
 
 
@@ -61,6 +65,7 @@ class Pair:
     source: str
     target: str
     category: str
+    language: str = ""  # the target's locale, in a corpus of several target languages ("" in one of one)
 
 
 @dataclass(frozen=True)
@@ -430,12 +435,27 @@ def _locale(tag: str) -> Locale:
 _AS_TYPED = str.maketrans({"\u00a0": " ", "\u202f": " "})
 
 
+def target_languages(target_lang: str) -> list[str]:
+    """The target locales a --target-lang value names: one, or several separated by commas (a multilingual model)."""
+    return [tag.strip() for tag in target_lang.split(",")]
+
+
 def generate_corpus(
     size: int, *, target_lang: str = "de", source_lang: str = "en", seed: int = 0
 ) -> list[Pair]:
-    """Generate `size` distinct translation pairs from Babel's CLDR data, deterministically."""
+    """Generate `size` distinct translation pairs from Babel's CLDR data, deterministically; for several target
+    locales ("de,fr"), `size` pairs shared evenly among them, each tagged with its target's locale."""
     if size < 0:
         raise ValueError(f"size must be >= 0, got {size}")
+    targets = target_languages(target_lang)
+    if len(targets) > 1:
+        pairs = [
+            replace(pair, language=target)
+            for target, share in zip(targets, _apportion(size, [1] * len(targets)))
+            for pair in generate_corpus(share, target_lang=target, source_lang=source_lang, seed=seed)
+        ]
+        random.Random(seed).shuffle(pairs)
+        return pairs
     kinds = _kinds(_locale(source_lang), _locale(target_lang))
     rng = random.Random(seed)
     # Each kind draws its renderings without replacement; one that runs out (there are only so many

@@ -12,10 +12,16 @@ from torch import Tensor
 
 from nmtserve.bundle import BOS_ID, EOS_ID, PAD_ID
 
+from .tokenizer import language_token
 
-def encode_sources(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Source ids: the subwords followed by <eos>."""
-    return [encoding.ids + [EOS_ID] for encoding in tokenizer.encode_batch(list(texts))]
+
+def encode_sources(tokenizer: Tokenizer, texts: Sequence[str], languages: Sequence[str] | None = None) -> list[list[int]]:
+    """Source ids: the subwords followed by <eos>, after the token asking for the text's target language where
+    `languages` gives one per text (a multilingual model's; "" for none)."""
+    encoded = [encoding.ids + [EOS_ID] for encoding in tokenizer.encode_batch(list(texts))]
+    if languages is None:
+        return encoded
+    return [([tokenizer.token_to_id(language_token(language))] if language else []) + ids for language, ids in zip(languages, encoded)]
 
 
 def encode_targets(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:

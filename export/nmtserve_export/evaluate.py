@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from .checkpoint import load_model, update_metadata
-from .corpus import CorpusError, Pair, file_sha256, generate_corpus, read_tsv, split_corpus
+from .corpus import CorpusError, Pair, file_sha256, generate_corpus, read_tsv, split_corpus, target_languages
 from .data import encode_sources
 from .decode import beam_search, greedy_search
 from .model import Transformer
@@ -40,7 +40,7 @@ def translate_pairs(
     model: Transformer, tokenizer: Tokenizer, pairs: list[Pair], *, beam_size: int, batch_size: int = 64
 ) -> tuple[list[str], int, float]:
     """Translate the sources of pairs; returns texts, generated tokens and seconds."""
-    sources = encode_sources(tokenizer, [p.source for p in pairs])
+    sources = encode_sources(tokenizer, [p.source for p in pairs], [p.language for p in pairs])
     outputs: list[list[int]] = []
     start = time.perf_counter()
     with tqdm(total=len(sources), desc=f"decode beam={beam_size}", unit="sent", leave=False) as progress:
@@ -61,24 +61,40 @@ def translate_pairs(
 UNSPACED_BLEU_TOKENIZERS = {"zh": "zh", "ja": "char", "th": "char", "lo": "char", "km": "char", "my": "char"}
 
 
-def bleu_tokenizer(corpus: dict) -> str:
-    """The sacrebleu tokenizer for BLEU on a corpus's targets: 13a, or one that splits unspaced scripts."""
-    language = str(corpus.get("target_lang", "")).replace("-", "_").split("_")[0].lower()
-    return UNSPACED_BLEU_TOKENIZERS.get(language, "13a")
+def bleu_tokenizer(target_lang: str) -> str:
+    """The sacrebleu tokenizer for BLEU on targets in these locales (comma-separated): 13a, or one that splits
+    unspaced scripts where every locale needs the same one."""
+    languages = {tag.replace("-", "_").split("_")[0].lower() for tag in target_languages(target_lang)}
+    tokenizers = {UNSPACED_BLEU_TOKENIZERS.get(language, "13a") for language in languages}
+    return tokenizers.pop() if len(tokenizers) == 1 else "13a"
 
 
 def score(hypotheses: list[str], pairs: list[Pair], bleu_tokenize: str = "13a") -> dict:
-    """Exact match overall and per category, BLEU (with sacrebleu's tokenizer `bleu_tokenize`) and chrF."""
-    references = [p.target for p in pairs]
+    """Exact match overall and per category, BLEU (with sacrebleu's tokenizer `bleu_tokenize`) and chrF; for a
+    corpus of several target languages, the same per language too."""
     by_category: dict[str, list[bool]] = defaultdict(list)
     for hypothesis, pair in zip(hypotheses, pairs):
         by_category[pair.category].append(hypothesis == pair.target)
+    scores = {
+        **_text_scores(hypotheses, [p.target for p in pairs], bleu_tokenize),
+        "exact_match_by_category": {c: sum(v) / len(v) for c, v in sorted(by_category.items())},
+    }
+    languages = sorted({p.language for p in pairs} - {""})
+    if languages:
+        scores["by_language"] = {
+            language: _text_scores([h for h, p in zip(hypotheses, pairs) if p.language == language],
+                                   [p.target for p in pairs if p.language == language], bleu_tokenizer(language))
+            for language in languages
+        }
+    return scores
+
+
+def _text_scores(hypotheses: list[str], references: list[str], bleu_tokenize: str) -> dict:
     return {
         "exact_match": sum(h == r for h, r in zip(hypotheses, references)) / len(references),
         "bleu": sacrebleu.corpus_bleu(hypotheses, [references], tokenize=bleu_tokenize).score,
         "bleu_tokenize": bleu_tokenize,
         "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
-        "exact_match_by_category": {c: sum(v) / len(v) for c, v in sorted(by_category.items())},
     }
 
 
@@ -88,7 +104,7 @@ def translate_pairs_onnx(bundle_dir: Path, pairs: list[Pair], *, beam_size: int,
     from nmtserve_server.search import DecodeOptions
 
     engine = Engine.from_path(bundle_dir, device="auto", threads=threads)
-    sources = engine.encode_texts([p.source for p in pairs])
+    sources = [engine.encode_texts([p.source], p.language or None)[0] for p in pairs]
     start = time.perf_counter()
     outputs = [h[0].tokens for h in translate(engine, sources, DecodeOptions(beam_size=beam_size))]
     seconds = time.perf_counter() - start
@@ -108,7 +124,7 @@ def evaluate(
         pairs = pairs[:limit]
     results: dict = {"test_pairs": len(pairs), "decoder": f"onnxruntime:{bundle}" if bundle else "pytorch"}
     errors = []
-    bleu_tokenize = bleu_tokenizer(metadata["corpus"])
+    bleu_tokenize = bleu_tokenizer(str(metadata["corpus"].get("target_lang", "")))
     for beam_size in beam_sizes:
         if bundle:
             hypotheses, generated, seconds = translate_pairs_onnx(bundle, pairs, beam_size=beam_size, threads=threads)

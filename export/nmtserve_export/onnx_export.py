@@ -23,7 +23,9 @@ from tqdm import tqdm
 from nmtserve import bundle as bundle_format
 
 from .checkpoint import TOKENIZER_FILE, load_model
+from .corpus import target_languages
 from .model import Transformer
+from .tokenizer import language_token
 
 log = logging.getLogger(__name__)
 
@@ -209,19 +211,28 @@ def max_graph_difference(model: Transformer, graphs: dict[str, bytes], inputs: d
     return float(np.max(differences))  # np.max, unlike max(), keeps a NaN
 
 
+def bundle_languages(corpus: dict) -> dict:
+    """The manifest's languages for a checkpoint's corpus; a multilingual model's with the token asking for each."""
+    targets = target_languages(corpus.get("target_lang", "und"))
+    languages = {"source": corpus.get("source_lang", "und"), "target": targets}
+    if len(targets) > 1:
+        languages["target_tokens"] = {target: language_token(target) for target in targets}
+    return languages
+
+
 def export_bundle(checkpoint_dir: Path, out: Path, *, precision: str = "fp32", name: str | None = None) -> Path:
     """Export a checkpoint as a verified bundle at `out`."""
     checkpoint_dir = Path(checkpoint_dir)
     model, _, metadata = load_model(checkpoint_dir)
     corpus = metadata.get("corpus", {})
-    languages = {"source": corpus.get("source_lang", "und"), "target": [corpus.get("target_lang", "und")]}
+    languages = bundle_languages(corpus)
     training = metadata.get("training", {})
     return write_model_bundle(
         model, out,
         tokenizer_kind="tokenizers",
         tokenizer_files={"tokenizer": (checkpoint_dir / TOKENIZER_FILE).read_bytes()},
         languages=languages,
-        name=name or f"nmtserve-{languages['source']}-{languages['target'][0]}",
+        name=name or "-".join(["nmtserve", languages["source"], *languages["target"]]),
         training={
             "corpus": corpus,
             "steps": training.get("steps"),

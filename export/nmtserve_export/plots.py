@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from nmtserve.bundle import BOS_ID
 
 from .checkpoint import STATE_META_FILE, load_model
+from .corpus import target_languages
 from .data import encode_sources
 from .decode import greedy_search
 from .evaluate import held_out_pairs
@@ -55,9 +56,10 @@ def _pieces(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
 
 
 @torch.inference_mode()
-def plot_attention(model: Transformer, tokenizer: Tokenizer, sentence: str, directory: Path) -> list[Path]:
-    """Encoder self-attention of every head (last layer) and the encoder-decoder attention (alignment)."""
-    source = encode_sources(tokenizer, [sentence])[0]
+def plot_attention(model: Transformer, tokenizer: Tokenizer, sentence: str, directory: Path, language: str = "") -> list[Path]:
+    """Encoder self-attention of every head (last layer) and the encoder-decoder attention (alignment); `language`:
+    the target a multilingual model is asked for."""
+    source = encode_sources(tokenizer, [sentence], [language])[0]
     output = greedy_search(model, [source])[0]
     target_in = torch.tensor([[BOS_ID] + output])  # <bos> + translation
     model(torch.tensor([source]), target_in)  # fills each MultiHeadAttention's .attention
@@ -99,9 +101,11 @@ def plot_all(checkpoint_dir: Path, *, sentence: str | None = None) -> list[Path]
     state = checkpoint_dir / STATE_META_FILE
     if state.is_file():
         paths.append(plot_training(json.loads(state.read_text())["history"], checkpoint_dir / "training.png"))
+    targets = target_languages(metadata["corpus"].get("target_lang", ""))
+    language = targets[0] if len(targets) > 1 else ""  # a multilingual model's first, the server's default
     if sentence is None:
-        sources = [p.source for p in held_out_pairs(metadata)]
+        sources = [p.source for p in held_out_pairs(metadata) if p.language == language]
         # A few words draw a readable map; a corpus of unspaced text (Chinese, Japanese) or short entries may have none.
         sentence = next((source for source in sources if len(source.split()) >= 4), sources[0])
-    paths += plot_attention(model, tokenizer, sentence, checkpoint_dir)
+    paths += plot_attention(model, tokenizer, sentence, checkpoint_dir, language)
     return paths

@@ -7,7 +7,7 @@ copied and regrouped digit by digit rather than memorised.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -15,8 +15,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from nmtserve.bundle import SPECIAL_TOKENS
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE tokenizer with the special tokens pad, bos, eos, unk at ids 0-3."""
+def language_token(language: str) -> str:
+    """The source token that asks a multilingual model for a target language (the bundle's languages.target_tokens)."""
+    return f"<2{language}>"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, languages: Sequence[str] = ()) -> Tokenizer:
+    """Train a byte-level BPE tokenizer with the special tokens pad, bos, eos, unk at ids 0-3, then a language token
+    for each of a multilingual model's target languages."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -27,7 +33,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS, *map(language_token, languages)],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -17,7 +17,7 @@ from nmtserve.bundle import PAD_ID
 from nmtserve.settings import env_value, flag
 
 from . import checkpoint
-from .corpus import CorpusSettings, Pair, Splits, file_sha256, generate_corpus, read_tsv, split_corpus
+from .corpus import CorpusSettings, Pair, Splits, file_sha256, generate_corpus, read_tsv, split_corpus, target_languages
 from .data import encode_sources, encode_targets, epoch_batches, make_batch, token_batches
 from .decode import greedy_search
 from .model import Transformer, count_parameters, label_smoothed_nll_loss, model_config
@@ -36,8 +36,8 @@ class TrainSettings:
     source_lang: str = field(default=CorpusSettings.source_lang, metadata={
         "help": "source locale: the built-in corpus's, or the language of --corpus's sources (the bundle's source language)"})
     target_lang: str = field(default=CorpusSettings.target_lang, metadata={
-        "help": "target locale (any Babel locale for the built-in corpus; for --corpus, its targets' language, which also "
-                "picks the BLEU tokenizer)"})
+        "help": "target locale (any Babel locale for the built-in corpus, or several, comma-separated, for a multilingual "
+                "model; for --corpus, its targets' one language, which also picks the BLEU tokenizer)"})
     seed: int = field(default=CorpusSettings.seed, metadata={"help": "seed for the corpus, initialisation, batching and dropout"})
     valid_size: int = field(default=CorpusSettings.valid_size, metadata={"help": "held-out pairs for validation"})
     test_size: int = field(default=CorpusSettings.test_size, metadata={"help": "held-out pairs for the final test"})
@@ -66,6 +66,9 @@ class TrainSettings:
             found += [problem for problem in self.corpus_settings().problems() if problem not in found]
         elif not Path(self.corpus).is_file():
             found.append(f"--corpus {self.corpus}: no such file")
+        elif len(target_languages(self.target_lang)) > 1:
+            found.append(f"--target-lang {self.target_lang}: a --corpus file has one target language (several need the "
+                         "built-in corpus)")
         return found
 
     def corpus_settings(self) -> CorpusSettings:
@@ -217,10 +220,12 @@ def train(settings: TrainSettings) -> Path:
     if settings.resume and tokenizer_path.is_file():
         tokenizer = load_tokenizer(tokenizer_path)
     else:
-        tokenizer = train_tokenizer((text for p in splits.train for text in (p.source, p.target)), settings.vocab_size)
-    train_src = encode_sources(tokenizer, [p.source for p in splits.train])
+        targets = target_languages(settings.target_lang)
+        tokenizer = train_tokenizer((text for p in splits.train for text in (p.source, p.target)), settings.vocab_size,
+                                    languages=targets if len(targets) > 1 else ())
+    train_src = encode_sources(tokenizer, [p.source for p in splits.train], [p.language for p in splits.train])
     train_tgt = encode_targets(tokenizer, [p.target for p in splits.train])
-    valid_src = encode_sources(tokenizer, [p.source for p in splits.valid])
+    valid_src = encode_sources(tokenizer, [p.source for p in splits.valid], [p.language for p in splits.valid])
     valid_tgt = encode_targets(tokenizer, [p.target for p in splits.valid])
     longest = max(max(map(len, train_src)), max(map(len, train_tgt)))
 

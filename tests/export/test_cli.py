@@ -37,6 +37,10 @@ def test_train_refuses_settings_that_cannot_train_before_any_work(tmp_path):
 def test_mistakes_end_in_one_line_naming_them(tmp_path):
     assert refused("corpus", "--corpus-size", "500", "--out", tmp_path) == [
         "2", "nmtserve corpus: --corpus-size 500 leaves no training pairs after --valid-size 1000 and --test-size 1000"]
+    assert refused("corpus", "--target-lang", "de,fr", "--out", tmp_path) == [
+        "2", "nmtserve corpus: --target-lang de,fr: a TSV file holds one target language; write one directory per language"]
+    assert refused("train", "--target-lang", "de,de", "--out", tmp_path / "run") == [
+        "2", "nmtserve train: --target-lang de,de: a language is named twice"]
     assert refused("evaluate", tmp_path, "--beam-sizes", "1", "0", "--limit", "-5") == [
         "2", "nmtserve evaluate: --beam-sizes 0: a beam holds at least 1 hypothesis",
         "nmtserve evaluate: --limit must be 0 (all) or a number of pairs, not -5"]
@@ -44,6 +48,9 @@ def test_mistakes_end_in_one_line_naming_them(tmp_path):
         "1", f"nmtserve evaluate: {tmp_path} is not a checkpoint: config.json is missing (train one with 'nmtserve train')"]
     assert refused("train", "--corpus", tmp_path / "missing.tsv", "--out", tmp_path / "run") == [
         "2", f"nmtserve train: --corpus {tmp_path / 'missing.tsv'}: no such file"]
+    (tmp_path / "my.tsv").write_text("Friday\tFreitag\n")
+    assert refused("train", "--corpus", tmp_path / "my.tsv", "--target-lang", "de,fr", "--out", tmp_path / "run") == [
+        "2", "nmtserve train: --target-lang de,fr: a --corpus file has one target language (several need the built-in corpus)"]
     assert not (tmp_path / "run").exists()
 
 

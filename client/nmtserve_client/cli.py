@@ -105,6 +105,11 @@ def _arriving_lines(fd: int) -> Iterator[bytes]:
         yield pending
 
 
+def _stdin_lines() -> Iterable[bytes]:
+    """stdin's lines as they arrive; as Python reads them where select() cannot wait for it (pipes outside POSIX)."""
+    return _arriving_lines(sys.stdin.fileno()) if os.name == "posix" else sys.stdin.buffer
+
+
 def _lines(stream: Iterable[bytes]) -> Iterator[str]:
     """The lines of a byte stream without their ends; InvalidInputError naming the first one that is not UTF-8."""
     for number, line in enumerate(stream, 1):
@@ -196,8 +201,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
         print(f"nmtserve {command}: {message}", file=sys.stderr)
         return status
 
-    stdin = _arriving_lines(sys.stdin.fileno()) if os.name == "posix" else sys.stdin.buffer  # select() needs POSIX for pipes
-    texts, place = (args.texts, "argument") if args.texts else (_lines(stdin), "line")
+    texts, place = (args.texts, "argument") if args.texts else (_lines(_stdin_lines()), "line")
     settings = settings_from_args(ClientSettings, args)
     try:
         if args.bundle is not None:

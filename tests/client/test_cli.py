@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -135,6 +136,15 @@ def _running(*args: str) -> subprocess.Popen:
                             env={**os.environ, "PYTHONFAULTHANDLER": "1"})
 
 
+@pytest.fixture()
+def sigint_as_at_a_terminal() -> Iterator[None]:
+    """SIGINT handled here, so that the commands started meanwhile get its default action, as at a terminal: a suite
+    started in the background (`make test &`) ignores it, and a command inherits an ignored signal."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _exit_status(process: subprocess.Popen) -> int:
     """The process's exit status; a failure showing its threads' stacks if it has not ended within TIMEOUT."""
     try:
@@ -169,7 +179,7 @@ def _interrupt_another_thread(pid: int) -> None:
 
 
 @pytest.mark.parametrize("to", ["process", "another-thread"])
-def test_ctrl_c_ends_it_quietly(server, test_texts, to):
+def test_ctrl_c_ends_it_quietly(server, test_texts, to, sigint_as_at_a_terminal):
     translating = _running("--server", server.address)
     translating.stdin.write(test_texts[0] + "\n")
     translating.stdin.flush()

@@ -106,8 +106,13 @@ def _arriving_lines(fd: int) -> Iterator[bytes]:
 
 
 def _stdin_lines() -> Iterable[bytes]:
-    """stdin's lines as they arrive; as Python reads them where select() cannot wait for it (pipes outside POSIX)."""
-    return _arriving_lines(sys.stdin.fileno()) if os.name == "posix" else sys.stdin.buffer
+    """stdin's lines as they arrive; as Python reads them where select() cannot wait for it (pipes outside POSIX, a
+    stdin replaced by an in-memory stream)."""
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        return sys.stdin.buffer
+    return _arriving_lines(fd) if os.name == "posix" else sys.stdin.buffer
 
 
 def _lines(stream: Iterable[bytes]) -> Iterator[str]:

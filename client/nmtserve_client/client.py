@@ -117,7 +117,8 @@ class Client:
             num_hypotheses: Hypotheses to return per text, best first (at most beam_size).
             return_scores: Fill Hypothesis.score.
             return_alignment: Fill Hypothesis.alignment with each token's attention over the source.
-            target_language: Language to translate into (None: the model's first; see model_info()).
+            target_language: Language to translate into (None: the model's first, or the language token a text
+                already begins with; see model_info()).
             timeout: Seconds the whole call may take, retries included (None: the client's timeout).
         """
         texts = text_list(texts)
@@ -184,7 +185,8 @@ class Client:
             length_penalty: The final score is divided by length ** length_penalty (None: 1.0).
             return_scores: Fill the final hypothesis's score.
             return_alignment: Fill the final hypothesis's alignment.
-            target_language: Language to translate into (None: the model's first).
+            target_language: Language to translate into (None: the model's first, or the language token the text
+                already begins with).
             timeout: Seconds the whole stream may take (None: the client's timeout).
         """
         options = translate_options(

@@ -116,6 +116,9 @@ def _run(command: str, args: argparse.Namespace) -> int:
                           f"{r['tokens_per_second']:.0f} tokens/s")
                     worst = sorted(r["exact_match_by_category"].items(), key=lambda kv: kv[1])[:3]
                     print("         weakest categories: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in worst))
+                    for language, s in r.get("by_language", {}).items():
+                        print(f"{'into ' + language:>14}: exact match {100 * s['exact_match']:.2f}%  BLEU {s['bleu']:.2f} "
+                              f"({s['bleu_tokenize']})  chrF {s['chrf']:.2f}")
     elif command == "export":
         from .onnx_export import export_bundle
 

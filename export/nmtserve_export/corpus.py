@@ -27,6 +27,9 @@ from babel import Locale, UnknownLocaleError, dates, numbers, units
 from nmtserve.settings import flag
 
 
+UNDETERMINED = "und"  # the BCP 47 tag for a language not given
+
+
 class CorpusError(ValueError):
     """A user corpus file is malformed; the message names the file and line."""
 
@@ -37,8 +40,7 @@ class CorpusSettings:
 
     corpus_size: int = field(default=200_000, metadata={"help": "pairs to generate, all splits together"})
     source_lang: str = field(default="en", metadata={"help": "source locale (any Babel locale)"})
-    target_lang: str = field(default="de", metadata={
-        "help": "target locale (any Babel locale); several, comma-separated, for a multilingual model (de,fr,es)"})
+    target_lang: str = field(default="de", metadata={"help": "target locale (any Babel locale); one per corpus directory"})
     seed: int = field(default=0, metadata={"help": "seed of the generation and the shuffle: the same seed, the same corpus"})
     valid_size: int = field(default=1000, metadata={"help": "pairs held out for validation"})
     test_size: int = field(default=1000, metadata={"help": "pairs held out for the final test"})

@@ -106,7 +106,9 @@ def translate_pairs_onnx(bundle_dir: Path, pairs: list[Pair], *, beam_size: int,
     engine = Engine.from_path(bundle_dir, device="auto", threads=threads)
     sources = [engine.encode_texts([p.source], p.language or None)[0] for p in pairs]
     start = time.perf_counter()
-    outputs = [h[0].tokens for h in translate(engine, sources, DecodeOptions(beam_size=beam_size))]
+    # To the model's limit, as the PyTorch searches here and the server's default.
+    options = DecodeOptions(beam_size=beam_size, max_length=engine.max_target_length)
+    outputs = [h[0].tokens for h in translate(engine, sources, options)]
     seconds = time.perf_counter() - start
     return engine.decode_ids(outputs), sum(len(o) + 1 for o in outputs), seconds
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from nmtserve import bundle as bundle_format
 
 from .checkpoint import TOKENIZER_FILE, load_model
-from .corpus import target_languages
+from .corpus import UNDETERMINED, target_languages
 from .model import Transformer
 from .tokenizer import language_token
 
@@ -213,8 +213,8 @@ def max_graph_difference(model: Transformer, graphs: dict[str, bytes], inputs: d
 
 def bundle_languages(corpus: dict) -> dict:
     """The manifest's languages for a checkpoint's corpus; a multilingual model's with the token asking for each."""
-    targets = target_languages(corpus.get("target_lang", "und"))
-    languages = {"source": corpus.get("source_lang", "und"), "target": targets}
+    targets = target_languages(corpus.get("target_lang", UNDETERMINED))
+    languages = {"source": corpus.get("source_lang", UNDETERMINED), "target": targets}
     if len(targets) > 1:
         languages["target_tokens"] = {target: language_token(target) for target in targets}
     return languages

@@ -17,7 +17,7 @@ from nmtserve.bundle import PAD_ID
 from nmtserve.settings import env_value, flag
 
 from . import checkpoint
-from .corpus import CorpusSettings, Pair, Splits, file_sha256, generate_corpus, read_tsv, split_corpus, target_languages
+from .corpus import UNDETERMINED, CorpusSettings, Pair, Splits, file_sha256, generate_corpus, read_tsv, split_corpus, target_languages
 from .data import encode_sources, encode_targets, epoch_batches, make_batch, token_batches
 from .decode import greedy_search
 from .model import Transformer, count_parameters, label_smoothed_nll_loss, model_config
@@ -33,11 +33,13 @@ class TrainSettings:
     corpus: Path | None = field(default=None, metadata={"help": "TSV file of source<TAB>target lines (default: the generated CLDR corpus)"})
     # The built-in corpus's settings, with CorpusSettings' defaults (`nmtserve corpus` writes the same corpus).
     corpus_size: int = field(default=CorpusSettings.corpus_size, metadata={"help": "pairs to generate for the built-in corpus"})
-    source_lang: str = field(default=CorpusSettings.source_lang, metadata={
-        "help": "source locale: the built-in corpus's, or the language of --corpus's sources (the bundle's source language)"})
-    target_lang: str = field(default=CorpusSettings.target_lang, metadata={
-        "help": "target locale (any Babel locale for the built-in corpus, or several, comma-separated, for a multilingual "
-                "model; for --corpus, its targets' one language, which also picks the BLEU tokenizer)"})
+    source_lang: str | None = field(default=None, metadata={
+        "help": f"source locale: of the built-in corpus (unset: {CorpusSettings.source_lang}), or of --corpus's sources (unset: "
+                f"{UNDETERMINED}, undetermined); the bundle reports it"})
+    target_lang: str | None = field(default=None, metadata={
+        "help": f"target locale: of the built-in corpus (any Babel locale, or several, comma-separated, for a multilingual "
+                f"model; unset: {CorpusSettings.target_lang}), or of --corpus's targets (one; unset: {UNDETERMINED}); the bundle "
+                "reports it, and it picks the BLEU tokenizer"})
     seed: int = field(default=CorpusSettings.seed, metadata={"help": "seed for the corpus, initialisation, batching and dropout"})
     valid_size: int = field(default=CorpusSettings.valid_size, metadata={"help": "held-out pairs for validation"})
     test_size: int = field(default=CorpusSettings.test_size, metadata={"help": "held-out pairs for the final test"})
@@ -66,14 +68,20 @@ class TrainSettings:
             found += [problem for problem in self.corpus_settings().problems() if problem not in found]
         elif not Path(self.corpus).is_file():
             found.append(f"--corpus {self.corpus}: no such file")
-        elif len(target_languages(self.target_lang)) > 1:
+        elif len(target_languages(self.languages()[1])) > 1:
             found.append(f"--target-lang {self.target_lang}: a --corpus file has one target language (several need the "
                          "built-in corpus)")
         return found
 
+    def languages(self) -> tuple[str, str]:
+        """The source and target locales: as given, else the built-in corpus's, or undetermined for a --corpus file."""
+        if self.corpus is not None:
+            return self.source_lang or UNDETERMINED, self.target_lang or UNDETERMINED
+        return self.source_lang or CorpusSettings.source_lang, self.target_lang or CorpusSettings.target_lang
+
     def corpus_settings(self) -> CorpusSettings:
         """The built-in corpus these settings generate."""
-        return CorpusSettings(self.corpus_size, self.source_lang, self.target_lang, self.seed, self.valid_size, self.test_size)
+        return CorpusSettings(self.corpus_size, *self.languages(), self.seed, self.valid_size, self.test_size)
 
     def resume_problems(self) -> list[str]:
         """With --resume, the settings that differ from those the run in --out was started with (empty otherwise)."""
@@ -88,20 +96,24 @@ class TrainSettings:
 
     def _corpus_problems(self, corpus: dict) -> list[str]:
         """With --resume: whether the corpus is the one the run was started on; a --corpus file by its resolved path
-        (the path as typed may name another file) and, byte for byte, its sha256."""
+        (the path as typed may name another file) and, byte for byte, its sha256; the languages it recorded."""
         started_on_file = corpus.get("kind") == "tsv"
         if (self.corpus is not None) != started_on_file:
             was = corpus["path"] if started_on_file else "the built-in corpus"
             now = Path(self.corpus).resolve() if self.corpus is not None else "the built-in corpus"
             return [f"--resume: the run in {self.out} was started on {was}, not {now}; a resumed run keeps its corpus "
                     "(give the same, or a new --out)"]
-        if not started_on_file:
-            return []
+        found = [f"--resume: {flag(name)} is {now!r}, but the run in {self.out} was started with {corpus[name]!r}; a resumed "
+                 "run keeps its corpus (give the same, or a new --out)"
+                 for name, now in zip(("source_lang", "target_lang"), self.languages()) if corpus.get(name, now) != now]
+        return found + (self._corpus_file_problems(corpus) if started_on_file else [])
+
+    def _corpus_file_problems(self, corpus: dict) -> list[str]:
         path = Path(self.corpus).resolve()
         if str(path) != corpus["path"]:
             return [f"--resume: --corpus {path} is not {corpus['path']}, the file the run in {self.out} was started on"]
         if not path.is_file():
-            return [f"--resume: --corpus {path}: no such file"]
+            return []  # problems() names it
         if "sha256" in corpus and file_sha256(path) != corpus["sha256"]:
             return [f"--resume: {path} has changed since the run in {self.out} was started on it: its splits and batches "
                     "would no longer be the run's (restore the file, or start a new --out)"]
@@ -125,7 +137,7 @@ def default_run() -> Path:
 # What a resumed run must share with its start: a change would train on other data or batches, another model or
 # another schedule than the one its weights, optimizer moments and batch position come from. The corpus is checked
 # apart (_corpus_problems).
-FIXED_ON_RESUME = ("preset", "corpus_size", "source_lang", "target_lang", "seed", "valid_size", "test_size",
+FIXED_ON_RESUME = ("preset", "corpus_size", "seed", "valid_size", "test_size",
                    "vocab_size", "max_tokens", "peak_lr", "warmup_steps", "label_smoothing", "clip_norm")
 _AT_LEAST_ONE = ("corpus_size", "valid_size", "test_size", "vocab_size", "max_tokens", "steps", "warmup_steps", "valid_every")
 _NOT_NEGATIVE = ("max_minutes", "clip_norm", "valid_decode", "threads")
@@ -151,21 +163,23 @@ def load_splits(settings: TrainSettings) -> Splits:
                 f"--corpus {settings.corpus} has {len(pairs)} pairs, which leaves none for training after --valid-size "
                 f"{settings.valid_size} and --test-size {settings.test_size}: give more pairs or hold out fewer"])
     else:
-        pairs = generate_corpus(settings.corpus_size, source_lang=settings.source_lang, target_lang=settings.target_lang, seed=settings.seed)
+        source_lang, target_lang = settings.languages()
+        pairs = generate_corpus(settings.corpus_size, source_lang=source_lang, target_lang=target_lang, seed=settings.seed)
     return split_corpus(pairs, valid_size=settings.valid_size, test_size=settings.test_size)
 
 
 def corpus_metadata(settings: TrainSettings) -> dict:
     """How to rebuild the corpus exactly (for evaluation and the bundle manifest)."""
+    source_lang, target_lang = settings.languages()
     if settings.corpus is not None:
         path = Path(settings.corpus).resolve()  # evaluate and plot may run from another directory
-        return {"kind": "tsv", "path": str(path), "sha256": file_sha256(path), "source_lang": settings.source_lang,
-                "target_lang": settings.target_lang, "valid_size": settings.valid_size, "test_size": settings.test_size}
+        return {"kind": "tsv", "path": str(path), "sha256": file_sha256(path), "source_lang": source_lang,
+                "target_lang": target_lang, "valid_size": settings.valid_size, "test_size": settings.test_size}
     return {
         "kind": "cldr",
         "size": settings.corpus_size,
-        "source_lang": settings.source_lang,
-        "target_lang": settings.target_lang,
+        "source_lang": source_lang,
+        "target_lang": target_lang,
         "seed": settings.seed,
         "valid_size": settings.valid_size,
         "test_size": settings.test_size,
@@ -220,7 +234,7 @@ def train(settings: TrainSettings) -> Path:
     if settings.resume and tokenizer_path.is_file():
         tokenizer = load_tokenizer(tokenizer_path)
     else:
-        targets = target_languages(settings.target_lang)
+        targets = target_languages(settings.languages()[1])
         tokenizer = train_tokenizer((text for p in splits.train for text in (p.source, p.target)), settings.vocab_size,
                                     languages=targets if len(targets) > 1 else ())
     train_src = encode_sources(tokenizer, [p.source for p in splits.train], [p.language for p in splits.train])

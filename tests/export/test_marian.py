@@ -11,6 +11,7 @@ import argparse
 import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import grpc
@@ -274,7 +275,8 @@ def test_grpc_server_serves_the_marian_bundle(start_server, marian_bundle, maria
         assert info.name == "marian-shared" and info.dimensions.d_model == 32
 
 
-def test_a_multilingual_checkpoint_serves_each_target_language(start_server, marian_pairs, marian_texts, tmp_path, capsys):
+def test_a_multilingual_checkpoint_serves_each_target_language(start_server, marian_pairs, marian_texts, tmp_path, capsys,
+                                                                monkeypatch):
     checkpoint = build_checkpoint(tmp_path / "multilingual", marian_pairs, separate_vocabs=False, pytorch_bin=False,
                                   languages=("fr", "de", "es"))
     bundle = tmp_path / "bundle"
@@ -316,6 +318,9 @@ def test_a_multilingual_checkpoint_serves_each_target_language(start_server, mar
     assert [h[0].tokens for h in in_process] == outputs["es"]
     capsys.readouterr()
     assert main(["translate", "--bundle", str(bundle), "--target-language", "de", "--max-length", str(MAX_NEW_TOKENS), *texts[:3]]) == 0
+    assert capsys.readouterr().out.splitlines() == words["de"][:3]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\n".join(texts[:3]).encode())))  # no file descriptor
+    assert main(["translate", "--bundle", str(bundle), "--target-language", "de", "--max-length", str(MAX_NEW_TOKENS)]) == 0
     assert capsys.readouterr().out.splitlines() == words["de"][:3]
     assert main(["translate", "--bundle", str(bundle), "--target-language", "it", texts[0]]) == 2
     assert "'it' is not one of this model's target languages (fr, de, es)" in capsys.readouterr().err

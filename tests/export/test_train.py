@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nmtserve_export.checkpoint import load_model
+from nmtserve_export.checkpoint import load_model, read_metadata
 from nmtserve_export.corpus import generate_corpus
 from nmtserve_export.data import encode_sources, token_batches
 from nmtserve_export.decode import greedy_search
@@ -121,8 +121,12 @@ def test_resume_refuses_a_corpus_file_that_is_not_the_one_the_run_started_on(tmp
                   valid_every=2, valid_decode=0, threads=1)
     monkeypatch.chdir(data)
     train(TrainSettings(corpus="my.tsv", steps=2, **common))
+    corpus = read_metadata(tmp_path / "run")["corpus"]
+    assert (corpus["source_lang"], corpus["target_lang"]) == ("und", "und")  # a file's languages, not given: undetermined
     monkeypatch.chdir(tmp_path)  # the same file by another path: resumable
     assert TrainSettings(corpus="data/my.tsv", steps=4, resume=True, **common).resume_problems() == []
+    (problem,) = TrainSettings(corpus="data/my.tsv", target_lang="fr", steps=4, resume=True, **common).resume_problems()
+    assert problem.startswith(f"--resume: --target-lang is 'fr', but the run in {tmp_path / 'run'} was started with 'und'")
     (tmp_path / "copy.tsv").write_bytes((data / "my.tsv").read_bytes())  # the same bytes, another file
     (problem,) = TrainSettings(corpus="copy.tsv", steps=4, resume=True, **common).resume_problems()
     assert problem == f"--resume: --corpus {tmp_path / 'copy.tsv'} is not {data / 'my.tsv'}, the file the run in {tmp_path / 'run'} was started on"

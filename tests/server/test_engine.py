@@ -69,19 +69,23 @@ def test_log_probs_match_pytorch_at_every_step(reference, engine):
             engine.release(slots)
 
 
+# One length limit on both sides: each search stops at its own default (the model's limit, 128) otherwise.
+PARITY_MAX_LENGTH = 128
+
+
 def test_greedy_outputs_equal_pytorch_on_the_whole_test_set(reference, engine):
     model, _, _, sources = reference
-    expected = [o for i in range(0, len(sources), 50) for o in greedy_search(model, sources[i : i + 50])]
-    got = [h[0].tokens for h in translate(engine, sources, DecodeOptions())]
+    expected = [o for i in range(0, len(sources), 50) for o in greedy_search(model, sources[i : i + 50], max_length=PARITY_MAX_LENGTH)]
+    got = [h[0].tokens for h in translate(engine, sources, DecodeOptions(max_length=PARITY_MAX_LENGTH))]
     assert got == expected
 
 
 def test_beam_outputs_n_best_and_scores_equal_pytorch(reference, engine):
     model, _, _, sources = reference
-    options = DecodeOptions(beam_size=4, num_hypotheses=4)
+    options = DecodeOptions(beam_size=4, num_hypotheses=4, max_length=PARITY_MAX_LENGTH)
     got = translate(engine, sources, options)
     for source, hypotheses in zip(sources, got):
-        expected = beam_search(model, source, beam_size=4, num_hypotheses=4)
+        expected = beam_search(model, source, beam_size=4, num_hypotheses=4, max_length=PARITY_MAX_LENGTH)
         assert [h.tokens for h in hypotheses] == [h.tokens for h in expected]
         np.testing.assert_allclose([h.score for h in hypotheses], [h.score for h in expected], atol=1e-4)
 

@@ -55,7 +55,7 @@ def test_translate_greedy_equals_the_engine(stub, engine, test_texts):
     response, call = stub.Translate.with_call(
         pb.TranslateRequest(texts=texts), timeout=TIMEOUT, metadata=(("x-request-id", "test-greedy-1"),)
     )
-    expected = reference(engine, texts, DecodeOptions())
+    expected = reference(engine, texts, DecodeOptions(max_length=engine.max_target_length))  # the server's default
     assert [list(t.hypotheses[0].tokens) for t in response.translations] == [h[0].tokens for h in expected]
     assert [t.hypotheses[0].text for t in response.translations] == engine.decode_ids([h[0].tokens for h in expected])
     assert all(not t.hypotheses[0].HasField("score") and not t.hypotheses[0].alignment for t in response.translations)
@@ -71,7 +71,8 @@ def test_translate_n_best_scores_and_alignment(stub, engine, test_texts):
     texts = test_texts[5:8]
     options = pb.TranslateOptions(beam_size=4, num_hypotheses=3, length_penalty=0.6, return_scores=True, return_alignment=True)
     response = stub.Translate(pb.TranslateRequest(texts=texts, options=options), timeout=TIMEOUT)
-    expected = reference(engine, texts, DecodeOptions(beam_size=4, num_hypotheses=3, length_penalty=0.6, return_alignment=True))
+    expected = reference(engine, texts, DecodeOptions(beam_size=4, num_hypotheses=3, length_penalty=0.6, return_alignment=True,
+                                                      max_length=engine.max_target_length))
     assert response.request_id  # made up by the server when the client sends none
     for translation, hypotheses, source in zip(response.translations, expected, engine.encode_texts(texts)):
         assert list(translation.source_tokens) == source

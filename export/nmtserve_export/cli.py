@@ -12,6 +12,7 @@ from nmtserve.settings import add_settings_arguments, settings_from_args
 
 from .train import TrainSettings, default_run
 
+
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     """Define the flags of one subcommand."""
     if command == "corpus":
@@ -72,7 +73,7 @@ def _refuse(command: str, problems: list[str]) -> int:
 
 def _run(command: str, args: argparse.Namespace) -> int:
     if command == "corpus":
-        from .corpus import CorpusSettings, generate_corpus, split_corpus, target_languages, write_tsv
+        from .corpus import CorpusSettings, target_languages, write_tsv
 
         settings = settings_from_args(CorpusSettings, args)
         problems = settings.problems()
@@ -81,9 +82,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
                             "directory per language")
         if problems:
             return _refuse(command, problems)
-        pairs = generate_corpus(settings.corpus_size, source_lang=settings.source_lang, target_lang=settings.target_lang,
-                                seed=settings.seed)
-        splits = split_corpus(pairs, valid_size=settings.valid_size, test_size=settings.test_size)
+        splits = settings.splits()
         args.out.mkdir(parents=True, exist_ok=True)
         for name in ("train", "valid", "test"):
             write_tsv(getattr(splits, name), args.out / f"{name}.tsv")

@@ -27,9 +27,6 @@ from babel import Locale, UnknownLocaleError, dates, numbers, units
 from nmtserve.settings import flag
 
 
-UNDETERMINED = "und"  # the BCP 47 tag for a language not given
-
-
 class CorpusError(ValueError):
     """A user corpus file is malformed; the message names the file and line."""
 
@@ -60,6 +57,11 @@ class CorpusSettings:
         if len(set(targets)) != len(targets):
             found.append(f"--target-lang {self.target_lang}: a language is named twice")
         return found
+
+    def splits(self) -> Splits:
+        """The corpus, generated and split into train / valid / test."""
+        pairs = generate_corpus(self.corpus_size, source_lang=self.source_lang, target_lang=self.target_lang, seed=self.seed)
+        return split_corpus(pairs, valid_size=self.valid_size, test_size=self.test_size)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from nmtserve.bundle import UNDETERMINED
 from nmtserve.cli import install_hint
 
 from .model import ModelConfig, PositionalEncoding, Transformer
@@ -230,10 +231,10 @@ def read_tokenizer_files(directory: Path, config: ModelConfig) -> dict[str, byte
 def marian_languages(source_vocab: dict[str, int], tokenizer_config: dict[str, Any]) -> dict[str, Any]:
     """The bundle's languages: tokenizer_config.json's pair, or, for a multilingual model, every >>lang<< token of the
     source vocabulary as a target language, in id order (the first is the default)."""
-    source = tokenizer_config.get("source_lang") or "und"
+    source = tokenizer_config.get("source_lang") or UNDETERMINED
     codes = sorted((token_id, found[1]) for token, token_id in source_vocab.items() if (found := LANGUAGE_TOKEN.fullmatch(token)))
     if not codes:
-        return {"source": source, "target": [tokenizer_config.get("target_lang") or "und"]}
+        return {"source": source, "target": [tokenizer_config.get("target_lang") or UNDETERMINED]}
     return {"source": source, "target": [code for _, code in codes], "target_tokens": {code: f">>{code}<<" for _, code in codes}}
 
 

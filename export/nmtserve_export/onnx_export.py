@@ -21,9 +21,10 @@ from torch.export import Dim
 from tqdm import tqdm
 
 from nmtserve import bundle as bundle_format
+from nmtserve.bundle import UNDETERMINED
 
 from .checkpoint import TOKENIZER_FILE, load_model
-from .corpus import UNDETERMINED, target_languages
+from .corpus import target_languages
 from .model import Transformer
 from .tokenizer import language_token
 

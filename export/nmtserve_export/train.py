@@ -13,11 +13,11 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from nmtserve.bundle import PAD_ID
+from nmtserve.bundle import PAD_ID, UNDETERMINED
 from nmtserve.settings import env_value, flag
 
 from . import checkpoint
-from .corpus import UNDETERMINED, CorpusSettings, Pair, Splits, file_sha256, generate_corpus, read_tsv, split_corpus, target_languages
+from .corpus import CorpusSettings, Pair, Splits, file_sha256, read_tsv, split_corpus, target_languages
 from .data import encode_sources, encode_targets, epoch_batches, make_batch, token_batches
 from .decode import greedy_search
 from .model import Transformer, count_parameters, label_smoothed_nll_loss, model_config
@@ -162,10 +162,8 @@ def load_splits(settings: TrainSettings) -> Splits:
             raise TrainSettingsError([
                 f"--corpus {settings.corpus} has {len(pairs)} pairs, which leaves none for training after --valid-size "
                 f"{settings.valid_size} and --test-size {settings.test_size}: give more pairs or hold out fewer"])
-    else:
-        source_lang, target_lang = settings.languages()
-        pairs = generate_corpus(settings.corpus_size, source_lang=source_lang, target_lang=target_lang, seed=settings.seed)
-    return split_corpus(pairs, valid_size=settings.valid_size, test_size=settings.test_size)
+        return split_corpus(pairs, valid_size=settings.valid_size, test_size=settings.test_size)
+    return settings.corpus_settings().splits()
 
 
 def corpus_metadata(settings: TrainSettings) -> dict:

@@ -50,6 +50,7 @@ TOKENIZER_FILES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "marian": ({"source_spm": "source.spm", "target_spm": "target.spm", "vocab": "vocab.json"}, {"target_vocab": "target_vocab.json"}),
 }
 PRECISIONS = ("fp32", "fp16", "int8")
+UNDETERMINED = "und"  # BCP 47 for a language not given: what the manifest says where a model's is not known
 
 # Graph inputs and outputs: name -> (ONNX element type, shape). Shapes name their dynamic axes;
 # h, d_k and V are filled in from the manifest's model dimensions. Keys and values come one tensor

@@ -116,6 +116,7 @@ class Model:
         self.tokens = bundle.tokens  # the model's special ids, read once: the decode loop needs them every step
         self.target_languages: list[str] = bundle.manifest["languages"]["target"]
         self.language_prefixes = language_prefixes(bundle.manifest["languages"], self.tokenizer)
+        self._language_token_ids = {ids[0] for ids in self.language_prefixes.values() if ids}
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, **kwargs: Any) -> Self:
@@ -128,8 +129,7 @@ class Model:
         encoded = self.tokenizer.encode_batch(list(texts))
         if target_language is None:
             prefix = self.language_prefixes[self.target_languages[0]]
-            asked = {ids[0] for ids in self.language_prefixes.values() if ids}
-            return [ids if ids[:1] and ids[0] in asked else prefix + ids for ids in encoded]
+            return [ids if ids[:1] and ids[0] in self._language_token_ids else prefix + ids for ids in encoded]
         if target_language not in self.language_prefixes:
             raise ValueError(f"{target_language!r} is not one of this model's target languages ({', '.join(self.target_languages)})")
         return [self.language_prefixes[target_language] + ids for ids in encoded]

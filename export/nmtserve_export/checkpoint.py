@@ -52,11 +52,13 @@ def save_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     tag = {"step": str(step)}
     state = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_initialized():  # dropout on a GPU draws from its own generator
+        state["cuda_rng"] = torch.cuda.get_rng_state()
     for index, values in optimizer.state_dict()["state"].items():
         for name, value in values.items():
-            state[f"{index}.{name}"] = value.reshape(-1) if value.dim() == 0 else value
+            state[f"{index}.{name}"] = _host(value.reshape(-1) if value.dim() == 0 else value)
     writers = {
-        MODEL_FILE: lambda path: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=tag),
+        MODEL_FILE: lambda path: save_file({k: _host(v) for k, v in model.state_dict().items()}, str(path), metadata=tag),
         # With the weights, not before: a new run stopped ahead of its first save leaves the old checkpoint whole.
         TOKENIZER_FILE: lambda path: tokenizer.save(str(path)),
         STATE_FILE: lambda path: save_file(state, str(path), metadata=tag),
@@ -67,6 +69,11 @@ def save_checkpoint(
         write(directory / (name + ".tmp"))
     for name in writers:
         (directory / (name + ".tmp")).replace(directory / name)
+
+
+def _host(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor as a file takes it: in host memory, contiguous (a no-op for one already so)."""
+    return tensor.detach().to("cpu").contiguous()
 
 
 class NotACheckpointError(FileNotFoundError):
@@ -88,13 +95,13 @@ def update_metadata(directory: Path, **entries: Any) -> None:
     _write_json(Path(directory) / CONFIG_FILE, metadata)
 
 
-def load_model(directory: Path) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
-    """The trained model (in eval mode), its tokenizer and its metadata."""
+def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Transformer, Tokenizer, dict[str, Any]]:
+    """The trained model (in eval mode, on `device`), its tokenizer and its metadata."""
     directory = Path(directory)
     metadata = read_metadata(directory)
     model = Transformer(ModelConfig(**metadata["model"]))
     model.load_state_dict(load_file(str(directory / MODEL_FILE)))
-    model.eval()
+    model.to(device).eval()
     return model, load_tokenizer(directory / TOKENIZER_FILE), metadata
 
 
@@ -110,6 +117,9 @@ def load_train_state(directory: Path, optimizer: torch.optim.Optimizer) -> tuple
                          + "); it cannot be resumed: train again, or evaluate and export it as it is")
     tensors = load_file(str(directory / STATE_FILE))
     torch.set_rng_state(tensors.pop("rng"))
+    cuda_rng = tensors.pop("cuda_rng", None)
+    if cuda_rng is not None and torch.cuda.is_available():  # a run resumed on the CPU has no use for it
+        torch.cuda.set_rng_state(cuda_rng)
     state_dict = optimizer.state_dict()
     for key, value in tensors.items():
         index, name = key.split(".", 1)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nmtserve.settings import add_settings_arguments, settings_from_args
 
+from .devices import DEVICES
 from .train import TrainSettings, default_run
 
 
@@ -29,6 +30,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
                             help="decode only the first N test pairs (0: all; the scores of a part are not stored in the checkpoint)")
         parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
         parser.add_argument("--bundle", type=Path, default=None, help="decode with the ONNX Runtime engine and this bundle instead of PyTorch")
+        parser.add_argument("--device", choices=DEVICES, default="auto",
+                            help="where to decode, with PyTorch or ONNX Runtime: auto (a CUDA GPU where there is one), cpu or cuda")
         parser.add_argument("--json", action="store_true", help="print the full results as JSON")
     elif command == "plot":
         parser.add_argument("checkpoint", type=Path, nargs="?", default=default_run(), help="checkpoint directory (default: %(default)s)")
@@ -96,15 +99,19 @@ def _run(command: str, args: argparse.Namespace) -> int:
             return _refuse(command, error.problems)
         print(f"checkpoint written to {out}")
     elif command == "evaluate":
+        from .devices import device_problem
         from .evaluate import evaluate
 
         problems = [f"--beam-sizes {size}: a beam holds at least 1 hypothesis" for size in args.beam_sizes if size < 1]
         if args.limit < 0:
             problems.append(f"--limit must be 0 (all) or a number of pairs, not {args.limit}")
+        if args.bundle is None and (problem := device_problem(args.device)):
+            problems.append(problem)
         if problems:
             return _refuse(command, problems)
 
-        results = evaluate(args.checkpoint, beam_sizes=tuple(args.beam_sizes), limit=args.limit, threads=args.threads, bundle=args.bundle)
+        results = evaluate(args.checkpoint, beam_sizes=tuple(args.beam_sizes), limit=args.limit, threads=args.threads,
+                           bundle=args.bundle, device=args.device)
         if args.json:
             print(json.dumps(results, indent=2, ensure_ascii=False))
         else:

@@ -42,6 +42,10 @@ class Batch:
     tgt_out: Tensor  # (B, T): y_1 ... y_n <eos>
     n_tokens: int  # target tokens, the unit of the loss and of throughput
 
+    def to(self, device: torch.device) -> Batch:
+        """The same batch on `device`."""
+        return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device), self.n_tokens)
+
 
 def make_batch(sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> Batch:
     """A padded batch from source and target id lists."""

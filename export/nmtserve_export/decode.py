@@ -37,8 +37,8 @@ class IncrementalDecoder:
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per row (B,); return next-token log-probabilities (B, V)."""
         B, t = tokens.size(0), self.keys[0].size(2)
-        positions = torch.full((B, 1), t, dtype=torch.long)
-        self_mask = torch.ones(B, 1, 1, t + 1, dtype=torch.bool)  # every earlier step of the row is visible
+        positions = torch.full((B, 1), t, dtype=torch.long, device=tokens.device)
+        self_mask = torch.ones(B, 1, 1, t + 1, dtype=torch.bool, device=tokens.device)  # every earlier step is visible
         log_probs, new_keys, new_values = self.model.decode(
             tokens[:, None], positions, self.keys, self.values, self_mask, self.memory_keys, self.memory_values, self.src_mask
         )
@@ -53,6 +53,11 @@ class IncrementalDecoder:
         self.src_mask = self.src_mask[rows]
 
 
+def model_device(model: Transformer) -> torch.device:
+    """The device the model's weights are on, where its inputs must be."""
+    return next(model.parameters()).device
+
+
 @torch.inference_mode()
 def greedy_search(
     model: Transformer, sources: Sequence[Sequence[int]], *, max_length: int | None = None, min_length: int = 0
@@ -61,23 +66,26 @@ def greedy_search(
     server's default); returns the generated ids without <eos>."""
     c = model.config
     max_length = c.max_len if max_length is None else max_length
-    decoder = IncrementalDecoder(model, pad(sources, c.pad_id))
+    device = model_device(model)
+    decoder = IncrementalDecoder(model, pad(sources, c.pad_id).to(device))
     B = len(sources)
-    tokens = torch.full((B,), c.bos_id, dtype=torch.long)
+    tokens = torch.full((B,), c.bos_id, dtype=torch.long, device=device)
     outputs: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
+    done = [False] * B
     for step in range(max_length):
         log_probs = decoder.step(tokens)
         log_probs[:, c.pad_id] = float("-inf")
         if step < min_length:
             log_probs[:, c.eos_id] = float("-inf")
         tokens = log_probs.argmax(dim=-1)
-        for row in (~done).nonzero().flatten().tolist():
-            if tokens[row].item() == c.eos_id:
+        for row, token in enumerate(tokens.tolist()):  # one copy from the device a step, not one per row
+            if done[row]:
+                continue
+            if token == c.eos_id:
                 done[row] = True
             else:
-                outputs[row].append(tokens[row].item())
-        if done.all():
+                outputs[row].append(token)
+        if all(done):
             break
     return outputs
 
@@ -107,10 +115,11 @@ def beam_search(
         raise ValueError(f"beam_size must be at least 1, not {beam_size}")
     c = model.config
     max_length = c.max_len if max_length is None else max_length
-    decoder = IncrementalDecoder(model, pad([source], c.pad_id))
+    device = model_device(model)
+    decoder = IncrementalDecoder(model, pad([source], c.pad_id).to(device))
     prefixes: list[list[int]] = [[]]
-    scores = torch.zeros(1)
-    tokens = torch.tensor([c.bos_id])
+    scores = torch.zeros(1, device=device)
+    tokens = torch.tensor([c.bos_id], device=device)
     finished: list[Hypothesis] = []
     for step in range(max_length):
         log_probs = decoder.step(tokens)  # (rows, V)
@@ -119,11 +128,10 @@ def beam_search(
             log_probs[:, c.eos_id] = float("-inf")
         vocab_size = log_probs.size(1)
         candidates = (scores[:, None] + log_probs).flatten()  # (rows * V,)
-        ranked = torch.sort(candidates, descending=True, stable=True).indices[: 2 * beam_size].tolist()
+        ranked_scores, ranked = torch.sort(candidates, descending=True, stable=True)
         rows, next_tokens, next_scores = [], [], []
-        for rank, index in enumerate(ranked):
+        for rank, (index, score) in enumerate(zip(ranked[: 2 * beam_size].tolist(), ranked_scores[: 2 * beam_size].tolist())):
             row, token = divmod(index, vocab_size)
-            score = candidates[index].item()
             if token == c.eos_id:
                 if rank < beam_size:
                     finished.append(Hypothesis(prefixes[row], score / (step + 1) ** length_penalty))
@@ -136,9 +144,9 @@ def beam_search(
         if len(finished) >= beam_size:
             break
         prefixes = [prefixes[row] + [token] for row, token in zip(rows, next_tokens)]
-        scores = torch.tensor(next_scores)
-        tokens = torch.tensor(next_tokens)
-        decoder.select(torch.tensor(rows))
+        scores = torch.tensor(next_scores, device=device)
+        tokens = torch.tensor(next_tokens, device=device)
+        decoder.select(torch.tensor(rows, device=device))
     else:
         finished += [Hypothesis(prefix, score / max_length**length_penalty) for prefix, score in zip(prefixes, scores.tolist())]
     finished.sort(key=lambda h: -h.score)  # stable: earlier-finished first among equals

@@ -15,6 +15,7 @@ from .checkpoint import load_model, update_metadata
 from .corpus import CorpusError, Pair, file_sha256, generate_corpus, read_tsv, split_corpus, target_languages
 from .data import encode_sources
 from .decode import beam_search, greedy_search
+from .devices import torch_device
 from .model import Transformer
 
 
@@ -98,12 +99,14 @@ def _text_scores(hypotheses: list[str], references: list[str], bleu_tokenize: st
     }
 
 
-def translate_pairs_onnx(bundle_dir: Path, pairs: list[Pair], *, beam_size: int, threads: int) -> tuple[list[str], int, float]:
+def translate_pairs_onnx(
+    bundle_dir: Path, pairs: list[Pair], *, beam_size: int, threads: int, device: str = "auto"
+) -> tuple[list[str], int, float]:
     """Translate the sources of pairs with the ONNX Runtime engine and a bundle."""
     from nmtserve_server.engine import Engine, translate
     from nmtserve_server.search import DecodeOptions
 
-    engine = Engine.from_path(bundle_dir, device="auto", threads=threads)
+    engine = Engine.from_path(bundle_dir, device=device, threads=threads)
     sources = [engine.encode_texts([p.source], p.language or None)[0] for p in pairs]
     start = time.perf_counter()
     # To the model's limit, as the PyTorch searches here and the server's default.
@@ -114,13 +117,14 @@ def translate_pairs_onnx(bundle_dir: Path, pairs: list[Pair], *, beam_size: int,
 
 
 def evaluate(
-    checkpoint_dir: Path, *, beam_sizes: tuple[int, ...] = (1, 4), limit: int = 0, threads: int = 0, bundle: Path | None = None
+    checkpoint_dir: Path, *, beam_sizes: tuple[int, ...] = (1, 4), limit: int = 0, threads: int = 0, bundle: Path | None = None,
+    device: str = "auto",
 ) -> dict:
-    """Decode the test set with each beam size (PyTorch, or the ONNX engine with a bundle); the PyTorch scores of the
-    whole test set are stored in the checkpoint (and so in the bundle an export makes of it)."""
+    """Decode the test set with each beam size (PyTorch, or the ONNX engine with a bundle) on `device` (auto|cpu|cuda);
+    the PyTorch scores of the whole test set are stored in the checkpoint (and so in the bundle an export makes of it)."""
     if threads:
         torch.set_num_threads(threads)
-    model, tokenizer, metadata = load_model(checkpoint_dir)
+    model, tokenizer, metadata = load_model(checkpoint_dir, "cpu" if bundle else torch_device(device))
     pairs = held_out_pairs(metadata)
     if limit:
         pairs = pairs[:limit]
@@ -129,7 +133,7 @@ def evaluate(
     bleu_tokenize = bleu_tokenizer(str(metadata["corpus"].get("target_lang", "")))
     for beam_size in beam_sizes:
         if bundle:
-            hypotheses, generated, seconds = translate_pairs_onnx(bundle, pairs, beam_size=beam_size, threads=threads)
+            hypotheses, generated, seconds = translate_pairs_onnx(bundle, pairs, beam_size=beam_size, threads=threads, device=device)
         else:
             hypotheses, generated, seconds = translate_pairs(model, tokenizer, pairs, beam_size=beam_size)
         name = "greedy" if beam_size == 1 else f"beam{beam_size}"

@@ -84,7 +84,7 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=64, d_ff=256, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, dropout=0.1),
     # The default: sized by measurement for 2 CPU cores (see README, "Choosing the default model").
     "small": dict(d_model=128, d_ff=512, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, dropout=0.1),
-    # The paper's base model (Table 3), sized for its GPUs; nmtserve trains on the CPU only, where it is slow.
+    # The paper's base model (Table 3), sized for its GPUs: train it with --device cuda (on a CPU it is slow).
     "base": dict(d_model=512, d_ff=2048, n_heads=8, n_encoder_layers=6, n_decoder_layers=6, dropout=0.1),
 }
 

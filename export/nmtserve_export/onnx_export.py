@@ -238,6 +238,7 @@ def export_bundle(checkpoint_dir: Path, out: Path, *, precision: str = "fp32", n
             "corpus": corpus,
             "steps": training.get("steps"),
             "seconds": training.get("seconds"),
+            "device": training.get("device"),
             "parameters": metadata.get("parameters"),
             "scores": metadata.get("scores", {}),
         },

@@ -19,7 +19,8 @@ from nmtserve.settings import env_value, flag
 from . import checkpoint
 from .corpus import CorpusSettings, Pair, Splits, file_sha256, read_tsv, split_corpus, target_languages
 from .data import encode_sources, encode_targets, epoch_batches, make_batch, token_batches
-from .decode import greedy_search
+from .decode import greedy_search, model_device
+from .devices import DEVICES, device_problem, torch_device
 from .model import Transformer, count_parameters, label_smoothed_nll_loss, model_config
 from .tokenizer import load_tokenizer, train_tokenizer
 
@@ -53,6 +54,8 @@ class TrainSettings:
     clip_norm: float = field(default=1.0, metadata={"help": "gradient norm clipping (0: off)"})
     valid_every: int = field(default=200, metadata={"help": "steps between validations (and checkpoint saves)"})
     valid_decode: int = field(default=300, metadata={"help": "validation pairs decoded greedily for exact match at each validation"})
+    device: str = field(default="auto", metadata={
+        "help": "where to train: auto (a CUDA GPU where PyTorch sees one, else the CPU), cpu or cuda", "choices": list(DEVICES)})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores)"})
     resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in --out, with the settings it was started with"})
 
@@ -64,6 +67,8 @@ class TrainSettings:
             found.append(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
         if not (math.isfinite(self.peak_lr) and self.peak_lr > 0):
             found.append(f"--peak-lr must be a positive number, not {self.peak_lr}")
+        if problem := device_problem(self.device):
+            found.append(problem)
         if self.corpus is None:
             found += [problem for problem in self.corpus_settings().problems() if problem not in found]
         elif not Path(self.corpus).is_file():
@@ -148,6 +153,11 @@ def _stored(value: object) -> object:
     return str(value) if isinstance(value, Path) else value
 
 
+def _device_name(device: torch.device) -> str:
+    """The device as the checkpoint records it: `cpu`, or `cuda` and the GPU's name."""
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
+
+
 def learning_rate(step: int, peak_lr: float, warmup_steps: int) -> float:
     """lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), rescaled so the peak is peak_lr."""
     step = max(step, 1)
@@ -203,7 +213,7 @@ def validate(
     model.eval()
     total, count = 0.0, 0
     for indices in token_batches(valid_src, valid_tgt, max_tokens, rng=None):
-        batch = make_batch([valid_src[i] for i in indices], [valid_tgt[i] for i in indices])
+        batch = make_batch([valid_src[i] for i in indices], [valid_tgt[i] for i in indices]).to(model_device(model))
         log_probs = model(batch.src, batch.tgt_in)
         total += label_smoothed_nll_loss(log_probs, batch.tgt_out, 0.0, PAD_ID).item() * batch.n_tokens
         count += batch.n_tokens
@@ -223,7 +233,8 @@ def train(settings: TrainSettings) -> Path:
         raise TrainSettingsError(problems)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(settings.seed)
+    device = torch_device(settings.device)
+    torch.manual_seed(settings.seed)  # seeds a GPU's generator too
     if settings.threads:
         torch.set_num_threads(settings.threads)
 
@@ -242,7 +253,7 @@ def train(settings: TrainSettings) -> Path:
     longest = max(max(map(len, train_src)), max(map(len, train_tgt)))
 
     config = model_config(settings.preset, vocab_size=tokenizer.get_vocab_size(), max_len=max(256, 2 * longest))
-    model = Transformer(config)
+    model = Transformer(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
     step, history, elapsed_before = 0, [], 0.0
     if settings.resume and (out / checkpoint.STATE_FILE).is_file():
@@ -253,10 +264,12 @@ def train(settings: TrainSettings) -> Path:
 
     metadata = {
         "corpus": corpus_metadata(settings),
-        "training": {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}},
+        "training": {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
+                     "device": _device_name(device)},
         "parameters": count_parameters(model),
     }
-    log.info("model: %s, %d parameters; %d training pairs", settings.preset, count_parameters(model), len(splits.train))
+    log.info("model: %s, %d parameters; %d training pairs; training on %s", settings.preset, count_parameters(model),
+             len(splits.train), _device_name(device))
 
     batches = epoch_batches(train_src, train_tgt, settings.max_tokens, settings.seed)
     for _ in range(step):  # replay the batch order up to the resumed step
@@ -290,7 +303,7 @@ def train(settings: TrainSettings) -> Path:
         if settings.max_minutes and time.perf_counter() - start > 60 * settings.max_minutes:
             log.info("stopping at step %d: --max-minutes %.1f reached", step, settings.max_minutes)
             break
-        batch = next(batches)
+        batch = next(batches).to(device)
         step += 1
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings.peak_lr, settings.warmup_steps)

@@ -7,6 +7,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 
 def nmtserve(*args: str, **environment: str) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "nmtserve.cli", *map(str, args)], capture_output=True, text=True, timeout=600,
@@ -51,6 +54,16 @@ def test_mistakes_end_in_one_line_naming_them(tmp_path):
     (tmp_path / "my.tsv").write_text("Friday\tFreitag\n")
     assert refused("train", "--corpus", tmp_path / "my.tsv", "--target-lang", "de,fr", "--out", tmp_path / "run") == [
         "2", "nmtserve train: --target-lang de,fr: a --corpus file has one target language (several need the built-in corpus)"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a PyTorch that sees no GPU")
+def test_a_gpu_that_pytorch_cannot_see_is_refused_before_any_work(tmp_path):
+    reason = (f"--device cuda: PyTorch sees no usable GPU (torch {torch.__version__}, "
+              + (f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build")
+              + "); use --device cpu, or install a CUDA build of torch on a machine with an NVIDIA GPU")
+    assert refused("train", "--device", "cuda", "--out", tmp_path / "run") == ["2", f"nmtserve train: {reason}"]
+    assert refused("evaluate", tmp_path, "--device", "cuda") == ["2", f"nmtserve evaluate: {reason}"]
     assert not (tmp_path / "run").exists()
 
 

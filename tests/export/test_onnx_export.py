@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -18,6 +19,12 @@ def test_an_int8_bundle_records_the_difference_of_its_own_graphs(tiny_bundle, ti
     fp32 = read_bundle(tiny_bundle).manifest["training"]["onnx_max_difference"]
     int8 = read_bundle(tiny_bundle_int8).manifest["training"]["onnx_max_difference"]
     assert fp32 < 1e-4 and math.isfinite(int8) and int8 > 10 * fp32  # quantized weights: measured, not the fp32 figure
+
+
+def test_the_bundle_says_where_its_model_was_trained(tiny_run, tiny_bundle):
+    trained_on = read_bundle(tiny_bundle).manifest["training"]["device"]
+    assert trained_on == json.loads((tiny_run / "config.json").read_text())["training"]["device"]
+    assert trained_on == ("cpu" if not torch.cuda.is_available() else f"cuda ({torch.cuda.get_device_name()})")
 
 
 def test_a_model_whose_outputs_are_not_numbers_is_refused(tiny_run, tmp_path):

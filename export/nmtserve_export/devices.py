@@ -1,0 +1,30 @@
+"""Where PyTorch trains and decodes: --device auto|cpu|cuda."""
+
+from __future__ import annotations
+
+import torch
+
+DEVICES = ("auto", "cpu", "cuda")  # auto: the GPU where PyTorch sees one, else the CPU
+
+
+def device_problem(name: str) -> str | None:
+    """Why --device `name` cannot run here, as a sentence (None when it can)."""
+    if name not in DEVICES:
+        return f"--device must be one of {', '.join(DEVICES)}, not {name!r}"
+    if name == "cuda" and not torch.cuda.is_available():
+        built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        return (f"--device cuda: PyTorch sees no usable GPU (torch {torch.__version__}, {built}); "
+                "use --device cpu, or install a CUDA build of torch on a machine with an NVIDIA GPU")
+    return None
+
+
+def torch_device(name: str) -> torch.device:
+    """The torch device for --device `name` (auto: cuda where available); raises ValueError where it cannot run."""
+    if problem := device_problem(name):
+        raise ValueError(problem)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        # TensorFloat-32 matrix products on GPUs that have them: several times faster, ample precision for training.
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    return torch.device(name)

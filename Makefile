@@ -1,5 +1,5 @@
-# The two commands: `make demo` (install, train the default model if none is there, export, serve, translate
-# through the client, show the metrics)
+# The two commands: `make demo` (install; where there is no bundle yet, train the default model (or resume its
+# interrupted training), score it, draw it and export it; then serve, translate through the client, show the metrics)
 # and `make test`. Both create .venv with Python 3.11 and install what they need.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -38,6 +38,7 @@ METRICS_URL := http://127.0.0.1:$(DEMO_METRICS_PORT)/metrics
 demo: install
 	@if [ ! -f $(RUN)/bundle/manifest.json ]; then \
 		$(BIN)/nmtserve train --out $(RUN) --resume && \
+		$(BIN)/nmtserve evaluate $(RUN) && \
 		$(BIN)/nmtserve plot $(RUN) && \
 		$(BIN)/nmtserve export $(RUN) --out $(RUN)/bundle; \
 	fi
@@ -54,7 +55,7 @@ demo: install
 	kill -TERM $$server; wait $$server; status=$$?; \
 	echo "--- server stopped by SIGTERM, exit status $$status"; \
 	[ $$status -eq 0 ] || { tail -n 5 $(RUN)/serve.log; exit 1; }
-	@echo "--- pictures: $(RUN)/*.png; training curves: $(RUN)/train_state.json; test scores: $(BIN)/nmtserve evaluate $(RUN)"
+	@echo "--- pictures: $(RUN)/*.png; training curves: $(RUN)/train_state.json; test scores: $(RUN)/config.json (and the bundle's manifest.json)"
 
 test: install tools
 	$(BIN)/python -m pytest

@@ -74,6 +74,21 @@ def _refuse(command: str, problems: list[str]) -> int:
     return 2
 
 
+def _evaluate_device_problems(device: str, bundle: Path | None) -> list[str]:
+    """Why `evaluate --device` cannot decode here: with PyTorch, or with ONNX Runtime for a --bundle."""
+    if bundle is None:
+        from .devices import device_problem
+
+        return [problem] if (problem := device_problem(device)) else []
+    from nmtserve_server.engine import DeviceError, providers_for
+
+    try:
+        providers_for(device)
+    except DeviceError as error:
+        return [str(error)]
+    return []
+
+
 def _run(command: str, args: argparse.Namespace) -> int:
     if command == "corpus":
         from .corpus import CorpusSettings, target_languages, write_tsv
@@ -99,19 +114,23 @@ def _run(command: str, args: argparse.Namespace) -> int:
             return _refuse(command, error.problems)
         print(f"checkpoint written to {out}")
     elif command == "evaluate":
-        from .devices import device_problem
         from .evaluate import evaluate
 
         problems = [f"--beam-sizes {size}: a beam holds at least 1 hypothesis" for size in args.beam_sizes if size < 1]
         if args.limit < 0:
             problems.append(f"--limit must be 0 (all) or a number of pairs, not {args.limit}")
-        if args.bundle is None and (problem := device_problem(args.device)):
-            problems.append(problem)
+        problems += _evaluate_device_problems(args.device, args.bundle)
         if problems:
             return _refuse(command, problems)
 
-        results = evaluate(args.checkpoint, beam_sizes=tuple(args.beam_sizes), limit=args.limit, threads=args.threads,
-                           bundle=args.bundle, device=args.device)
+        from nmtserve_server.engine import DeviceError  # the engine's, as evaluate --bundle decodes with it
+
+        try:
+            results = evaluate(args.checkpoint, beam_sizes=tuple(args.beam_sizes), limit=args.limit, threads=args.threads,
+                               bundle=args.bundle, device=args.device)
+        except DeviceError as error:  # ONNX Runtime listed its CUDA provider but could not start it
+            print(f"nmtserve {command}: {error}", file=sys.stderr)
+            return 1
         if args.json:
             print(json.dumps(results, indent=2, ensure_ascii=False))
         else:

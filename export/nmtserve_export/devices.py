@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 DEVICES = ("auto", "cpu", "cuda")  # auto: the GPU where PyTorch sees one, else the CPU
@@ -24,7 +27,19 @@ def torch_device(name: str) -> torch.device:
         raise ValueError(problem)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        # TensorFloat-32 matrix products on GPUs that have them: several times faster, ample precision for training.
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
     return torch.device(name)
+
+
+@contextmanager
+def training_precision(device: torch.device) -> Iterator[None]:
+    """Within it, float32 matrix products on a GPU use TensorFloat-32 where it has them (training only: the reference
+    searches of `evaluate` keep full precision)."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # several times faster; ample precision for gradient steps
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)

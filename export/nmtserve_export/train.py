@@ -20,7 +20,7 @@ from . import checkpoint
 from .corpus import CorpusSettings, Pair, Splits, file_sha256, read_tsv, split_corpus, target_languages
 from .data import encode_sources, encode_targets, epoch_batches, make_batch, token_batches
 from .decode import greedy_search, model_device
-from .devices import DEVICES, device_problem, torch_device
+from .devices import DEVICES, device_problem, torch_device, training_precision
 from .model import Transformer, count_parameters, label_smoothed_nll_loss, model_config
 from .tokenizer import load_tokenizer, train_tokenizer
 
@@ -231,9 +231,14 @@ def train(settings: TrainSettings) -> Path:
     problems = settings.problems() + settings.resume_problems()
     if problems:
         raise TrainSettingsError(problems)
+    device = torch_device(settings.device)
+    with training_precision(device):
+        return _train(settings, device)
+
+
+def _train(settings: TrainSettings, device: torch.device) -> Path:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch_device(settings.device)
     torch.manual_seed(settings.seed)  # seeds a GPU's generator too
     if settings.threads:
         torch.set_num_threads(settings.threads)

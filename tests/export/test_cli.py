@@ -64,6 +64,9 @@ def test_a_gpu_that_pytorch_cannot_see_is_refused_before_any_work(tmp_path):
               + "); use --device cpu, or install a CUDA build of torch on a machine with an NVIDIA GPU")
     assert refused("train", "--device", "cuda", "--out", tmp_path / "run") == ["2", f"nmtserve train: {reason}"]
     assert refused("evaluate", tmp_path, "--device", "cuda") == ["2", f"nmtserve evaluate: {reason}"]
+    # With a bundle it is ONNX Runtime that decodes, and that names the GPU it cannot use.
+    status, line = refused("evaluate", tmp_path, "--bundle", tmp_path, "--device", "cuda")
+    assert status == "2" and line.startswith("nmtserve evaluate: --device cuda: no usable GPU (ONNX Runtime providers: ")
     assert not (tmp_path / "run").exists()
 
 

@@ -18,7 +18,7 @@ from nmtserve.settings import env_value, flag
 
 from . import checkpoint
 from .corpus import CorpusSettings, Pair, Splits, file_sha256, read_tsv, split_corpus, target_languages
-from .data import encode_sources, encode_targets, epoch_batches, make_batch, token_batches
+from .data import Batch, encode_sources, encode_targets, epoch_batches, make_batch, token_batches
 from .decode import greedy_search, model_device
 from .devices import DEVICES, device_problem, torch_device, training_precision
 from .model import Transformer, count_parameters, label_smoothed_nll_loss, model_config
@@ -46,6 +46,9 @@ class TrainSettings:
     test_size: int = field(default=CorpusSettings.test_size, metadata={"help": "held-out pairs for the final test"})
     vocab_size: int = field(default=1000, metadata={"help": "shared subword vocabulary size"})
     max_tokens: int = field(default=4096, metadata={"help": "padded tokens per batch"})
+    accumulate: int = field(default=1, metadata={
+        "help": "batches whose gradients make one optimizer step (the step's batch is about accumulate x --max-tokens "
+                "tokens: the paper's 25,000 on a smaller GPU)"})
     steps: int = field(default=1600, metadata={"help": "optimizer steps to train for"})
     max_minutes: float = field(default=0.0, metadata={"help": "also stop after this many minutes (0: no limit)"})
     peak_lr: float = field(default=2.5e-3, metadata={"help": "learning rate at the end of warm-up"})
@@ -143,14 +146,35 @@ def default_run() -> Path:
 # another schedule than the one its weights, optimizer moments and batch position come from. The corpus is checked
 # apart (_corpus_problems).
 FIXED_ON_RESUME = ("preset", "corpus_size", "seed", "valid_size", "test_size",
-                   "vocab_size", "max_tokens", "peak_lr", "warmup_steps", "label_smoothing", "clip_norm")
-_AT_LEAST_ONE = ("corpus_size", "valid_size", "test_size", "vocab_size", "max_tokens", "steps", "warmup_steps", "valid_every")
+                   "vocab_size", "max_tokens", "accumulate", "peak_lr", "warmup_steps", "label_smoothing", "clip_norm")
+_AT_LEAST_ONE = ("corpus_size", "valid_size", "test_size", "vocab_size", "max_tokens", "accumulate", "steps", "warmup_steps", "valid_every")
 _NOT_NEGATIVE = ("max_minutes", "clip_norm", "valid_decode", "threads")
 
 
 def _stored(value: object) -> object:
     """A setting as config.json holds it."""
     return str(value) if isinstance(value, Path) else value
+
+
+def optimizer_step(
+    model: Transformer, optimizer: torch.optim.Optimizer, batches: list[Batch], label_smoothing: float, clip_norm: float
+) -> float:
+    """One optimizer step on the summed gradients of `batches`, as if they were one batch; returns their summed loss."""
+    device = model_device(model)
+    tokens = sum(batch.n_tokens for batch in batches)
+    summed_loss = 0.0
+    optimizer.zero_grad(set_to_none=True)
+    for batch in batches:
+        batch = batch.to(device)
+        loss = label_smoothed_nll_loss(model(batch.src, batch.tgt_in), batch.tgt_out, label_smoothing, PAD_ID)
+        # The loss is a mean over the batch's tokens: weighted by its share of all the step's tokens, the gradients
+        # sum to those of the mean over all of them.
+        (loss * (batch.n_tokens / tokens)).backward()
+        summed_loss += loss.item() * batch.n_tokens
+    if clip_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    optimizer.step()
+    return summed_loss
 
 
 def _device_name(device: torch.device) -> str:
@@ -277,7 +301,7 @@ def _train(settings: TrainSettings, device: torch.device) -> Path:
              len(splits.train), _device_name(device))
 
     batches = epoch_batches(train_src, train_tgt, settings.max_tokens, settings.seed)
-    for _ in range(step):  # replay the batch order up to the resumed step
+    for _ in range(step * settings.accumulate):  # replay the batch order up to the resumed step
         next(batches)
     model.train()
     start = time.perf_counter() - elapsed_before
@@ -308,19 +332,12 @@ def _train(settings: TrainSettings, device: torch.device) -> Path:
         if settings.max_minutes and time.perf_counter() - start > 60 * settings.max_minutes:
             log.info("stopping at step %d: --max-minutes %.1f reached", step, settings.max_minutes)
             break
-        batch = next(batches).to(device)
+        batches_of_step = [next(batches) for _ in range(settings.accumulate)]
         step += 1
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings.peak_lr, settings.warmup_steps)
-        log_probs = model(batch.src, batch.tgt_in)
-        loss = label_smoothed_nll_loss(log_probs, batch.tgt_out, settings.label_smoothing, PAD_ID)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if settings.clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
-        optimizer.step()
-        window["loss"] += loss.item() * batch.n_tokens
-        window["tokens"] += batch.n_tokens
+        window["loss"] += optimizer_step(model, optimizer, batches_of_step, settings.label_smoothing, settings.clip_norm)
+        window["tokens"] += sum(batch.n_tokens for batch in batches_of_step)
         progress.update(1)
         if step % settings.valid_every == 0:
             validate_and_save()

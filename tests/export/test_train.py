@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from nmtserve.bundle import BOS_ID, EOS_ID
 from nmtserve_export.checkpoint import load_model, read_metadata
 from nmtserve_export.corpus import generate_corpus
-from nmtserve_export.data import encode_sources, token_batches
+from nmtserve_export.data import encode_sources, make_batch, token_batches
 from nmtserve_export.decode import greedy_search
 from nmtserve_export.tokenizer import train_tokenizer
-from nmtserve_export.train import TrainSettings, TrainSettingsError, learning_rate, load_splits, train
+from nmtserve_export.model import Transformer, model_config
+from nmtserve_export.train import TrainSettings, TrainSettingsError, learning_rate, load_splits, optimizer_step, train
 
 
 def test_learning_rate_warms_up_then_decays_as_the_paper():
@@ -70,7 +73,8 @@ def test_checkpoint_reloads_to_identical_outputs(tiny_run):
 
 
 def test_training_is_reproducible_and_resumable(tmp_path):
-    common = dict(preset="tiny", corpus_size=1500, valid_size=50, test_size=50, vocab_size=300, max_tokens=1024,
+    # Two batches a step: a resumed run must replay both of each step before it.
+    common = dict(preset="tiny", corpus_size=1500, valid_size=50, test_size=50, vocab_size=300, max_tokens=512, accumulate=2,
                   warmup_steps=10, valid_every=10, valid_decode=0, threads=1)
     straight = train(TrainSettings(out=tmp_path / "straight", steps=20, **common))
     train(TrainSettings(out=tmp_path / "resumed", steps=10, **common))
@@ -90,6 +94,23 @@ def test_training_is_reproducible_and_resumable(tmp_path):
     state.write_text(json.dumps({**json.loads(state.read_text()), "step": 10}))
     with pytest.raises(ValueError, match=r"its last save was interrupted.*model.safetensors: 20.*train_state.json: 10"):
         train(TrainSettings(out=resumed, steps=30, resume=True, **common))
+
+
+def test_accumulated_batches_make_the_step_of_one_batch_holding_them_all():
+    torch.manual_seed(0)
+    model = Transformer(model_config("tiny", vocab_size=40, dropout=0.0))
+    twin, before = copy.deepcopy(model), copy.deepcopy(model)
+    sources = [[5, 6, 7, EOS_ID], [8, EOS_ID], [9, 10, 11, 12, 13, EOS_ID]]
+    targets = [[BOS_ID, 14, 15, EOS_ID], [BOS_ID, 16, 17, 18, 19, 20, EOS_ID], [BOS_ID, 21, EOS_ID]]
+    # Batches of different sizes and padding: a plain mean of their losses would weight their tokens unequally.
+    split = [make_batch(sources[:1], targets[:1]), make_batch(sources[1:], targets[1:])]
+    whole = make_batch(sources, targets)
+    summed = optimizer_step(model, torch.optim.SGD(model.parameters(), lr=0.5), split, label_smoothing=0.1, clip_norm=0.0)
+    single = optimizer_step(twin, torch.optim.SGD(twin.parameters(), lr=0.5), [whole], label_smoothing=0.1, clip_norm=0.0)
+    assert summed == pytest.approx(single, rel=1e-5)
+    for (name, accumulated), (_, one) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        assert torch.allclose(accumulated, one, atol=1e-6), name
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))  # the step moved them
 
 
 def test_settings_that_cannot_train_are_named():

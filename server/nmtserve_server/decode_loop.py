@@ -104,8 +104,7 @@ class Report:
     late: list[int] = field(default_factory=list)  # deadline passed: left the queue or the batch
     finished: list[tuple[int, list[Hypothesis]]] = field(default_factory=list)
     streamed: list[tuple[int, int, int]] = field(default_factory=list)  # streamed texts' new tokens: key, position, id
-    failed: list[int] = field(default_factory=list)  # a model run raised `error`; these texts left the batch
-    error: str | None = None
+    failed: list[tuple[int, str]] = field(default_factory=list)  # a model run raised: key, the error; the text left
     steps: list[tuple[int, float]] = field(default_factory=list)  # rows, seconds
     active: int | None = None  # texts in the batch and rows free after the iteration (None from the intake)
     rows_free: int | None = None
@@ -124,25 +123,30 @@ def run(spec: EngineSpec, inbox: Connection, outbox: Connection, max_queue_delay
         signal.signal(signum, signal.SIG_IGN)  # the server process decides when the loop stops
     configure_logging(log_level)
     try:
-        bundle = read_bundle(spec.bundle)
-        if bundle.sha256 != spec.sha256:  # the path now holds another bundle (a re-export, a moved symlink)
-            raise BundleError(f"{spec.bundle} changed while the server started: its manifest's sha256 is now "
-                              f"{bundle.sha256}, the server read {spec.sha256}")
-        engine = Engine(
-            bundle, device=spec.device, capacity=spec.capacity, threads=spec.threads or encoder_threads(),
-            decoder_threads=spec.decoder_threads,
-        )
-        decoder = Decoder(engine)
+        decoder = _load(spec)
         seconds = warm_up(decoder)
         freeze_startup_objects()
     except Exception as error:  # the bundle, the device or ONNX Runtime: the server exits with the reason
         outbox.send(LoadFailed(f"{type(error).__name__}: {error}"))
         return
+    engine = decoder.engine
     outbox.send(Ready(engine.device, engine.providers, engine.capacity, seconds))
     try:
         DecodeLoop(decoder, inbox, outbox, max_queue_delay).run()
-    except (EOFError, BrokenPipeError):  # the server process is gone
+    except BrokenPipeError:  # the server process is gone
         return
+
+
+def _load(spec: EngineSpec) -> Decoder:
+    """The engine of the bundle the server verified. The bundle's graph bytes go once ONNX Runtime holds its copy:
+    the bundle is this function's alone, and the loop runs for the life of the process."""
+    bundle = read_bundle(spec.bundle)
+    if bundle.sha256 != spec.sha256:  # the path now holds another bundle (a re-export, a moved symlink)
+        raise BundleError(f"{spec.bundle} changed while the server started: its manifest's sha256 is now "
+                          f"{bundle.sha256}, the server read {spec.sha256}")
+    engine = Engine(bundle, device=spec.device, capacity=spec.capacity, threads=spec.threads or encoder_threads(),
+                    decoder_threads=spec.decoder_threads)
+    return Decoder(engine)
 
 
 def encoder_threads() -> int:
@@ -240,8 +244,7 @@ class DecodeLoop:
             self._step(report)
         except Exception as error:  # a model run failed: fail its batch, keep serving the queue
             log.exception("event=decode_failed active=%d", len(self.running))
-            report.failed.extend(self.running)
-            report.error = f"{type(error).__name__}: {error}"
+            report.failed += [(key, f"{type(error).__name__}: {error}") for key in self.running]
             for key in self.running:
                 self.decoder.remove(key)
             self.running.clear()
@@ -314,8 +317,8 @@ class DecodeLoop:
         rows_free = self.decoder.rows_free()
         while self.ready:
             run = self.ready[0]
-            if run.batch is None:  # the encoder failed
-                self._fail(run, run.error or "the encoder failed", report)
+            if run.batch is None:  # the encoder or the first step failed
+                self._fail(run, run.error or "the encoder or the first decoder step failed", report)
                 continue
             joining: list[Text] = []
             for text in run.texts.values():
@@ -347,8 +350,7 @@ class DecodeLoop:
     def _fail(self, run: EncoderRun, error: str, report: Report) -> None:
         """The texts left in the run at the head of `ready` fail with the reason; the batch decodes on."""
         if run.texts:
-            report.failed.extend(run.texts)
-            report.error = error
+            report.failed += [(key, error) for key in run.texts]
         self._release_ahead(sum(t.options.beam_size for t in run.texts.values()))
         self.ready.popleft()
 
@@ -478,7 +480,7 @@ class DecodeLoop:
         """The loop is idle: wait up to max_queue_delay after the first arrival for more, to encode them together;
         False after the stop."""
         end = self.pending[0].arrived + self.max_queue_delay
-        while self.pending and sum(t.options.beam_size for t in self.pending) < self.decoder.rows_free():
+        while self.pending and sum(t.options.beam_size for t in self.pending) < self._room():
             remaining = end - time.monotonic()
             if remaining <= 0:
                 break
@@ -486,6 +488,11 @@ class DecodeLoop:
             if not self._read():
                 return False
         return True
+
+    def _room(self) -> int:
+        """Rows the intake may still start texts for: the batch's free rows less those held for texts started ahead."""
+        with self.lock:
+            return self.free_rows - self.ahead
 
     def _wait(self, selector: selectors.BaseSelector, timeout: float | None) -> None:
         """Wait up to `timeout` for a message or the loop's wake-up, and take the wake-up's bytes, which would

@@ -2,9 +2,9 @@
 
 `Engine` runs the two graphs and owns the cache rows ("slots"). `Decoder`
 drives searches over it one step at a time: sequences can be added between
-steps and leave as soon as they finish (continuous batching); the server's
-scheduler calls it step by step, `translate()` runs it to completion, on one
-engine or on several side by side (`engines_for`).
+steps and leave as soon as they finish (continuous batching); the decode
+process's loop (`decode_loop.py`) calls it step by step, `translate()` runs it
+to completion, on one engine or on several side by side (`engines_for`).
 """
 
 from __future__ import annotations
@@ -531,9 +531,9 @@ class Decoder:
                 finished.append((sequence.key, search.results()))
             else:
                 still_active.append(sequence)
+        self.active = still_active  # first: should releasing fail, no row is freed twice by removing its text after
         if released:
             self.engine.release(released)
-        self.active = still_active
         return finished
 
 

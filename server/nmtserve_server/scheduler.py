@@ -1,11 +1,12 @@
-"""The server's side of the decode loop: a bounded queue of texts, handed to the loop's process, and the results back.
+"""The server's side of the decode loop: admission of texts, handed to the loop's process, and the results back.
 
-The decode loop (`decode_loop.py`) runs in a process of its own and owns the
-engine; this side owns every future, stream and metric, on the event loop. A
-request's texts are queued here (bounded by `max_queue_size`) and sent to the
-loop at once; the loop admits them between decoder steps as rows come free,
-and reports what each iteration did, which the event loop reads off the pipe
-as they come.
+The decode loop (`decode_loop.py`) runs in a process of its own, owns the
+engine and does the batching; this side owns every future, stream and metric,
+on the event loop. A request's texts are admitted here (at most
+`max_queue_size` of them outside the batch, counted until they join it) and
+sent to the loop at once; the loop starts them and admits them between decoder
+steps as rows come free, and reports what each iteration did, which the event
+loop reads off the pipe as they come.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ STOP_TIMEOUT = 30.0  # seconds the decode process gets to stop before it is kill
 
 
 class EngineFailed(RuntimeError):
-    """The decode process could not load the engine, or ended unexpectedly."""
+    """The decode process could not load the engine, or a model run failed for a text (the process serves on)."""
 
 
 class QueueFullError(Exception):
@@ -270,10 +271,10 @@ class Scheduler:
             if (job := jobs.get(key)) is not None:
                 self._forget(job)
                 job.finish(DeadlineError("deadline exceeded before the translation finished"))
-        for key in report.failed:
+        for key, error in report.failed:
             if (job := jobs.get(key)) is not None:
                 self._forget(job)
-                job.finish(EngineFailed(report.error or "the decoder failed"))
+                job.finish(EngineFailed(error))
         for key, encode_seconds in report.started:
             if (job := jobs.get(key)) is None:
                 continue

@@ -70,7 +70,7 @@ class BeamSearch:
     def advance(self, log_probs: np.ndarray, alignment: np.ndarray | None) -> list[int]:
         """Take one step's log-probabilities (rows, V); returns each new row's parent row.
 
-        The caller has already set <pad>, and before min_length <eos>, to -inf (Decoder.step, for all rows at once).
+        The caller has already set <pad>, and before min_length <eos>, to -inf (advance_searches, for all rows at once).
         """
         options, eos = self.options, self.tokens.eos
         vocab_size = log_probs.shape[1]

@@ -248,7 +248,8 @@ def test_a_text_whose_encoding_fails_fails_alone(harness, test_texts):
     h.submit(2, too_long, 5)
     failed: list[Report] = []
     h.iterate_until(lambda: bool(failed.extend(r for r in h.reports() if r.failed)) or bool(failed))
-    assert failed[0].failed == [2] and "longer than the model's limit" in (failed[0].error or "")
+    ((key, error),) = failed[0].failed
+    assert key == 2 and "longer than the model's limit" in error
     assert 0 in loop.running and 2 not in loop.running, "the batch did not decode on"
     h.iterate_until(lambda: not loop.running)
     assert loop.decoder.rows_free() == CAPACITY

@@ -91,14 +91,35 @@ def test_a_health_watch_does_not_hold_the_drain_and_a_second_signal_ends_it(serv
         os.kill(decode_pid, signal.SIGSTOP)  # no call can finish before the second signal cuts them short
         server.process.send_signal(signal.SIGTERM)
         server.wait_for_event("draining")
+        assert not any(f.done() for f in in_flight), "a call ended before the second signal; the test proves nothing"
         started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
         server.wait_for_event("drain_cut_short")
         os.kill(decode_pid, signal.SIGCONT)  # so that it reads the server's request to stop
         assert server.wait(30) == 1, server.log
         assert time.monotonic() - started < 15
-        assert "event=drain_cut_short" in server.log and "by=signal" in server.log
-        assert any(f.exception() is not None for f in in_flight)
+        assert "event=drain_cut_short calls=8 by=signal" in server.log
+        assert {f.exception().code() for f in in_flight} == {grpc.StatusCode.UNAVAILABLE}, "every call was cut short"
+
+
+def test_calls_still_open_when_the_grace_period_ends_are_cancelled_and_it_exits_0(serve_process, tiny_bundle, test_texts):
+    server = serve_process("--bundle", str(tiny_bundle), "--grace-seconds", "1")
+    decode_pid = _decode_pid(server)
+    server.wait_for_event("serving")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port('grpc_port')}") as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        limit = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).limits.max_target_tokens
+        long = pb.TranslateOptions(min_length=limit, max_length=limit)
+        in_flight = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=long), timeout=TIMEOUT) for t in test_texts[:4]]
+        server.wait_for(lambda: server.scrape().value("nmtserve_active_sequences") == 4, what="4 texts decoding")
+        os.kill(decode_pid, signal.SIGSTOP)  # no call can finish within the grace period
+        server.process.send_signal(signal.SIGTERM)
+        assert "by=grace_seconds" in server.wait_for_event("drain_cut_short")
+        os.kill(decode_pid, signal.SIGCONT)  # so that it reads the server's request to stop
+        assert server.wait(30) == 0, server.log  # the grace period ran its course: a normal stop
+        assert "event=drain_cut_short calls=4 by=grace_seconds" in server.log and "event=stopped" in server.log
+        # Cut short, retryable: behind a Service another replica can answer them.
+        assert {f.exception().code() for f in in_flight} == {grpc.StatusCode.UNAVAILABLE}
 
 
 def test_a_second_signal_with_no_call_left_to_cut_still_exits_0(serve_process, tiny_bundle):
@@ -118,11 +139,10 @@ def test_a_second_signal_with_no_call_left_to_cut_still_exits_0(serve_process, t
 @pytest.mark.parametrize("when", ["serving", "draining"])
 def test_a_lost_decode_process_stops_serving_and_exits_non_zero(serve_process, tiny_bundle, test_texts, when):
     # Two rows: the third text waits for one, so the call lasts two whole decodes, however long the scrapes take.
-    server = serve_process("--bundle", str(tiny_bundle), "--health-port", "0", "--grace-seconds", "30", "--max-batch-size", "2",
-                           "--max-beam-size", "2")
+    server = serve_process("--bundle", str(tiny_bundle), "--grace-seconds", "30", "--max-batch-size", "2", "--max-beam-size", "2")
     decode_pid = _decode_pid(server)
     server.wait_for_event("serving")
-    address, health_address = f"127.0.0.1:{server.port('grpc_port')}", f"127.0.0.1:{server.port('health_port')}"
+    address = f"127.0.0.1:{server.port('grpc_port')}"
     with grpc.insecure_channel(address) as channel:
         stub = translator_pb2_grpc.TranslatorStub(channel)
         limit = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).limits.max_target_tokens
@@ -277,6 +297,12 @@ def test_a_signal_while_the_model_loads_stops_the_server_at_once(serve_process, 
     server = serve_process("--bundle", str(tiny_bundle))
     decode_pid = _decode_pid_started(server)
     os.kill(decode_pid, signal.SIGSTOP)  # still loading, however fast this machine loads
+    # It listens already, so probes get an answer: not serving yet, and calls are refused as retryable.
+    address = f"127.0.0.1:{server.port('grpc_port')}"
+    assert _health(address) == _health(address, "nmtserve.v1.Translator") == health_pb2.HealthCheckResponse.NOT_SERVING
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as refused:
+        translator_pb2_grpc.TranslatorStub(channel).Translate(pb.TranslateRequest(texts=["Friday"]), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "server is starting" in refused.value.details()
     signalled = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     assert server.wait(TIMEOUT) == 0, server.log

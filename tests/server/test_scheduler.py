@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nmtserve.v1 import translator_pb2 as pb
 from nmtserve.v1 import translator_pb2_grpc
@@ -188,6 +189,13 @@ def test_a_lost_decode_process_fails_every_text_and_clears_the_batch_gauges(star
                         what="two texts decoding and three queued")
         os.kill(server.server.scheduler.decode_pid, signal.SIGKILL)
         assert call.exception(timeout=TIMEOUT).code() == grpc.StatusCode.UNAVAILABLE
+        # No longer serving: health says so, and a new call is refused as retryable.
+        health = health_pb2_grpc.HealthStub(channel)
+        server.wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                        == health_pb2.HealthCheckResponse.NOT_SERVING, what="health NOT_SERVING")
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Translate(pb.TranslateRequest(texts=[test_texts[0]]), timeout=TIMEOUT)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     # Nothing is decoding, waiting or holding a row any more, and the gauges say so (they kept the last report's values before).
     server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 0 and server.metric("nmtserve_queue_depth") == 0
                     and _all_rows_free(server), timeout=10, what="the gauges to clear")

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 
 import grpc
 
+from nmtserve.v1 import REQUEST_ID_KEY
+
 try:
     from google.rpc import error_details_pb2, status_pb2
 except ImportError:  # the client extra is grpcio and protobuf only
     error_details_pb2 = status_pb2 = None
 
-REQUEST_ID_KEY = "x-request-id"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 _TEXT_FIELD = re.compile(r"^texts\[(\d+)\]")
 _VIOLATION_START = re.compile(r"(?:^|; )(?=[\w.\[\]]+: )")  # where one "field: description" begins

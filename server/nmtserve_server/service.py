@@ -20,6 +20,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from nmtserve import __version__
+from nmtserve.v1 import REQUEST_ID_KEY
 from nmtserve.v1 import translator_pb2 as pb
 
 from .config import ServeSettings
@@ -31,7 +32,6 @@ from .search import DecodeOptions, Hypothesis
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
-REQUEST_ID_KEY = "x-request-id"
 MAX_LENGTH_PENALTY = 10.0
 MAX_CHARACTERS_PER_TOKEN = 16  # a text longer than this per token the model reads is refused before it is tokenized
 MAX_VIOLATIONS = 10  # violations listed in one error: its trailers must stay small enough to reach the client

@@ -77,8 +77,10 @@ def test_training_is_reproducible_and_resumable(tmp_path):
     common = dict(preset="tiny", corpus_size=1500, valid_size=50, test_size=50, vocab_size=300, max_tokens=512, accumulate=2,
                   warmup_steps=10, valid_every=10, valid_decode=0, threads=1)
     straight = train(TrainSettings(out=tmp_path / "straight", steps=20, **common))
-    train(TrainSettings(out=tmp_path / "resumed", steps=10, **common))
+    first_half = json.loads((train(TrainSettings(out=tmp_path / "resumed", steps=10, **common)) / "train_state.json").read_text())
     resumed = train(TrainSettings(out=tmp_path / "resumed", steps=20, resume=True, **common))
+    # It went on from step 10 (the same weights could also come of starting again with the same seed).
+    assert json.loads((resumed / "train_state.json").read_text())["history"][:1] == first_half["history"]
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:

@@ -164,6 +164,28 @@ def test_a_lost_decode_process_stops_serving_and_exits_non_zero(serve_process, t
     assert "exception was never retrieved" not in server.log
 
 
+def test_every_call_is_one_log_line_with_its_request_id(serve_process, tiny_bundle):
+    server = serve_process("--bundle", str(tiny_bundle))
+    server.wait_for_event("serving")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port('grpc_port')}") as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        answered = stub.Translate(pb.TranslateRequest(texts=["Friday"]), timeout=TIMEOUT, metadata=(("x-request-id", "trace-42"),))
+        assert answered.request_id == "trace-42"
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Translate(pb.TranslateRequest(texts=[""]), timeout=TIMEOUT, metadata=(("x-request-id", "trace-43"),))
+        assert ("x-request-id", "trace-43") in refused.value.trailing_metadata()
+        # An id that would forge a log field (a space, an '=') is replaced by one of the server's own.
+        forged = stub.Translate(pb.TranslateRequest(texts=["Friday"]), timeout=TIMEOUT, metadata=(("x-request-id", "a code=INTERNAL"),))
+        assert re.fullmatch(r"[0-9a-f]{16}", forged.request_id)
+    server.process.send_signal(signal.SIGTERM)
+    assert server.wait(30) == 0, server.log
+    calls = [line for line in server.log.splitlines() if "event=rpc " in line]
+    assert len(calls) == 3, calls
+    assert re.search(r"event=rpc method=Translate request_id=trace-42 code=OK seconds=\S+ texts=1\b", calls[0]), calls[0]
+    assert "event=rpc method=Translate request_id=trace-43 code=INVALID_ARGUMENT " in calls[1], calls[1]
+    assert f"request_id={forged.request_id} code=OK" in calls[2] and "a code=INTERNAL" not in server.log
+
+
 def test_tampered_bundle_never_serves_and_exits_non_zero(serve_process, tiny_bundle, tmp_path):
     tampered = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, tampered)

@@ -3,13 +3,16 @@ servers on 127.0.0.1 (any free port) serving it, for every test package."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import os
 import re
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
 import urllib.request
@@ -162,6 +165,20 @@ class InProcessServer:
         finally:
             os.kill(pid, signal.SIGCONT)
 
+    def reports_read(self) -> None:
+        """With the decode process paused: wait until the server has taken in every report it sent before the pause
+        (none is left in the pipe, and the event loop has finished reading the last)."""
+        connection = self.server.scheduler._from_loop
+        waiting = array.array("i", [0])
+        deadline = time.monotonic() + 10
+        while True:
+            fcntl.ioctl(connection.fileno(), termios.FIONREAD, waiting)
+            if waiting[0] == 0:
+                break
+            assert time.monotonic() < deadline, "the server did not read the decode process's reports"
+            time.sleep(0.005)
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self._loop).result(10)  # a report being read when it emptied
+
     @contextlib.contextmanager
     def paused_mid_decode(self, start: Callable[[], T], decoding: Callable[[], bool], what: str, attempts: int = 3) -> Iterator[T]:
         """paused(), with what start() began still decoding: decoding() holds once the reports sent before the pause
@@ -174,7 +191,7 @@ class InProcessServer:
             began = start()
             self.wait_for(decoding, what=what)
             with self.paused():
-                time.sleep(0.05)  # the reports the decode process sent before its pause reach the server
+                self.reports_read()
                 if decoding():
                     yield began
                     return

@@ -110,11 +110,11 @@ def test_a_beam_takes_beam_size_rows(start_server, test_texts):
     server = start_server(max_batch_size=8)
     channel, stub = _stub(server)
     with channel:
-        four = stub.Translate.future(
-            pb.TranslateRequest(texts=test_texts[:4], options=server.long_options(beam_size=4)), timeout=TIMEOUT
-        )
-        server.wait_for(lambda: server.metric("nmtserve_active_sequences") == 2, what="two beams decoding")
-        with server.paused():  # the gauges are read one after another: nothing may finish in between
+        with server.paused_mid_decode(  # the gauges are read one after another: nothing may finish in between
+            lambda: stub.Translate.future(
+                pb.TranslateRequest(texts=test_texts[:4], options=server.long_options(beam_size=4)), timeout=TIMEOUT),
+            lambda: server.metric("nmtserve_active_sequences") == 2, "two beams decoding",
+        ) as four:
             assert server.metric("nmtserve_kv_cache_free_slots") == 0
             assert server.metric("nmtserve_queue_depth") == 2
         assert len(four.result().translations) == 4
@@ -172,7 +172,7 @@ def test_deadline_mid_decode_frees_the_rows(start_server, test_texts):
             late = stub.Translate.future(request, timeout=2.0)
             server.wait_for(lambda: server.metric("nmtserve_kv_cache_free_slots") <= 4 or late.done(), what="the text decoding")
             with server.paused():  # held mid-decode, so the deadline passes during it however fast the machine
-                time.sleep(0.3)  # a report already on its way is read meanwhile
+                server.reports_read()
                 if not late.done() and server.metric("nmtserve_kv_cache_free_slots") == 4:
                     assert late.exception(timeout=TIMEOUT).code() == grpc.StatusCode.DEADLINE_EXCEEDED
                     withdrawn_at = _steps(server)

@@ -306,7 +306,7 @@ def test_engine_and_bundle_reader_never_import_torch(tiny_bundle):
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_decoder_threads_are_as_set_or_the_faster_choice(tiny_bundle):
+def test_decoder_threads_are_as_set_or_timed_at_load(tiny_bundle):
     fixed = Engine.from_path(tiny_bundle, device="cpu", capacity=8, threads=2, decoder_threads=2)
     assert fixed.decoder_threads == 2
     assert fixed.decoder.get_session_options().intra_op_num_threads == 2

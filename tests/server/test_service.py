@@ -129,8 +129,8 @@ INVALID = [
     ("no texts", pb.TranslateRequest(), "texts"),
     ("empty text", pb.TranslateRequest(texts=["Friday", " "]), "texts[1]"),
     ("too many texts", pb.TranslateRequest(texts=["Friday"] * 65), "texts"),
-    ("source too long", pb.TranslateRequest(texts=["Friday " * 300]), "texts[0]"),
-    ("too long to tokenize", pb.TranslateRequest(texts=["Friday " * 600]), "texts[0]"),
+    ("source too long", pb.TranslateRequest(texts=["Friday " * 300]), "texts[0]"),  # tokenized, then refused
+    ("too long to tokenize", pb.TranslateRequest(texts=["Friday " * 600]), "texts[0]"),  # refused by its characters
     ("beam too wide", pb.TranslateRequest(texts=["Friday"], options=pb.TranslateOptions(beam_size=9)), "options.beam_size"),
     ("n-best above beam", pb.TranslateRequest(texts=["Friday"], options=pb.TranslateOptions(beam_size=2, num_hypotheses=3)), "options.num_hypotheses"),
     ("min above max", pb.TranslateRequest(texts=["Friday"], options=pb.TranslateOptions(min_length=10, max_length=5)), "options.min_length"),
@@ -148,6 +148,8 @@ def test_invalid_requests_name_the_field(stub, request_, field):
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith(f"{field}: ")
     assert field in _bad_request(caught.value)
+    if field == "texts[0]":  # two limits name the same field: each says which it is
+        assert ("characters" in caught.value.details()) == (len(request_.texts[0]) > 16 * 256), caught.value.details()
 
 
 def test_oversized_requests_are_refused_before_tokenizing_and_in_a_small_error(stub):

@@ -37,6 +37,13 @@ def _decode_pid(server) -> int:
     return int(re.search(r"decode_pid=(\d+)", server.wait_for_event("warmed_up")).group(1))
 
 
+def _long_calls(stub: translator_pb2_grpc.TranslatorStub, texts: list[str], beam_size: int = 1) -> list[grpc.Future]:
+    """One call per text, each decoding for the model's full target length."""
+    limit = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).limits.max_target_tokens
+    long = pb.TranslateOptions(beam_size=beam_size, min_length=limit, max_length=limit)
+    return [stub.Translate.future(pb.TranslateRequest(texts=[t], options=long), timeout=TIMEOUT) for t in texts]
+
+
 def test_sigterm_lets_calls_in_flight_finish_refuses_new_ones_and_exits_0(serve_process, tiny_bundle, test_texts):
     server = serve_process("--bundle", str(tiny_bundle), "--health-port", "0", "--grace-seconds", "30", "--max-batch-size", "16")
     decode_pid = _decode_pid(server)
@@ -83,10 +90,7 @@ def test_a_health_watch_does_not_hold_the_drain_and_a_second_signal_ends_it(serv
     decode_pid = _decode_pid(server)
     server.wait_for_event("serving")
     with grpc.insecure_channel(f"127.0.0.1:{server.port('grpc_port')}") as channel:
-        stub = translator_pb2_grpc.TranslatorStub(channel)
-        limit = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).limits.max_target_tokens
-        long = pb.TranslateOptions(beam_size=4, min_length=limit, max_length=limit)
-        in_flight = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=long), timeout=TIMEOUT) for t in test_texts[:8]]
+        in_flight = _long_calls(translator_pb2_grpc.TranslatorStub(channel), test_texts[:8], beam_size=4)
         server.wait_for(lambda: server.scrape().value("nmtserve_active_sequences") > 0, what="texts decoding")
         os.kill(decode_pid, signal.SIGSTOP)  # no call can finish before the second signal cuts them short
         server.process.send_signal(signal.SIGTERM)
@@ -107,10 +111,7 @@ def test_calls_still_open_when_the_grace_period_ends_are_cancelled_and_it_exits_
     decode_pid = _decode_pid(server)
     server.wait_for_event("serving")
     with grpc.insecure_channel(f"127.0.0.1:{server.port('grpc_port')}") as channel:
-        stub = translator_pb2_grpc.TranslatorStub(channel)
-        limit = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).limits.max_target_tokens
-        long = pb.TranslateOptions(min_length=limit, max_length=limit)
-        in_flight = [stub.Translate.future(pb.TranslateRequest(texts=[t], options=long), timeout=TIMEOUT) for t in test_texts[:4]]
+        in_flight = _long_calls(translator_pb2_grpc.TranslatorStub(channel), test_texts[:4])
         server.wait_for(lambda: server.scrape().value("nmtserve_active_sequences") == 4, what="4 texts decoding")
         os.kill(decode_pid, signal.SIGSTOP)  # no call can finish within the grace period
         server.process.send_signal(signal.SIGTERM)

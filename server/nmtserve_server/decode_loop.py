@@ -327,12 +327,9 @@ class DecodeLoop:
                 rows_free -= text.options.beam_size
                 joining.append(text)
             try:
-                searches = [run.searches[t.key] for t in joining]
-                if len(joining) == len(run.keys):  # the whole run, none withdrawn or ended: the common case
-                    self.decoder.insert(run.keys, run.batch, searches)
-                elif joining:
-                    rows = [run.keys.index(t.key) for t in joining]
-                    self.decoder.insert([t.key for t in joining], run.batch.select(rows), searches)
+                row = {key: i for i, key in enumerate(run.keys)}  # each text's row in its encoder run's batch
+                self.decoder.join(run.batch, [run.searches[key] for key in run.keys], [row[t.key] for t in joining],
+                                  [t.key for t in joining])
             except Exception as error:
                 log.exception("event=admit_failed texts=%d", len(run.texts))
                 self._fail(run, f"{type(error).__name__}: {error}", report)

@@ -463,11 +463,8 @@ class Decoder:
         that the first step finished."""
         batch = self.engine.encode(sources)
         searches = self.start(batch, options)
-        joining = [i for i, search in enumerate(searches) if not search.done]
-        if len(joining) == len(searches):  # none ended: the common case, no copy of the batch
-            self.insert(keys, batch, searches)
-        elif joining:
-            self.insert([keys[i] for i in joining], batch.select(joining), [searches[i] for i in joining])
+        rows = [i for i, search in enumerate(searches) if not search.done]
+        self.join(batch, searches, rows, [keys[i] for i in rows])
         return [(key, search.results()) for key, search in zip(keys, searches) if search.done]
 
     def start(self, batch: EncodedBatch, options: Sequence[DecodeOptions]) -> list[BeamSearch]:
@@ -479,6 +476,15 @@ class Decoder:
         searches = [BeamSearch(opts, self.engine.tokens) for opts in options]
         advance_searches(searches, batch.source_lengths.tolist(), log_probs, alignment, self.engine.tokens)
         return searches
+
+    def join(self, batch: EncodedBatch, searches: Sequence[BeamSearch], rows: Sequence[int], keys: Sequence[Any]) -> None:
+        """Let the sentences at `rows` of a started batch (its searches, in batch order) join the running batch under
+        `keys` (one per row), each in beam_size rows of the cache; the others (ended at their first step, withdrawn,
+        or waiting for rows) do not."""
+        if len(rows) == len(searches):  # the whole batch: the common case, no copy of it
+            self.insert(keys, batch, searches)
+        elif rows:
+            self.insert(keys, batch.select(list(rows)), [searches[row] for row in rows])
 
     def insert(self, keys: Sequence[Any], batch: EncodedBatch, searches: Sequence[BeamSearch]) -> None:
         """Give the sentences of an encoded batch their rows (beam_size each), to go on with their started searches."""

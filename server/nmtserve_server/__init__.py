@@ -1,1 +1,2 @@
-"""nmtserve's serving side: the bundle in ONNX Runtime, step-level decoding, and (soon) the gRPC service. No torch."""
+"""nmtserve's serving side: the bundle in ONNX Runtime, the continuous-batching decode loop, the gRPC service and its
+metrics. No torch."""

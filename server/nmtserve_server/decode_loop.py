@@ -43,7 +43,7 @@ from nmtserve.bundle import BundleError, read_bundle
 
 from .config import configure_logging, freeze_startup_objects
 from .engine import Decoder, EncodedBatch, Engine
-from .pipes import MessageReader
+from .pipes import MessageReader, write_message
 from .search import BeamSearch, DecodeOptions, Hypothesis
 
 log = logging.getLogger(__name__)
@@ -127,10 +127,10 @@ def run(spec: EngineSpec, inbox: Connection, outbox: Connection, max_queue_delay
         seconds = warm_up(decoder)
         freeze_startup_objects()
     except Exception as error:  # the bundle, the device or ONNX Runtime: the server exits with the reason
-        outbox.send(LoadFailed(f"{type(error).__name__}: {error}"))
+        write_message(outbox, LoadFailed(f"{type(error).__name__}: {error}"))
         return
     engine = decoder.engine
-    outbox.send(Ready(engine.device, engine.providers, engine.capacity, seconds))
+    write_message(outbox, Ready(engine.device, engine.providers, engine.capacity, seconds))
     try:
         DecodeLoop(decoder, inbox, outbox, max_queue_delay).run()
     except BrokenPipeError:  # the server process is gone
@@ -255,7 +255,7 @@ class DecodeLoop:
                 or time.monotonic() - self.sent >= REPORT_INTERVAL):
             report.active, report.rows_free = len(self.running), rows_free
             with self.sending:
-                self.outbox.send(report)
+                write_message(self.outbox, report)
             self.report, self.sent, self.rows_free_sent = Report(), time.monotonic(), rows_free
         return True
 
@@ -444,7 +444,7 @@ class DecodeLoop:
             with self.lock:  # no need to wake the intake: this is it
                 self.ahead -= ended_rows
         with self.sending:
-            self.outbox.send(report)
+            write_message(self.outbox, report)
 
     def _intake_timeout(self) -> float | None:
         """How long the intake may wait: not at all while a text can be started, else until the next queued text's

@@ -2,12 +2,13 @@
 
 The server writes on its event loop, which must never block: a full pipe (the
 loop busy in a step while a burst of texts arrives) keeps the rest of a message
-for the event loop to write when the pipe has room. The loop therefore reads
-whatever has arrived and takes only whole messages, never waiting for the rest
-of one half written. A message on the pipe is its pickle's length (8 bytes,
-big-endian), then the pickle. The loop's reports go the other way through
-`multiprocessing`'s own framing: the server reads them as they come, so the
-loop never waits long to write one.
+for the event loop to write when the pipe has room. The decode loop writes its
+reports whole, waiting while the pipe is full, since the server reads them as
+they come. Both readers take whatever has arrived and only whole messages, never
+waiting for the rest of one half written: the server's event loop must not wait
+for a decode process that lost its core in the middle of a large report. A
+message on the pipe is its pickle's length (8 bytes, big-endian), then the
+pickle.
 """
 
 from __future__ import annotations
@@ -80,25 +81,37 @@ class MessageWriter:
             self._loop.remove_writer(self._fd)
 
 
+def write_message(connection: Connection, message: Any) -> None:
+    """Write a message whole, waiting while the pipe is full (the decode loop's reports); raises BrokenPipeError where
+    the reader has gone."""
+    fd = connection.fileno()
+    with memoryview(frame(message)) as data:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+
+
 class MessageReader:
-    """The decode loop's end: the messages that have arrived whole, never waiting for the rest of one."""
+    """A reading end (the decode loop's inbox, the server's reports): the messages that have arrived whole, never
+    waiting for the rest of one."""
 
     def __init__(self, connection: Connection):
         self.connection = connection
         self._fd = connection.fileno()
         self._buffer = bytearray()  # received, not yet a whole message
+        self._closed = False  # the writing end has closed
         os.set_blocking(self._fd, False)
 
     def take(self) -> list[Any]:
-        """The whole messages received so far, in order; raises EOFError once the server's end is closed."""
-        while True:
+        """The whole messages received so far, in order; raises EOFError once the writing end is closed and every
+        message written before has been taken."""
+        while not self._closed:
             try:
                 chunk = os.read(self._fd, READ_BYTES)
             except BlockingIOError:
                 break
-            if not chunk:
-                raise EOFError("the server closed the pipe")
             self._buffer += chunk
+            self._closed = not chunk
         messages, start = [], 0
         with memoryview(self._buffer) as view:  # released before the buffer is cut: a bytearray in view cannot resize
             while len(view) - start >= HEADER_BYTES:
@@ -108,4 +121,6 @@ class MessageReader:
                 messages.append(pickle.loads(view[start + HEADER_BYTES : end]))
                 start = end
         del self._buffer[:start]
+        if self._closed and not messages:  # a writer's last message (LoadFailed, say) is taken before its end
+            raise EOFError("the writing end closed the pipe")
         return messages

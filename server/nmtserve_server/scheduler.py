@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 from . import decode_loop
 from .decode_loop import EngineSpec, LoadFailed, Ready, Report, Text
 from .metrics import Metrics
-from .pipes import MessageWriter
+from .pipes import MessageReader, MessageWriter
 from .search import DecodeOptions, Hypothesis
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,8 @@ class Scheduler:
         self._to_loop: Connection | None = None
         self._writer: MessageWriter | None = None  # on _to_loop, once the loop reads it
         self._from_loop: Connection | None = None
+        self._reports: MessageReader | None = None  # on _from_loop
+        self._loaded: asyncio.Future[Ready | LoadFailed | None] | None = None  # the first message (None: none came)
         self._jobs: dict[int, Job] = {}  # every text sent to the loop and not yet ended
         self._queued = 0  # of those, the ones the loop has not admitted yet
         self._capacity = 0  # KV-cache rows the decode process holds, once it is ready
@@ -107,9 +109,13 @@ class Scheduler:
         self._process.start()
         loop_inbox.close()  # the child holds these ends now; closing ours lets either side see the other end
         loop_outbox.close()
-        try:
-            ready = await asyncio.to_thread(self._from_loop.recv)
-        except EOFError:
+        self._loop = asyncio.get_running_loop()
+        self._loaded = self._loop.create_future()
+        self._reports = MessageReader(self._from_loop)
+        self._loop.add_reader(self._from_loop.fileno(), self._read_reports)
+        ready = await self._loaded
+        if ready is None:
+            await asyncio.to_thread(self._process.join, STOP_TIMEOUT)
             ready = LoadFailed(f"the decode process exited with code {self._process.exitcode} while loading")
         if isinstance(ready, LoadFailed):
             await asyncio.to_thread(self._process.join, STOP_TIMEOUT)
@@ -118,9 +124,7 @@ class Scheduler:
         self._capacity = ready.capacity
         self.metrics.kv_cache_slots.set(ready.capacity)
         self.metrics.kv_cache_free_slots.set(ready.capacity)
-        self._loop = asyncio.get_running_loop()
         self._writer = MessageWriter(self._to_loop, self._loop)
-        self._loop.add_reader(self._from_loop.fileno(), self._read_reports)
         self.state = "serving"
         return ready
 
@@ -245,14 +249,24 @@ class Scheduler:
     # The decode process's reports, read on the event loop.
 
     def _read_reports(self) -> None:
-        """The pipe from the decode process is readable: deliver every report waiting in it."""
+        """The pipe from the decode process is readable: deliver every report that has arrived whole (the first message
+        is Ready or LoadFailed)."""
         assert self._from_loop is not None and self._loop is not None
+        assert self._reports is not None and self._loaded is not None
         try:
-            while self._from_loop.poll(0):
-                self._deliver(self._from_loop.recv())
+            messages = self._reports.take()
         except (EOFError, OSError):  # the decode process has ended
             self._loop.remove_reader(self._from_loop.fileno())
-            self._lost()
+            if not self._loaded.done():  # while loading: start() reports it
+                self._loaded.set_result(None)
+            else:
+                self._lost()
+            return
+        for message in messages:
+            if isinstance(message, Report):
+                self._deliver(message)
+            elif not self._loaded.done():
+                self._loaded.set_result(message)
 
     def _lost(self) -> None:
         """The decode process ended: expected after stop(), a failure otherwise."""

@@ -19,7 +19,7 @@ import pytest
 from nmtserve_server.decode_loop import DecodeLoop, EngineSpec, Report, Text
 from nmtserve_server.engine import Decoder, Engine, translate
 from nmtserve_server.metrics import Metrics
-from nmtserve_server.pipes import frame
+from nmtserve_server.pipes import MessageReader, frame
 from nmtserve_server.scheduler import EngineFailed, Scheduler
 from nmtserve_server.search import DecodeOptions
 
@@ -32,7 +32,7 @@ class Harness:
 
     loop: DecodeLoop
     to_loop: Connection
-    from_loop: Connection
+    from_loop: MessageReader
 
     def send(self, message: tuple) -> None:
         """Write a message as the server does (small ones: the pipe always has room)."""
@@ -43,10 +43,7 @@ class Harness:
         self.send(("submit", [Text(key, source, options, None, time.monotonic(), stream=False)]))
 
     def reports(self) -> list[Report]:
-        reports = []
-        while self.from_loop.poll(0):
-            reports.append(self.from_loop.recv())
-        return reports
+        return self.from_loop.take()
 
     def iterate_until(self, condition: Callable[[], bool], timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -61,7 +58,7 @@ def _harness(tiny_bundle, max_queue_delay: float) -> Iterator[Harness]:
     from_loop, loop_outbox = multiprocessing.Pipe(duplex=False)
     loop = DecodeLoop(Decoder(engine), loop_inbox, loop_outbox, max_queue_delay=max_queue_delay)
     loop.start()
-    yield Harness(loop, to_loop, from_loop)
+    yield Harness(loop, to_loop, MessageReader(from_loop))
     to_loop.close()  # the intake reads the end of the pipe and stops
     loop.close()
     assert not loop.intake.is_alive()

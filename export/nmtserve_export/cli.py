@@ -53,8 +53,11 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 
 def run(command: str, args: argparse.Namespace) -> int:
-    """Run one subcommand; a corpus that cannot be read (a malformed TSV line, a file changed since training) or a
-    checkpoint that is not there ends it with one line naming the file, exit 1."""
+    """Run one subcommand; a corpus that cannot be read (a malformed TSV line, a file changed since training), a
+    checkpoint that is not there, a bundle that fails verification or graphs that fail export's checks end it with one
+    line naming the file or the check, exit 1."""
+    from nmtserve.bundle import BundleError
+
     from .checkpoint import NotACheckpointError
     from .corpus import CorpusError
 
@@ -62,7 +65,7 @@ def run(command: str, args: argparse.Namespace) -> int:
     logging.getLogger("nmtserve_export").setLevel(logging.INFO)  # ours, not the exporter libraries' chatter
     try:
         return _run(command, args)
-    except (CorpusError, NotACheckpointError) as error:
+    except (CorpusError, NotACheckpointError, BundleError) as error:  # BundleError: export's checks too
         print(f"nmtserve {command}: {error}", file=sys.stderr)
         return 1
 

@@ -141,8 +141,8 @@ def evaluate(
         if beam_size == 1:
             errors = [(p.source, p.target, h) for p, h in zip(pairs, hypotheses) if h != p.target]
     # The checkpoint's own scores are those of its PyTorch reference decoding of the whole test set: a part of it
-    # (--limit) would replace them with a noisier figure.
+    # (--limit) would replace them with a noisier figure. Scores of other beam sizes stay (training clears them all).
     if not bundle and not limit:
-        update_metadata(checkpoint_dir, scores=results)
+        update_metadata(checkpoint_dir, scores={**metadata.get("scores", {}), **results})
     results["greedy_errors"] = errors[:20]
     return results

@@ -84,6 +84,11 @@ def _read_json(path: Path) -> Any:
     return _parse_json(_read_file(path), path)
 
 
+# The config.json sizes the model is built from, with no default to fall back on.
+REQUIRED_SIZES = ("vocab_size", "d_model", "encoder_ffn_dim", "encoder_attention_heads", "encoder_layers", "decoder_layers",
+                  "max_position_embeddings", "pad_token_id")
+
+
 def model_config(hf: dict[str, Any], where: str = CONFIG_FILE) -> ModelConfig:
     """Our ModelConfig for a Marian config.json; refuses what the mapping does not cover."""
     if hf.get("model_type") != "marian":
@@ -101,6 +106,9 @@ def model_config(hf: dict[str, Any], where: str = CONFIG_FILE) -> ModelConfig:
             raise MarianImportError(f"{where}: {encoder_key} {hf.get(encoder_key)} != {decoder_key} {hf.get(decoder_key)} is not supported")
     if not isinstance(hf.get("eos_token_id"), int):
         raise MarianImportError(f"{where}: eos_token_id must be one id, got {hf.get('eos_token_id')!r}")
+    for key in REQUIRED_SIZES:
+        if not isinstance(hf.get(key), int) or isinstance(hf.get(key), bool) or hf[key] < 0:
+            raise MarianImportError(f"{where}: {key} must be a number, got {hf.get(key)!r}")
     shared = hf.get("share_encoder_decoder_embeddings", True)
     vocab_size = hf["vocab_size"]
     target_vocab_size = vocab_size if shared else hf.get("decoder_vocab_size") or vocab_size
@@ -286,7 +294,7 @@ def import_marian(
     metadata = dict(checkpoint.metadata)
     if check_reference:
         difference = reference_difference(directory, checkpoint.model)
-        if difference > 1e-4:
+        if not difference <= 1e-4:  # NaN too
             raise MarianImportError(f"{directory}: log-probabilities differ from transformers' by {difference:.2e} (> 1e-4)")
         log.info("matches transformers' MarianMTModel to %.1e", difference)
         metadata["transformers_max_log_prob_difference"] = difference

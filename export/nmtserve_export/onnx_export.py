@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 OPSET = 18
 
 
+class ExportError(bundle_format.BundleError):
+    """The exported graphs must not be shipped: they do not compute what the PyTorch model computes."""
+
+
 def reference_encoder(model: Transformer, source_ids: Tensor, source_mask: Tensor) -> tuple[Tensor, ...]:
     """The encoder's outputs computed by Transformer.encode and memory_keys_values: what the exported graph must match."""
     memory = model.encode(source_ids, source_mask[:, None, None, :])  # (B, S, d_model)
@@ -126,23 +130,32 @@ class DecoderStepGraph(nn.Module):
 
 
 def example_inputs(model: Transformer, batch: int = 3, source_length: int = 7, cache_length: int = 5) -> dict[str, tuple[Tensor, ...]]:
-    """Inputs to trace each graph with (sizes > 1 so no axis is specialised)."""
+    """Inputs to trace and check each graph with, laid out as the engine lays out a batch: rows of different lengths
+    (row i has i padded source positions), each row's new token at its own position (its number of cached steps),
+    and a cache axis longer than the longest row. Sizes > 1 where tracing, so that no axis is specialised."""
     c = model.config
     source_ids = torch.randint(4, c.source_vocab, (batch, source_length))
-    ragged = torch.arange(batch)[:, None]  # row i has i padded positions, so the parity check covers the masks
-    source_mask = torch.arange(source_length)[None, :] < source_length - ragged
+    ragged = torch.arange(batch)
+    source_mask = torch.arange(source_length)[None, :] < (source_length - ragged)[:, None]
+    cached = (cache_length - 1 - ragged).clamp(min=0)  # each row's real cached steps
     n = c.n_decoder_layers
     past = [torch.randn(batch, c.n_heads, cache_length, c.d_k) for _ in range(2 * n)]
     memory = [torch.randn(batch, c.n_heads, source_length, c.d_k) for _ in range(2 * n)]
     decoder = (
         torch.randint(4, c.vocab_size, (batch,)),
-        torch.full((batch,), cache_length),
-        torch.arange(cache_length)[None, :] < cache_length - ragged,
+        cached,
+        torch.arange(cache_length)[None, :] < cached[:, None],
         source_mask,
         *past,
         *memory,
     )
     return {"encoder": (source_ids, source_mask), "decoder_step": decoder}
+
+
+def parity_inputs(model: Transformer) -> list[dict[str, tuple[Tensor, ...]]]:
+    """The input sets the exported graphs are checked on: the traced one, a single row, and a wider batch with the
+    engine's smallest cache axis."""
+    return [example_inputs(model), example_inputs(model, 1, 11, 2), example_inputs(model, 6, 4, 16)]
 
 
 def _dynamic_shapes(spec: dict, role: str) -> tuple:
@@ -195,8 +208,8 @@ def convert_fp16(model_bytes: bytes) -> bytes:
     return model.SerializeToString()
 
 
-def max_graph_difference(model: Transformer, graphs: dict[str, bytes], inputs: dict[str, tuple[Tensor, ...]]) -> float:
-    """Largest |ONNX Runtime - PyTorch model| over every output of both graphs on the example inputs, on the CPU; NaN
+def max_graph_difference(model: Transformer, graphs: dict[str, bytes], input_sets: list[dict[str, tuple[Tensor, ...]]]) -> float:
+    """Largest |ONNX Runtime - PyTorch model| over every output of both graphs on every input set, on the CPU; NaN
     where either side's outputs are not numbers."""
     import onnxruntime as ort
 
@@ -205,10 +218,11 @@ def max_graph_difference(model: Transformer, graphs: dict[str, bytes], inputs: d
     for role, reference in references.items():
         session = ort.InferenceSession(graphs[role], providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]  # in the order of the graph module's arguments
-        outputs = session.run(None, {n: t.numpy() for n, t in zip(names, inputs[role])})
-        with torch.inference_mode():
-            expected = reference(model, *inputs[role])
-        differences += [np.abs(got - want.numpy()).max() for got, want in zip(outputs, expected)]
+        for inputs in input_sets:
+            outputs = session.run(None, {n: t.numpy() for n, t in zip(names, inputs[role])})
+            with torch.inference_mode():
+                expected = reference(model, *inputs[role])
+            differences += [np.abs(got - want.numpy()).max() for got, want in zip(outputs, expected)]
     return float(np.max(differences))  # np.max, unlike max(), keeps a NaN
 
 
@@ -257,12 +271,15 @@ def write_model_bundle(
     training: dict,
     precision: str = "fp32",
 ) -> Path:
-    """Export a model's two graphs, check them against PyTorch, and write them with its tokenizer as a verified bundle."""
+    """Export a model's two graphs, check them against PyTorch, and write them with its tokenizer as a verified bundle;
+    raises ExportError (the graphs' checks), or BundleError (`out` holds something other than a bundle)."""
     if precision not in bundle_format.PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(bundle_format.PRECISIONS)}, got {precision!r}")
+    bundle_format.destination(out)  # before minutes of work: refuses a directory that holds something else
     model.eval()
     torch.manual_seed(0)
-    inputs = example_inputs(model)
+    checks = parity_inputs(model)
+    inputs = checks[0]
     stages = ["export encoder", "export decoder step", "check parity"] + ([f"convert to {precision}"] if precision != "fp32" else []) + ["write bundle"]
     graphs: dict[str, bytes] = {}
     with tqdm(stages, desc="export", unit="stage") as progress:
@@ -273,16 +290,16 @@ def write_model_bundle(
             elif stage == "export decoder step":
                 graphs["decoder_step"] = export_graph(DecoderStepGraph(model), "decoder_step", inputs["decoder_step"])
             elif stage == "check parity":
-                difference = max_graph_difference(model, graphs, inputs)
+                difference = max_graph_difference(model, graphs, checks)
                 if not difference <= 1e-4:  # NaN too: a model whose outputs are not numbers (a diverged training)
-                    raise RuntimeError(f"the ONNX graphs and PyTorch differ by {difference:.2e} (> 1e-4)")
+                    raise ExportError(f"the ONNX graphs and PyTorch differ by {difference:.2e} (> 1e-4)")
                 log.info("ONNX Runtime matches PyTorch to %.1e", difference)
             elif stage.startswith("convert"):
                 convert = quantize_int8 if precision == "int8" else convert_fp16
                 graphs = {role: convert(content) for role, content in graphs.items()}
-                difference = max_graph_difference(model, graphs, inputs)  # the manifest's figure is the shipped graphs'
+                difference = max_graph_difference(model, graphs, checks)  # the manifest's figure is the shipped graphs'
                 if not math.isfinite(difference):
-                    raise RuntimeError(f"the {precision} graphs' outputs are not all numbers")
+                    raise ExportError(f"the {precision} graphs' outputs are not all numbers")
                 log.info("the %s graphs differ from PyTorch by at most %.1e", precision, difference)
             else:
                 c = model.config

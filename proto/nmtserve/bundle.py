@@ -20,9 +20,12 @@ manifest names in "target_tokens", e.g. {"fr": ">>fr<<", "es": ">>es<<"} for a
 multilingual Marian model; the first target is the default.
 
 The reader trusts nothing: it checks the manifest's schema and version, every
-listed file's presence and sha256, that no path leaves the directory, that the
-graphs' inputs and outputs are the ones below, and that no ONNX tensor refers to
-data outside the bundle. The verified bytes are what the server loads.
+listed file's presence, size and sha256, that no path leaves the directory,
+that the graphs' inputs and outputs are the ones below (dynamic axes left
+dynamic), that their opset and precision are the manifest's, and that no ONNX
+tensor refers to data outside the bundle. The verified bytes are what the
+server loads. The writer puts a bundle in place only once it is whole and
+verified.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -84,7 +89,7 @@ def graph_io(n_layers: int) -> dict[str, tuple[dict, dict]]:
     return {"encoder": (ENCODER_INPUTS, encoder_outputs), "decoder_step": (decoder_inputs, decoder_outputs)}
 
 
-_MANIFEST_SCHEMA: dict[str, type | tuple[type, ...]] = {
+_MANIFEST_SCHEMA: dict[str, type] = {
     "format": str,
     "format_version": int,
     "name": str,
@@ -98,6 +103,7 @@ _MANIFEST_SCHEMA: dict[str, type | tuple[type, ...]] = {
     "files": dict,
     "training": dict,
 }
+_TYPE_NAMES = {str: "string", int: "integer", dict: "object"}
 _MODEL_FIELDS = ("vocab_size", "d_model", "d_ff", "n_heads", "d_k", "n_encoder_layers", "n_decoder_layers")
 _LIMIT_FIELDS = ("max_source_length", "max_target_length")
 _TOKEN_FIELDS = ("pad", "bos", "eos", "unk")
@@ -171,6 +177,10 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# Operators that only quantized graphs hold (onnxruntime.quantization.quantize_dynamic's), and float16's ONNX type.
+_QUANTIZED_OPERATORS = {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "QGemm"}
+_FLOAT16 = 10  # onnx.TensorProto.FLOAT16
+
 # The graph axes the manifest fixes: their name in the shapes above -> the manifest's model field.
 _AXIS_FIELDS = {"h": "n_heads", "d_k": "d_k", "V": "vocab_size"}
 
@@ -187,25 +197,56 @@ def file_names(tokenizer_kind: str) -> dict[str, str]:
 
 
 def write_bundle(directory: Path, files: dict[str, bytes], manifest: dict[str, Any]) -> Path:
-    """Write the files and a manifest listing their sha256, then verify the result by reading it back."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    names = file_names(manifest["tokenizer"]["kind"])
-    listed = {}
-    for role, content in files.items():
-        name = names[role]
-        (directory / name).write_bytes(content)
-        listed[role] = {"path": name, "sha256": sha256_bytes(content), "bytes": len(content)}
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": listed}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    read_bundle(directory)
+    """Write the files and a manifest listing their sha256, verify the result by reading it back, and only then put it
+    at `directory` (new, empty, or an earlier bundle, which it replaces); raises BundleError, leaving `directory` as
+    it was."""
+    directory = destination(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = _beside(directory, "new")
+    staging.mkdir()
+    try:
+        names = file_names(manifest["tokenizer"]["kind"])
+        listed = {}
+        for role, content in files.items():
+            name = names[role]
+            (staging / name).write_bytes(content)
+            listed[role] = {"path": name, "sha256": sha256_bytes(content), "bytes": len(content)}
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": listed}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        read_bundle(staging)
+        if directory.exists():  # the earlier bundle goes only once the new one is whole and verified
+            earlier = _beside(directory, "earlier")
+            directory.rename(earlier)
+            staging.rename(directory)
+            shutil.rmtree(earlier)
+        else:
+            staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already where the bundle is in place
     return directory
+
+
+def destination(directory: Path | str) -> Path:
+    """Where a bundle written to `directory` goes (a symlink's target: the link is kept); raises BundleError where
+    that holds something other than a bundle, which writing would replace."""
+    directory = Path(directory)
+    if directory.is_symlink():
+        directory = directory.resolve()
+    if directory.exists() and not (directory / MANIFEST).is_file() and (not directory.is_dir() or any(directory.iterdir())):
+        raise BundleError(f"{directory}: exists and is not a bundle; export into a new or empty directory, or over an "
+                          "earlier bundle")
+    return directory
+
+
+def _beside(directory: Path, label: str) -> Path:
+    """A hidden, unused name next to `directory` (the same file system, so a rename moves it whole)."""
+    return directory.with_name(f".{directory.name}.{label}-{uuid.uuid4().hex[:12]}")
 
 
 def _inside(root: Path, relative: str, what: str) -> Path:
     """The real path of `relative` under root, refusing absolute paths, '..' and symlinks that leave it."""
-    if not relative or os.path.isabs(relative) or ".." in Path(relative).parts:
-        raise BundleError(f"{what}: path {relative!r} must be relative and stay inside the bundle")
+    if not relative or "\0" in relative or os.path.isabs(relative) or ".." in Path(relative).parts:
+        raise BundleError(f"{what}: path {relative!r} must be relative, stay inside the bundle and hold no NUL")
     resolved = (root / relative).resolve()
     if not resolved.is_relative_to(root):
         raise BundleError(f"{what}: path {relative!r} resolves to {resolved}, outside the bundle {root}")
@@ -217,7 +258,7 @@ def _check_manifest(manifest: Any) -> None:
         raise BundleError(f"{MANIFEST}: expected a JSON object")
     if manifest.get("format") != FORMAT:
         raise BundleError(f"{MANIFEST}: 'format' is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("format_version") not in READABLE_VERSIONS:
+    if isinstance(manifest.get("format_version"), bool) or manifest.get("format_version") not in READABLE_VERSIONS:
         raise BundleError(
             f"{MANIFEST}: format_version {manifest.get('format_version')!r} is not supported "
             f"(this nmtserve reads {', '.join(map(str, READABLE_VERSIONS))})"
@@ -225,8 +266,9 @@ def _check_manifest(manifest: Any) -> None:
     if manifest["format_version"] == 1:
         manifest.setdefault("tokenizer", {"kind": "tokenizers"})
     for key, kind in _MANIFEST_SCHEMA.items():
-        if not isinstance(manifest.get(key), kind):
-            raise BundleError(f"{MANIFEST}: field {key!r} is missing or not a {getattr(kind, '__name__', kind)}")
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or value in ("", 0):  # a name, an opset: never empty
+            raise BundleError(f"{MANIFEST}: field {key!r} must be a non-empty {_TYPE_NAMES[kind]}, got {value!r}")
     for section, keys in (("model", _MODEL_FIELDS), ("limits", _LIMIT_FIELDS)):
         for key in keys:
             value = manifest[section].get(key)
@@ -258,12 +300,15 @@ def _check_manifest(manifest: Any) -> None:
     for role, entry in manifest["files"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("sha256"), str):
             raise BundleError(f"{MANIFEST}: files.{role} must be an object with 'path' and 'sha256'")
+        if "bytes" in entry and (not isinstance(entry["bytes"], int) or isinstance(entry["bytes"], bool)):
+            raise BundleError(f"{MANIFEST}: files.{role}.bytes must be an integer, got {entry['bytes']!r}")
     languages = manifest["languages"]
     targets = languages.get("target")
-    if not isinstance(languages.get("source"), str) or not isinstance(targets, list) or not targets or not all(
-        isinstance(target, str) for target in targets
+    if not isinstance(languages.get("source"), str) or not languages["source"] or not isinstance(targets, list) or not targets or not all(
+        isinstance(target, str) and target for target in targets
     ):
-        raise BundleError(f"{MANIFEST}: languages must have a 'source' string and a non-empty 'target' list of strings")
+        raise BundleError(f"{MANIFEST}: languages must have a 'source' code and a non-empty 'target' list of codes "
+                          f"(BCP 47, {UNDETERMINED!r} where not known), got {languages!r}")
     if len(set(targets)) != len(targets):
         raise BundleError(f"{MANIFEST}: languages.target lists a language twice: {targets}")
     target_tokens = languages.get("target_tokens")
@@ -304,7 +349,17 @@ def _tensors(model: Any) -> Iterator[Any]:
         yield from in_nodes(function.node)
 
 
-def _check_graph(role: str, content: bytes, dims: ModelDims, root: Path) -> None:
+def _graph_precision(model: Any) -> str:
+    """The precision a graph's arithmetic is in, as export makes it: int8 (ONNX Runtime's dynamic quantization), fp16
+    (float16 weights) or fp32."""
+    if any(node.op_type in _QUANTIZED_OPERATORS for node in model.graph.node):
+        return "int8"
+    if any(tensor.data_type == _FLOAT16 for tensor in model.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def _check_graph(role: str, content: bytes, manifest: dict[str, Any], dims: ModelDims, root: Path) -> None:
     import onnx  # only the reader needs it; imported here to keep the module light for the client
 
     try:
@@ -316,13 +371,23 @@ def _check_graph(role: str, content: bytes, dims: ModelDims, root: Path) -> None
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
             _inside(root, location, f"{GRAPH_FILES[role]}: external data of {tensor.name!r}")
             raise BundleError(f"{GRAPH_FILES[role]}: tensor {tensor.name!r} keeps its data in {location!r}; bundles hold self-contained graphs")
+    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
+    if opset != manifest["opset"]:
+        raise BundleError(f"{GRAPH_FILES[role]}: opset {opset}, the manifest says {manifest['opset']}")
+    precision = _graph_precision(model)
+    if precision != manifest["precision"]:
+        raise BundleError(f"{GRAPH_FILES[role]}: its weights are {precision}, the manifest says precision {manifest['precision']}")
     inputs, outputs = graph_io(dims.n_decoder_layers)[role]
     for kind, promised, actual in (("input", inputs, model.graph.input), ("output", outputs, model.graph.output)):
         found = {}
         for value in actual:
             tensor_type = value.type.tensor_type
-            element = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
-            shape = tuple(d.dim_param or d.dim_value for d in tensor_type.shape.dim)
+            try:
+                element = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name
+            except KeyError as error:  # no element type: not a tensor (a sequence, a map) or an undefined one
+                raise BundleError(f"{GRAPH_FILES[role]}: {kind} {value.name!r} is not a tensor of a known element type; "
+                                  f"the bundle format's are all tensors") from error
+            shape = tuple(d.dim_param or d.dim_value for d in tensor_type.shape.dim)  # 0: unknown
             found[value.name] = (element, shape)
         if list(found) != list(promised):
             # A count that differs is most often a manifest for another model: say which of its numbers set it.
@@ -331,14 +396,22 @@ def _check_graph(role: str, content: bytes, dims: ModelDims, root: Path) -> None
         for name, (element, shape) in promised.items():
             want = ({"float": "float32", "bool": "bool", "int64": "int64"}[element], expected_shape(shape, dims))
             got = found[name]
-            if got[0] != want[0] or len(got[1]) != len(want[1]) or any(
-                isinstance(w, int) and g != w for g, w in zip(got[1], want[1])
-            ):
-                fields = "".join(
-                    f"; dimension {i} is {g}, the manifest says {_AXIS_FIELDS[axis]}={w}"
-                    for i, (g, w, axis) in enumerate(zip(got[1], want[1], shape)) if axis in _AXIS_FIELDS and g != w
-                )
-                raise BundleError(f"{GRAPH_FILES[role]}: {kind} {name!r} is {got[0]}{list(got[1])}, expected {want[0]}{list(want[1])}{fields}")
+            problems = _dimension_problems(got[1], want[1], shape)
+            if got[0] != want[0] or len(got[1]) != len(want[1]) or problems:
+                raise BundleError(f"{GRAPH_FILES[role]}: {kind} {name!r} is {got[0]}{list(got[1])}, expected "
+                                  f"{want[0]}{list(want[1])}{''.join(f'; {problem}' for problem in problems)}")
+
+
+def _dimension_problems(got: tuple, want: tuple, axes: tuple) -> list[str]:
+    """How a graph's dimensions (a name or 0 where dynamic) differ from the expected ones (numbers for the model's
+    fixed sizes, names for the axes that must stay dynamic: a graph fixed at batch 1 would fail the first batch of 2)."""
+    problems = []
+    for i, (g, w, axis) in enumerate(zip(got, want, axes)):
+        if isinstance(w, int) and g != w:
+            problems.append(f"dimension {i} is {g}, " + (f"the manifest says {_AXIS_FIELDS[axis]}={w}" if axis in _AXIS_FIELDS else f"expected {w}"))
+        elif not isinstance(w, int) and isinstance(g, int) and g != 0:
+            problems.append(f"dimension {i} is fixed at {g}, where the bundle format keeps {axis} dynamic")
+    return problems
 
 
 def read_bundle(directory: Path | str) -> Bundle:
@@ -364,10 +437,12 @@ def read_bundle(directory: Path | str) -> Bundle:
         if not path.is_file():
             raise BundleError(f"{entry['path']}: listed in {MANIFEST} but missing")
         content = path.read_bytes()
+        if entry.get("bytes", len(content)) != len(content):
+            raise BundleError(f"{entry['path']}: {len(content)} bytes, the manifest says {entry['bytes']}")
         if sha256_bytes(content) != entry["sha256"]:
             raise BundleError(f"{entry['path']}: sha256 {sha256_bytes(content)} does not match the manifest's {entry['sha256']}")
         files[role] = content
     bundle = Bundle(path=root, manifest=manifest, files=files, sha256=sha256_bytes(manifest_bytes))
     for role in ("encoder", "decoder_step"):
-        _check_graph(role, files[role], bundle.dims, root)
+        _check_graph(role, files[role], manifest, bundle.dims, root)
     return bundle

@@ -108,11 +108,17 @@ def language_prefixes(languages: dict, tokenizer: SubwordTokenizer | MarianToken
 
 
 def load_tokenizer(bundle: Bundle) -> SubwordTokenizer | MarianTokenizer:
-    """The tokenizer of a verified bundle, by its kind; raises BundleError if its files do not load as one."""
+    """The tokenizer of a verified bundle, by its kind; raises BundleError if its files do not load as one, or if
+    nmtserve's own vocabulary is not the model's size (ids it could not read, or never see)."""
     files, tokens = bundle.files, bundle.tokens
     try:
         if bundle.tokenizer_kind == "marian":
             return MarianTokenizer(files["source_spm"], files["target_spm"], files["vocab"], files.get("target_vocab"), tokens)
-        return SubwordTokenizer(files["tokenizer"], tokens)
+        tokenizer = SubwordTokenizer(files["tokenizer"], tokens)
     except Exception as error:  # each library raises its own kinds (tokenizers: a bare Exception)
         raise BundleError(f"the {bundle.tokenizer_kind} tokenizer's files do not load: {type(error).__name__}: {error}") from error
+    size = tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
+    if size != bundle.dims.vocab_size:
+        raise BundleError(f"{bundle.manifest['files']['tokenizer']['path']}: a vocabulary of {size} entries, the manifest's "
+                          f"model.vocab_size is {bundle.dims.vocab_size}")
+    return tokenizer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -85,6 +86,23 @@ def test_train_then_evaluate(tmp_path):
     scores = json.loads(nmtserve("evaluate", run, "--beam-sizes", "1", "--json").stdout)
     assert scores["test_pairs"] == 50
     assert json.loads((run / "config.json").read_text())["scores"]["greedy"]["bleu"] == scores["greedy"]["bleu"]
+    beam = json.loads(nmtserve("evaluate", run, "--beam-sizes", "2", "--json").stdout)
+    stored = json.loads((run / "config.json").read_text())["scores"]
+    assert stored["greedy"] == scores["greedy"] and stored["beam2"] == beam["beam2"]  # another beam size adds its own
+
+
+def test_a_bundle_that_cannot_be_written_or_read_ends_in_one_line(tiny_run, tiny_bundle, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a bundle")
+    assert refused("export", tiny_run, "--out", tmp_path) == [
+        "1", f"nmtserve export: {tmp_path}: exists and is not a bundle; export into a new or empty directory, or over an "
+             "earlier bundle"]
+    assert (tmp_path / "notes.txt").read_text() == "not a bundle"
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle, broken)
+    (broken / "encoder.onnx").write_bytes(b"")
+    status, line = refused("evaluate", tiny_run, "--bundle", broken, "--limit", "5")
+    assert (status, line) == ("1", "nmtserve evaluate: encoder.onnx: 0 bytes, the manifest says "
+                                   f"{(tiny_bundle / 'encoder.onnx').stat().st_size}")
 
 
 def test_a_tsv_corpus_is_found_from_any_directory_and_a_changed_one_is_refused(tmp_path):

@@ -350,7 +350,9 @@ def _edit_config(directory: Path, **changes) -> None:
     (lambda d: (d / "model.safetensors").unlink(), r"no weights; expected model\.safetensors or pytorch_model\.bin"),
     (lambda d: ((d / "model.safetensors").unlink(), torch.save({"code": argparse.Namespace()}, d / "pytorch_model.bin")),
      r"pytorch_model\.bin: holds more than tensors, refused"),
-], ids=["activation", "pre-norm", "model-type", "extra-weights", "source-spm", "vocab", "config", "weights", "pickled-object"])
+    (lambda d: _edit_config(d, vocab_size=None), r"config\.json: vocab_size must be a number, got None"),
+], ids=["activation", "pre-norm", "model-type", "extra-weights", "source-spm", "vocab", "config", "weights", "pickled-object",
+        "no-vocab-size"])
 def test_unsupported_checkpoints_are_refused_naming_what(change, message, marian_checkpoint, tmp_path):
     copy = tmp_path / "checkpoint"
     shutil.copytree(marian_checkpoint, copy)

@@ -10,7 +10,9 @@ import torch
 
 from nmtserve.bundle import read_bundle
 from nmtserve_export.checkpoint import load_model
-from nmtserve_export.onnx_export import write_model_bundle
+from nmtserve_export.onnx_export import (
+    DecoderStepGraph, EncoderGraph, ExportError, export_graph, max_graph_difference, parity_inputs, write_model_bundle,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -31,7 +33,29 @@ def test_a_model_whose_outputs_are_not_numbers_is_refused(tiny_run, tmp_path):
     model, _, _ = load_model(tiny_run)
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))  # as a diverged training leaves it
-    with pytest.raises(RuntimeError, match="differ by nan"):
+    with pytest.raises(ExportError, match="differ by nan"):
         write_model_bundle(model, tmp_path / "bundle", tokenizer_kind="tokenizers", tokenizer_files={},
                            languages={"source": "en", "target": ["de"]}, name="broken", training={})
     assert not (tmp_path / "bundle").exists()
+
+
+class _PositionsOfTheCache(DecoderStepGraph):
+    """A step that numbers every row's new token by the cache axis's length instead of the row's own: right only
+    where every row fills the cache, which the engine's batches never do."""
+
+    def forward(self, tokens, positions, past_mask, source_mask, *caches):
+        return super().forward(tokens, torch.full_like(positions, past_mask.shape[1]), past_mask, source_mask, *caches)
+
+
+def test_the_parity_check_catches_a_step_that_misplaces_rows_of_different_lengths(tiny_run):
+    model, _, _ = load_model(tiny_run)
+    torch.manual_seed(0)
+    checks = parity_inputs(model)
+    graphs = {
+        "encoder": export_graph(EncoderGraph(model), "encoder", checks[0]["encoder"]),
+        "decoder_step": export_graph(_PositionsOfTheCache(model), "decoder_step", checks[0]["decoder_step"]),
+    }
+    assert max_graph_difference(model, graphs, checks) > 1e-2
+    graphs["decoder_step"] = export_graph(DecoderStepGraph(model), "decoder_step", checks[0]["decoder_step"])
+    assert max_graph_difference(model, graphs, checks) < 1e-4
+

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from nmtserve.bundle import MANIFEST, BundleError, read_bundle, sha256_bytes
+from nmtserve.bundle import MANIFEST, BundleError, read_bundle, sha256_bytes, write_bundle
 
 
 @pytest.fixture
@@ -56,10 +56,10 @@ def test_missing_file_is_refused(bundle_copy):
         read_bundle(bundle_copy)
 
 
-@pytest.mark.parametrize("path", ["../encoder.onnx", "/etc/passwd", "sub/../../x.onnx"])
+@pytest.mark.parametrize("path", ["../encoder.onnx", "/etc/passwd", "sub/../../x.onnx", "encoder\0.onnx"])
 def test_path_escaping_the_bundle_is_refused(bundle_copy, path):
     edit_manifest(bundle_copy, lambda m: m["files"]["encoder"].update(path=path))
-    with pytest.raises(BundleError, match="must be relative and stay inside the bundle"):
+    with pytest.raises(BundleError, match="must be relative, stay inside the bundle and hold no NUL"):
         read_bundle(bundle_copy)
 
 
@@ -71,37 +71,63 @@ def test_symlink_out_of_the_bundle_is_refused(bundle_copy, tmp_path):
         read_bundle(bundle_copy)
 
 
+def _replace_graph(bundle: Path, role: str, model: onnx.ModelProto) -> None:
+    """Write a changed graph into the bundle with its manifest entry updated, as a careful forger would."""
+    data = model.SerializeToString()
+    (bundle / f"{role}.onnx").write_bytes(data)
+    edit_manifest(bundle, lambda m: m["files"][role].update(sha256=sha256_bytes(data), bytes=len(data)))
+
+
 def test_graph_with_renamed_input_is_refused(bundle_copy):
-    path = bundle_copy / "decoder_step.onnx"
-    model = onnx.load(str(path))
+    model = onnx.load(str(bundle_copy / "decoder_step.onnx"))
     model.graph.input[0].name = "token_ids"
     for node in model.graph.node:
         node.input[:] = ["token_ids" if name == "tokens" else name for name in node.input]
-    path.write_bytes(model.SerializeToString())
-    edit_manifest(bundle_copy, lambda m: m["files"]["decoder_step"].update(sha256=sha256_bytes(path.read_bytes())))
+    _replace_graph(bundle_copy, "decoder_step", model)
     with pytest.raises(BundleError, match="graph inputs are .*'token_ids'.* promises"):
         read_bundle(bundle_copy)
 
 
+def test_a_graph_fixed_at_one_batch_size_is_refused(bundle_copy):
+    """Such a graph would load, then fail the first batch of two."""
+    model = onnx.load(str(bundle_copy / "decoder_step.onnx"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    _replace_graph(bundle_copy, "decoder_step", model)
+    with pytest.raises(BundleError, match=r"input 'tokens' is int64\[1\], .*dimension 0 is fixed at 1, where the bundle format keeps batch dynamic"):
+        read_bundle(bundle_copy)
+
+
+def test_a_graph_input_that_is_not_a_tensor_is_refused(bundle_copy):
+    model = onnx.load(str(bundle_copy / "encoder.onnx"))
+    mask = model.graph.input[1]
+    mask.type.CopyFrom(onnx.helper.make_sequence_type_proto(onnx.helper.make_tensor_type_proto(onnx.TensorProto.BOOL, None)))
+    _replace_graph(bundle_copy, "encoder", model)
+    with pytest.raises(BundleError, match=r"encoder\.onnx: input 'source_mask' is not a tensor of a known element type"):
+        read_bundle(bundle_copy)
+
+
+def test_a_file_of_another_size_than_listed_is_refused(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m["files"]["encoder"].update(bytes=1))
+    with pytest.raises(BundleError, match=r"encoder\.onnx: \d+ bytes, the manifest says 1"):
+        read_bundle(bundle_copy)
+
+
 def test_external_data_reference_is_refused(bundle_copy):
-    path = bundle_copy / "encoder.onnx"
-    model = onnx.load(str(path))
+    model = onnx.load(str(bundle_copy / "encoder.onnx"))
     tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
     tensor.data_location = onnx.TensorProto.EXTERNAL
     tensor.raw_data = b""
     entry = tensor.external_data.add()
     entry.key, entry.value = "location", "../../secrets.bin"
-    path.write_bytes(model.SerializeToString())
-    edit_manifest(bundle_copy, lambda m: m["files"]["encoder"].update(sha256=sha256_bytes(path.read_bytes())))
-    with pytest.raises(BundleError, match="external data .* must be relative and stay inside"):
+    _replace_graph(bundle_copy, "encoder", model)
+    with pytest.raises(BundleError, match="external data .* must be relative, stay inside the bundle"):
         read_bundle(bundle_copy)
 
 
 @pytest.mark.parametrize("where", ["constant node", "subgraph initializer"])
 def test_external_data_hidden_in_a_node_or_subgraph_is_refused(bundle_copy, where):
     # ONNX Runtime would read such data relative to the server's working directory, unverified.
-    path = bundle_copy / "encoder.onnx"
-    model = onnx.load(str(path))
+    model = onnx.load(str(bundle_copy / "encoder.onnx"))
     secret = onnx.helper.make_tensor("secret", onnx.TensorProto.UINT8, [8], vals=bytes(8), raw=True)
     secret.raw_data = b""
     secret.data_location = onnx.TensorProto.EXTERNAL
@@ -115,8 +141,7 @@ def test_external_data_hidden_in_a_node_or_subgraph_is_refused(bundle_copy, wher
         flag = onnx.helper.make_tensor("flag", onnx.TensorProto.BOOL, [], [True])
         model.graph.node.extend([onnx.helper.make_node("Constant", [], ["flag"], value=flag),
                                  onnx.helper.make_node("If", ["flag"], ["leak"], then_branch=branch, else_branch=branch)])
-    path.write_bytes(model.SerializeToString())
-    edit_manifest(bundle_copy, lambda m: m["files"]["encoder"].update(sha256=sha256_bytes(path.read_bytes())))
+    _replace_graph(bundle_copy, "encoder", model)
     with pytest.raises(BundleError, match=r"tensor 'secret' keeps its data in 'etc/nmtserve/tls/tls.key'"):
         read_bundle(bundle_copy)
 
@@ -154,7 +179,12 @@ MANIFEST_ERRORS = {  # what a wrong manifest says, by the edit that makes it wro
     ),
     "special_token_outside_the_vocabulary": (lambda m: m["tokens"].update(eos=m["model"]["vocab_size"]), r"tokens\.eos must be a token id below the vocabulary size"),
     "unknown_tokenizer_kind": (lambda m: m["tokenizer"].update(kind="wordpiece"), r"tokenizer\.kind 'wordpiece' is not one of tokenizers, marian"),
-    "no_target_language": (lambda m: m.update(languages={}), r"languages must have a 'source' string and a non-empty 'target'"),
+    "no_target_language": (lambda m: m.update(languages={}), r"languages must have a 'source' code and a non-empty 'target'"),
+    "empty_language_codes": (lambda m: m.update(languages={"source": "", "target": [""]}), r"languages must have a 'source' code"),
+    "a_version_that_is_a_boolean": (lambda m: m.update(format_version=True), "format_version True is not supported"),
+    "an_empty_name": (lambda m: m.update(name=""), r"field 'name' must be a non-empty string, got ''"),
+    "an_opset_unlike_the_graphs": (lambda m: m.update(opset=7), r"encoder\.onnx: opset 18, the manifest says 7"),
+    "a_precision_unlike_the_graphs": (lambda m: m.update(precision="int8"), r"encoder\.onnx: its weights are fp32, the manifest says precision int8"),
     "target_language_twice": (lambda m: m["languages"].update(target=["de", "de"]), r"languages\.target lists a language twice"),
     "several_targets_without_their_tokens": (lambda m: m["languages"].update(target=["de", "fr"]),
                                              r"languages\.target_tokens is required with several target languages \(de, fr\)"),
@@ -174,3 +204,51 @@ def test_wrong_manifest_is_refused_with_the_reason(bundle_copy, case):
     edit_manifest(bundle_copy, edit)
     with pytest.raises(BundleError, match=message):
         read_bundle(bundle_copy)
+
+
+def _contents(bundle: Path) -> tuple[dict[str, bytes], dict]:
+    """A bundle's files by role and its manifest as the exporter hands them to write_bundle."""
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    files = {role: (bundle / entry["path"]).read_bytes() for role, entry in manifest.pop("files").items()}
+    del manifest["format"], manifest["format_version"]
+    return files, manifest
+
+
+def _left_beside(bundle: Path) -> list[str]:
+    return sorted(path.name for path in bundle.parent.iterdir() if path.name.startswith(f".{bundle.name}."))
+
+
+def test_a_bundle_written_over_an_earlier_one_replaces_it_whole(bundle_copy):
+    files, manifest = _contents(bundle_copy)
+    (bundle_copy / "stale.txt").write_text("from the earlier export")
+    write_bundle(bundle_copy, files, {**manifest, "name": "the-new-one"})
+    assert read_bundle(bundle_copy).manifest["name"] == "the-new-one"
+    assert not (bundle_copy / "stale.txt").exists() and _left_beside(bundle_copy) == []
+
+
+def test_a_bundle_that_fails_verification_leaves_the_earlier_one_as_it_was(bundle_copy):
+    before = read_bundle(bundle_copy).sha256
+    files, manifest = _contents(bundle_copy)
+    model = onnx.load_model_from_string(files["decoder_step"])
+    model.graph.input[0].name = "token_ids"
+    with pytest.raises(BundleError, match="graph inputs are .*'token_ids'"):
+        write_bundle(bundle_copy, {**files, "decoder_step": model.SerializeToString()}, manifest)
+    assert read_bundle(bundle_copy).sha256 == before and _left_beside(bundle_copy) == []
+
+
+def test_a_directory_that_is_not_a_bundle_is_never_replaced(bundle_copy, tmp_path):
+    files, manifest = _contents(bundle_copy)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_text("weights")
+    with pytest.raises(BundleError, match="exists and is not a bundle"):
+        write_bundle(run, files, manifest)
+    assert (run / "checkpoint.pt").read_text() == "weights"
+
+
+def test_a_bundle_written_through_a_symlink_keeps_the_link(bundle_copy, tmp_path):
+    files, manifest = _contents(bundle_copy)
+    link = tmp_path / "current"
+    link.symlink_to(bundle_copy)
+    write_bundle(link, files, {**manifest, "name": "through-the-link"})
+    assert link.is_symlink() and read_bundle(bundle_copy).manifest["name"] == "through-the-link"

@@ -65,3 +65,27 @@ def test_target_language_tokens_come_from_the_manifest(tiny_bundle, tmp_path):
     languages({"de": first, "fr": "<2fr>"})
     with pytest.raises(BundleError, match=r"languages\.target_tokens names '<2fr>' for 'fr', which the vocabulary lacks"):
         Model.from_path(bundle)
+
+
+def test_a_vocabulary_of_another_size_than_the_models_is_refused(tiny_bundle, tmp_path):
+    """A model that generates ids its tokenizer cannot read (or never reads ids it was trained on) serves garbage."""
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    from nmtserve.bundle import MANIFEST, BundleError, sha256_bytes
+    from nmtserve_server.engine import Model
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    tokenizer.add_tokens(["<one more>"])
+    data = tokenizer.to_str().encode()
+    (bundle / "tokenizer.json").write_bytes(data)
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["files"]["tokenizer"].update(sha256=sha256_bytes(data), bytes=len(data))
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"tokenizer.json: a vocabulary of {size + 1} entries, the manifest's model.vocab_size is {size}"):
+        Model.from_path(bundle)

@@ -28,7 +28,7 @@ from .errors import (
     ServerError,
     UnavailableError,
 )
-from .results import HealthStatus, Hypothesis, Limits, ModelDimensions, ModelInfo, Piece, Timings, Translation
+from .results import HealthStatus, Hypothesis, Limits, ModelDimensions, ModelInfo, Piece, Timings, Translation, Usage
 
 __all__ = [
     "AsyncClient",
@@ -54,4 +54,5 @@ __all__ = [
     "Translation",
     "TranslationStream",
     "UnavailableError",
+    "Usage",
 ]

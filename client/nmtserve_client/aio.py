@@ -35,7 +35,8 @@ def _documented_as(method: Callable[..., Any]) -> Callable[[F], F]:
 
 
 class AsyncTranslationStream(StreamCall):
-    """The pieces of one translate_stream call, as they are decoded: `async for piece in stream`; iterate once."""
+    """The pieces of one translate_stream call, as they are decoded: `async for piece in stream`; iterate once.
+    Cancelling a task that waits for a piece cancels the stream: a later read raises RequestCancelledError."""
 
     def __aiter__(self) -> AsyncIterator[Piece]:
         return self
@@ -49,11 +50,14 @@ class AsyncTranslationStream(StreamCall):
                 except grpc.RpcError as error:
                     delay = self._after(error)
                 except asyncio.CancelledError:
-                    if self._cancelled and not task_cancelling():
-                        # cancel() ended the call, not this task: a CancelledError here would read as the task's own
-                        # cancellation to TaskGroup and asyncio.timeout. As the sync client says it:
-                        raise self.cancelled_error() from None
-                    raise
+                    if task_cancelling():  # this task's cancellation (asyncio.timeout, TaskGroup) ends the call for good
+                        self._cancelled = True
+                        self._retries.stop()
+                        raise
+                    # cancel(), or the cancellation of an earlier read, ended the call, not this task: a CancelledError
+                    # here would read as the task's own cancellation to TaskGroup and asyncio.timeout. As the sync
+                    # client says it:
+                    raise self.cancelled_error() from None
                 await self._closing.sleep_async(delay, self._wake)
                 self._restart()
         if message is grpc.aio.EOF:

@@ -204,9 +204,9 @@ class StreamCall:
         try:
             return self._retries.after(error)
         except NmtserveError:
+            self._retries.stop()  # the stream has failed for good: a read after this raises the same error again
             # Whatever answer was already on its way (gRPC's "Locally cancelled by application!", a refusal that
             # crossed the cancel): the caller asked for the stream to end, and a read after cancel() says so.
-            # cancel() marks the stream cancelled before it stops the retries, so a stop seen here is read as one.
             if self._cancelled:
                 raise self.cancelled_error() from None
             raise

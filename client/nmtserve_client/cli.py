@@ -107,7 +107,9 @@ def _arriving_lines(fd: int) -> Iterator[bytes]:
 
 def _stdin_lines() -> Iterable[bytes]:
     """stdin's lines as they arrive; as Python reads them where select() cannot wait for it (pipes outside POSIX, a
-    stdin replaced by an in-memory stream)."""
+    stdin replaced by an in-memory stream); none where there is no stdin (closed: `<&-`)."""
+    if sys.stdin is None:
+        return ()
     try:
         fd = sys.stdin.fileno()
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
@@ -180,9 +182,13 @@ def _in_process(texts: list[str], args: argparse.Namespace) -> None:
     except (BundleError, DeviceError) as error:
         raise InProcessError(str(error)) from error
     options = DecodeOptions(
-        beam_size=args.beam_size, num_hypotheses=args.n_best, max_length=args.max_length or engine.max_target_length,
+        beam_size=args.beam_size, num_hypotheses=args.n_best,
+        max_length=args.max_length or engine.max_target_length,  # 0: the model's limit, as the API reads it
         min_length=args.min_length, length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
     )
+    problems = options.problems(engine.max_target_length)  # the server's own checks, in its words
+    if problems:
+        raise InvalidInputError("; ".join(f"{name}: {why}" for name, why in problems), [FieldViolation(*p) for p in problems])
     encode = functools.partial(engine.encode_texts, target_language=args.target_language)
     for text, hypotheses in _skipping_blanks(texts, lambda sent: translate(engine, encode(sent), options)):
         outputs = engine.decode_ids([h.tokens for h in hypotheses])
@@ -209,6 +215,10 @@ def _run(command: str, args: argparse.Namespace) -> int:
     texts, place = (args.texts, "argument") if args.texts else (_lines(_stdin_lines()), "line")
     settings = settings_from_args(ClientSettings, args)
     try:
+        wrong = [f"--{flag} must be at least 1, not {value}" for flag, value in (("beam-size", args.beam_size), ("n-best", args.n_best))
+                 if value < 1]
+        if wrong:
+            return fail(2, "; ".join(wrong))
         if args.bundle is not None:
             if args.stream:
                 return fail(2, "--stream needs a server (--server), not --bundle")
@@ -238,7 +248,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
             if args.stream:
                 _stream(client, texts, args, place=place)
             else:
-                _through_server(client, texts, args, place=place, typed=not args.texts and sys.stdin.isatty())
+                _through_server(client, texts, args, place=place, typed=not args.texts and sys.stdin is not None and sys.stdin.isatty())
     except InvalidInputError as error:
         # With a status code, the server's answer; without, refused here before anything was sent.
         return fail(2, f"{'the server refused the input' if error.code else 'invalid input'}: {error.message}")

@@ -29,6 +29,14 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """Tokens a request read and wrote."""
+
+    input_tokens: int  # source tokens over all its texts, end-of-sentence included
+    output_tokens: int  # generated tokens of the returned hypotheses, end-of-sentence excluded
+
+
+@dataclass(frozen=True)
 class Translation:
     """The hypotheses of one text, best first."""
 
@@ -36,6 +44,7 @@ class Translation:
     source_tokens: list[int]  # the source token ids the model read, end-of-sentence included
     request_id: str  # the id the server logged the request under (texts sent together share it)
     timings: Timings  # of the request this text was sent in
+    usage: Usage  # of the request this text was sent in
 
     @property
     def text(self) -> str:
@@ -123,11 +132,16 @@ def timings_from(message: pb.Timings) -> Timings:
     return Timings(message.queue_seconds, message.first_token_seconds, message.total_seconds, message.encode_seconds)
 
 
+def usage_from(message: pb.Usage) -> Usage:
+    """Usage from its message."""
+    return Usage(message.input_tokens, message.output_tokens)
+
+
 def translations_from(response: pb.TranslateResponse) -> list[Translation]:
     """The Translations of a TranslateResponse, in request order."""
-    timings = timings_from(response.timings)
+    timings, usage = timings_from(response.timings), usage_from(response.usage)
     return [
-        Translation([hypothesis_from(h) for h in t.hypotheses], list(t.source_tokens), response.request_id, timings)
+        Translation([hypothesis_from(h) for h in t.hypotheses], list(t.source_tokens), response.request_id, timings, usage)
         for t in response.translations
     ]
 
@@ -136,7 +150,8 @@ def piece_from(message: pb.TranslateStreamResponse) -> Piece:
     """A Piece from one TranslateStream message."""
     if message.WhichOneof("event") == "final":
         final = message.final
-        translation = Translation([hypothesis_from(final.hypothesis)], list(final.source_tokens), final.request_id, timings_from(final.timings))
+        translation = Translation([hypothesis_from(final.hypothesis)], list(final.source_tokens), final.request_id,
+                                  timings_from(final.timings), usage_from(final.usage))
         return Piece("", [], translation)
     return Piece(message.piece.text, list(message.piece.tokens))
 

@@ -11,11 +11,15 @@ on a faster path. The start, end and padding ids are the bundle's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from nmtserve.bundle import SpecialTokens
+
+
+MAX_LENGTH_PENALTY = 10.0  # the API's range for length_penalty is [0, 10] (translator.proto)
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,24 @@ class DecodeOptions:
     length_penalty: float = 1.0  # scores are divided by length ** length_penalty
     num_hypotheses: int = 1  # hypotheses to return, best first (at most beam_size)
     return_alignment: bool = False  # also return the encoder-decoder attention of every generated token
+
+    def problems(self, max_target_length: int) -> list[tuple[str, str]]:
+        """What is wrong with these options for a model that generates at most max_target_length tokens: (the API's
+        field, why) for each, in the words the server refuses a request with."""
+        def beyond(value: int, lowest: int, highest: str) -> str:
+            return f"{value} is below {lowest}" if value < lowest else f"{value} is above {highest}"
+
+        checks = [
+            ("options.beam_size", self.beam_size >= 1, f"{self.beam_size} is below 1"),
+            ("options.max_length", 1 <= self.max_length <= max_target_length,
+             beyond(self.max_length, 1, f"the model's limit of {max_target_length} tokens")),
+            ("options.min_length", 0 <= self.min_length <= self.max_length, beyond(self.min_length, 0, f"max_length {self.max_length}")),
+            ("options.num_hypotheses", 1 <= self.num_hypotheses <= self.beam_size,
+             beyond(self.num_hypotheses, 1, f"beam_size {self.beam_size}")),
+            ("options.length_penalty", math.isfinite(self.length_penalty) and 0 <= self.length_penalty <= MAX_LENGTH_PENALTY,
+             f"{self.length_penalty} is outside [0, {MAX_LENGTH_PENALTY:g}]"),
+        ]
+        return [(name, description) for name, ok, description in checks if not ok]
 
 
 @dataclass

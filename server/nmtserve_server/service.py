@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 import time
 import uuid
@@ -32,7 +31,6 @@ from .search import DecodeOptions, Hypothesis
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
-MAX_LENGTH_PENALTY = 10.0
 MAX_CHARACTERS_PER_TOKEN = 16  # a text longer than this per token the model reads is refused before it is tokenized
 MAX_VIOLATIONS = 10  # violations listed in one error: its trailers must stay small enough to reach the client
 MAX_ECHOED = 32  # characters of a bad value repeated in an error
@@ -232,18 +230,14 @@ class TranslatorService:
         max_length = options.max_length or model.max_target_length
         num_hypotheses = options.num_hypotheses or 1
         length_penalty = options.length_penalty if options.HasField("length_penalty") else 1.0
-        checks = [
-            ("options.beam_size", beam_size <= self.settings.max_beam_size, f"{beam_size} is above the server's limit of {self.settings.max_beam_size}"),
-            ("options.max_length", max_length <= model.max_target_length, f"{max_length} is above the model's limit of {model.max_target_length} tokens"),
-            ("options.min_length", options.min_length <= max_length, f"{options.min_length} is above max_length {max_length}"),
-            ("options.num_hypotheses", num_hypotheses <= beam_size, f"{num_hypotheses} is above beam_size {beam_size}"),
-            ("options.length_penalty", math.isfinite(length_penalty) and 0 <= length_penalty <= MAX_LENGTH_PENALTY,
-             f"{length_penalty} is outside [0, {MAX_LENGTH_PENALTY:g}]"),
-            ("options.target_language", not options.target_language or options.target_language in model.language_prefixes,
-             f"{_echo(options.target_language)} is not one of this model's target languages ({', '.join(model.target_languages)})"),
-        ]
-        violations += [(name, description) for name, ok, description in checks if not ok]
-        return DecodeOptions(beam_size, max_length, options.min_length, length_penalty, num_hypotheses, options.return_alignment)
+        decode = DecodeOptions(beam_size, max_length, options.min_length, length_penalty, num_hypotheses, options.return_alignment)
+        if beam_size > self.settings.max_beam_size:
+            violations.append(("options.beam_size", f"{beam_size} is above the server's limit of {self.settings.max_beam_size}"))
+        violations += decode.problems(model.max_target_length)  # as `nmtserve translate --bundle` checks them
+        if options.target_language and options.target_language not in model.language_prefixes:
+            violations.append(("options.target_language", f"{_echo(options.target_language)} is not one of this model's target "
+                                                          f"languages ({', '.join(model.target_languages)})"))
+        return decode
 
     def _sources(self, texts: list[str], name: str, target_language: str, violations: list[tuple[str, str]]) -> list[list[int]]:
         """Source ids of each text, target-language token first where the model needs one; adds a violation per bad text."""

@@ -111,8 +111,30 @@ def test_rejected_input_is_a_clear_error(server):
     assert result.returncode == 2 and "--stream decodes greedily: it takes no --beam-size or --n-best" in result.stderr
     result = translate("--bundle", "some/bundle", "--stream", "Friday")
     assert result.returncode == 2 and "--stream needs a server" in result.stderr
-    result = translate("--server", server.address, "--beam-size", "-1", "Friday")  # refused before anything is sent
-    assert result.returncode == 2 and result.stderr == "nmtserve translate: invalid input: options.beam_size: Value out of range: -1\n"
+    result = translate("--server", server.address, "--beam-size", "-1", "--n-best", "0", "Friday")  # before anything is sent
+    assert result.returncode == 2
+    assert result.stderr == "nmtserve translate: --beam-size must be at least 1, not -1; --n-best must be at least 1, not 0\n"
+    result = translate("--server", server.address, "--min-length", "-1", "Friday")
+    assert result.returncode == 2 and result.stderr == "nmtserve translate: invalid input: options.min_length: Value out of range: -1\n"
+
+
+@pytest.mark.parametrize("options", [
+    ["--beam-size", "2", "--n-best", "3"], ["--min-length", "5", "--max-length", "3"], ["--length-penalty", "-5"],
+    ["--max-length", "100000"],
+], ids=["n-best-above-beam", "min-above-max", "length-penalty", "max-length"])
+def test_options_are_refused_in_process_as_the_server_refuses_them(server, tiny_bundle, options):
+    """`translate --bundle` is the same command without a server: it used to decode what the server refuses."""
+    through_server = translate("--server", server.address, *options, "Friday")
+    in_process = translate("--bundle", str(tiny_bundle), *options, "Friday")
+    assert through_server.returncode == in_process.returncode == 2 and through_server.stdout == in_process.stdout == ""
+    refusal = through_server.stderr.removeprefix("nmtserve translate: the server refused the input: ")
+    assert refusal.startswith("options.") and in_process.stderr == f"nmtserve translate: invalid input: {refusal}"
+
+
+def test_a_closed_stdin_is_no_input(server):
+    result = subprocess.run(["bash", "-c", f"{sys.executable} -m nmtserve.cli translate --server {server.address} <&-"],
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
 def test_input_that_is_not_utf8_is_a_clear_error(server, tiny_bundle):

@@ -9,7 +9,7 @@ import pytest
 
 from nmtserve.v1 import translator_pb2 as pb
 from nmtserve_client import (
-    AsyncClient, Client, HealthStatus, Hypothesis, Limits, ModelDimensions, ModelInfo, RequestCancelledError, Timings, Translation,
+    AsyncClient, Client, HealthStatus, Hypothesis, Limits, ModelDimensions, ModelInfo, RequestCancelledError, Timings, Translation, Usage,
 )
 
 pytestmark = pytest.mark.e2e
@@ -127,6 +127,8 @@ def test_async_client_has_the_same_methods_and_results(server, test_texts):
                 reading.cancel()
                 with pytest.raises(asyncio.CancelledError):  # a cancelled task stays cancelled
                     await reading
+                with pytest.raises(RequestCancelledError, match=CANCELLED):  # and its read cancelled the stream
+                    await anext(stream)
             return translations, pieces, await client.model_info(), await client.health()
 
     with Client(server.address) as client:
@@ -160,12 +162,23 @@ def test_leaving_a_stream_early_cancels_it_on_the_server(start_server, test_text
 
 
 def test_the_sdk_types_cover_every_field_of_the_api():
-    for ours, message in [(Hypothesis, pb.Hypothesis), (Timings, pb.Timings), (ModelInfo, pb.ModelInfo),
+    for ours, message in [(Hypothesis, pb.Hypothesis), (Timings, pb.Timings), (Usage, pb.Usage), (ModelInfo, pb.ModelInfo),
                           (ModelDimensions, pb.ModelDimensions), (Limits, pb.Limits)]:
         assert {f.name for f in dataclasses.fields(ours)} == {f.name for f in message.DESCRIPTOR.fields}, ours.__name__
+    # A Translation is one text's: its own fields, and those of the response (or stream's end) it came in.
     translation = {f.name for f in dataclasses.fields(Translation)}
-    assert {f.name for f in pb.Translation.DESCRIPTOR.fields} <= translation
-    assert translation <= {f.name for f in pb.TranslationFinal.DESCRIPTOR.fields} | {"hypotheses"}
+    assert translation == {f.name for f in pb.Translation.DESCRIPTOR.fields} | {f.name for f in pb.TranslateResponse.DESCRIPTOR.fields} - {"translations"}
+    assert translation == {f.name for f in pb.TranslationFinal.DESCRIPTOR.fields} - {"hypothesis"} | {"hypotheses"}
+
+
+def test_usage_counts_the_tokens_of_the_request(server, test_texts):
+    with Client(server.address) as client:
+        translations = client.translate(test_texts[:3], beam_size=2, num_hypotheses=2)
+        (usage,) = {t.usage for t in translations}  # one request
+        assert usage.input_tokens == sum(len(t.source_tokens) for t in translations)
+        assert usage.output_tokens == sum(len(h.tokens) for t in translations for h in t.hypotheses)
+        final = list(client.translate_stream(test_texts[0]))[-1].final
+        assert final.usage == Usage(len(final.source_tokens), len(final.hypotheses[0].tokens))
 
 
 def test_public_api_is_documented():

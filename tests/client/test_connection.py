@@ -164,6 +164,20 @@ def test_the_servers_refusal_is_raised_at_once_where_the_next_back_off_would_pas
             assert refusing.attempts == 1 and time.monotonic() - started < 5, name
 
 
+def test_a_stream_that_failed_stays_failed_when_read_again(monkeypatch):
+    # The first back-off would pass the deadline, so the stream fails with the server's refusal; a later read drew a
+    # back-off of its own, which fitted, and started the stream again.
+    backoffs = iter([30.0])
+    monkeypatch.setattr(calls.random, "uniform", lambda low, high: next(backoffs, 0.01))
+    with _refusing_server([grpc.StatusCode.UNAVAILABLE]) as (refusing, target):
+        with Client(target, timeout=10.0, initial_backoff=30.0, max_backoff=30.0) as client:
+            stream = client.translate_stream("Friday")
+            for _ in range(2):
+                with pytest.raises(UnavailableError, match="refused with UNAVAILABLE"):
+                    next(stream)
+    assert refusing.attempts == 1
+
+
 def test_an_answer_above_grpcs_default_limit_arrives_from_a_server_allowed_to_send_it(start_server):
     server = start_server(max_message_bytes=16 * 1024 * 1024)
     model = server.server.service.model

@@ -21,9 +21,21 @@ MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC takes message limits as a C int
 MAX_QUEUE_DELAY_MS = 60_000.0  # a wait far beyond any use; epoll's own limit (about 25 days) would end the decode process
 
 
+class LogfmtFormatter(logging.Formatter):
+    """LOG_FORMAT's one line per event; an exception's traceback is that line's last field (traceback="…"), quoted."""
+
+    def formatException(self, ei) -> str:  # noqa: N802 (logging's name)
+        return "traceback=" + logfmt(super().formatException(ei))
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).replace("\n", " ")  # the line break logging puts before the traceback
+
+
 def configure_logging(level: str) -> None:
     """Log one key=value line per event to stderr at `level`: the server and its decode process alike."""
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, datefmt=LOG_TIME_FORMAT, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter(LOG_FORMAT, LOG_TIME_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def logfmt(value: object) -> str:

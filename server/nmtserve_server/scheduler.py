@@ -200,6 +200,10 @@ class Scheduler:
         if self.state == "serving":
             self.state = "draining"
 
+    def cut(self, reason: str) -> None:
+        """End every text still waiting or decoding with UnavailableError(reason): the server stops without them."""
+        self._fail_all(UnavailableError(reason))
+
     async def stop(self) -> None:
         """Stop the decode process, fail whatever is left."""
         self.state = "stopped"

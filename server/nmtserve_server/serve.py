@@ -156,7 +156,7 @@ class TranslationServer:
         self._watch = asyncio.create_task(self._watch_engine())
         log.info(
             "event=serving model=%s bundle_sha256=%s device=%s precision=%s providers=%s",
-            model.bundle.manifest["name"], model.bundle.sha256, ready.device, model.bundle.precision, ",".join(ready.providers),
+            logfmt(model.bundle.manifest["name"]), model.bundle.sha256, ready.device, model.bundle.precision, ",".join(ready.providers),
         )
 
     async def _watch_engine(self) -> None:
@@ -184,6 +184,11 @@ class TranslationServer:
         forced, left = force is not None and force.is_set(), self.service.in_flight
         if left:
             log.warning("event=drain_cut_short calls=%d by=%s", left, "signal" if forced else "grace_seconds")
+            # The calls end UNAVAILABLE (retryable elsewhere) through their own handlers, so that their log lines and
+            # the requests metric say what the clients hear, before gRPC cancels whatever is left.
+            self.scheduler.cut("the server stopped before the translation finished: "
+                               + ("a second signal" if forced else f"its --grace-seconds {grace:g} ended"))
+            await asyncio.wait([asyncio.ensure_future(self.service.idle())], timeout=FINISH_SECONDS)
         await self.grpc.stop(0 if left else FINISH_SECONDS)
         await closing
         await self.scheduler.stop()

@@ -104,9 +104,15 @@ def test_a_health_watch_does_not_hold_the_drain_and_a_second_signal_ends_it(serv
         assert time.monotonic() - started < 15
         assert "event=drain_cut_short calls=8 by=signal" in server.log
         assert {f.exception().code() for f in in_flight} == {grpc.StatusCode.UNAVAILABLE}, "every call was cut short"
+        assert _codes_logged(server.log, "Translate") == ["UNAVAILABLE"] * 8  # as the clients heard it
 
 
-def test_calls_still_open_when_the_grace_period_ends_are_cancelled_and_it_exits_0(serve_process, tiny_bundle, test_texts):
+def _codes_logged(log: str, method: str) -> list[str]:
+    """The status code of each call of `method` in the server's log, in its one line per call."""
+    return re.findall(rf"event=rpc method={method} request_id=\S+ code=(\w+)", log)
+
+
+def test_calls_still_open_when_the_grace_period_ends_end_unavailable_and_it_exits_0(serve_process, tiny_bundle, test_texts):
     server = serve_process("--bundle", str(tiny_bundle), "--grace-seconds", "1")
     decode_pid = _decode_pid(server)
     server.wait_for_event("serving")
@@ -121,6 +127,9 @@ def test_calls_still_open_when_the_grace_period_ends_are_cancelled_and_it_exits_
         assert "event=drain_cut_short calls=4 by=grace_seconds" in server.log and "event=stopped" in server.log
         # Cut short, retryable: behind a Service another replica can answer them.
         assert {f.exception().code() for f in in_flight} == {grpc.StatusCode.UNAVAILABLE}
+        assert {f.exception().details() for f in in_flight} == {
+            "the server stopped before the translation finished: its --grace-seconds 1 ended"}
+        assert _codes_logged(server.log, "Translate") == ["UNAVAILABLE"] * 4  # as the clients heard it
 
 
 def test_a_second_signal_with_no_call_left_to_cut_still_exits_0(serve_process, tiny_bundle):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -240,3 +242,25 @@ def test_message_size_is_limited(start_server):
         with pytest.raises(grpc.RpcError) as caught:
             translate(pb.TranslateRequest(texts=["Friday " * 400]).SerializeToString(), timeout=TIMEOUT)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_long_request_is_tokenized_without_holding_up_other_calls(start_server):
+    """Texts at the character limit are tokenized before they are refused as too many tokens: 256 of them took the
+    event loop for most of a second, every other call waiting."""
+    server = start_server(max_texts_per_request=256)
+    request = pb.TranslateRequest(texts=[("Friday, May 16, 2003. " * 200)[:4096]] * 256)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=TIMEOUT)
+        pool = ThreadPoolExecutor(1)
+        refused = pool.submit(lambda: [stub.Translate.with_call(request, timeout=TIMEOUT) for _ in range(2)])
+        latencies = []
+        while not refused.done() and len(latencies) < 2000:
+            started = time.monotonic()
+            stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=TIMEOUT)
+            latencies.append(time.monotonic() - started)
+        with pytest.raises(grpc.RpcError) as error:
+            refused.result()
+        pool.shutdown()
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tokens, the model reads at most" in error.value.details()
+    assert len(latencies) > 5 and max(latencies) < 0.25, f"other calls waited up to {max(latencies):.3f} s"

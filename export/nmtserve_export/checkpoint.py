@@ -9,7 +9,9 @@ A checkpoint directory holds:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +49,12 @@ def save_checkpoint(
     the RNG state and the loss history at `step`, for resuming.
 
     Every file is written beside its place before any is renamed into it, so an interruption leaves the last save
-    whole, or a mix of it and this one that the step recorded in each file tells (load_train_state refuses a mix).
+    whole, or a mix of it and this one that the id of the save recorded in each file tells (interrupted_save), even
+    where the mix is of two runs that saved at the same step: the tokenizer is told by its sha256.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    tag = {"step": str(step)}
+    save = uuid.uuid4().hex
+    tag = {"step": str(step), "save": save}
     state = {"rng": torch.get_rng_state()}
     if torch.cuda.is_initialized():  # dropout on a GPU draws from its own generator
         state["cuda_rng"] = torch.cuda.get_rng_state()
@@ -62,13 +66,40 @@ def save_checkpoint(
         # With the weights, not before: a new run stopped ahead of its first save leaves the old checkpoint whole.
         TOKENIZER_FILE: lambda path: tokenizer.save(str(path)),
         STATE_FILE: lambda path: save_file(state, str(path), metadata=tag),
-        CONFIG_FILE: lambda path: path.write_text(_json({"model": model.config.to_dict(), **metadata})),
-        STATE_META_FILE: lambda path: path.write_text(_json({"step": step, "history": history})),
+        CONFIG_FILE: lambda path: path.write_text(_json({"model": model.config.to_dict(), **metadata, "save": save})),
+        STATE_META_FILE: lambda path: path.write_text(_json({
+            "step": step, "save": save, "tokenizer_sha256": _sha256(directory / (TOKENIZER_FILE + ".tmp")), "history": history,
+        })),
     }
-    for name, write in writers.items():
+    for name, write in writers.items():  # in this order: train_state.json hashes the tokenizer written before it
         write(directory / (name + ".tmp"))
+    mode = (directory / (CONFIG_FILE + ".tmp")).stat().st_mode & 0o777  # as the umask has it
     for name in writers:
-        (directory / (name + ".tmp")).replace(directory / name)
+        path = directory / (name + ".tmp")
+        path.chmod(mode)  # safetensors writes through a private temporary file (0600): others could not export it
+        path.replace(directory / name)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def interrupted_save(directory: Path) -> str | None:
+    """Why the checkpoint in `directory` is not one whole save (its last save was interrupted between renames), or None
+    where it is; files from before saves were identified are taken as they are."""
+    meta = json.loads((directory / STATE_META_FILE).read_text())
+    saves = {MODEL_FILE: _saved(directory / MODEL_FILE, "save"), STATE_FILE: _saved(directory / STATE_FILE, "save"),
+             STATE_META_FILE: meta.get("save"), CONFIG_FILE: read_metadata(directory).get("save")}
+    steps = {MODEL_FILE: _saved(directory / MODEL_FILE, "step"), STATE_FILE: _saved(directory / STATE_FILE, "step"),
+             STATE_META_FILE: str(meta["step"])}
+    for what, found in (("steps", steps), ("saves", saves)):
+        if len({value for value in found.values() if value is not None}) > 1:
+            return (f"{directory}: its last save was interrupted, and its files are of different {what} ("
+                    + ", ".join(f"{name}: {value}" for name, value in found.items() if value is not None) + ")")
+    recorded = meta.get("tokenizer_sha256")
+    if recorded is not None and recorded != _sha256(directory / TOKENIZER_FILE):
+        return f"{directory}: its last save was interrupted, and its {TOKENIZER_FILE} is not the one its training state was saved with"
+    return None
 
 
 def _host(tensor: torch.Tensor) -> torch.Tensor:
@@ -107,14 +138,11 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Tra
 
 def load_train_state(directory: Path, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
     """Restore the training state save_checkpoint wrote; returns the step and history. Raises ValueError where the
-    weights and the state are of different steps (a save was interrupted)."""
+    checkpoint is not one whole save (interrupted_save)."""
+    problem = interrupted_save(directory)
+    if problem:
+        raise ValueError(f"{problem}; it cannot be resumed: train again")
     meta = json.loads((directory / STATE_META_FILE).read_text())
-    steps = {MODEL_FILE: _saved_step(directory / MODEL_FILE), STATE_FILE: _saved_step(directory / STATE_FILE),
-             STATE_META_FILE: meta["step"]}
-    if len({step for step in steps.values() if step is not None}) > 1:  # None: saved before steps were recorded
-        raise ValueError(f"{directory}: its last save was interrupted, and its files are of different steps ("
-                         + ", ".join(f"{name}: {step}" for name, step in steps.items() if step is not None)
-                         + "); it cannot be resumed: train again, or evaluate and export it as it is")
     tensors = load_file(str(directory / STATE_FILE))
     torch.set_rng_state(tensors.pop("rng"))
     cuda_rng = tensors.pop("cuda_rng", None)
@@ -128,8 +156,8 @@ def load_train_state(directory: Path, optimizer: torch.optim.Optimizer) -> tuple
     return meta["step"], meta["history"]
 
 
-def _saved_step(path: Path) -> int | None:
-    """The training step a safetensors file of a checkpoint was saved at (None if it does not say)."""
+def _saved(path: Path, key: str) -> str | None:
+    """What a safetensors file of a checkpoint says of the save that wrote it: its "step" or its "save" id (None if
+    it does not say)."""
     with safe_open(str(path), framework="pt") as file:
-        step = (file.metadata() or {}).get("step")
-    return None if step is None else int(step)
+        return (file.metadata() or {}).get(key)

@@ -122,6 +122,8 @@ def _run(command: str, args: argparse.Namespace) -> int:
         problems = [f"--beam-sizes {size}: a beam holds at least 1 hypothesis" for size in args.beam_sizes if size < 1]
         if args.limit < 0:
             problems.append(f"--limit must be 0 (all) or a number of pairs, not {args.limit}")
+        if args.threads < 0:
+            problems.append(f"--threads must be 0 (all cores) or a number of threads, not {args.threads}")
         problems += _evaluate_device_problems(args.device, args.bundle)
         if problems:
             return _refuse(command, problems)

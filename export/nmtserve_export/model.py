@@ -349,7 +349,9 @@ class Transformer(nn.Module):
 
 
 def label_smoothed_nll_loss(log_probs: Tensor, target: Tensor, epsilon: float, pad_id: int) -> Tensor:
-    """Cross-entropy against one-hot targets smoothed by epsilon (5.4), averaged over non-pad tokens."""
+    """Cross-entropy against one-hot targets smoothed by epsilon (5.4), averaged over non-pad tokens. The paper does
+    not say where epsilon goes: here over the whole vocabulary, special tokens included, as PyTorch's label_smoothing
+    spreads it (The Annotated Transformer leaves <pad> out)."""
     nll = -log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T)
     uniform = -log_probs.mean(dim=-1)  # (B, T): cross-entropy against the uniform distribution
     loss = (1.0 - epsilon) * nll + epsilon * uniform

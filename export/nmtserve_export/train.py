@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from nmtserve.bundle import PAD_ID, UNDETERMINED
+from nmtserve.bundle import PAD_ID, SPECIAL_TOKENS, UNDETERMINED
 from nmtserve.settings import env_value, flag
 
 from . import checkpoint
@@ -50,7 +50,8 @@ class TrainSettings:
         "help": "batches whose gradients make one optimizer step (the step's batch is about accumulate x --max-tokens "
                 "tokens: the paper's 25,000 on a smaller GPU)"})
     steps: int = field(default=1600, metadata={"help": "optimizer steps to train for"})
-    max_minutes: float = field(default=0.0, metadata={"help": "also stop after this many minutes (0: no limit)"})
+    max_minutes: float = field(default=0.0, metadata={
+        "help": "also stop once the run has trained this many minutes in all, resumes included (0: no limit)"})
     peak_lr: float = field(default=2.5e-3, metadata={"help": "learning rate at the end of warm-up"})
     warmup_steps: int = field(default=400, metadata={"help": "linear warm-up steps, then decay with 1/sqrt(step)"})
     label_smoothing: float = field(default=0.1, metadata={"help": "epsilon_ls of label smoothing"})
@@ -66,6 +67,9 @@ class TrainSettings:
         """What is wrong with the settings, one sentence per problem (empty when they can train)."""
         found = [f"{flag(name)} must be at least 1" for name in _AT_LEAST_ONE if getattr(self, name) < 1]
         found += [f"{flag(name)} cannot be negative" for name in _NOT_NEGATIVE if not getattr(self, name) >= 0]
+        if 1 <= self.vocab_size < SMALLEST_VOCABULARY:
+            found.append(f"--vocab-size must be at least {SMALLEST_VOCABULARY} (the 256 bytes and the 4 special tokens), "
+                         f"not {self.vocab_size}")
         if not 0 <= self.label_smoothing < 1:
             found.append(f"--label-smoothing must be in [0, 1), not {self.label_smoothing}")
         if not (math.isfinite(self.peak_lr) and self.peak_lr > 0):
@@ -100,7 +104,8 @@ class TrainSettings:
         found = [f"--resume: {flag(name)} is {_stored(getattr(self, name))!r}, but the run in {self.out} was started with "
                  f"{started[name]!r}; a resumed run keeps its corpus, model and optimisation (give the same, or a new --out)"
                  for name in FIXED_ON_RESUME if name in started and _stored(getattr(self, name)) != started[name]]
-        return found + self._corpus_problems(metadata["corpus"])
+        interrupted = checkpoint.interrupted_save(Path(self.out))
+        return found + self._corpus_problems(metadata["corpus"]) + ([f"--resume: {interrupted}; train again"] if interrupted else [])
 
     def _corpus_problems(self, corpus: dict) -> list[str]:
         """With --resume: whether the corpus is the one the run was started on; a --corpus file by its resolved path
@@ -149,6 +154,7 @@ FIXED_ON_RESUME = ("preset", "corpus_size", "seed", "valid_size", "test_size",
                    "vocab_size", "max_tokens", "accumulate", "peak_lr", "warmup_steps", "label_smoothing", "clip_norm")
 _AT_LEAST_ONE = ("corpus_size", "valid_size", "test_size", "vocab_size", "max_tokens", "accumulate", "steps", "warmup_steps", "valid_every")
 _NOT_NEGATIVE = ("max_minutes", "clip_norm", "valid_decode", "threads")
+SMALLEST_VOCABULARY = 256 + len(SPECIAL_TOKENS)  # byte-level BPE starts from every byte
 
 
 def _stored(value: object) -> object:
@@ -256,8 +262,12 @@ def train(settings: TrainSettings) -> Path:
     if problems:
         raise TrainSettingsError(problems)
     device = torch_device(settings.device)
-    with training_precision(device):
-        return _train(settings, device)
+    threads = torch.get_num_threads()
+    try:
+        with training_precision(device):
+            return _train(settings, device)
+    finally:
+        torch.set_num_threads(threads)  # --threads is the training's, not the calling process's
 
 
 def _train(settings: TrainSettings, device: torch.device) -> Path:

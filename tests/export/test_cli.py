@@ -45,9 +45,12 @@ def test_mistakes_end_in_one_line_naming_them(tmp_path):
         "2", "nmtserve corpus: --target-lang de,fr: a TSV file holds one target language; write one directory per language"]
     assert refused("train", "--target-lang", "de,de", "--out", tmp_path / "run") == [
         "2", "nmtserve train: --target-lang de,de: a language is named twice"]
-    assert refused("evaluate", tmp_path, "--beam-sizes", "1", "0", "--limit", "-5") == [
+    assert refused("train", "--vocab-size", "100", "--out", tmp_path / "run") == [
+        "2", "nmtserve train: --vocab-size must be at least 260 (the 256 bytes and the 4 special tokens), not 100"]
+    assert refused("evaluate", tmp_path, "--beam-sizes", "1", "0", "--limit", "-5", "--threads", "-1") == [
         "2", "nmtserve evaluate: --beam-sizes 0: a beam holds at least 1 hypothesis",
-        "nmtserve evaluate: --limit must be 0 (all) or a number of pairs, not -5"]
+        "nmtserve evaluate: --limit must be 0 (all) or a number of pairs, not -5",
+        "nmtserve evaluate: --threads must be 0 (all cores) or a number of threads, not -1"]
     assert refused("evaluate", tmp_path) == [
         "1", f"nmtserve evaluate: {tmp_path} is not a checkpoint: config.json is missing (train one with 'nmtserve train')"]
     assert refused("train", "--corpus", tmp_path / "missing.tsv", "--out", tmp_path / "run") == [

@@ -92,11 +92,25 @@ def test_training_is_reproducible_and_resumable(tmp_path):
     assert problem.startswith("--resume: --seed is 1, but the run in") and "started with 0" in problem
     with pytest.raises(ValueError, match="--seed is 1"):
         train(other_seed)
-    # Weights of step 20 beside a training state of step 10, as a save cut short between its files would leave them.
+    # A save cut short between its renames, refused before any work: first a tokenizer other than the state's,
+    again = TrainSettings(out=resumed, steps=30, resume=True, **common)
+    tokenizer = (resumed / "tokenizer.json").read_bytes()
+    (resumed / "tokenizer.json").write_bytes(tokenizer + b" ")
+    assert again.resume_problems() == [f"--resume: {resumed}: its last save was interrupted, and its tokenizer.json is not "
+                                       "the one its training state was saved with; train again"]
+    (resumed / "tokenizer.json").write_bytes(tokenizer)
+    # then the weights of another run's save at the same step (a new run into this --out),
+    (straight / "model.safetensors").replace(resumed / "model.safetensors")
+    (problem,) = again.resume_problems()
+    assert "its last save was interrupted, and its files are of different saves (model.safetensors: " in problem
+    # then weights of step 20 beside a training state of step 10.
     state = resumed / "train_state.json"
     state.write_text(json.dumps({**json.loads(state.read_text()), "step": 10}))
     with pytest.raises(ValueError, match=r"its last save was interrupted.*model.safetensors: 20.*train_state.json: 10"):
-        train(TrainSettings(out=resumed, steps=30, resume=True, **common))
+        train(again)
+    # Every file of a checkpoint is as readable as the umask lets config.json be (safetensors' own were private).
+    modes = {path.name: path.stat().st_mode & 0o777 for path in straight.iterdir() if path.is_file()}
+    assert set(modes.values()) == {modes["config.json"]}, modes
 
 
 def test_accumulated_batches_make_the_step_of_one_batch_holding_them_all():
@@ -174,5 +188,5 @@ def test_a_new_run_replaces_nothing_of_an_old_checkpoint_before_its_first_save(t
 
     monkeypatch.setattr(torch.optim, "Adam", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(TrainSettings(out=run, preset="tiny", corpus_size=1500, valid_size=50, test_size=50, vocab_size=200, threads=1))
+        train(TrainSettings(out=run, preset="tiny", corpus_size=1500, valid_size=50, test_size=50, vocab_size=300, threads=1))
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before

@@ -54,6 +54,29 @@ def _parse(kind: type, text: str, name: str) -> Any:
         raise ValueError(f"{env_var(name)}={text!r} is not a valid {kind.__name__}") from error
 
 
+class _FromEnvironment(str):
+    """A variable's text as a flag's default: argparse converts it only where the flag is not given, after --help, so
+    that a bad variable neither hides the help nor stops a flag that overrides it."""
+
+
+def _converter(kind: type, name: str, choices: tuple | None) -> Any:
+    """A flag's argparse type: its kind, and for a variable's text a usage error naming the variable."""
+
+    def convert(text: str) -> Any:
+        if not isinstance(text, _FromEnvironment):
+            return kind(text)
+        try:
+            value = _parse(kind, text, name)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        if choices is not None and value not in choices:  # argparse checks only values given as flags
+            raise argparse.ArgumentTypeError(f"{env_var(name)}={value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+
+    convert.__name__ = kind.__name__  # argparse's "invalid int value" for a flag
+    return convert
+
+
 def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, *, positional: tuple[str, ...] = ()) -> None:
     """Add one flag per field of the dataclass `cls` to parser; NMTSERVE_<FIELD> sets its default."""
     hints = typing.get_type_hints(cls)
@@ -62,23 +85,24 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, *, positi
         kind = str if kind is Path else kind
         env = env_var(f.name)
         default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
-        if (text := env_value(f.name)) is not None:
-            try:
-                default = _parse(kind, text, f.name)
-            except ValueError as error:
-                parser.error(str(error))
-            choices = f.metadata.get("choices")
-            if choices is not None and default not in choices:  # argparse checks only values given as flags
-                parser.error(f"{env}={default!r} is not one of {', '.join(map(str, choices))}")
+        text = env_value(f.name)
         help_text = f"{f.metadata.get('help', '')} [env {env}; default: %(default)s]"
-        if f.name in positional:
-            parser.add_argument(f.name, type=kind, nargs="?" if default is not None else None, default=default, help=help_text)
-        elif kind is bool:
+        if kind is bool:  # BooleanOptionalAction takes no type: its variable is read here
+            if text is not None:
+                try:
+                    default = _parse(kind, text, f.name)
+                except ValueError as error:
+                    parser.error(str(error))
             parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        convert = _converter(kind, f.name, f.metadata.get("choices"))
+        default = _FromEnvironment(text) if text is not None else default
+        if f.name in positional:
+            parser.add_argument(f.name, type=convert, nargs="?" if default is not None else None, default=default, help=help_text)
         else:
             parser.add_argument(
                 flag(f.name),
-                type=kind,
+                type=convert,
                 default=default,
                 choices=f.metadata.get("choices"),
                 metavar=f.metadata.get("metavar"),

@@ -73,3 +73,11 @@ def test_bad_environment_value_is_a_usage_error_naming_the_variable(monkeypatch,
     with pytest.raises(SystemExit) as exited:
         parse([])
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_bad_environment_value_hides_neither_the_help_nor_a_flag_given_instead(monkeypatch, capsys):
+    monkeypatch.setenv("NMTSERVE_RATE", "fast")
+    assert parse(["--rate", "0.25"]) == Example(rate=0.25)  # an image's variable, overridden on the command line
+    with pytest.raises(SystemExit) as exited:
+        parse(["--help"])
+    assert exited.value.code == 0 and "[env NMTSERVE_RATE; default: fast]" in capsys.readouterr().out

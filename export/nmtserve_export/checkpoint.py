@@ -87,6 +87,8 @@ def _sha256(path: Path) -> str:
 def interrupted_save(directory: Path) -> str | None:
     """Why the checkpoint in `directory` is not one whole save (its last save was interrupted between renames), or None
     where it is; files from before saves were identified are taken as they are."""
+    if not (directory / STATE_META_FILE).is_file():
+        return f"{directory}: its last save was interrupted before {STATE_META_FILE} was written"
     meta = json.loads((directory / STATE_META_FILE).read_text())
     saves = {MODEL_FILE: _saved(directory / MODEL_FILE, "save"), STATE_FILE: _saved(directory / STATE_FILE, "save"),
              STATE_META_FILE: meta.get("save"), CONFIG_FILE: read_metadata(directory).get("save")}

@@ -131,8 +131,9 @@ class DecoderStepGraph(nn.Module):
 
 def example_inputs(model: Transformer, batch: int = 3, source_length: int = 7, cache_length: int = 5) -> dict[str, tuple[Tensor, ...]]:
     """Inputs to trace and check each graph with, laid out as the engine lays out a batch: rows of different lengths
-    (row i has i padded source positions), each row's new token at its own position (its number of cached steps),
-    and a cache axis longer than the longest row. Sizes > 1 where tracing, so that no axis is specialised."""
+    (row i has i padded source positions, so source_length > batch), each row's new token at its own position (its
+    number of cached steps), and a cache axis longer than the longest row. Sizes > 1 where tracing, so that no axis
+    is specialised."""
     c = model.config
     source_ids = torch.randint(4, c.source_vocab, (batch, source_length))
     ragged = torch.arange(batch)
@@ -155,7 +156,7 @@ def example_inputs(model: Transformer, batch: int = 3, source_length: int = 7, c
 def parity_inputs(model: Transformer) -> list[dict[str, tuple[Tensor, ...]]]:
     """The input sets the exported graphs are checked on: the traced one, a single row, and a wider batch with the
     engine's smallest cache axis."""
-    return [example_inputs(model), example_inputs(model, 1, 11, 2), example_inputs(model, 6, 4, 16)]
+    return [example_inputs(model), example_inputs(model, 1, 11, 2), example_inputs(model, 6, 9, 16)]
 
 
 def _dynamic_shapes(spec: dict, role: str) -> tuple:

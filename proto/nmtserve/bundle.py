@@ -201,9 +201,11 @@ def write_bundle(directory: Path, files: dict[str, bytes], manifest: dict[str, A
     at `directory` (new, empty, or an earlier bundle, which it replaces); raises BundleError, leaving `directory` as
     it was."""
     directory = destination(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     staging = _beside(directory, "new")
-    staging.mkdir()
+    try:
+        staging.mkdir(parents=True)
+    except OSError as error:
+        raise BundleError(f"{directory}: cannot write beside it ({error.strerror or error})") from error
     try:
         names = file_names(manifest["tokenizer"]["kind"])
         listed = {}
@@ -216,8 +218,16 @@ def write_bundle(directory: Path, files: dict[str, bytes], manifest: dict[str, A
         read_bundle(staging)
         if directory.exists():  # the earlier bundle goes only once the new one is whole and verified
             earlier = _beside(directory, "earlier")
-            directory.rename(earlier)
-            staging.rename(directory)
+            try:
+                directory.rename(earlier)
+            except OSError as error:  # a mount point cannot be moved
+                raise BundleError(f"{directory}: cannot be replaced ({error.strerror or error}); export into a "
+                                  "directory inside it") from error
+            try:
+                staging.rename(directory)
+            except BaseException:  # interrupted between the two renames: the earlier bundle goes back
+                earlier.rename(directory)
+                raise
             shutil.rmtree(earlier)
         else:
             staging.rename(directory)
@@ -229,13 +239,21 @@ def write_bundle(directory: Path, files: dict[str, bytes], manifest: dict[str, A
 def destination(directory: Path | str) -> Path:
     """Where a bundle written to `directory` goes (a symlink's target: the link is kept); raises BundleError where
     that holds something other than a bundle, which writing would replace."""
-    directory = Path(directory)
+    directory = Path(os.path.abspath(directory))  # "." and "a/.." have a name, and a parent to stage beside
     if directory.is_symlink():
         directory = directory.resolve()
-    if directory.exists() and not (directory / MANIFEST).is_file() and (not directory.is_dir() or any(directory.iterdir())):
+    if directory.exists() and not _holds_a_bundle(directory) and (not directory.is_dir() or any(directory.iterdir())):
         raise BundleError(f"{directory}: exists and is not a bundle; export into a new or empty directory, or over an "
                           "earlier bundle")
     return directory
+
+
+def _holds_a_bundle(directory: Path) -> bool:
+    """Whether the directory holds a bundle's manifest (any other manifest.json is someone else's)."""
+    try:
+        return json.loads((directory / MANIFEST).read_bytes()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):  # none, unreadable, not JSON, not an object
+        return False
 
 
 def _beside(directory: Path, label: str) -> Path:

@@ -87,17 +87,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, *, positi
         default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
         text = env_value(f.name)
         help_text = f"{f.metadata.get('help', '')} [env {env}; default: %(default)s]"
-        if kind is bool:  # BooleanOptionalAction takes no type: its variable is read here
-            if text is not None:
-                try:
-                    default = _parse(kind, text, f.name)
-                except ValueError as error:
-                    parser.error(str(error))
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
-            continue
         convert = _converter(kind, f.name, f.metadata.get("choices"))
         default = _FromEnvironment(text) if text is not None else default
-        if f.name in positional:
+        if kind is bool:
+            action = parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            action.type = convert  # what argparse converts a string default with; --x and --no-x set theirs directly
+        elif f.name in positional:
             parser.add_argument(f.name, type=convert, nargs="?" if default is not None else None, default=default, help=help_text)
         else:
             parser.add_argument(

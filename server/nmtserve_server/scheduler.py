@@ -146,8 +146,10 @@ class Scheduler:
     def submit(
         self, sources: Sequence[list[int]], options: DecodeOptions, *, deadline: float | None = None, stream: bool = False
     ) -> list[Job]:
-        """Queue the texts of one request, all or none; raises UnavailableError or QueueFullError."""
-        if not self.accepting:
+        """Queue the texts of one request, all or none; raises UnavailableError or QueueFullError. A draining scheduler
+        still takes the texts of calls that arrived before the drain (they may come once tokenized, in a thread):
+        new calls are refused before they get here (`accepting`)."""
+        if self.state not in ("serving", "draining"):
             raise UnavailableError(f"server is {self.state}")
         if self._queued + len(sources) > self.max_queue_size:
             raise QueueFullError(
@@ -207,6 +209,8 @@ class Scheduler:
     async def stop(self) -> None:
         """Stop the decode process, fail whatever is left."""
         self.state = "stopped"
+        if self._loaded is not None and not self._loaded.done():  # start() waiting: it reports the process's end
+            self._loaded.set_result(None)
         if self._process is not None and self._process.is_alive():
             if self._writer is not None:  # the loop reads its messages: ask it to stop
                 try:

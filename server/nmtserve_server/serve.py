@@ -188,7 +188,9 @@ class TranslationServer:
             # the requests metric say what the clients hear, before gRPC cancels whatever is left.
             self.scheduler.cut("the server stopped before the translation finished: "
                                + ("a second signal" if forced else f"its --grace-seconds {grace:g} ended"))
-            await asyncio.wait([asyncio.ensure_future(self.service.idle())], timeout=FINISH_SECONDS)
+            finishing = asyncio.ensure_future(self.service.idle())
+            await asyncio.wait([finishing], timeout=FINISH_SECONDS)
+            finishing.cancel()
         await self.grpc.stop(0 if left else FINISH_SECONDS)
         await closing
         await self.scheduler.stop()

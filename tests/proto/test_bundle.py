@@ -236,14 +236,33 @@ def test_a_bundle_that_fails_verification_leaves_the_earlier_one_as_it_was(bundl
     assert read_bundle(bundle_copy).sha256 == before and _left_beside(bundle_copy) == []
 
 
-def test_a_directory_that_is_not_a_bundle_is_never_replaced(bundle_copy, tmp_path):
+@pytest.mark.parametrize("manifest_there", [None, '{"name": "my web app"}'], ids=["other-files", "another-manifest"])
+def test_a_directory_that_is_not_a_bundle_is_never_replaced(bundle_copy, tmp_path, manifest_there):
     files, manifest = _contents(bundle_copy)
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint.pt").write_text("weights")
+    if manifest_there is not None:  # a manifest.json of something else: a web app's, a tool's
+        (run / MANIFEST).write_text(manifest_there)
     with pytest.raises(BundleError, match="exists and is not a bundle"):
         write_bundle(run, files, manifest)
     assert (run / "checkpoint.pt").read_text() == "weights"
+
+
+def test_an_export_interrupted_between_its_renames_puts_the_earlier_bundle_back(bundle_copy, monkeypatch):
+    before = read_bundle(bundle_copy).sha256
+    files, manifest = _contents(bundle_copy)
+    rename = Path.rename
+
+    def interrupted(self: Path, target: Path) -> Path:
+        if self.name.startswith(f".{bundle_copy.name}.new-"):  # the new bundle's move into place: Ctrl-C
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_bundle(bundle_copy, files, {**manifest, "name": "never-in-place"})
+    assert read_bundle(bundle_copy).sha256 == before and _left_beside(bundle_copy) == []
 
 
 def test_a_bundle_written_through_a_symlink_keeps_the_link(bundle_copy, tmp_path):

@@ -77,7 +77,13 @@ def test_bad_environment_value_is_a_usage_error_naming_the_variable(monkeypatch,
 
 def test_a_bad_environment_value_hides_neither_the_help_nor_a_flag_given_instead(monkeypatch, capsys):
     monkeypatch.setenv("NMTSERVE_RATE", "fast")
-    assert parse(["--rate", "0.25"]) == Example(rate=0.25)  # an image's variable, overridden on the command line
+    monkeypatch.setenv("NMTSERVE_RESUME", "maybe")
+    # An image's variables, overridden on the command line.
+    assert parse(["--rate", "0.25", "--no-resume"]) == Example(rate=0.25, resume=False)
     with pytest.raises(SystemExit) as exited:
         parse(["--help"])
-    assert exited.value.code == 0 and "[env NMTSERVE_RATE; default: fast]" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    assert exited.value.code == 0 and "[env NMTSERVE_RATE; default: fast]" in help_text and "default: maybe]" in help_text
+    with pytest.raises(SystemExit) as exited:
+        parse(["--rate", "0.25"])
+    assert exited.value.code == 2 and "NMTSERVE_RESUME='maybe' is not a boolean" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from multiprocessing.connection import Connection
 
 import pytest
 
+from nmtserve.bundle import read_bundle
 from nmtserve_server.decode_loop import DecodeLoop, EngineSpec, Report, Text
 from nmtserve_server.engine import Decoder, Engine, translate
 from nmtserve_server.metrics import Metrics
@@ -293,3 +294,38 @@ def test_the_decode_process_refuses_a_bundle_other_than_the_servers(tiny_bundle)
     with pytest.raises(EngineFailed, match="changed while the server started: its manifest's sha256 is now [0-9a-f]{64}"):
         asyncio.run(scheduler.start(spec, log_level="warning"))
     asyncio.run(scheduler.stop())  # closes the pipes
+
+
+def test_a_stop_while_the_decode_process_loads_ends_the_start(tiny_bundle):
+    """A server stopped while its decode process loads: start() must end, not wait for a message that never comes."""
+    spec = EngineSpec(str(tiny_bundle), read_bundle(tiny_bundle).sha256, "cpu", CAPACITY, 1, 1)
+
+    async def main() -> None:
+        scheduler = Scheduler(Metrics(), max_queue_size=4, max_queue_delay=0.0)
+        starting = asyncio.create_task(scheduler.start(spec, log_level="warning"))
+        await asyncio.sleep(0)  # start() has started the process and waits for it
+        await scheduler.stop()
+        with pytest.raises(EngineFailed, match="the decode process exited with code -9 while loading"):
+            await asyncio.wait_for(starting, 30)
+
+    asyncio.run(main())
+
+
+def test_a_draining_scheduler_still_takes_the_texts_of_calls_admitted_before_the_drain(tiny_bundle):
+    """A call admitted before SIGTERM may send its texts after it, once tokenized in a thread: they are served."""
+    bundle = read_bundle(tiny_bundle)
+    spec = EngineSpec(str(tiny_bundle), bundle.sha256, "cpu", CAPACITY, 1, 1)
+
+    async def main() -> None:
+        scheduler = Scheduler(Metrics(), max_queue_size=4, max_queue_delay=0.0)
+        await scheduler.start(spec, log_level="warning")
+        try:
+            scheduler.drain()
+            assert not scheduler.accepting  # a new call is refused before it gets here
+            (job,) = scheduler.submit([[bundle.tokens.unk, bundle.tokens.eos]], DecodeOptions(min_length=3, max_length=3))
+            (hypothesis,) = await asyncio.wait_for(job.future, 30)  # decoded, not refused as "server is draining"
+            assert 2 <= len(hypothesis.tokens) <= 3  # <eos> at the third step, or none
+        finally:
+            await scheduler.stop()
+
+    asyncio.run(main())

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -123,21 +124,21 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
-def wait_seconds(pid: int) -> float | None:
-    """Time the process's live threads have spent ready to run but waiting for a core so far (Linux's schedstat), or
-    None where the system does not tell."""
+def wait_seconds(pid: int) -> dict[str, float] | None:
+    """Time each live thread of the process has spent ready to run but waiting for a core so far (Linux's schedstat),
+    by thread id, or None where the system does not tell."""
     try:
         threads = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
-    total = 0.0
+    waits = {}
     for thread in threads:
         try:
             with open(f"/proc/{pid}/task/{thread}/schedstat") as stats:
-                total += int(stats.read().split()[1]) / 1e9  # run time, run-queue wait, time slices: nanoseconds
+                waits[thread] = int(stats.read().split()[1]) / 1e9  # run time, run-queue wait, time slices: nanoseconds
         except (OSError, IndexError, ValueError):  # the thread ended meanwhile
             continue
-    return total
+    return waits
 
 
 class CoreMeter:
@@ -159,7 +160,10 @@ class CoreMeter:
         waited: dict[str, float | None] = {}
         for name, pid in self.pids.items():
             before, after = self._wait[name], wait_seconds(pid)
-            waited[name] = None if before is None or after is None else max(0.0, after - before) / elapsed
+            # Per thread alive at the end: one that ended in the window loses only its wait in it, instead of taking
+            # its wait from before the window out of the others'.
+            waited[name] = None if before is None or after is None else sum(
+                wait - before.get(thread, 0.0) for thread, wait in after.items()) / elapsed
         return used, waited
 
 
@@ -281,8 +285,10 @@ def _plot(report: dict, path: Path) -> None:
     for offset, key, label, color in ((-0.2, "engine_tokens_per_second", f"engine alone, batch {ENGINE_BATCH}", "tab:gray"),
                                       (0.2, "served_tokens_per_second", f"gRPC, {report['streams']} streams", "tab:blue")):
         throughput.bar(rounds + offset, [r[key] for r in report["rounds"]], 0.4, label=label, color=color)
-    throughput.set_xticks(rounds, [f"round {i + 1}\n{r['ratio']:.2f}x" for i, r in enumerate(report["rounds"])])
-    throughput.set(ylabel="generated tokens/s", title=f"Throughput (served / engine = {report['ratio']:.2f})")
+    throughput.set_xticks(rounds, [f"round {i + 1}{' (!)' if r['foreign_load'] else ''}\n{r['ratio']:.2f}x"
+                                   for i, r in enumerate(report["rounds"])])
+    flagged = "; (!) another program ran" if any(r["foreign_load"] for r in report["rounds"]) else ""
+    throughput.set(ylabel="generated tokens/s", title=f"Throughput (served / engine = {report['ratio']:.2f}){flagged}")
     throughput.legend(loc="lower right")
     over_budget = np.sort(np.array(report["time_to_first_token_seconds"]) / np.array(report["ttft_budget_seconds"]))
     latency.plot(over_budget, np.arange(1, len(over_budget) + 1) / len(over_budget))
@@ -321,7 +327,8 @@ def run(command: str, args: argparse.Namespace) -> int:
     engine = Engine.from_path(
         args.bundle, device=args.device, capacity=ENGINE_BATCH, threads=args.threads, decoder_threads=args.decoder_threads
     )
-    texts = made_up_texts(engine, max(4 * args.streams, ENGINE_BATCH), args.source_tokens)
+    # Whole batches only: a last, smaller one would lower the engine's "batch 32" reference.
+    texts = made_up_texts(engine, ENGINE_BATCH * math.ceil(max(4 * args.streams, ENGINE_BATCH) / ENGINE_BATCH), args.source_tokens)
     sources = engine.encode_texts(texts)
     batches = [sources[i : i + ENGINE_BATCH] for i in range(0, len(sources), ENGINE_BATCH)]
     translate(engine, batches[0], DecodeOptions(min_length=args.length, max_length=args.length))  # warm-up, a whole batch
@@ -356,7 +363,9 @@ def run(command: str, args: argparse.Namespace) -> int:
             rounds.append({"engine_tokens_per_second": engine_rate, "served_tokens_per_second": received / seconds,
                            "ratio": received / seconds / engine_rate, "seconds": seconds, "requests": len(round_timings),
                            "tokens": received, "engine_cores": engine_cores, "served_cores": cores,
-                           "engine_waiting_cores": engine_waiting, "served_waiting_cores": waiting})
+                           "engine_waiting_cores": engine_waiting, "served_waiting_cores": waiting,
+                           # The engine alone waited for a core: another program was running, and the ratio is suspect.
+                           "foreign_load": engine_waiting is not None and engine_waiting > FOREIGN_LOAD_CORES})
             timings += round_timings
             print(f"round {index + 1}/{args.rounds}: engine alone {engine_rate:.0f}, served {received / seconds:.0f} "
                   f"generated tokens/s ({rounds[-1]['ratio']:.2f}x)", flush=True)
@@ -432,7 +441,7 @@ def run(command: str, args: argparse.Namespace) -> int:
         print(f"cores' worth of time ready to run but waiting for a core: engine alone {report['engine_waiting_cores']:.2f}; "
               f"served: {served_waiting}")
     for index, r in enumerate(rounds, 1):
-        if r["engine_waiting_cores"] is not None and r["engine_waiting_cores"] > FOREIGN_LOAD_CORES:
+        if r["foreign_load"]:
             print(f"warning: in round {index} the engine alone waited {r['engine_waiting_cores']:.2f} cores' worth for a core: "
                   "something else was running on this machine, so that round's ratio is suspect")
     print(f"wrote {out / 'bench_serve.json'} and bench_serve.png")

@@ -32,6 +32,8 @@ def test_bench_serve_measures_the_engine_and_the_server(tiny_bundle, tmp_path):
     assert report["requests"] == len(report["time_to_first_token_seconds"]) > 0
     assert len(report["rounds"]) == 2 and report["requests"] == sum(r["requests"] for r in report["rounds"])
     assert all(r["engine_tokens_per_second"] > 0 and r["ratio"] > 0 for r in report["rounds"])
+    assert all(r["foreign_load"] == (r["engine_waiting_cores"] is not None and r["engine_waiting_cores"] > bench.FOREIGN_LOAD_CORES)
+               for r in report["rounds"])
     assert report["served_tokens_per_second"] == pytest.approx(report["requests"] * 4 / report["seconds"])  # 4 tokens each
     assert 0 < report["p50_time_to_first_token_seconds"] <= report["p99_time_to_first_token_seconds"]
     # The server's means cover the measured windows, where 4 streams keep at most 4 rows in a step.
@@ -79,3 +81,28 @@ def test_wait_seconds_counts_the_time_a_process_waits_for_a_core():
     assert sum(used.values()) <= 1.1
     assert all(used[name] + waited[name] == pytest.approx(1.0, abs=0.15) for name in used)
     assert all(cores > 0.4 for cores in waited.values())  # each waited while the other two ran: about 2/3 of a core
+
+
+def test_a_thread_that_ends_in_the_window_takes_no_earlier_wait_out_of_it():
+    """Three threads of one process share one core; one ends 0.6 s into a 1 s window. The two that stay waited about
+    1.2 cores' worth in it (2/3 of the core each while three shared it, 1/2 after): the ended thread's wait from before
+    the window used to be taken out of theirs (0.54 measured)."""
+    if bench.wait_seconds(os.getpid()) is None:
+        pytest.skip("this system does not report run-queue waits (/proc/PID/task/*/schedstat)")
+    core = min(os.sched_getaffinity(0))
+    threads = (f"import hashlib, os, threading, time\nos.sched_setaffinity(0, {{{core}}})\ndata = b'x' * (1 << 20)\n"
+               "def spin(seconds):\n    end = time.monotonic() + seconds\n    while time.monotonic() < end:\n"
+               "        hashlib.sha256(data).digest()  # releases the GIL: the threads contend for the core itself\n"
+               "for seconds in (4.0, 4.0, 1.6):\n    threading.Thread(target=spin, args=(seconds,)).start()\n"
+               "time.sleep(1.0)\nprint('window', flush=True)\n")
+    process = subprocess.Popen([sys.executable, "-c", threads], stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == b"window\n"
+        meter = bench.CoreMeter({"threads": process.pid})
+        meter.start()
+        time.sleep(1.0)
+        _, waited = meter.stop()
+    finally:
+        process.kill()
+        process.wait(10)
+    assert waited["threads"] > 0.9

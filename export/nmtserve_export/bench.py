@@ -73,7 +73,7 @@ def run(command: str, args: argparse.Namespace) -> int:
         **{f"onnxruntime-{p}": (lambda batch, e=e: translate(e, batch, fixed)) for p, e in engines.items()},
     }
     for decode in deciders.values():
-        decode(sources[:1])  # warm-up
+        decode(sources[:streams])  # warm-up: a sentence for each engine, whose first run would count otherwise
     # The engines take turns, repeat by repeat, so a busy moment on a shared machine falls on all of them alike;
     # each keeps its fastest repeat.
     best: dict[str, dict[str, float]] = {name: {str(b): float("inf") for b in args.batch_sizes} for name in deciders}

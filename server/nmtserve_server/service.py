@@ -92,6 +92,12 @@ def _echo(value: str) -> str:
     return repr(value[:MAX_ECHOED]) + ("…" if len(value) > MAX_ECHOED else "")
 
 
+def _blank(text: str) -> bool:
+    """Whether a text holds nothing to translate: only white space, control and invisible format characters (a
+    zero-width space, a byte-order mark), which the model would translate into words it makes up."""
+    return not any(c.isprintable() and not c.isspace() for c in text)
+
+
 def _less(name: str) -> str:
     """What to ask for less of when the answer to a request with this texts field ("texts" or "text") is too large."""
     return "fewer texts or hypotheses" if name == "texts" else "a shorter text"
@@ -249,7 +255,7 @@ class TranslatorService:
         sources: list[list[int]] = [[] for _ in texts]
         wrong: dict[int, str] = {}
         for index, text in enumerate(texts):  # first what needs no tokenizing, which a long text makes slow
-            if not text.strip():
+            if _blank(text):
                 wrong[index] = "empty text"
             elif len(text) > most_characters:
                 wrong[index] = (f"{len(text)} characters, above the {most_characters} a text may have "

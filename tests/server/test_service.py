@@ -130,6 +130,7 @@ def _bad_request(call) -> list[str]:
 INVALID = [
     ("no texts", pb.TranslateRequest(), "texts"),
     ("empty text", pb.TranslateRequest(texts=["Friday", " "]), "texts[1]"),
+    ("invisible text", pb.TranslateRequest(texts=["Friday", "\u200b\ufeff\x00 \t"]), "texts[1]"),  # zero-width, BOM, NUL
     ("too many texts", pb.TranslateRequest(texts=["Friday"] * 65), "texts"),
     ("source too long", pb.TranslateRequest(texts=["Friday " * 300]), "texts[0]"),  # tokenized, then refused
     ("too long to tokenize", pb.TranslateRequest(texts=["Friday " * 600]), "texts[0]"),  # refused by its characters

@@ -109,6 +109,11 @@ class Closing:
         """Whether close() was called."""
         return self._closed.is_set()
 
+    def check(self) -> None:
+        """ClientClosedError where the client was closed: for a call that would make no RPC to find it out by."""
+        if self.closed:
+            raise _closed_error()
+
     def close(self) -> None:
         """Mark the client closed and wake the calls that wait to retry."""
         self._closed.set()

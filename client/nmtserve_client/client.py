@@ -122,6 +122,7 @@ class Client:
             timeout: Seconds the whole call may take, retries included (None: the client's timeout).
         """
         texts = text_list(texts)
+        self._closing.check()  # an empty list makes no RPC that would say so
         options = translate_options(
             beam_size=beam_size, max_length=max_length, min_length=min_length, length_penalty=length_penalty,
             num_hypotheses=num_hypotheses, return_scores=return_scores, return_alignment=return_alignment,

@@ -65,8 +65,8 @@ def test_closing_a_client_ends_its_calls_in_flight_as_closed(server, test_texts)
     _said_closed(translate_error.value)
     _said_closed(stream_error.value)
     # A call begun after close(), or a stream read after it, is refused the same way, not with gRPC's ValueError.
-    for call in (lambda: client.translate(["Friday"]), lambda: client.translate_stream("Friday"), client.model_info, client.health,
-                 lambda: next(stream)):
+    for call in (lambda: client.translate(["Friday"]), lambda: client.translate([]), lambda: client.translate_stream("Friday"),
+                 client.model_info, client.health, lambda: next(stream)):
         with pytest.raises(RequestCancelledError) as caught:
             call()
         _said_closed(caught.value)
@@ -97,7 +97,8 @@ def test_closing_an_async_client_ends_its_calls_in_flight_as_closed(server, test
             with pytest.raises(RequestCancelledError) as caught:
                 await reading
         _said_closed(caught.value)
-        for call in (lambda: client.translate(["Friday"]), client.model_info, client.health, lambda: anext(stream)):
+        for call in (lambda: client.translate(["Friday"]), lambda: client.translate([]), client.model_info, client.health,
+                     lambda: anext(stream)):
             with pytest.raises(RequestCancelledError) as caught:
                 await call()
             _said_closed(caught.value)

@@ -235,13 +235,18 @@ class Engine(Model):
         fastest = threads if best[threads] * MULTI_THREAD_GAIN < best[1] else 1
         return fastest, sessions[fastest]
 
+    def check_sources(self, sources: Sequence[Sequence[int]]) -> None:
+        """ValueError where a source cannot be encoded: empty, or longer than the model reads."""
+        for source in sources:
+            if len(source) < 1:
+                raise ValueError("an empty source: a source has at least its <eos>")
+            if len(source) > self.max_source_length:
+                raise ValueError(f"a source of {len(source)} tokens is longer than the model's limit of {self.max_source_length}")
+
     def encode(self, sources: Sequence[Sequence[int]]) -> EncodedBatch:
         """Run the encoder once for a batch of source id lists."""
+        self.check_sources(sources)
         lengths = np.array([len(s) for s in sources], dtype=np.int64)
-        if lengths.min() < 1:
-            raise ValueError("an empty source: a source has at least its <eos>")
-        if lengths.max() > self.max_source_length:
-            raise ValueError(f"a source of {lengths.max()} tokens is longer than the model's limit of {self.max_source_length}")
         source_ids = np.zeros((len(sources), int(lengths.max())), dtype=np.int64)
         for row, source in enumerate(sources):
             source_ids[row, : len(source)] = source
@@ -481,7 +486,7 @@ class Decoder:
         """Let the sentences at `rows` of a started batch (its searches, in batch order) join the running batch under
         `keys` (one per row), each in beam_size rows of the cache; the others (ended at their first step, withdrawn,
         or waiting for rows) do not."""
-        if len(rows) == len(searches):  # the whole batch: the common case, no copy of it
+        if list(rows) == list(range(len(searches))):  # the whole batch, in order: the common case, no copy of it
             self.insert(keys, batch, searches)
         elif rows:
             self.insert(keys, batch.select(list(rows)), [searches[row] for row in rows])
@@ -606,12 +611,13 @@ def translate(
 
 
 def check_options(engine: Engine, options: DecodeOptions) -> None:
-    """ValueError where the engine cannot decode with these options: a beam its cache cannot hold, an output longer
-    than the model's positions."""
+    """ValueError where the engine cannot decode with these options: a beam its cache cannot hold, or what the server
+    refuses (DecodeOptions.problems: an output longer than the model's positions, n-best above the beam, …)."""
     if not 1 <= options.beam_size <= engine.capacity:
         raise ValueError(f"beam size {options.beam_size} must be between 1 and the engine's {engine.capacity} cache rows")
-    if not 1 <= options.max_length <= engine.max_target_length:
-        raise ValueError(f"max_length {options.max_length} must be between 1 and the model's {engine.max_target_length} tokens")
+    problems = options.problems(engine.max_target_length)
+    if problems:
+        raise ValueError("; ".join(f"{name}: {why}" for name, why in problems))
 
 
 def _translate(engine: Engine, sources: Sequence[Sequence[int]], options: DecodeOptions) -> list[list[Hypothesis]]:
@@ -619,14 +625,22 @@ def _translate(engine: Engine, sources: Sequence[Sequence[int]], options: Decode
     max_length = min(options.max_length, engine.max_target_length)
     options = DecodeOptions(**{**options.__dict__, "max_length": max_length})
     check_options(engine, options)  # before the loop, which would wait for ever for rows a beam cannot have
+    engine.check_sources(sources)  # before any holds rows: a failure midway would leave the others' behind
     decoder = Decoder(engine)
     results: dict[int, list[Hypothesis]] = {}
     pending = list(range(len(sources)))
-    while pending or decoder.active:
-        admit = []
-        while pending and (len(admit) + 1) * options.beam_size <= decoder.rows_free():
-            admit.append(pending.pop(0))
-        if admit:
-            results.update(decoder.add(admit, [sources[i] for i in admit], [options] * len(admit)))
-        results.update(decoder.step())
+    try:
+        while pending or decoder.active:
+            admit = []
+            while pending and (len(admit) + 1) * options.beam_size <= decoder.rows_free():
+                admit.append(pending.pop(0))
+            if admit:
+                results.update(decoder.add(admit, [sources[i] for i in admit], [options] * len(admit)))
+            elif not decoder.active:  # rows held elsewhere (another Decoder on this engine): none will come free here
+                raise RuntimeError(f"{decoder.rows_free()} of the engine's {engine.capacity} cache rows are free, and a "
+                                   f"beam of {options.beam_size} needs more")
+            results.update(decoder.step())
+    finally:  # a failed run gives back the rows of the sentences it was decoding
+        for sentence in list(decoder.active):
+            decoder.remove(sentence.key)
     return [results[i] for i in range(len(sources))]

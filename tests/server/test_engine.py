@@ -268,11 +268,28 @@ def test_options_the_engine_cannot_decode_are_refused_before_any_model_run(refer
     _, _, _, sources = reference
     decoder = Decoder(engine)
     too_long = DecodeOptions(min_length=engine.max_target_length + 1, max_length=engine.max_target_length + 1)
-    with pytest.raises(ValueError, match=f"max_length {engine.max_target_length + 1} must be between 1 and the model's"):
+    limit = engine.max_target_length
+    with pytest.raises(ValueError, match=rf"options\.max_length: {limit + 1} is above the model's limit of {limit} tokens"):
         decoder.add(["a"], sources[:1], [too_long])
     with pytest.raises(ValueError, match="beam size 0 must be between 1"):
         decoder.add(["a"], sources[:1], [DecodeOptions(beam_size=0)])
+    # What the server refuses, for a Python caller too: more hypotheses than the beam keeps.
+    with pytest.raises(ValueError, match="options.num_hypotheses: 3 is above beam_size 2"):
+        decoder.add(["a"], sources[:1], [DecodeOptions(beam_size=2, num_hypotheses=3)])
     assert not decoder.active and decoder.rows_free() == engine.capacity
+
+
+def test_a_translate_that_fails_midway_gives_its_rows_back(reference, tiny_bundle):
+    """A source past the model's limit, found only when its turn came, left the rows of the others held: the next
+    translate() on the engine waited for ever for rows."""
+    _, _, _, sources = reference
+    engine = Engine.from_path(tiny_bundle, device="cpu", capacity=2, threads=1)
+    too_long = [5] * engine.max_source_length + [engine.tokens.eos]
+    with pytest.raises(ValueError, match="longer than the model's limit"):
+        translate(engine, [sources[0], sources[1], too_long], DecodeOptions(max_length=30))
+    assert sorted(engine.free_slots) == [0, 1]
+    (hypotheses,) = translate(engine, sources[:1], DecodeOptions(beam_size=2))  # both rows: it waited for ever
+    assert hypotheses
 
 
 def test_cuda_without_a_gpu_fails_fast():

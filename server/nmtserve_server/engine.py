@@ -301,7 +301,10 @@ class Engine(Model):
         return slots
 
     def release(self, slots: Sequence[int]) -> None:
-        """Return slots to the free list."""
+        """Return slots to the free list; ValueError for one that is free already (two sentences would share it)."""
+        free = set(self.free_slots)
+        if len(set(slots)) < len(slots) or free.intersection(slots):
+            raise ValueError(f"rows {sorted(slots)} are not all held: rows {sorted(free.intersection(slots))} are free already")
         for slot in slots:
             heapq.heappush(self.free_slots, slot)
         self.lengths[slots] = 0
@@ -466,6 +469,8 @@ class Decoder:
     ) -> list[tuple[Any, list[Hypothesis]]]:
         """Encode sentences in one batch, run their first step and give each its rows (beam_size each); returns those
         that the first step finished."""
+        if not sources:
+            return []
         batch = self.engine.encode(sources)
         searches = self.start(batch, options)
         rows = [i for i, search in enumerate(searches) if not search.done]

@@ -331,3 +331,16 @@ def test_decoder_threads_are_as_set_or_timed_at_load(tiny_bundle):
     assert chosen.decoder_threads in (1, 2)
     assert chosen.decoder.get_session_options().intra_op_num_threads == chosen.decoder_threads
     assert chosen.encoder.get_session_options().intra_op_num_threads == 2
+
+
+def test_a_row_is_released_once(tiny_bundle):
+    """A second release of a row would put it in the free list twice, and two sentences could then share it."""
+    engine = Engine.from_path(tiny_bundle, device="cpu", capacity=4, threads=1)
+    assert Decoder(engine).add([], [], []) == []  # nothing to start: no encoder run of no sources
+    batch = engine.encode([[5, engine.tokens.eos]])
+    engine.first_step(batch)  # what allocated rows start from
+    (slots,) = engine.allocate(batch, [2])
+    engine.release(slots)
+    with pytest.raises(ValueError, match=r"rows \[0, 1\] are not all held: rows \[0, 1\] are free already"):
+        engine.release(slots)
+    assert sorted(engine.free_slots) == [0, 1, 2, 3]

@@ -9,7 +9,6 @@ A checkpoint directory holds:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -20,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from .corpus import file_sha256
 from .model import ModelConfig, Transformer
 from .tokenizer import load_tokenizer
 
@@ -68,7 +68,7 @@ def save_checkpoint(
         STATE_FILE: lambda path: save_file(state, str(path), metadata=tag),
         CONFIG_FILE: lambda path: path.write_text(_json({"model": model.config.to_dict(), **metadata, "save": save})),
         STATE_META_FILE: lambda path: path.write_text(_json({
-            "step": step, "save": save, "tokenizer_sha256": _sha256(directory / (TOKENIZER_FILE + ".tmp")), "history": history,
+            "step": step, "save": save, "tokenizer_sha256": file_sha256(directory / (TOKENIZER_FILE + ".tmp")), "history": history,
         })),
     }
     for name, write in writers.items():  # in this order: train_state.json hashes the tokenizer written before it
@@ -80,26 +80,22 @@ def save_checkpoint(
         path.replace(directory / name)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def interrupted_save(directory: Path) -> str | None:
     """Why the checkpoint in `directory` is not one whole save (its last save was interrupted between renames), or None
     where it is; files from before saves were identified are taken as they are."""
     if not (directory / STATE_META_FILE).is_file():
         return f"{directory}: its last save was interrupted before {STATE_META_FILE} was written"
     meta = json.loads((directory / STATE_META_FILE).read_text())
-    saves = {MODEL_FILE: _saved(directory / MODEL_FILE, "save"), STATE_FILE: _saved(directory / STATE_FILE, "save"),
-             STATE_META_FILE: meta.get("save"), CONFIG_FILE: read_metadata(directory).get("save")}
-    steps = {MODEL_FILE: _saved(directory / MODEL_FILE, "step"), STATE_FILE: _saved(directory / STATE_FILE, "step"),
-             STATE_META_FILE: str(meta["step"])}
+    tags = {name: _tag(directory / name) for name in (MODEL_FILE, STATE_FILE)}
+    steps = {**{name: tag.get("step") for name, tag in tags.items()}, STATE_META_FILE: str(meta["step"])}
+    saves = {**{name: tag.get("save") for name, tag in tags.items()}, STATE_META_FILE: meta.get("save"),
+             CONFIG_FILE: read_metadata(directory).get("save")}
     for what, found in (("steps", steps), ("saves", saves)):
         if len({value for value in found.values() if value is not None}) > 1:
             return (f"{directory}: its last save was interrupted, and its files are of different {what} ("
                     + ", ".join(f"{name}: {value}" for name, value in found.items() if value is not None) + ")")
     recorded = meta.get("tokenizer_sha256")
-    if recorded is not None and recorded != _sha256(directory / TOKENIZER_FILE):
+    if recorded is not None and recorded != file_sha256(directory / TOKENIZER_FILE):
         return f"{directory}: its last save was interrupted, and its {TOKENIZER_FILE} is not the one its training state was saved with"
     return None
 
@@ -158,8 +154,8 @@ def load_train_state(directory: Path, optimizer: torch.optim.Optimizer) -> tuple
     return meta["step"], meta["history"]
 
 
-def _saved(path: Path, key: str) -> str | None:
-    """What a safetensors file of a checkpoint says of the save that wrote it: its "step" or its "save" id (None if
-    it does not say)."""
+def _tag(path: Path) -> dict[str, str]:
+    """What a safetensors file of a checkpoint says of the save that wrote it: its "step" and its "save" id (neither
+    in a file from before they were recorded)."""
     with safe_open(str(path), framework="pt") as file:
-        return (file.metadata() or {}).get(key)
+        return file.metadata() or {}

@@ -519,7 +519,8 @@ def split_corpus(pairs: list[Pair], *, valid_size: int, test_size: int) -> Split
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, hex: what a checkpoint records of the TSV corpus it was trained on."""
+    """The sha256 of a file's bytes, hex: what a checkpoint records of the TSV corpus it was trained on, and of its
+    tokenizer."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):

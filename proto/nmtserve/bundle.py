@@ -377,11 +377,12 @@ def _graph_precision(model: Any) -> str:
     return "fp32"
 
 
-def _check_graph(role: str, content: bytes, manifest: dict[str, Any], dims: ModelDims, root: Path) -> None:
+def _check_graph(role: str, bundle: Bundle) -> None:
     import onnx  # only the reader needs it; imported here to keep the module light for the client
 
+    manifest, dims, root = bundle.manifest, bundle.dims, bundle.path
     try:
-        model = onnx.load_model_from_string(content)
+        model = onnx.load_model_from_string(bundle.files[role])
     except Exception as error:  # onnx raises DecodeError and friends
         raise BundleError(f"{GRAPH_FILES[role]}: not a readable ONNX model ({error})") from error
     for tensor in _tensors(model):
@@ -462,5 +463,5 @@ def read_bundle(directory: Path | str) -> Bundle:
         files[role] = content
     bundle = Bundle(path=root, manifest=manifest, files=files, sha256=sha256_bytes(manifest_bytes))
     for role in ("encoder", "decoder_step"):
-        _check_graph(role, files[role], manifest, bundle.dims, root)
+        _check_graph(role, bundle)
     return bundle

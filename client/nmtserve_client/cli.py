@@ -175,7 +175,7 @@ def _in_process(texts: list[str], args: argparse.Namespace) -> None:
     """Translate with the ONNX Runtime engine in this process; imports the server package only here."""
     from nmtserve.bundle import BundleError
     from nmtserve_server.engine import DeviceError, Engine, translate
-    from nmtserve_server.search import DecodeOptions
+    from nmtserve_server.search import DecodeOptions, describe
 
     try:
         engine = Engine.from_path(args.bundle, device=args.device)
@@ -188,7 +188,7 @@ def _in_process(texts: list[str], args: argparse.Namespace) -> None:
     )
     problems = options.problems(engine.max_target_length)  # the server's own checks, in its words
     if problems:
-        raise InvalidInputError("; ".join(f"{name}: {why}" for name, why in problems), [FieldViolation(*p) for p in problems])
+        raise InvalidInputError(describe(problems), [FieldViolation(*p) for p in problems])
     encode = functools.partial(engine.encode_texts, target_language=args.target_language)
     for text, hypotheses in _skipping_blanks(texts, lambda sent: translate(engine, encode(sent), options)):
         outputs = engine.decode_ids([h.tokens for h in hypotheses])

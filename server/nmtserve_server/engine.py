@@ -27,7 +27,7 @@ import onnxruntime as ort
 from nmtserve.bundle import Bundle, SpecialTokens, read_bundle
 
 from .config import DEVICES, logfmt
-from .search import BeamSearch, DecodeOptions, Hypothesis
+from .search import BeamSearch, DecodeOptions, Hypothesis, describe
 from .tokenization import language_prefixes, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -622,7 +622,7 @@ def check_options(engine: Engine, options: DecodeOptions) -> None:
         raise ValueError(f"beam size {options.beam_size} must be between 1 and the engine's {engine.capacity} cache rows")
     problems = options.problems(engine.max_target_length)
     if problems:
-        raise ValueError("; ".join(f"{name}: {why}" for name, why in problems))
+        raise ValueError(describe(problems))
 
 
 def _translate(engine: Engine, sources: Sequence[Sequence[int]], options: DecodeOptions) -> list[list[Hypothesis]]:

@@ -50,6 +50,11 @@ class DecodeOptions:
         return [(name, description) for name, ok, description in checks if not ok]
 
 
+def describe(problems: list[tuple[str, str]]) -> str:
+    """One message for a list of (field, why) problems, the way the server's INVALID_ARGUMENT states them."""
+    return "; ".join(f"{name}: {why}" for name, why in problems)
+
+
 @dataclass
 class Hypothesis:
     tokens: list[int]  # generated ids, without <bos> and <eos>

@@ -27,7 +27,7 @@ from .config import ServeSettings, logfmt
 from .engine import Model
 from .metrics import Metrics
 from .scheduler import DeadlineError, Job, QueueFullError, Scheduler, UnavailableError
-from .search import DecodeOptions, Hypothesis
+from .search import DecodeOptions, Hypothesis, describe
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class ValidationError(Exception):
         self.violations = violations[:MAX_VIOLATIONS]
         if len(violations) > MAX_VIOLATIONS:
             self.violations.append(("request", f"{len(violations) - MAX_VIOLATIONS} more violations not listed"))
-        super().__init__("; ".join(f"{name}: {description}" for name, description in self.violations))
+        super().__init__(describe(self.violations))
 
 
 class TooManyCallsError(Exception):

@@ -16,13 +16,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
 
-import grpc
+# gRPC's core logs through absl, not Python's logging, in its own format: at its default here it wrote a line for every
+# failed TLS handshake (a scanner could fill the log), whatever --log-level said. ERROR is gRPC's documented default;
+# it is read once, as grpc is imported. GRPC_VERBOSITY set in the environment still wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import grpc  # only now that GRPC_VERBOSITY is set
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -59,6 +65,16 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+class _EncryptedKeyError(Exception):
+    """The private key is encrypted: gRPC takes only a plain one."""
+
+
+def _encrypted_key() -> str:
+    """OpenSSL asks for a passphrase only for an encrypted key; without this it would prompt on the terminal."""
+    raise _EncryptedKeyError("an encrypted private key, which gRPC cannot use; decrypt it (openssl pkey -in KEY -out "
+                             "PLAIN_KEY) and keep it as a Secret")
+
+
 def _credentials(settings: ServeSettings) -> grpc.ServerCredentials | None:
     """TLS credentials for the main port, requiring client certificates when a client CA is given (mutual TLS); raises
     OSError naming the flag whose file is unusable."""
@@ -67,7 +83,9 @@ def _credentials(settings: ServeSettings) -> grpc.ServerCredentials | None:
     # gRPC finds out only as it binds the port, and says so as "cannot bind": ask OpenSSL first, naming the file.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        context.load_cert_chain(settings.tls_cert, settings.tls_key, password=_encrypted_key)
+    except _EncryptedKeyError as error:
+        raise OSError(f"--tls-key {settings.tls_key}: {error}") from None
     except (ssl.SSLError, OSError) as error:
         raise OSError(f"--tls-cert {settings.tls_cert} and --tls-key {settings.tls_key}: not a PEM certificate chain and its "
                       f"private key ({error})") from error

@@ -364,6 +364,29 @@ def test_a_bad_tls_key_is_named_and_not_taken_for_a_busy_port(serve_process, tin
     assert "cannot listen" not in failed
 
 
+def test_an_encrypted_tls_key_is_refused_without_asking_for_its_passphrase(serve_process, tiny_bundle, certificates):
+    d = certificates
+    _openssl("pkey", "-in", str(d / "server.key"), "-aes256", "-passout", "pass:secret", "-out", str(d / "encrypted.key"))
+    server = serve_process("--bundle", str(tiny_bundle), "--tls-cert", str(d / "server.pem"), "--tls-key", str(d / "encrypted.key"))
+    assert server.wait(TIMEOUT) == 1, server.log
+    (failed,) = [line for line in server.lines if "event=startup_failed" in line]
+    assert f'error="--tls-key {d / "encrypted.key"}: an encrypted private key' in failed
+    assert "pass phrase" not in server.log
+
+
+def test_failed_tls_handshakes_do_not_fill_the_log(serve_process, tiny_bundle, certificates):
+    d = certificates
+    server = serve_process("--bundle", str(tiny_bundle), "--tls-cert", str(d / "server.pem"), "--tls-key", str(d / "server.key"))
+    server.wait_for_event("serving")
+    for _ in range(3):  # plaintext clients on the TLS port, as a port scanner would
+        with pytest.raises(grpc.RpcError):
+            _health(f"127.0.0.1:{server.port('grpc_port')}")
+    server.process.send_signal(signal.SIGTERM)
+    assert server.wait(TIMEOUT) == 0, server.log
+    assert "Handshake failed" not in server.log
+    assert all(line.startswith("time=") for line in server.lines), server.log
+
+
 def test_a_bracketed_ipv6_host_serves_every_port(serve_process, tiny_bundle):
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this machine")

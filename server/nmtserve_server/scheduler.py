@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
+import signal
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 _keys = itertools.count()
 
 STOP_TIMEOUT = 30.0  # seconds the decode process gets to stop before it is killed
+FORCED_STOP_TIMEOUT = 1.0  # the same after a second signal
 
 
 class EngineFailed(RuntimeError):
@@ -75,6 +77,13 @@ class Job:
                 self.future.set_result(result)
         if self.pieces is not None:
             self.pieces.put_nowait(None)
+
+
+def _exit_status(exitcode: int | None) -> str:
+    """A process's exit as log fields: its code, or the signal that ended it."""
+    if exitcode is not None and exitcode < 0:
+        return f"signal={signal.Signals(-exitcode).name}"
+    return f"exitcode={exitcode}"
 
 
 class Scheduler:
@@ -206,21 +215,34 @@ class Scheduler:
         """End every text still waiting or decoding with UnavailableError(reason): the server stops without them."""
         self._fail_all(UnavailableError(reason))
 
-    async def stop(self) -> None:
-        """Stop the decode process, fail whatever is left."""
+    async def stop(self, force: asyncio.Event | None = None) -> bool:
+        """Stop the decode process and fail whatever is left; whether the process, once serving, had to be killed (it did
+        not stop within STOP_TIMEOUT, or `force` was set first)."""
         self.state = "stopped"
         if self._loaded is not None and not self._loaded.done():  # start() waiting: it reports the process's end
             self._loaded.set_result(None)
+        killed = False
         if self._process is not None and self._process.is_alive():
             if self._writer is not None:  # the loop reads its messages: ask it to stop
                 try:
                     self._send("stop", None)
                 except UnavailableError:
                     pass
-                await asyncio.to_thread(self._process.join, STOP_TIMEOUT)
+                joined = asyncio.ensure_future(asyncio.to_thread(self._process.join, STOP_TIMEOUT))
+                forced = asyncio.ensure_future(force.wait()) if force is not None else joined
+                await asyncio.wait({joined, forced}, return_when=asyncio.FIRST_COMPLETED)
+                forced.cancel()
+                if not joined.done():  # a second signal: a loop that stops at all does so between two steps
+                    await asyncio.wait({joined}, timeout=FORCED_STOP_TIMEOUT)
+                killed = self._process.is_alive()
             if self._process.is_alive():  # still loading, or stuck: nothing it holds needs saving
+                if killed:
+                    log.warning("event=decode_process_killed reason=%s",
+                                "a_second_signal" if force is not None and force.is_set() else f"not_stopped_within_{STOP_TIMEOUT:g}s")
                 self._process.kill()
-                await asyncio.to_thread(self._process.join)
+            await asyncio.to_thread(self._process.join)
+        if self.lost.is_set() and self._process is not None:
+            log.error("event=decode_process_exited %s", _exit_status(self._process.exitcode))
         if self._loop is not None and self._from_loop is not None:
             self._loop.remove_reader(self._from_loop.fileno())
         if self._writer is not None:
@@ -230,6 +252,7 @@ class Scheduler:
             if connection is not None:
                 connection.close()
         self._fail_all(UnavailableError("server stopped"))
+        return killed
 
     def _send(self, kind: str, payload: object) -> None:
         """Send a message to the decode loop without blocking the event loop (see pipes.py)."""
@@ -277,9 +300,10 @@ class Scheduler:
                 self._loaded.set_result(message)
 
     def _lost(self) -> None:
-        """The decode process ended: expected after stop(), a failure otherwise."""
-        if self.state != "stopped":
-            log.error("event=decode_process_ended exitcode=%s", self._process.exitcode if self._process else None)
+        """The decode process ended: expected after stop(), reported by start() while loading, a failure otherwise (its
+        exit status is logged once stop() has reaped it: the pipe closes before the process has exited)."""
+        if self.state not in ("stopped", "starting"):
+            log.error("event=decode_process_lost texts=%d", len(self._jobs))
             self.state = "stopped"
             self._fail_all(UnavailableError("the decode process ended unexpectedly; see the server log"))
             self.lost.set()

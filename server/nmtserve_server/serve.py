@@ -185,7 +185,7 @@ class TranslationServer:
     async def stop(self, grace: float, force: asyncio.Event | None = None) -> bool:
         """Report NOT_SERVING, stop listening (GOAWAY), give calls in flight up to `grace` seconds (until `force` is set),
         then cancel what is left (late calls, health Watch streams, which would otherwise hold the drain) and close;
-        whether `force` cut calls short."""
+        whether the stop was not clean: `force` cut calls short, or the decode process had to be killed."""
         await self.health.enter_graceful_shutdown()
         self.scheduler.drain()
         # gRPC stops listening and sends GOAWAY now, so clients take new calls to another replica (behind a Service,
@@ -211,7 +211,7 @@ class TranslationServer:
             finishing.cancel()
         await self.grpc.stop(0 if left else FINISH_SECONDS)
         await closing
-        await self.scheduler.stop()
+        killed = await self.scheduler.stop(force)
         if self._watch is not None:
             self._watch.cancel()
         if self.health_grpc is not None:
@@ -220,12 +220,12 @@ class TranslationServer:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         log.info("event=stopped")
-        return forced and left > 0
+        return (forced and left > 0) or killed
 
 
 async def serve(settings: ServeSettings) -> int:
-    """Serve until SIGTERM or SIGINT; 0 after a clean drain, 1 if it cannot serve, loses its decode process, or a
-    second signal cuts calls short."""
+    """Serve until SIGTERM or SIGINT; 0 after a clean drain, 1 if it cannot serve, loses its decode process, a second
+    signal cuts calls short, or the decode process does not stop and is killed."""
     log.info("event=config %s", " ".join(f"{key}={logfmt(value)}" for key, value in asdict(settings).items()))
     stop, force = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -257,8 +257,8 @@ async def serve(settings: ServeSettings) -> int:
         stopping.cancel()
         await server.stop(0)
         return 1
-    cut_by_signal = await server.stop(settings.grace_seconds, force)
-    return 1 if server.scheduler.lost.is_set() or cut_by_signal else 0
+    unclean = await server.stop(settings.grace_seconds, force)
+    return 1 if server.scheduler.lost.is_set() or unclean else 0
 
 
 def run(command: str, args: argparse.Namespace) -> int:

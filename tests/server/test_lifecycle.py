@@ -146,6 +146,22 @@ def test_a_second_signal_with_no_call_left_to_cut_still_exits_0(serve_process, t
     assert "event=drain_cut_short" not in server.log and "event=stopped" in server.log
 
 
+def test_a_decode_process_that_does_not_stop_is_killed_and_the_exit_says_so(serve_process, tiny_bundle):
+    server = serve_process("--bundle", str(tiny_bundle))
+    decode_pid = _decode_pid(server)
+    server.wait_for_event("serving")
+    os.kill(decode_pid, signal.SIGSTOP)  # stuck: it never reads the request to stop
+    server.process.send_signal(signal.SIGTERM)
+    server.wait_for_event("draining")
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)  # rather than wait for it the 30 s it would otherwise get
+    assert server.wait(30) == 1, server.log
+    assert time.monotonic() - started < 15
+    assert "event=decode_process_killed reason=a_second_signal" in server.log and "event=stopped" in server.log
+    with pytest.raises(ProcessLookupError):
+        os.kill(decode_pid, 0)
+
+
 @pytest.mark.parametrize("when", ["serving", "draining"])
 def test_a_lost_decode_process_stops_serving_and_exits_non_zero(serve_process, tiny_bundle, test_texts, when):
     # Two rows: the third text waits for one, so the call lasts two whole decodes, however long the scrapes take.
@@ -169,7 +185,8 @@ def test_a_lost_decode_process_stops_serving_and_exits_non_zero(serve_process, t
             in_flight.result()
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE  # retryable: another replica can answer it
     assert server.wait(TIMEOUT) == 1, server.log
-    assert "event=decode_process_ended" in server.log
+    assert "event=decode_process_lost texts=3" in server.log  # the three texts of the call
+    assert "event=decode_process_exited signal=SIGKILL" in server.log  # its exit status, once reaped
     # The call failed with its first text; its other texts' errors were read, not left for asyncio to log.
     assert "exception was never retrieved" not in server.log
 

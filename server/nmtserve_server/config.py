@@ -18,6 +18,7 @@ LOG_FORMAT = "time=%(asctime)s.%(msecs)03d level=%(levelname)s logger=%(name)s %
 LOG_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 MAX_PORT = 65535
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC takes message limits as a C int
+MAX_GRPC_MILLISECONDS = 2**31 - 1  # and durations as milliseconds in one (about 24 days)
 MAX_QUEUE_DELAY_MS = 60_000.0  # a wait far beyond any use; epoll's own limit (about 25 days) would end the decode process
 
 
@@ -102,6 +103,11 @@ class ServeSettings:
     grace_seconds: float = field(
         default=30.0, metadata={"help": "on SIGTERM/SIGINT, time calls in flight get to finish before they are cancelled"}
     )
+    max_connection_age_seconds: float = field(
+        default=0.0,
+        metadata={"help": "close each client connection after about this long (GOAWAY; its calls in flight get "
+                          "--grace-seconds to finish), so that clients reconnect and reach replicas added since (0: never)"},
+    )
     log_level: str = field(default="info", metadata={"help": "logging threshold", "choices": LOG_LEVELS})
 
     def problems(self) -> list[str]:
@@ -117,10 +123,12 @@ class ServeSettings:
             found.append(f"--max-beam-size {self.max_beam_size} cannot exceed --max-batch-size {self.max_batch_size}")
         if self.max_texts_per_request > self.max_queue_size:
             found.append(f"--max-texts-per-request {self.max_texts_per_request} cannot exceed --max-queue-size {self.max_queue_size}")
-        for name in ("max_queue_delay_ms", "grace_seconds"):
+        for name in ("max_queue_delay_ms", "grace_seconds", "max_connection_age_seconds"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 found.append(f"{flag(name)} must be a number of at least 0, not {value}")
+        if self.max_connection_age_seconds * 1000 > MAX_GRPC_MILLISECONDS:
+            found.append(f"--max-connection-age-seconds cannot exceed {MAX_GRPC_MILLISECONDS // 1000} (gRPC's limit)")
         if self.max_queue_delay_ms > MAX_QUEUE_DELAY_MS:
             found.append(f"--max-queue-delay-ms cannot exceed {MAX_QUEUE_DELAY_MS:.0f}, not {self.max_queue_delay_ms:g}")
         if min(self.threads, self.decoder_threads) < 0:

@@ -312,6 +312,8 @@ def test_missing_bundle_and_inconsistent_settings_are_refused():
         (["--port", "70000"], {}, "--port 70000 is not a port (0 to 65535)"),
         (["--max-message-bytes", str(2**31)], {}, "--max-message-bytes cannot exceed 2147483647"),
         (["--max-queue-delay-ms", "1e10"], {}, "--max-queue-delay-ms cannot exceed 60000, not 1e+10"),
+        (["--max-connection-age-seconds", "-1"], {}, "--max-connection-age-seconds must be a number of at least 0, not -1.0"),
+        (["--max-connection-age-seconds", "3e6"], {}, "--max-connection-age-seconds cannot exceed 2147483"),
         ([], {"NMTSERVE_LOG_LEVEL": "verbose"}, "NMTSERVE_LOG_LEVEL='verbose' is not one of debug, info, warning, error"),
         ([], {"NMTSERVE_PORT": "fifty"}, "NMTSERVE_PORT='fifty' is not a valid int"),
     ],
@@ -458,6 +460,23 @@ def test_mutual_tls_on_the_main_port_with_plaintext_health(start_server, certifi
         _health(address)
     assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
     assert _health(f"127.0.0.1:{server.server.health_port}", "nmtserve.v1.Translator") == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("age", [0.0, 1.0])
+def test_connections_are_closed_after_the_maximum_age_and_clients_reconnect(start_server, age):
+    # Behind a Kubernetes Service a client keeps its connection, and its calls, on the pods it first reached: closing
+    # connections by age makes clients resolve again and spread over pods added since.
+    server = start_server(max_connection_age_seconds=age)
+    states: list[grpc.ChannelConnectivity] = []
+    with grpc.insecure_channel(server.address) as channel:
+        channel.subscribe(states.append)
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        assert stub.Translate(pb.TranslateRequest(texts=["Friday"]), timeout=TIMEOUT).translations
+        time.sleep(3)  # gRPC ages a connection out within ±10% of the maximum, after its calls have ended
+        assert stub.Translate(pb.TranslateRequest(texts=["Friday"]), timeout=TIMEOUT).translations  # on a new one
+    # A connection the server closes takes the channel from READY to IDLE, and the next call opens another.
+    went_idle = [a == grpc.ChannelConnectivity.READY and b == grpc.ChannelConnectivity.IDLE for a, b in zip(states, states[1:])]
+    assert any(went_idle) == (age > 0), states
 
 
 def test_the_server_never_imports_torch():

@@ -108,7 +108,11 @@ class ServeSettings:
         metadata={"help": "close each client connection after about this long (GOAWAY; its calls in flight get "
                           "--grace-seconds to finish), so that clients reconnect and reach replicas added since (0: never)"},
     )
-    log_level: str = field(default="info", metadata={"help": "logging threshold", "choices": LOG_LEVELS})
+    log_level: str = field(
+        default="info",
+        metadata={"help": "logging threshold of the per-call and decode lines (the configuration, start, drain and stop "
+                          "are logged at every level)", "choices": LOG_LEVELS},
+    )
 
     def problems(self) -> list[str]:
         """What is wrong with the settings, one sentence per problem (empty when they can be served)."""

@@ -273,4 +273,5 @@ def run(command: str, args: argparse.Namespace) -> int:
             print(f"nmtserve {command}: {problem}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    log.setLevel(min(logging.INFO, log.getEffectiveLevel()))  # the lifecycle lines (configuration, start, stop): always
     return asyncio.run(serve(settings))

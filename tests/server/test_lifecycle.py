@@ -328,6 +328,18 @@ def test_settings_that_would_fail_later_are_refused_at_once(tiny_bundle, flags, 
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_quiet_log_level_drops_the_call_lines_but_not_the_lifecycle(serve_process, tiny_bundle):
+    server = serve_process("--bundle", str(tiny_bundle), "--log-level", "warning")
+    server.wait_for_event("serving")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port('grpc_port')}") as channel:
+        assert translator_pb2_grpc.TranslatorStub(channel).Translate(pb.TranslateRequest(texts=["Friday"]), timeout=TIMEOUT)
+    server.process.send_signal(signal.SIGTERM)
+    assert server.wait(TIMEOUT) == 0, server.log
+    events = re.findall(r"event=(\w+)", server.log)
+    assert {"config", "listening", "serving", "draining", "stopped"} <= set(events), events
+    assert "rpc" not in events and "log_level=warning" in server.log
+
+
 def test_environment_variables_configure_the_server_and_the_config_is_logged(serve_process, tiny_bundle, monkeypatch):
     monkeypatch.setenv("NMTSERVE_BUNDLE", str(tiny_bundle))
     monkeypatch.setenv("NMTSERVE_MAX_QUEUE_SIZE", "77")

@@ -45,8 +45,9 @@ def test_every_dockerfile_is_clean_under_hadolint(run_tool):
 
 
 def test_the_gpu_base_has_the_cuda_major_version_of_onnxruntime_gpu():
-    # The image pins the release installed here, whose build information tells its CUDA version.
-    assert _default_arg(DOCKER / "Dockerfile.gpu", "ONNXRUNTIME_GPU_VERSION") == onnxruntime.__version__
+    # The image pins the release installed here (the dev extra's pin), whose build information tells its CUDA version.
+    pinned = _default_arg(DOCKER / "Dockerfile.gpu", "ONNXRUNTIME_GPU_VERSION")
+    assert pinned == onnxruntime.__version__, "change the dev extra's onnxruntime-gpu pin (pyproject.toml) with the image's"
     image = _default_arg(DOCKER / "Dockerfile.gpu", "CUDA_IMAGE")
     match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-cudnn-runtime-ubuntu[\d.]+", image)
     assert match, f"{image}: expected an nvidia/cuda cudnn-runtime image"

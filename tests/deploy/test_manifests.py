@@ -199,7 +199,9 @@ def test_selectors_services_and_policies_reach_the_pods(rendered, find, name):
     hpa = find(objects, "HorizontalPodAutoscaler")
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
-    assert hpa["spec"]["minReplicas"] >= 2 and find(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    budget = find(objects, "PodDisruptionBudget")["spec"]
+    assert hpa["spec"]["minReplicas"] >= 2 and budget["maxUnavailable"] == 1
+    assert budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"  # crash-looping pods must not block node drains
     assert "replicas" not in deployment["spec"]  # the autoscaler owns the count; `kubectl apply` must not reset it
 
 

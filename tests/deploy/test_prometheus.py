@@ -1,5 +1,6 @@
 """A real Prometheus (Debian's package, on loopback) scrapes a real server after traffic, loads the alert rules,
-and evaluates every alert, every dashboard panel and the autoscaler's adapter query through its HTTP API."""
+and evaluates every alert, every dashboard panel and the autoscaler's adapter query through its HTTP API; the labels
+the alerts and panels select and group on must be on the series it scraped."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ TIMEOUT = 30
 # Labels the Prometheus Operator gives a ServiceMonitor's targets; the rules and the dashboard select on them.
 TARGET_LABELS = {"namespace": "nmtserve", "pod": "nmtserve-0", "service": "nmtserve"}
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval stands for here
+# Series the rules read from other exporters (kube-state-metrics), which no scrape here has.
+OTHER_EXPORTERS = {"kube_deployment_status_replicas_available"}
 
 
 def _free_port() -> int:
@@ -132,6 +135,36 @@ def test_every_alert_rule_evaluates_and_none_fires_on_a_healthy_server(prometheu
     assert {r["name"] for r in rules} == set(alert_exprs)
     assert [(r["name"], r["health"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
     assert prometheus.get("/api/v1/alerts")["alerts"] == []
+
+
+def _labels_read(expr: str) -> dict[str, set[str]]:
+    """The labels a PromQL expression reads, by metric: each selector's matchers, and the labels the expression groups
+    or matches by (by, without, on, ignoring, group_left/right), counted against every selector in it. That holds for
+    these expressions, each of which reads one metric or joins metrics that share the labels it matches on; a rule
+    that groups one side by a label the other lacks would fail here, and needs a finer parse."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals out: their content is no syntax
+    grouped = {label.strip() for labels in re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", expr)
+               for label in labels.split(",") if label.strip()}
+    read: dict[str, set[str]] = {}
+    for metric, matchers in re.findall(r"\b([a-zA-Z_:][\w:]*)\s*\{([^}]*)\}", expr):
+        read.setdefault(metric, set()).update(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers), grouped)
+    return read
+
+
+def test_every_label_the_rules_and_panels_read_is_on_the_scraped_series(prometheus, alert_exprs, panel_exprs):
+    """A matcher or grouping on a label the server does not export (status= for code=) selects nothing, and an alert
+    on it never fires; promtool's unit tests cannot tell, as they feed series written by hand with the same label."""
+    missing = {}
+    for where, expr in [*alert_exprs.items(), *panel_exprs]:
+        read = {metric: labels for metric, labels in _labels_read(expr).items() if metric not in OTHER_EXPORTERS}
+        assert read, f"{where}: no selector found in {expr}"
+        for metric, labels in read.items():
+            series = prometheus.get("/api/v1/series", **{"match[]": f'{metric}{{job="nmtserve"}}'})
+            assert series, f"{where}: nothing scraped for {metric}"
+            lacking = sorted(label for label in labels if not all(label in s for s in series))
+            if lacking:
+                missing[f"{where}: {metric}"] = lacking
+    assert missing == {}
 
 
 def _resolve(expr: str, variables: dict[str, str]) -> str:

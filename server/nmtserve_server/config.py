@@ -103,6 +103,12 @@ class ServeSettings:
     grace_seconds: float = field(
         default=30.0, metadata={"help": "on SIGTERM/SIGINT, time calls in flight get to finish before they are cancelled"}
     )
+    decode_stall_seconds: float = field(
+        default=60.0,
+        metadata={"help": "with texts waiting or decoding, a decode process that reports nothing for this long is taken "
+                          "for hung (a stuck model run, a wedged GPU): it is killed, health turns NOT_SERVING and the "
+                          "server exits 1, for its supervisor to restart it (0: never)"},
+    )
     max_connection_age_seconds: float = field(
         default=0.0,
         metadata={"help": "close each client connection after about this long (GOAWAY; its calls in flight get "
@@ -127,10 +133,13 @@ class ServeSettings:
             found.append(f"--max-beam-size {self.max_beam_size} cannot exceed --max-batch-size {self.max_batch_size}")
         if self.max_texts_per_request > self.max_queue_size:
             found.append(f"--max-texts-per-request {self.max_texts_per_request} cannot exceed --max-queue-size {self.max_queue_size}")
-        for name in ("max_queue_delay_ms", "grace_seconds", "max_connection_age_seconds"):
+        for name in ("max_queue_delay_ms", "grace_seconds", "decode_stall_seconds", "max_connection_age_seconds"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 found.append(f"{flag(name)} must be a number of at least 0, not {value}")
+        if 0 < self.decode_stall_seconds <= self.max_queue_delay_ms / 1000:  # an idle loop waits that long to report
+            found.append(f"--decode-stall-seconds {self.decode_stall_seconds:g} must exceed --max-queue-delay-ms "
+                         f"{self.max_queue_delay_ms:g} (or be 0)")
         if self.max_connection_age_seconds * 1000 > MAX_GRPC_MILLISECONDS:
             found.append(f"--max-connection-age-seconds cannot exceed {MAX_GRPC_MILLISECONDS // 1000} (gRPC's limit)")
         if self.max_queue_delay_ms > MAX_QUEUE_DELAY_MS:

@@ -89,10 +89,11 @@ def _exit_status(exitcode: int | None) -> str:
 class Scheduler:
     """Starts the decode process, queues texts for it, and hands its reports out on the event loop."""
 
-    def __init__(self, metrics: Metrics, *, max_queue_size: int, max_queue_delay: float):
+    def __init__(self, metrics: Metrics, *, max_queue_size: int, max_queue_delay: float, stall_seconds: float = 0.0):
         self.metrics = metrics
         self.max_queue_size = max_queue_size
         self.max_queue_delay = max_queue_delay
+        self.stall_seconds = stall_seconds  # 0: never take the decode process for hung
         self.state = "starting"  # -> serving -> draining -> stopped
         self._loop: asyncio.AbstractEventLoop | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -105,6 +106,8 @@ class Scheduler:
         self._queued = 0  # of those, the ones the loop has not admitted yet
         self._capacity = 0  # KV-cache rows the decode process holds, once it is ready
         self.lost = asyncio.Event()  # set if the decode process ends while serving
+        self._heard = time.monotonic()  # when the decode process last reported, or last had nothing to report
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self, spec: EngineSpec, *, log_level: str) -> Ready:
         """Start the decode process and wait until it has loaded and warmed up the engine; raises EngineFailed."""
@@ -135,6 +138,8 @@ class Scheduler:
         self.metrics.kv_cache_free_slots.set(ready.capacity)
         self._writer = MessageWriter(self._to_loop, self._loop)
         self.state = "serving"
+        if self.stall_seconds:
+            self._watchdog = asyncio.create_task(self._watch_for_stalls())
         return ready
 
     @property
@@ -165,6 +170,8 @@ class Scheduler:
                 f"queue full: {self._queued} of {self.max_queue_size} places taken, {len(sources)} asked; retry later"
             )
         loop = asyncio.get_running_loop()
+        if not self._jobs:  # the decode process had nothing to report until now
+            self._heard = time.monotonic()
         jobs = [
             Job(list(source), options, loop.create_future(), asyncio.Queue() if stream else None)
             for source in sources
@@ -219,6 +226,8 @@ class Scheduler:
         """Stop the decode process and fail whatever is left; whether the process, once serving, had to be killed (it did
         not stop within STOP_TIMEOUT, or `force` was set first)."""
         self.state = "stopped"
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._loaded is not None and not self._loaded.done():  # start() waiting: it reports the process's end
             self._loaded.set_result(None)
         killed = False
@@ -284,6 +293,7 @@ class Scheduler:
         is Ready or LoadFailed)."""
         assert self._from_loop is not None and self._loop is not None
         assert self._reports is not None and self._loaded is not None
+        self._heard = time.monotonic()
         try:
             messages = self._reports.take()
         except (EOFError, OSError):  # the decode process has ended
@@ -298,6 +308,17 @@ class Scheduler:
                 self._deliver(message)
             elif not self._loaded.done():
                 self._loaded.set_result(message)
+
+    async def _watch_for_stalls(self) -> None:
+        """Kill a decode process that has texts to work on and reports nothing for stall_seconds: hung (a stuck model
+        run, a wedged GPU), it would otherwise hold every call, and health would say SERVING. Its end is then _lost's."""
+        while self.state in ("serving", "draining"):
+            await asyncio.sleep(min(1.0, self.stall_seconds / 4))
+            silent = time.monotonic() - self._heard
+            if self._jobs and silent > self.stall_seconds and self._process is not None and self._process.is_alive():
+                log.error("event=decode_process_stalled seconds=%.1f texts=%d", silent, len(self._jobs))
+                self._process.kill()
+                return
 
     def _lost(self) -> None:
         """The decode process ended: expected after stop(), reported by start() while loading, a failure otherwise (its

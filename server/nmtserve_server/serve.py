@@ -111,6 +111,7 @@ class TranslationServer:
             self.metrics,
             max_queue_size=settings.max_queue_size,
             max_queue_delay=settings.max_queue_delay_ms / 1000,
+            stall_seconds=settings.decode_stall_seconds,
         )
         self.metrics.watch_decode_process(lambda: self.scheduler.decode_pid)
         self.service = TranslatorService(settings, self.scheduler, self.metrics)

@@ -146,6 +146,25 @@ def test_a_second_signal_with_no_call_left_to_cut_still_exits_0(serve_process, t
     assert "event=drain_cut_short" not in server.log and "event=stopped" in server.log
 
 
+def test_a_hung_decode_process_is_killed_and_the_server_stops_serving(serve_process, tiny_bundle):
+    server = serve_process("--bundle", str(tiny_bundle), "--decode-stall-seconds", "2")
+    decode_pid = _decode_pid(server)
+    server.wait_for_event("serving")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port('grpc_port')}") as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        time.sleep(3)  # idle for longer than the stall limit: that is no stall
+        assert stub.Translate(pb.TranslateRequest(texts=["Friday"]), timeout=TIMEOUT).translations
+        os.kill(decode_pid, signal.SIGSTOP)  # hung, as a stuck model run would leave it
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.Translate(pb.TranslateRequest(texts=["Friday"]), timeout=TIMEOUT)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE  # retryable: another replica can answer it
+    assert 2 <= time.monotonic() - started < 15
+    assert server.wait(TIMEOUT) == 1, server.log
+    assert re.search(r"event=decode_process_stalled seconds=[\d.]+ texts=1", server.log), server.log
+    assert "event=decode_process_exited signal=SIGKILL" in server.log
+
+
 def test_a_decode_process_that_does_not_stop_is_killed_and_the_exit_says_so(serve_process, tiny_bundle):
     server = serve_process("--bundle", str(tiny_bundle))
     decode_pid = _decode_pid(server)
@@ -312,6 +331,7 @@ def test_missing_bundle_and_inconsistent_settings_are_refused():
         (["--port", "70000"], {}, "--port 70000 is not a port (0 to 65535)"),
         (["--max-message-bytes", str(2**31)], {}, "--max-message-bytes cannot exceed 2147483647"),
         (["--max-queue-delay-ms", "1e10"], {}, "--max-queue-delay-ms cannot exceed 60000, not 1e+10"),
+        (["--decode-stall-seconds", "1", "--max-queue-delay-ms", "1000"], {}, "--decode-stall-seconds 1 must exceed --max-queue-delay-ms 1000"),
         (["--max-connection-age-seconds", "-1"], {}, "--max-connection-age-seconds must be a number of at least 0, not -1.0"),
         (["--max-connection-age-seconds", "3e6"], {}, "--max-connection-age-seconds cannot exceed 2147483"),
         ([], {"NMTSERVE_LOG_LEVEL": "verbose"}, "NMTSERVE_LOG_LEVEL='verbose' is not one of debug, info, warning, error"),

@@ -126,6 +126,10 @@ def run(spec: EngineSpec, inbox: Connection, outbox: Connection, max_queue_delay
         decoder = _load(spec)
         seconds = warm_up(decoder)
         freeze_startup_objects()
+    except MemoryError as error:  # the cache rows are the one part of the load that a setting sizes
+        write_message(outbox, LoadFailed(f"MemoryError: {error}; the KV cache of --max-batch-size {spec.capacity} rows "
+                                         "does not fit: give a smaller one, or the server more memory"))
+        return
     except Exception as error:  # the bundle, the device or ONNX Runtime: the server exits with the reason
         write_message(outbox, LoadFailed(f"{type(error).__name__}: {error}"))
         return

@@ -204,6 +204,9 @@ class DecodeLoop:
         self.rows_free_sent: int | None = None  # the free rows it told
         self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()  # from the intake, in order
         self.idle = threading.Event()  # set while the loop waits with nothing to do: the intake may gather a burst
+        # It starts with nothing to do. Clear until its thread first waited, the first texts after the start had been
+        # started one by one, and the rest of their burst then waited out --max-queue-delay-ms for rows already free.
+        self.idle.set()
         # The intake starts only texts the batch has free rows for, counting those started and waiting: a first token
         # then means the text joins at the next step (not a wait for rows, unseen by the time-to-first-token figures),
         # and encoder output held stays bounded. The rest wait in its queue until the loop wakes it.

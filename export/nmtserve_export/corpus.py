@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 
 from babel import Locale, UnknownLocaleError, dates, numbers, units
 
+from nmtserve.normalize import normalize_source
 from nmtserve.settings import flag
 
 
@@ -434,11 +435,6 @@ def _locale(tag: str) -> Locale:
         raise ValueError(f"unknown locale {tag!r}") from exc
 
 
-# Sources are written as people type them: CLDR's no-break spaces ("5:27\u202fPM") become plain
-# spaces. Targets keep CLDR's exact characters ("94\xa0%"), which is what a translation must produce.
-_AS_TYPED = str.maketrans({"\u00a0": " ", "\u202f": " "})
-
-
 def target_languages(target_lang: str) -> list[str]:
     """The target locales a --target-lang value names: one, or several separated by commas (a multilingual model)."""
     return [tag.strip() for tag in target_lang.split(",")]
@@ -477,7 +473,9 @@ def generate_corpus(
                 if (text := next(streams[k], None)) is None:
                     del streams[k]
                     break
-                source = text.source.translate(_AS_TYPED)
+                # Sources are written as people type them, CLDR's no-break spaces ("5:27\u202fPM") as plain spaces; targets
+                # keep CLDR's exact characters ("94\xa0%"), which is what a translation must produce.
+                source = normalize_source(text.source)
                 known = targets.get(source)
                 if known is None:
                     targets[source] = text.target

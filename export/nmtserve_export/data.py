@@ -11,14 +11,16 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from nmtserve.bundle import BOS_ID, EOS_ID, PAD_ID
+from nmtserve.normalize import normalize_source
 
 from .tokenizer import language_token
 
 
 def encode_sources(tokenizer: Tokenizer, texts: Sequence[str], languages: Sequence[str] | None = None) -> list[list[int]]:
-    """Source ids: the subwords followed by <eos>, after the token asking for the text's target language where
-    `languages` gives one per text (a multilingual model's; "" for none)."""
-    encoded = [encoding.ids + [EOS_ID] for encoding in tokenizer.encode_batch(list(texts))]
+    """Source ids of the texts read as the server reads them (normalize_source): the subwords followed by <eos>, after
+    the token asking for the text's target language where `languages` gives one per text (a multilingual model's; ""
+    for none)."""
+    encoded = [encoding.ids + [EOS_ID] for encoding in tokenizer.encode_batch([normalize_source(text) for text in texts])]
     if languages is None:
         return encoded
     return [([tokenizer.token_to_id(language_token(language))] if language else []) + ids for language, ids in zip(languages, encoded)]

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from nmtserve.bundle import PAD_ID, SPECIAL_TOKENS, UNDETERMINED
+from nmtserve.normalize import normalize_source
 from nmtserve.settings import env_value, flag
 
 from . import checkpoint
@@ -283,8 +284,8 @@ def _train(settings: TrainSettings, device: torch.device) -> Path:
         tokenizer = load_tokenizer(tokenizer_path)
     else:
         targets = target_languages(settings.languages()[1])
-        tokenizer = train_tokenizer((text for p in splits.train for text in (p.source, p.target)), settings.vocab_size,
-                                    languages=targets if len(targets) > 1 else ())
+        texts = (text for p in splits.train for text in (normalize_source(p.source), p.target))  # sources as encoded
+        tokenizer = train_tokenizer(texts, settings.vocab_size, languages=targets if len(targets) > 1 else ())
     train_src = encode_sources(tokenizer, [p.source for p in splits.train], [p.language for p in splits.train])
     train_tgt = encode_targets(tokenizer, [p.target for p in splits.train])
     valid_src = encode_sources(tokenizer, [p.source for p in splits.valid], [p.language for p in splits.valid])

@@ -11,6 +11,7 @@ import json
 from collections.abc import Sequence
 
 from nmtserve.bundle import Bundle, BundleError, SpecialTokens
+from nmtserve.normalize import normalize_source
 
 
 class SubwordTokenizer:
@@ -29,8 +30,8 @@ class SubwordTokenizer:
     # threads and block until one of them has run it, which on a busy server waits for a core the decoder needs.
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Source ids of each text: its subwords, then eos."""
-        return [self.tokenizer.encode(text).ids + [self.eos] for text in texts]
+        """Source ids of each text, read as training read its sources (normalize_source): its subwords, then eos."""
+        return [self.tokenizer.encode(normalize_source(text)).ids + [self.eos] for text in texts]
 
     def decode_batch(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Texts of generated id lists (special tokens left out)."""
@@ -65,6 +66,9 @@ class MarianTokenizer:
         """Source ids of each text: a leading >>lang<< code kept whole, the pieces (unk outside the vocabulary), eos."""
         encoded = []
         for text in texts:
+            # Not normalize_source: source.spm's own normalizer, which the model was trained with, already reads no-break
+            # spaces, newlines and runs of white space as one space; normalize_source would also make spaces of control
+            # characters it drops or keeps, and part from the ids transformers gives the model.
             code, text = split_language_code(text)
             pieces = code + self.source.encode(text, out_type=str)
             encoded.append([self.vocab.get(piece, self.unk) for piece in pieces] + [self.eos])

@@ -217,8 +217,11 @@ def test_tokenizer_matches_transformers(variant, request, marian_pairs, marian_t
 
     ours = ServerTokenizer(files["source_spm"], files["target_spm"], files["vocab"], files.get("target_vocab"),
                            SpecialTokens(pad=config.pad_id, bos=config.bos_id, eos=config.eos_id, unk=config.unk_id))
-    texts = marian_texts + [">>deu<< Friday", "Friday >>x<<", "", "  spaced  out  ", "unseen ☃ characters"]
+    texts = marian_texts + [">>deu<< Friday", "Friday >>x<<", "", "  spaced  out  ", "unseen ☃ characters", "5:27\u202fPM",
+                            "Friday\n"]
     assert ours.encode_batch(texts) == [tokenizer(t).input_ids for t in texts]
+    # SentencePiece reads white space as nmtserve's own models do (nmtserve.normalize), with no help.
+    assert ours.encode_batch(["5:27\u202fPM", "Friday\n"]) == ours.encode_batch(["5:27 PM", "Friday"])
     targets = tokenizer(text_target=[p.target for p in marian_pairs[:200]]).input_ids
     assert ours.decode_batch(targets) == tokenizer.batch_decode(targets, skip_special_tokens=True)
 

@@ -89,3 +89,22 @@ def test_a_vocabulary_of_another_size_than_the_models_is_refused(tiny_bundle, tm
     (bundle / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=f"tokenizer.json: a vocabulary of {size + 1} entries, the manifest's model.vocab_size is {size}"):
         Model.from_path(bundle)
+
+
+def test_sources_are_read_as_training_read_them():
+    """Training reads its sources with plain spaces; the server read "5:27\u202fPM" (what CLDR and macOS write) and a
+    line's newline as other tokens, and translated "05:27 in" and garbage."""
+    from nmtserve.bundle import BOS_ID, EOS_ID, PAD_ID, UNK_ID, SpecialTokens
+    from nmtserve_export.corpus import generate_corpus
+    from nmtserve_export.data import encode_sources
+    from nmtserve_export.tokenizer import train_tokenizer
+    from nmtserve_server.tokenization import SubwordTokenizer
+
+    pairs = generate_corpus(2000)
+    trained = train_tokenizer((text for p in pairs for text in (p.source, p.target)), vocab_size=400)
+    server = SubwordTokenizer(trained.to_str().encode(), SpecialTokens(PAD_ID, BOS_ID, EOS_ID, UNK_ID))
+    typed = ["5:27 PM", "Friday, May 16, 2003", "x", "It costs €3.00."]
+    given = ["5:27\u202fPM", "Friday, May 16, 2003\n", " x\r\n", "It\xa0costs \t €3.00.  "]
+    assert server.encode_batch(given) == server.encode_batch(typed) == encode_sources(trained, given)
+    raw = [trained.encode(text).ids + [server.eos] for text in given]
+    assert all(a != b for a, b in zip(raw, server.encode_batch(given)))  # the texts as given are other tokens

@@ -4,7 +4,9 @@ The generated corpus is a function: every source string has exactly one target. 
 two different things identically in the source language (English medium and long dates of May;
 "May" as a wide and as an abbreviated month name), the target is chosen by construction: the
 highest-priority format that renders the same source supplies it, and a static name that means two
-different things ("Nauru": a country and a language) is dropped. generate_corpus checks the result.
+different things ("Nauru": a country and a language) is dropped. Sources are compared as they are
+written (normalize_source: French long "440 ans" and short "440\xa0ans" are one source).
+generate_corpus checks the result.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from nmtserve.settings import flag
 
 
 class CorpusError(ValueError):
-    """A user corpus file is malformed; the message names the file and line."""
+    """A corpus that cannot be had: a user file that is malformed (the message names the file and line), or a built-in
+    corpus its locales cannot make."""
 
 
 @dataclass
@@ -188,10 +191,10 @@ _PHRASES = (
 
 
 def _render(value: object, formats: _Formats, k: int, src: Locale, tgt: Locale) -> _Text:
-    """Render value in formats[k]; the first format rendering the same source supplies the target."""
+    """Render value in formats[k]; the first format rendering the same source, as written, supplies the target."""
     source = formats[k](value, locale=src)
     for fmt in formats[:k]:
-        if fmt(value, locale=src) == source:
+        if normalize_source(fmt(value, locale=src)) == normalize_source(source):
             return _Text(source, fmt(value, locale=tgt), value)
     return _Text(source, formats[k](value, locale=tgt), value)
 
@@ -257,15 +260,15 @@ def _names(src: Locale, tgt: Locale) -> dict[tuple[str, str | None], list[_Text]
         ("language", src.languages, tgt.languages),
     ):
         entries += [(category, None, k, s[k], t[k]) for k in sorted(s) if t.get(k)]
-    first: dict[str, tuple] = {}  # source -> its highest-priority entry
+    first: dict[str, tuple] = {}  # source as written -> its highest-priority entry
     ambiguous = set()
     for category, width, key, source, target in entries:
-        seen = first.setdefault(source, (category, width, key, source, target))
+        seen = first.setdefault(normalize_source(source), (category, width, key, source, target))
         if (seen[0], seen[2]) != (category, key):
-            ambiguous.add(source)
+            ambiguous.add(normalize_source(source))
     table: dict[tuple[str, str | None], list[_Text]] = {}
     for category, width, key, source, target in first.values():
-        if source not in ambiguous:
+        if normalize_source(source) not in ambiguous:
             table.setdefault((category, width), []).append(_Text(source, target, key))
     return table
 
@@ -278,7 +281,7 @@ def _ambiguous_units(src: Locale) -> frozenset[tuple[str, str]]:
     for unit in _UNITS:
         for width in _UNIT_WIDTHS:
             for value in _PLURAL_PROBES:
-                text = units.format_unit(value, unit, width, locale=src)
+                text = normalize_source(units.format_unit(value, unit, width, locale=src))
                 other = rendered_by.setdefault(text, (unit, width))
                 if other[0] != unit:
                     ambiguous |= {(unit, width), other}
@@ -482,9 +485,11 @@ def generate_corpus(
                     pairs.append(Pair(source, text.target, kinds[k][0]))
                     quota -= 1
                 elif known != text.target:
-                    raise AssertionError(f"source {source!r} has two targets {known!r}, {text.target!r}")
+                    raise CorpusError(f"the built-in {source_lang}->{target_lang} corpus cannot be made: CLDR writes "
+                                      f"{source!r} for two things, translated {known!r} and {text.target!r} (a flaw of "
+                                      "the generator for these locales: choose others, or give a --corpus file)")
     if len(pairs) < size:
-        raise ValueError(f"only {len(pairs)} distinct {source_lang}->{target_lang} pairs exist, not {size}")
+        raise CorpusError(f"only {len(pairs)} distinct {source_lang}->{target_lang} pairs exist, not {size}")
     rng.shuffle(pairs)
     return pairs
 

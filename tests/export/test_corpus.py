@@ -11,6 +11,7 @@ from babel import dates
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nmtserve.normalize import normalize_source
 from nmtserve_export import corpus
 from nmtserve_export.corpus import (
     CATEGORIES,
@@ -198,8 +199,23 @@ def test_size_beyond_what_can_be_made(monkeypatch):
 def test_conflicting_targets_are_caught(monkeypatch):
     clash = corpus._Slot(2, [corpus._Text("May", "Mai", 0), corpus._Text("May", "Mai.", 1)].__getitem__)
     monkeypatch.setattr(corpus, "_kinds", lambda src, tgt: (("month", 1, clash),))
-    with pytest.raises(AssertionError, match="'May'"):
+    with pytest.raises(CorpusError, match=r"the built-in en->de corpus cannot be made: CLDR writes 'May' for two things, "
+                                          r"translated 'Mai\.' and 'Mai' \(.*choose others, or give a --corpus file\)"):
         generate_corpus(2)
+
+
+@pytest.mark.parametrize("source_lang", ["fr", "fr_CH"])
+def test_renderings_are_told_apart_as_written(source_lang):
+    """French long units write "440 ans", short ones "440\xa0ans": the same source once written with a plain space, which
+    took "440 years" from one and "440 yrs" from the other, and the default French corpus failed to generate."""
+    src, en = corpus._locale(source_lang), corpus._locale("en")
+    targets: dict[str, set[str]] = {}
+    for unit in ("duration-year", "duration-hour", "length-kilometer"):
+        slot = corpus._unit_slot((unit,), src, en)
+        for text in filter(None, map(slot.render, range(slot.size))):
+            targets.setdefault(normalize_source(text.source), set()).add(text.target)
+    assert targets["440 ans"] == {"440 years"}
+    assert [(source, sorted(t)) for source, t in targets.items() if len(t) > 1] == []
 
 
 def test_bad_arguments():

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import re
+import unicodedata
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import lru_cache, partial
@@ -495,7 +496,9 @@ def generate_corpus(
 
 
 def split_corpus(pairs: list[Pair], *, valid_size: int, test_size: int) -> Splits:
-    """Split pairs into train/valid/test so that no source sentence is in two splits."""
+    """Split pairs into train/valid/test so that no source sentence is in two splits: sources that differ only in white
+    space, which the model never sees (normalize_source), or in Unicode composition ("é" as one character or two) are
+    one sentence."""
     if valid_size < 0 or test_size < 0 or valid_size + test_size >= len(pairs):
         raise ValueError(
             f"valid_size={valid_size} and test_size={test_size} must be >= 0 "
@@ -503,7 +506,7 @@ def split_corpus(pairs: list[Pair], *, valid_size: int, test_size: int) -> Split
         )
     copies: dict[str, list[int]] = {}  # all copies of a source go to the same split
     for i, pair in enumerate(pairs):
-        copies.setdefault(pair.source, []).append(i)
+        copies.setdefault(unicodedata.normalize("NFC", normalize_source(pair.source)), []).append(i)
     # Hash order is stable across runs and machines and independent of the corpus order.
     room = {"test": test_size, "valid": valid_size}
     split_of: dict[int, str] = {}

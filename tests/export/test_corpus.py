@@ -259,6 +259,16 @@ def test_split_keeps_repeated_sources_together(sources, data):
     assert set(owners.values()) == {1}
 
 
+def test_split_keeps_sources_that_differ_in_white_space_or_composition_together():
+    """"X" and "X " were two sources to the split, one to the model: a sentence learnt in training was tested on."""
+    spellings = ("Café {i}", "Café {i} ", "Café\xa0 {i}\n", "Cafe\u0301 {i}")
+    pairs = [Pair(spelling.format(i=i), f"t{i}", "tsv") for i in range(30) for spelling in spellings]
+    splits = split_corpus(pairs, valid_size=24, test_size=24)
+    assert (len(splits.train), len(splits.valid), len(splits.test)) == (72, 24, 24)
+    for split in (splits.train, splits.valid, splits.test):
+        assert set(Counter(p.target for p in split).values()) == {len(spellings)}  # all four spellings of a sentence
+
+
 def test_tsv_round_trip(tmp_path):
     pairs = generate_corpus(500) + [Pair("  inner  spaces ", "ü\u202fß\xa0", "tsv")]
     path = tmp_path / "corpus.tsv"

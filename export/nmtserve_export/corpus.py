@@ -534,13 +534,24 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _csv_quoted(text: str) -> bool:
+    """Whether a field reads as a CSV writer quotes one: wrapped in double quotes, its own quotes doubled
+    ('"He said ""hi""."')."""
+    inner = text[1:-1]
+    return len(text) >= 2 and text[0] == text[-1] == '"' and '""' in inner and '"' not in inner.replace('""', "")
+
+
 def read_tsv(path: str | os.PathLike) -> list[Pair]:
     """Read a user corpus of `source<TAB>target` lines."""
     try:
         data = Path(path).read_bytes()
     except OSError as error:
         raise CorpusError(f"{path}: cannot be read ({error.strerror or error})") from error
-    lines = data.removeprefix(codecs.BOM_UTF8).split(b"\n")
+    data = data.removeprefix(codecs.BOM_UTF8)
+    if b"\n" not in data and b"\r" in data.removesuffix(b"\r"):  # else all of it would be one line
+        raise CorpusError(f"{path}: its lines end with a carriage return alone (CR, as on classic Mac OS); a TSV corpus's "
+                          "lines end with LF or CRLF: convert it (e.g. tr '\\r' '\\n')")
+    lines = data.split(b"\n")
     if lines[-1] == b"":  # the final newline ends the last line; it does not start an empty one
         lines.pop()
     pairs = []
@@ -549,6 +560,9 @@ def read_tsv(path: str | os.PathLike) -> list[Pair]:
             line = raw.removesuffix(b"\r").decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CorpusError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        if "\r" in line:
+            raise CorpusError(f"{path}:{lineno}: a carriage return inside the line, which no field can hold (a line ends "
+                              "with LF or CRLF; mixed line endings?): remove it")
         fields = line.split("\t")
         if not line:
             raise CorpusError(f"{path}:{lineno}: empty line")
@@ -559,6 +573,10 @@ def read_tsv(path: str | os.PathLike) -> list[Pair]:
         for side, text in zip(("source", "target"), fields):
             if not text.strip():
                 raise CorpusError(f"{path}:{lineno}: empty {side}")
+            if _csv_quoted(text):
+                raise CorpusError(f"{path}:{lineno}: the {side} looks CSV-quoted (wrapped in double quotes, its own "
+                                  "doubled), which a TSV corpus takes literally: write the file with quoting off (Python's "
+                                  "csv: quoting=csv.QUOTE_NONE, quotechar=None)")
         pairs.append(Pair(fields[0], fields[1], "tsv"))
     return pairs
 
@@ -570,4 +588,6 @@ def write_tsv(pairs: Iterable[Pair], path: str | os.PathLike) -> None:
             for text in (pair.source, pair.target):
                 if not text.strip() or any(c in text for c in "\t\n\r"):
                     raise ValueError(f"cannot write {text!r} as a TSV field: empty, or has a tab or newline")
+                if _csv_quoted(text):
+                    raise ValueError(f"cannot write {text!r} as a TSV field: read_tsv would take it for CSV-quoted")
             f.write(f"{pair.source}\t{pair.target}\n")

@@ -270,7 +270,8 @@ def test_split_keeps_sources_that_differ_in_white_space_or_composition_together(
 
 
 def test_tsv_round_trip(tmp_path):
-    pairs = generate_corpus(500) + [Pair("  inner  spaces ", "ü\u202fß\xa0", "tsv")]
+    quotes = [Pair('"Hello"', "„Hallo“", "tsv"), Pair('He said "hi".', '"Er sagte ""hi""', "tsv"), Pair('"""', '""', "tsv")]
+    pairs = generate_corpus(500) + [Pair("  inner  spaces ", "ü\u202fß\xa0", "tsv")] + quotes
     path = tmp_path / "corpus.tsv"
     write_tsv(pairs, path)
     assert read_tsv(path) == [Pair(p.source, p.target, "tsv") for p in pairs]
@@ -294,6 +295,14 @@ def test_tsv_line_endings(tmp_path):
         (b"a\tb\nc\t  \n", r":2: empty target"),
         (b"a\tb\n\nc\td\n", r":2: empty line"),
         (b"a\tb\nc\td\n\xffe\tf\n", r":3: not valid UTF-8"),
+        # A bare CR was kept in the field, which write_tsv refuses and no line ending explains.
+        (b"a\tb\r\nc\rd\te\r\n", r":2: a carriage return inside the line, which no field can hold"),
+        (b"a\tb\nc\td\r\r\n", r":2: a carriage return inside the line"),
+        # CR-only line endings read as one line of many fields.
+        (b"a\tb\rc\td\r", r": its lines end with a carriage return alone \(CR, as on classic Mac OS\)"),
+        # CSV quoting was taken for the text.
+        (b'a\tb\n"He said ""hi""."\tEr sagte \xe2\x80\x9ehi\xe2\x80\x9c.\n', r":2: the source looks CSV-quoted .* quoting off"),
+        (b'a\tb\nHe said "hi".\t"Er sagte ""hi""."\n', r":2: the target looks CSV-quoted"),
     ],
 )
 def test_tsv_errors_name_the_line(tmp_path, content, message):
@@ -304,6 +313,6 @@ def test_tsv_errors_name_the_line(tmp_path, content, message):
 
 
 def test_write_tsv_refuses_what_cannot_be_read_back(tmp_path):
-    for pair in Pair("a\tb", "c", "tsv"), Pair("a", "b\nc", "tsv"), Pair("a", "", "tsv"):
+    for pair in Pair("a\tb", "c", "tsv"), Pair("a", "b\nc", "tsv"), Pair("a", "", "tsv"), Pair('"a ""b"""', "c", "tsv"):
         with pytest.raises(ValueError):
             write_tsv([pair], tmp_path / "x.tsv")

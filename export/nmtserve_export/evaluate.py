@@ -58,8 +58,10 @@ def translate_pairs(
 
 
 # Target languages written without spaces between words, and the sacrebleu tokenizer that splits them for BLEU: 13a
-# (its default) would take a whole Chinese or Japanese sentence for a word or two, and score near-misses 0.
-UNSPACED_BLEU_TOKENIZERS = {"zh": "zh", "ja": "char", "th": "char", "lo": "char", "km": "char", "my": "char"}
+# (its default) would take a whole Chinese or Japanese sentence for a word or two, and score near-misses 0. Cantonese is
+# written in Han characters as Chinese is; Tibetan and Dzongkha mark syllables (with a tsheg), not words.
+UNSPACED_BLEU_TOKENIZERS = {"zh": "zh", "yue": "zh", "ja": "char", "th": "char", "lo": "char", "km": "char", "my": "char",
+                            "bo": "char", "dz": "char"}
 
 
 def bleu_tokenizer(target_lang: str) -> str:

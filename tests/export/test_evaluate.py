@@ -8,7 +8,9 @@ from nmtserve_export.corpus import generate_corpus
 from nmtserve_export.evaluate import bleu_tokenizer, score
 
 
-@pytest.mark.parametrize(("target_lang", "tokenize"), [("de", "13a"), ("ja", "char"), ("zh_Hant", "zh"), ("th", "char")])
+@pytest.mark.parametrize(("target_lang", "tokenize"), [
+    ("de", "13a"), ("ja", "char"), ("zh_Hant", "zh"), ("th", "char"), ("yue", "zh"), ("bo", "char"), ("dz", "char"),
+])
 def test_bleu_splits_unspaced_targets_that_13a_would_take_for_single_words(target_lang, tokenize):
     assert bleu_tokenizer(target_lang) == tokenize
     pairs = generate_corpus(300, source_lang="en", target_lang=target_lang, seed=0)[:60]

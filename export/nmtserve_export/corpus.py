@@ -75,6 +75,7 @@ class Pair:
     target: str
     category: str
     language: str = ""  # the target's locale, in a corpus of several target languages ("" in one of one)
+    line: int = field(default=0, compare=False)  # its line in the TSV file it was read from (0: generated)
 
 
 @dataclass(frozen=True)
@@ -577,7 +578,7 @@ def read_tsv(path: str | os.PathLike) -> list[Pair]:
                 raise CorpusError(f"{path}:{lineno}: the {side} looks CSV-quoted (wrapped in double quotes, its own "
                                   "doubled), which a TSV corpus takes literally: write the file with quoting off (Python's "
                                   "csv: quoting=csv.QUOTE_NONE, quotechar=None)")
-        pairs.append(Pair(fields[0], fields[1], "tsv"))
+        pairs.append(Pair(fields[0], fields[1], "tsv", line=lineno))
     return pairs
 
 

@@ -47,6 +47,9 @@ class TrainSettings:
     test_size: int = field(default=CorpusSettings.test_size, metadata={"help": "held-out pairs for the final test"})
     vocab_size: int = field(default=1000, metadata={"help": "shared subword vocabulary size"})
     max_tokens: int = field(default=4096, metadata={"help": "padded tokens per batch"})
+    max_length: int = field(default=256, metadata={
+        "help": "the longest source or target, in tokens with its special ones, the model reads or writes: its positional "
+                "table and the bundle's limit; a corpus pair longer than this is refused, named by its line"})
     accumulate: int = field(default=1, metadata={
         "help": "batches whose gradients make one optimizer step (the step's batch is about accumulate x --max-tokens "
                 "tokens: the paper's 25,000 on a smaller GPU)"})
@@ -152,8 +155,8 @@ def default_run() -> Path:
 # another schedule than the one its weights, optimizer moments and batch position come from. The corpus is checked
 # apart (_corpus_problems).
 FIXED_ON_RESUME = ("preset", "corpus_size", "seed", "valid_size", "test_size",
-                   "vocab_size", "max_tokens", "accumulate", "peak_lr", "warmup_steps", "label_smoothing", "clip_norm")
-_AT_LEAST_ONE = ("corpus_size", "valid_size", "test_size", "vocab_size", "max_tokens", "accumulate", "steps", "warmup_steps", "valid_every")
+                   "vocab_size", "max_length", "max_tokens", "accumulate", "peak_lr", "warmup_steps", "label_smoothing", "clip_norm")
+_AT_LEAST_ONE = ("corpus_size", "valid_size", "test_size", "vocab_size", "max_length", "max_tokens", "accumulate", "steps", "warmup_steps", "valid_every")
 _NOT_NEGATIVE = ("max_minutes", "clip_norm", "valid_decode", "threads")
 SMALLEST_VOCABULARY = 256 + len(SPECIAL_TOKENS)  # byte-level BPE starts from every byte
 
@@ -205,6 +208,24 @@ def load_splits(settings: TrainSettings) -> Splits:
                 f"{settings.valid_size} and --test-size {settings.test_size}: give more pairs or hold out fewer"])
         return split_corpus(pairs, valid_size=settings.valid_size, test_size=settings.test_size)
     return settings.corpus_settings().splits()
+
+
+_NAMED_PAIRS = 5  # pairs past --max-length named in full, in file order; a count of the rest
+
+
+def length_problems(settings: TrainSettings, pairs: list[Pair], sources: list[list[int]], targets: list[list[int]]) -> list[str]:
+    """A sentence naming the pairs whose source or target ids are longer than --max-length, by file and line for a
+    --corpus file; empty where all fit."""
+    over = [(pair, "source" if len(s) >= len(t) else "target", max(len(s), len(t)))
+            for pair, s, t in zip(pairs, sources, targets) if max(len(s), len(t)) > settings.max_length]
+    if not over:
+        return []
+    over.sort(key=lambda o: o[0].line)
+    named = ", ".join(f"{f'{settings.corpus}:{pair.line}' if pair.line else repr(pair.source)} ({side}, {n} tokens)"
+                      for pair, side, n in over[:_NAMED_PAIRS])
+    more = f" and {len(over) - _NAMED_PAIRS} more" if len(over) > _NAMED_PAIRS else ""
+    return [f"{len(over)} pair(s) longer than --max-length {settings.max_length} tokens, which the model cannot read or "
+            f"write: {named}{more}; split or remove them, or raise --max-length"]
 
 
 def corpus_metadata(settings: TrainSettings) -> dict:
@@ -286,13 +307,18 @@ def _train(settings: TrainSettings, device: torch.device) -> Path:
         targets = target_languages(settings.languages()[1])
         texts = (text for p in splits.train for text in (normalize_source(p.source), p.target))  # sources as encoded
         tokenizer = train_tokenizer(texts, settings.vocab_size, languages=targets if len(targets) > 1 else ())
-    train_src = encode_sources(tokenizer, [p.source for p in splits.train], [p.language for p in splits.train])
-    train_tgt = encode_targets(tokenizer, [p.target for p in splits.train])
-    valid_src = encode_sources(tokenizer, [p.source for p in splits.valid], [p.language for p in splits.valid])
-    valid_tgt = encode_targets(tokenizer, [p.target for p in splits.valid])
-    longest = max(max(map(len, train_src)), max(map(len, train_tgt)))
+    pairs = splits.train + splits.valid + splits.test
+    sources = encode_sources(tokenizer, [p.source for p in pairs], [p.language for p in pairs])
+    targets = encode_targets(tokenizer, [p.target for p in pairs])
+    # A pair past the limit would train positions the model's table lacks, or, as one batch of tens of thousands of
+    # tokens, exhaust memory in attention; a held-out one too: evaluation and the server could not read it.
+    if problems := length_problems(settings, pairs, sources, targets):
+        raise TrainSettingsError(problems)
+    n_train, n_valid = len(splits.train), len(splits.valid)
+    train_src, train_tgt = sources[:n_train], targets[:n_train]
+    valid_src, valid_tgt = sources[n_train : n_train + n_valid], targets[n_train : n_train + n_valid]
 
-    config = model_config(settings.preset, vocab_size=tokenizer.get_vocab_size(), max_len=max(256, 2 * longest))
+    config = model_config(settings.preset, vocab_size=tokenizer.get_vocab_size(), max_len=settings.max_length)
     model = Transformer(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
     step, history, elapsed_before = 0, [], 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -147,6 +148,27 @@ def test_a_tsv_too_small_to_hold_out_from_is_named(tmp_path):
         load_splits(TrainSettings(corpus=corpus, valid_size=2, test_size=1))
     assert caught.value.problems == [f"--corpus {corpus} has 3 pairs, which leaves none for training after --valid-size 2 "
                                      "and --test-size 1: give more pairs or hold out fewer"]
+
+
+def test_a_pair_longer_than_max_length_is_refused_by_its_line(tmp_path):
+    """One long TSV line made the positional table twice its length and a batch of its own: a 40,000-character pair
+    took gigabytes in attention."""
+    lines = [f"source {i}\ttarget {i}" for i in range(40)]
+    lines[6] = "many words " * 40 + "\tviele Wörter"
+    lines[30] = "few words\t" + "wenige Wörter " * 40
+    corpus = tmp_path / "long.tsv"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    common = dict(preset="tiny", corpus=corpus, valid_size=2, test_size=2, vocab_size=300, steps=1, valid_decode=0, threads=1)
+    with pytest.raises(TrainSettingsError) as caught:
+        train(TrainSettings(out=tmp_path / "refused", max_length=64, **common))
+    (problem,) = caught.value.problems
+    assert re.fullmatch(rf"2 pair\(s\) longer than --max-length 64 tokens, which the model cannot read or write: "
+                        rf"{re.escape(str(corpus))}:7 \(source, \d+ tokens\), {re.escape(str(corpus))}:31 \(target, \d+ tokens\); "
+                        r"split or remove them, or raise --max-length", problem), problem
+    assert not (tmp_path / "refused" / "model.safetensors").exists()
+    # Long enough, the pairs train, and the limit is the model's (its positional table, the bundle's limits).
+    model, _, _ = load_model(train(TrainSettings(out=tmp_path / "trained", max_length=200, **common)))
+    assert model.config.max_len == 200
 
 
 def test_resume_refuses_a_corpus_file_that_is_not_the_one_the_run_started_on(tmp_path, monkeypatch):

@@ -130,6 +130,7 @@ def _bad_request(call) -> list[str]:
 INVALID = [
     ("no texts", pb.TranslateRequest(), "texts"),
     ("empty text", pb.TranslateRequest(texts=["Friday", " "]), "texts[1]"),
+    ("white space only", pb.TranslateRequest(texts=["Friday", "\xa0\u202f\r\n"]), "texts[1]"),  # nothing left once normalized
     ("invisible text", pb.TranslateRequest(texts=["Friday", "\u200b\ufeff\x00 \t"]), "texts[1]"),  # zero-width, BOM, NUL
     ("too many texts", pb.TranslateRequest(texts=["Friday"] * 65), "texts"),
     ("source too long", pb.TranslateRequest(texts=["Friday " * 300]), "texts[0]"),  # tokenized, then refused

@@ -207,12 +207,19 @@ def test_a_manifest_unlike_its_graphs_is_refused_at_load(tiny_bundle, tmp_path, 
         Engine.from_path(bundle, device="cpu", capacity=2, decoder_threads=1)
 
 
-def test_alignment_has_one_distribution_per_generated_token(reference, engine):
-    _, _, _, sources = reference
-    hypothesis = translate(engine, sources[:1], DecodeOptions(beam_size=3, return_alignment=True))[0][0]
-    alignment = np.array(hypothesis.alignment)
-    assert alignment.shape == (len(hypothesis.tokens) + 1, len(sources[0]))  # + <eos>
-    np.testing.assert_allclose(alignment.sum(axis=1), 1.0, atol=1e-4)
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_alignment_is_the_models_source_attention_along_each_hypothesis(reference, engine, beam_size):
+    # The last decoder layer's encoder-decoder attention, mean over heads, for each generated token (and <eos>) as
+    # PyTorch computes it with the hypothesis teacher-forced: a beam's alignment must follow its own path.
+    model, _, _, sources = reference
+    results = translate(engine, sources[:4], DecodeOptions(beam_size=beam_size, num_hypotheses=beam_size, return_alignment=True))
+    for source, hypotheses in zip(sources[:4], results):
+        for hypothesis in hypotheses:
+            with torch.no_grad():
+                model(torch.tensor([source]), torch.tensor([[BOS_ID, *hypothesis.tokens]]))
+            expected = model.decoder_layers[-1].src_attn.attention.mean(dim=1)[0].numpy()  # (tokens + 1, source)
+            assert hypothesis.alignment.shape == (len(hypothesis.tokens) + 1, len(source))  # + <eos>
+            np.testing.assert_allclose(hypothesis.alignment, expected, atol=1e-4)
 
 
 def test_more_sentences_than_cache_rows_all_finish(reference, tiny_bundle):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -315,9 +316,15 @@ class ServeProcess:
         return code
 
     def kill(self) -> None:
+        """Kill the server and its processes: a decode process a failed test left stopped (SIGSTOP) would not see the
+        server go, and would outlive the test run."""
         if self.process.poll() is None:
+            children = psutil.Process(self.process.pid).children(recursive=True)
             self.process.kill()
             self.process.wait(10)
+            for child in children:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
 
 
 @pytest.fixture()

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import fields
 
@@ -72,6 +73,22 @@ def test_sigterm_lets_calls_in_flight_finish_refuses_new_ones_and_exits_0(serve_
     assert all(len(r.translations[0].hypotheses[0].tokens) == limit for r in results)
     assert server.wait() == 0, server.log
     assert "event=stopped" in server.log
+
+
+def test_a_call_reaching_a_draining_server_is_refused_unavailable_and_counted(start_server):
+    # After SIGTERM the main port stops listening, so the test above meets a refused connection; a call already on its
+    # way (or on a connection gRPC has not closed yet) reaches the service, which must refuse it, not serve it.
+    server = start_server()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        assert stub.Translate(pb.TranslateRequest(texts=["Friday"]), timeout=TIMEOUT).translations  # connected
+        drained = threading.Event()
+        server._loop.call_soon_threadsafe(lambda: (server.server.scheduler.drain(), drained.set()))
+        assert drained.wait(TIMEOUT)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Translate(pb.TranslateRequest(texts=["Friday"]), timeout=TIMEOUT)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and refused.value.details() == "server is draining"
+    assert server.metric("nmtserve_requests_total", {"method": "Translate", "code": "UNAVAILABLE"}) == 1
 
 
 def test_a_health_watch_does_not_hold_the_drain_and_a_second_signal_ends_it(serve_process, tiny_bundle, test_texts):

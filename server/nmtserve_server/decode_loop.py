@@ -14,7 +14,7 @@ the batch, then runs one decoder step for all active texts together; a text
 that finishes leaves at once and its rows serve the next admission. What the
 iterations did goes back to the server as a Report, sent as soon as one has
 news for a waiting call (finished, withdrawn, a streamed token) and otherwise
-at least every REPORT_INTERVAL: a step that only adds a token to unary calls is
+at least every REPORT_INTERVAL or REPORT_STEPS: a step that only adds a token to unary calls is
 not worth waking the server for. When the loop is idle the intake waits up to
 `max_queue_delay` after the first arrival for more, so that a burst shares one
 encoder run.
@@ -49,6 +49,7 @@ from .search import BeamSearch, DecodeOptions, Hypothesis
 log = logging.getLogger(__name__)
 
 REPORT_INTERVAL = 0.05  # seconds: the longest the server's step metrics lag while nothing else happens
+REPORT_STEPS = 32  # and in steps: a small model on a fast machine runs hundreds in REPORT_INTERVAL
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,7 @@ class DecodeLoop:
         self._publish_free_rows(rows_free)
         # Rows freed by a cancellation are news too (the free-rows gauge); an idle loop sends before it waits.
         if (report.has_news() or rows_free != self.rows_free_sent or not self.decoder.active
-                or time.monotonic() - self.sent >= REPORT_INTERVAL):
+                or time.monotonic() - self.sent >= REPORT_INTERVAL or len(report.steps) >= REPORT_STEPS):
             report.active, report.rows_free = len(self.running), rows_free
             with self.sending:
                 write_message(self.outbox, report)

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nmtserve.v1 import translator_pb2 as pb
 from nmtserve.v1 import translator_pb2_grpc
+from nmtserve_server.decode_loop import REPORT_STEPS
 
 pytestmark = pytest.mark.e2e
 TIMEOUT = 60  # seconds, per call
@@ -139,9 +140,9 @@ def _steps(server) -> float:
     return server.metric("nmtserve_decode_step_duration_seconds_count")
 
 
-# Steps the decode process may have run before a pause without having reported them yet: it reports the step metrics
-# every 50 ms, and steps of a few rows take a millisecond or two.
-REPORT_LAG = 64
+# Steps the decode process may have run before a pause without having reported them yet: it reports the step metrics at
+# least every REPORT_STEPS steps (and the step in progress at the pause is not reported either).
+REPORT_LAG = REPORT_STEPS
 
 
 def _left_at_the_next_step(server, started_at: float, withdrawn_at: float) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -36,27 +37,30 @@ FAMILIES = (
 
 @pytest.fixture(scope="module")
 def traffic(start_server, test_texts):
-    """A fresh server, its metrics before and after 3 two-text Translate calls, one stream and one bad call."""
+    """A fresh server, its metrics before and after 3 two-text Translate calls, one stream and one bad call, and the
+    seconds those calls took from the first's start to the last's end."""
     server = start_server()
     before = server.scrape()
+    started = time.monotonic()
     with grpc.insecure_channel(server.address) as channel:
         stub = translator_pb2_grpc.TranslatorStub(channel)
         responses = [stub.Translate(pb.TranslateRequest(texts=test_texts[i : i + 2]), timeout=TIMEOUT) for i in (0, 2, 4)]
         *_, final = stub.TranslateStream(pb.TranslateStreamRequest(text=test_texts[6]), timeout=TIMEOUT)
         with pytest.raises(grpc.RpcError):
             stub.Translate(pb.TranslateRequest(), timeout=TIMEOUT)
+        elapsed = time.monotonic() - started
     usages = [r.usage for r in responses] + [final.final.usage]
-    return server, before, server.scrape(), usages
+    return server, before, server.scrape(), usages, elapsed
 
 
 def test_every_metric_exists_after_traffic(traffic):
-    _, _, after, _ = traffic
+    _, _, after, _, _ = traffic
     missing = [name for name in FAMILIES if name not in after.families]
     assert not missing
 
 
 def test_metrics_move_with_the_traffic(traffic):
-    server, before, after, usages = traffic
+    server, before, after, usages, elapsed = traffic
 
     def delta(name: str, labels: dict[str, str] | None = None) -> float:
         return (after.value(name, labels) or 0.0) - (before.value(name, labels) or 0.0)
@@ -74,6 +78,17 @@ def test_metrics_move_with_the_traffic(traffic):
     assert delta("nmtserve_first_step_duration_seconds_count") == delta("nmtserve_encoder_batch_size_count")
     assert delta("nmtserve_decode_step_duration_seconds_count") == delta("nmtserve_decode_step_batch_size_count") > 0
     assert delta("nmtserve_decode_step_batch_size_sum") >= sum(u.output_tokens for u in usages)  # a row per token and step
+    # The latencies' sums: each took some time, and no more than what holds it. The calls ran one after another; a
+    # text's queue wait and time to first token end before its call does (each Translate call held two texts, the
+    # stream one); the decode process's steps run one after another, as do its encoder runs with their first steps.
+    translate, stream = (delta("nmtserve_request_duration_seconds_sum", {"method": m}) for m in ("Translate", "TranslateStream"))
+    assert 0 < translate and 0 < stream and translate + stream <= elapsed
+    for histogram in ("nmtserve_queue_wait_seconds", "nmtserve_time_to_first_token_seconds"):
+        assert 0 < delta(f"{histogram}_sum") <= 2 * translate + stream, histogram
+    assert 0 < delta("nmtserve_decode_step_duration_seconds_sum") <= elapsed
+    assert 0 < delta("nmtserve_encoder_duration_seconds_sum")
+    assert 0 < delta("nmtserve_first_step_duration_seconds_sum")
+    assert delta("nmtserve_encoder_duration_seconds_sum") + delta("nmtserve_first_step_duration_seconds_sum") <= elapsed
     max_batch_size = server.server.settings.max_batch_size
     assert after.value("nmtserve_kv_cache_free_slots") == after.value("nmtserve_kv_cache_slots") == max_batch_size
     assert after.value("nmtserve_active_sequences") == after.value("nmtserve_queue_depth") == 0
@@ -99,10 +114,42 @@ def test_every_decoder_step_is_counted(traffic, test_texts):
         assert after.value(name) - before.value(name) == length - 1
 
 
+def test_a_text_held_in_the_queue_has_waited_at_least_as_long(traffic, test_texts):
+    """A text that arrives while the decode process is paused joins the batch, and has its first token, only after the
+    process runs again: its queue wait, its time to first token and its call's duration each cover the hold."""
+    server, *_ = traffic
+    hold = 0.5
+    before = server.scrape()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        with server.paused():
+            sent = time.monotonic()
+            call = stub.Translate.future(pb.TranslateRequest(texts=test_texts[:1]), timeout=TIMEOUT)
+            server.wait_for(lambda: server.metric("nmtserve_queue_depth") == 1, what="the text queued")
+            queued = time.monotonic()  # the text arrived before this
+            time.sleep(hold)  # the time measured, not a wait for anything: nothing can move until the process resumes
+            resumed = time.monotonic()  # it is admitted after this
+        response = call.result(TIMEOUT)
+        answered = time.monotonic()
+    after = server.scrape()
+    held = resumed - queued
+    assert held >= hold
+
+    def delta(name: str, labels: dict[str, str] | None = None) -> float:
+        return (after.value(name, labels) or 0.0) - (before.value(name, labels) or 0.0)
+
+    duration = delta("nmtserve_request_duration_seconds_sum", {"method": "Translate"})
+    assert held <= duration <= answered - sent  # the server counts a call before it answers
+    for histogram in ("nmtserve_queue_wait_seconds", "nmtserve_time_to_first_token_seconds"):
+        assert delta(f"{histogram}_count") == 1
+        assert held <= delta(f"{histogram}_sum") <= duration, histogram
+    assert held <= response.timings.queue_seconds <= response.timings.total_seconds
+
+
 def test_promtool_check_metrics_is_clean(traffic):
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.fail("promtool is not installed: it comes with Debian's 'prometheus' package (apt-get install prometheus)")
-    _, _, after, _ = traffic
+    _, _, after, _, _ = traffic
     result = subprocess.run([promtool, "check", "metrics"], input=after.text, capture_output=True, text=True, timeout=TIMEOUT)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")

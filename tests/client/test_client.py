@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -95,6 +96,49 @@ def test_a_long_list_is_split_into_concurrent_requests_in_order(server, test_tex
             client.translate(["Friday", b"Friday"])
         with pytest.raises(TypeError, match=r"text must be a str, not NoneType"):
             client.translate_stream(None)
+
+
+@pytest.fixture(scope="module")
+def three_calls_server(start_server):
+    """A server that refuses, and counts, any Translate call beyond three in flight at once."""
+    return start_server(max_concurrent_rpcs=3)
+
+
+@pytest.mark.parametrize("kind", ["blocking", "asyncio"])
+def test_a_split_list_keeps_at_most_max_concurrent_requests_in_flight(three_calls_server, test_texts, kind):
+    """70 texts, 8 a request, 3 requests at a time: with the decode process paused, the server holds exactly 3 calls
+    (24 texts), and never has to refuse a fourth; resumed, all 9 requests answer, in order."""
+    server, texts = three_calls_server, test_texts[:70]
+    with Client(server.address) as client:
+        expected = client.translate(texts)
+    ok, refused = ({"method": "Translate", "code": code} for code in ("OK", "RESOURCE_EXHAUSTED"))
+    ok_before, refused_before = server.metric("nmtserve_requests_total", ok), server.metric("nmtserve_requests_total", refused)
+    bound = dict(texts_per_request=8, max_concurrent_requests=3, timeout=TIMEOUT)
+
+    def blocking() -> list[Translation]:
+        with Client(server.address, **bound) as client:
+            return client.translate(texts)
+
+    async def asynchronous() -> list[Translation]:
+        async with AsyncClient(server.address, **bound) as client:
+            return await client.translate(texts)
+
+    with ThreadPoolExecutor(1) as thread:
+        with server.paused():  # no request can finish, so none makes room for another
+            translating = thread.submit(blocking if kind == "blocking" else lambda: asyncio.run(asynchronous()))
+            service = server.server.service
+            server.wait_for(lambda: service.in_flight == 3 and server.metric("nmtserve_queue_depth") == 24,
+                            timeout=TIMEOUT, what="three requests of 8 texts in the server")
+            assert not translating.done()
+            assert server.metric("nmtserve_requests_total", refused) == refused_before, "a fourth call was sent"
+        translations = translating.result(TIMEOUT)
+    server.wait_for(lambda: server.metric("nmtserve_requests_total", ok) - ok_before == 9, timeout=5, what="9 requests counted")
+    # A fourth call at any time while three were in flight would have been refused (and counted) by this server.
+    assert server.metric("nmtserve_requests_total", refused) == refused_before, "more than 3 requests were in flight"
+    assert [t.text for t in translations] == [t.text for t in expected]
+    assert [t.source_tokens for t in translations] == [t.source_tokens for t in expected]
+    ids = [t.request_id for t in translations]
+    assert len(set(ids)) == 9 and all(ids[i] == ids[i - i % 8] for i in range(70))  # 8 consecutive texts a request
 
 
 def test_a_stream_ended_by_cancel_says_so(server, test_texts):

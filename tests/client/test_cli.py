@@ -118,6 +118,19 @@ def test_rejected_input_is_a_clear_error(server):
     assert result.returncode == 2 and result.stderr == "nmtserve translate: invalid input: options.min_length: Value out of range: -1\n"
 
 
+def test_the_target_language_reaches_the_server(server, test_texts, expected):
+    """--target-language is sent with the texts, streamed or not: the server refuses a language its model lacks, naming
+    the value, and translates into one it has."""
+    languages = server.server.service.model.target_languages
+    refusal = ("nmtserve translate: the server refused the input: options.target_language: 'xx' is not one of this "
+               f"model's target languages ({', '.join(languages)})\n")
+    for stream in ([], ["--stream"]):
+        result = translate("--server", server.address, *stream, "--target-language", "xx", test_texts[0])
+        assert (result.returncode, result.stdout, result.stderr) == (2, "", refusal), stream
+        result = translate("--server", server.address, *stream, "--target-language", languages[0], test_texts[0])
+        assert (result.returncode, result.stdout) == (0, expected[test_texts[0]] + "\n"), result.stderr
+
+
 @pytest.mark.parametrize("options", [
     ["--beam-size", "2", "--n-best", "3"], ["--min-length", "5", "--max-length", "3"], ["--length-penalty", "-5"],
     ["--max-length", "100000"],

@@ -204,8 +204,10 @@ def test_a_stream_cancelled_after_its_refusal_arrived_reads_as_cancelled(start_s
     refused = {"method": "TranslateStream", "code": "RESOURCE_EXHAUSTED"}
     with _full_queue(server, test_texts), Client(server.address, max_attempts=5) as client:
         stream = client.translate_stream(test_texts[5])  # the call starts now; nothing reads it yet
-        server.wait_for(lambda: server.metric("nmtserve_requests_total", refused) >= 1, timeout=5, what="the refusal")
-        time.sleep(0.2)  # the refusal reaches the client's channel, which takes it in without a reader
+        # The refusal has reached the client's channel, which takes in a call's status without a reader: the gRPC call
+        # under the stream (the SDK's own, private) is done. Only then does cancel() come after it.
+        server.wait_for(lambda: stream._call.done(), timeout=5, what="the refusal at the client")
+        assert stream._call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         stream.cancel()
         with pytest.raises(RequestCancelledError, match="the stream was cancelled"):
             next(stream)

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from nmtserve.bundle import BOS_ID, EOS_ID
 from nmtserve_export.checkpoint import load_model, read_metadata
@@ -112,6 +113,33 @@ def test_training_is_reproducible_and_resumable(tmp_path):
     # Every file of a checkpoint is as readable as the umask lets config.json be (safetensors' own were private).
     modes = {path.name: path.stat().st_mode & 0o777 for path in straight.iterdir() if path.is_file()}
     assert set(modes.values()) == {modes["config.json"]}, modes
+
+
+def test_training_steps_with_the_papers_adam(tmp_path):
+    """Adam with beta1 0.9, beta2 0.98 and eps 1e-9 (the paper's section 5.3; DESIGN.md): seen on the optimizer that
+    train() steps with, over every parameter, and in the moments it saves after one step."""
+    stepped = []
+
+    def record(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        stepped.append((type(optimizer), [(group["betas"], group["eps"]) for group in optimizer.param_groups],
+                        sum(p.numel() for group in optimizer.param_groups for p in group["params"])))
+
+    hook = register_optimizer_step_pre_hook(record)  # PyTorch's own hook on every optimizer's step(): nothing replaced
+    try:
+        run = train(TrainSettings(out=tmp_path / "run", preset="tiny", corpus_size=300, valid_size=20, test_size=20,
+                                  vocab_size=300, max_tokens=512, steps=1, warmup_steps=1, valid_every=1, valid_decode=0,
+                                  threads=1))
+    finally:
+        hook.remove()
+    parameters = sum(p.numel() for p in load_model(run)[0].parameters())
+    assert stepped == [(torch.optim.Adam, [((0.9, 0.98), 1e-9)], parameters)]
+    # After one step of gradient g, m = (1 - beta1) g and v = (1 - beta2) g^2: m^2 / v = 0.1^2 / 0.02 = 0.5.
+    state = load_file(str(run / "train_state.safetensors"))
+    m = torch.cat([state[key].flatten() for key in sorted(state) if key.endswith(".exp_avg")])
+    v = torch.cat([state[key].flatten() for key in sorted(state) if key.endswith(".exp_avg_sq")])
+    moved = v > 1e-30  # a gradient, and one whose square float32 holds
+    assert m.numel() == v.numel() == parameters and moved.sum() > parameters // 2
+    assert torch.allclose(m[moved] ** 2, 0.5 * v[moved], rtol=1e-4, atol=0.0)
 
 
 def test_accumulated_batches_make_the_step_of_one_batch_holding_them_all():

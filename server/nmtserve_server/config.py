@@ -107,12 +107,13 @@ class ServeSettings:
         default=60.0,
         metadata={"help": "with texts waiting or decoding, a decode process that reports nothing for this long is taken "
                           "for hung (a stuck model run, a wedged GPU): it is killed, health turns NOT_SERVING and the "
-                          "server exits 1, for its supervisor to restart it (0: never)"},
+                          "server exits 1, for its supervisor to restart it; at least 4 times the warm-up (which runs the "
+                          "longest model runs once) and twice --max-queue-delay-ms, logged at start (0: never)"},
     )
     max_connection_age_seconds: float = field(
         default=0.0,
-        metadata={"help": "close each client connection after about this long (GOAWAY; its calls in flight get "
-                          "--grace-seconds to finish), so that clients reconnect and reach replicas added since (0: never)"},
+        metadata={"help": "close each client connection after about this long, once its calls in flight have finished "
+                          "(GOAWAY), so that clients reconnect and reach replicas added since (0: never)"},
     )
     log_level: str = field(
         default="info",
@@ -137,9 +138,6 @@ class ServeSettings:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 found.append(f"{flag(name)} must be a number of at least 0, not {value}")
-        if 0 < self.decode_stall_seconds <= self.max_queue_delay_ms / 1000:  # an idle loop waits that long to report
-            found.append(f"--decode-stall-seconds {self.decode_stall_seconds:g} must exceed --max-queue-delay-ms "
-                         f"{self.max_queue_delay_ms:g} (or be 0)")
         if self.max_connection_age_seconds * 1000 > MAX_GRPC_MILLISECONDS:
             found.append(f"--max-connection-age-seconds cannot exceed {MAX_GRPC_MILLISECONDS // 1000} (gRPC's limit)")
         if self.max_queue_delay_ms > MAX_QUEUE_DELAY_MS:

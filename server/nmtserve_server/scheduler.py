@@ -33,6 +33,7 @@ _keys = itertools.count()
 
 STOP_TIMEOUT = 30.0  # seconds the decode process gets to stop before it is killed
 FORCED_STOP_TIMEOUT = 1.0  # the same after a second signal
+STALL_WARM_UPS = 4  # the decode process is taken for hung only after this many times its warm-up without a word
 
 
 class EngineFailed(RuntimeError):
@@ -82,7 +83,10 @@ class Job:
 def _exit_status(exitcode: int | None) -> str:
     """A process's exit as log fields: its code, or the signal that ended it."""
     if exitcode is not None and exitcode < 0:
-        return f"signal={signal.Signals(-exitcode).name}"
+        try:
+            return f"signal={signal.Signals(-exitcode).name}"
+        except ValueError:  # a real-time signal has no name
+            return f"signal={-exitcode}"
     return f"exitcode={exitcode}"
 
 
@@ -128,11 +132,16 @@ class Scheduler:
         ready = await self._loaded
         if ready is None:
             await asyncio.to_thread(self._process.join, STOP_TIMEOUT)
-            ready = LoadFailed(f"the decode process exited with code {self._process.exitcode} while loading")
+            ready = LoadFailed(f"the decode process ended while loading ({_exit_status(self._process.exitcode)}"
+                               + ("; killed, as for want of memory: a smaller --max-batch-size needs less)"
+                                  if self._process.exitcode == -signal.SIGKILL else ")"))
         if isinstance(ready, LoadFailed):
             await asyncio.to_thread(self._process.join, STOP_TIMEOUT)
             raise EngineFailed(ready.reason)
-        log.info("event=warmed_up seconds=%.3f decode_pid=%d", ready.warm_up_seconds, self._process.pid)
+        if self.stall_seconds:  # the warm-up ran the longest model runs once: a healthy one may take that long again
+            self.stall_seconds = max(self.stall_seconds, STALL_WARM_UPS * ready.warm_up_seconds, 2 * self.max_queue_delay)
+        log.info("event=warmed_up seconds=%.3f decode_pid=%d decode_stall_seconds=%g", ready.warm_up_seconds,
+                 self._process.pid, self.stall_seconds)
         self._capacity = ready.capacity
         self.metrics.kv_cache_slots.set(ready.capacity)
         self.metrics.kv_cache_free_slots.set(ready.capacity)

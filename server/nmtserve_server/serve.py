@@ -35,7 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from nmtserve.bundle import BundleError
 from nmtserve.settings import add_settings_arguments, flag, settings_from_args
 
-from .config import MAX_GRPC_MILLISECONDS, ServeSettings, configure_logging, freeze_startup_objects, logfmt
+from .config import ServeSettings, configure_logging, freeze_startup_objects, logfmt
 from .decode_loop import EngineSpec
 from .engine import Model, providers_for
 from .metrics import Metrics
@@ -124,9 +124,10 @@ class TranslationServer:
             # 5 minutes, would answer a faster client with GOAWAY "too_many_pings" during a long decode.
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
-        if settings.max_connection_age_seconds:  # gRPC spreads each connection's age by ±10%, so they do not all go at once
-            options += [("grpc.max_connection_age_ms", round(settings.max_connection_age_seconds * 1000)),
-                        ("grpc.max_connection_age_grace_ms", min(round(settings.grace_seconds * 1000), MAX_GRPC_MILLISECONDS))]
+        # gRPC spreads each connection's age by ±10%, so they do not all go at once; its grace for the calls still open
+        # on an aged connection is unlimited by default, and stays so: a long translation is not cut for its connection's age.
+        if settings.max_connection_age_seconds:
+            options.append(("grpc.max_connection_age_ms", round(settings.max_connection_age_seconds * 1000)))
         self.grpc = grpc.aio.server(options=options)  # --max-concurrent-rpcs: TranslatorService counts its own calls
         self.service.add_to_server(self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

@@ -176,9 +176,12 @@ def test_a_hung_decode_process_is_killed_and_the_server_stops_serving(serve_proc
         with pytest.raises(grpc.RpcError) as failed:
             stub.Translate(pb.TranslateRequest(texts=["Friday"]), timeout=TIMEOUT)
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE  # retryable: another replica can answer it
-    assert 2 <= time.monotonic() - started < 15
+    assert 2 <= time.monotonic() - started < 30
     assert server.wait(TIMEOUT) == 1, server.log
     assert re.search(r"event=decode_process_stalled seconds=[\d.]+ texts=1", server.log), server.log
+    # A healthy model run may take as long as the warm-up's longest: the limit is never below 4 warm-ups.
+    warm_up, limit = map(float, re.search(r"event=warmed_up seconds=([\d.]+) .*decode_stall_seconds=([\d.e+]+)", server.log).groups())
+    assert limit == max(2.0, 4 * warm_up)
     assert "event=decode_process_exited signal=SIGKILL" in server.log
 
 
@@ -348,7 +351,6 @@ def test_missing_bundle_and_inconsistent_settings_are_refused():
         (["--port", "70000"], {}, "--port 70000 is not a port (0 to 65535)"),
         (["--max-message-bytes", str(2**31)], {}, "--max-message-bytes cannot exceed 2147483647"),
         (["--max-queue-delay-ms", "1e10"], {}, "--max-queue-delay-ms cannot exceed 60000, not 1e+10"),
-        (["--decode-stall-seconds", "1", "--max-queue-delay-ms", "1000"], {}, "--decode-stall-seconds 1 must exceed --max-queue-delay-ms 1000"),
         (["--max-connection-age-seconds", "-1"], {}, "--max-connection-age-seconds must be a number of at least 0, not -1.0"),
         (["--max-connection-age-seconds", "3e6"], {}, "--max-connection-age-seconds cannot exceed 2147483"),
         ([], {"NMTSERVE_LOG_LEVEL": "verbose"}, "NMTSERVE_LOG_LEVEL='verbose' is not one of debug, info, warning, error"),
@@ -515,13 +517,16 @@ def test_mutual_tls_on_the_main_port_with_plaintext_health(start_server, certifi
 def test_connections_are_closed_after_the_maximum_age_and_clients_reconnect(start_server, age):
     # Behind a Kubernetes Service a client keeps its connection, and its calls, on the pods it first reached: closing
     # connections by age makes clients resolve again and spread over pods added since.
-    server = start_server(max_connection_age_seconds=age)
+    server = start_server(max_connection_age_seconds=age, grace_seconds=1)  # the grace after a signal is not the call's
     states: list[grpc.ChannelConnectivity] = []
     with grpc.insecure_channel(server.address) as channel:
         channel.subscribe(states.append)
         stub = translator_pb2_grpc.TranslatorStub(channel)
-        assert stub.Translate(pb.TranslateRequest(texts=["Friday"]), timeout=TIMEOUT).translations
-        time.sleep(3)  # gRPC ages a connection out within ±10% of the maximum, after its calls have ended
+        with server.paused():  # a call outlasting its connection's age: it finishes on it, it is not cut
+            call = stub.Translate.future(pb.TranslateRequest(texts=["Friday"]), timeout=TIMEOUT)
+            time.sleep(2.5)
+        assert call.result().translations
+        time.sleep(3)  # gRPC ages a connection out within ±10% of the maximum, once its calls have ended
         assert stub.Translate(pb.TranslateRequest(texts=["Friday"]), timeout=TIMEOUT).translations  # on a new one
     # A connection the server closes takes the channel from READY to IDLE, and the next call opens another.
     went_idle = [a == grpc.ChannelConnectivity.READY and b == grpc.ChannelConnectivity.IDLE for a, b in zip(states, states[1:])]

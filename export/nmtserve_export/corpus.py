@@ -496,10 +496,28 @@ def generate_corpus(
     return pairs
 
 
-def split_corpus(pairs: list[Pair], *, valid_size: int, test_size: int) -> Splits:
+# The rules a corpus is read and split by, recorded as the "split" of the corpus metadata of each checkpoint trained since
+# they came in: read_tsv strict, and split_corpus grouping sources as the model reads them. Evaluate, plot, bench and
+# --resume rebuild a checkpoint's splits by the rules it was trained with, and one without the record is older: it was
+# read leniently and split by sources as written, and only those rules give back the test set it held out.
+NORMALIZED_SPLIT = "normalized"
+
+
+def normalized_split(corpus: dict) -> bool:
+    """Whether a checkpoint's corpus metadata says its corpus was read and split by the current rules (NORMALIZED_SPLIT);
+    False for one trained before they were recorded."""
+    split = corpus.get("split")
+    if split not in (None, NORMALIZED_SPLIT):
+        raise CorpusError(f"the checkpoint's corpus was split by rules {split!r}, which this nmtserve does not know: "
+                          "evaluate or resume it with the nmtserve that trained it")
+    return split == NORMALIZED_SPLIT
+
+
+def split_corpus(pairs: list[Pair], *, valid_size: int, test_size: int, normalized: bool = True) -> Splits:
     """Split pairs into train/valid/test so that no source sentence is in two splits: sources that differ only in white
     space, which the model never sees (normalize_source), or in Unicode composition ("é" as one character or two) are
-    one sentence."""
+    one sentence; with normalized=False, only identical sources are (the rule of checkpoints from before
+    NORMALIZED_SPLIT)."""
     if valid_size < 0 or test_size < 0 or valid_size + test_size >= len(pairs):
         raise ValueError(
             f"valid_size={valid_size} and test_size={test_size} must be >= 0 "
@@ -507,7 +525,8 @@ def split_corpus(pairs: list[Pair], *, valid_size: int, test_size: int) -> Split
         )
     copies: dict[str, list[int]] = {}  # all copies of a source go to the same split
     for i, pair in enumerate(pairs):
-        copies.setdefault(unicodedata.normalize("NFC", normalize_source(pair.source)), []).append(i)
+        source = unicodedata.normalize("NFC", normalize_source(pair.source)) if normalized else pair.source
+        copies.setdefault(source, []).append(i)
     # Hash order is stable across runs and machines and independent of the corpus order.
     room = {"test": test_size, "valid": valid_size}
     split_of: dict[int, str] = {}
@@ -542,14 +561,15 @@ def _csv_quoted(text: str) -> bool:
     return len(text) >= 2 and text[0] == text[-1] == '"' and '""' in inner and '"' not in inner.replace('""', "")
 
 
-def read_tsv(path: str | os.PathLike) -> list[Pair]:
-    """Read a user corpus of `source<TAB>target` lines."""
+def read_tsv(path: str | os.PathLike, *, strict: bool = True) -> list[Pair]:
+    """Read a user corpus of `source<TAB>target` lines; strict=False keeps carriage returns that end no line and
+    CSV-quoted fields as text, as checkpoints from before NORMALIZED_SPLIT were trained on them."""
     try:
         data = Path(path).read_bytes()
     except OSError as error:
         raise CorpusError(f"{path}: cannot be read ({error.strerror or error})") from error
     data = data.removeprefix(codecs.BOM_UTF8)
-    if b"\n" not in data and b"\r" in data.removesuffix(b"\r"):  # else all of it would be one line
+    if strict and b"\n" not in data and b"\r" in data.removesuffix(b"\r"):  # else all of it would be one line
         raise CorpusError(f"{path}: its lines end with a carriage return alone (CR, as on classic Mac OS); a TSV corpus's "
                           "lines end with LF or CRLF: convert it (e.g. tr '\\r' '\\n')")
     lines = data.split(b"\n")
@@ -561,7 +581,7 @@ def read_tsv(path: str | os.PathLike) -> list[Pair]:
             line = raw.removesuffix(b"\r").decode("utf-8")
         except UnicodeDecodeError as exc:
             raise CorpusError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-        if "\r" in line:
+        if strict and "\r" in line:
             raise CorpusError(f"{path}:{lineno}: a carriage return inside the line, which no field can hold (a line ends "
                               "with LF or CRLF; mixed line endings?): remove it")
         fields = line.split("\t")
@@ -574,7 +594,7 @@ def read_tsv(path: str | os.PathLike) -> list[Pair]:
         for side, text in zip(("source", "target"), fields):
             if not text.strip():
                 raise CorpusError(f"{path}:{lineno}: empty {side}")
-            if _csv_quoted(text):
+            if strict and _csv_quoted(text):
                 raise CorpusError(f"{path}:{lineno}: the {side} looks CSV-quoted (wrapped in double quotes, its own "
                                   "doubled), which a TSV corpus takes literally: write the file with quoting off (Python's "
                                   "csv: quoting=csv.QUOTE_NONE, quotechar=None)")

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from .checkpoint import load_model, update_metadata
-from .corpus import CorpusError, Pair, file_sha256, generate_corpus, read_tsv, split_corpus, target_languages
+from .corpus import CorpusError, Pair, file_sha256, generate_corpus, normalized_split, read_tsv, split_corpus, target_languages
 from .data import encode_sources
 from .decode import beam_search, greedy_search
 from .devices import torch_device
@@ -20,8 +20,9 @@ from .model import Transformer
 
 
 def held_out_pairs(metadata: dict) -> list[Pair]:
-    """Rebuild the exact test split the checkpoint was held out from."""
+    """Rebuild the exact test split the checkpoint was held out from, by the rules it was split with."""
     corpus = metadata["corpus"]
+    normalized = normalized_split(corpus)
     if corpus["kind"] == "tsv":
         # A file changed since training splits differently: its test set could hold sentences the model trained on.
         if not Path(corpus["path"]).is_file():
@@ -31,10 +32,10 @@ def held_out_pairs(metadata: dict) -> list[Pair]:
             raise CorpusError(f"{corpus['path']} has changed since the model was trained on it (sha256 "
                               f"{corpus['sha256'][:12]}…, now {now[:12]}…): its held-out split "
                               "can no longer be rebuilt; restore the file, or train again")
-        pairs = read_tsv(corpus["path"])
+        pairs = read_tsv(corpus["path"], strict=normalized)
     else:
         pairs = generate_corpus(corpus["size"], source_lang=corpus["source_lang"], target_lang=corpus["target_lang"], seed=corpus["seed"])
-    return split_corpus(pairs, valid_size=corpus["valid_size"], test_size=corpus["test_size"]).test
+    return split_corpus(pairs, valid_size=corpus["valid_size"], test_size=corpus["test_size"], normalized=normalized).test
 
 
 def translate_pairs(

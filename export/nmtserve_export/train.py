@@ -18,7 +18,8 @@ from nmtserve.normalize import normalize_source
 from nmtserve.settings import env_value, flag
 
 from . import checkpoint
-from .corpus import CorpusSettings, Pair, Splits, file_sha256, read_tsv, split_corpus, target_languages
+from .corpus import (NORMALIZED_SPLIT, CorpusSettings, Pair, Splits, file_sha256, normalized_split, read_tsv, split_corpus,
+                     target_languages)
 from .data import Batch, encode_sources, encode_targets, epoch_batches, make_batch, token_batches
 from .decode import greedy_search, model_device
 from .devices import DEVICES, device_problem, torch_device, training_precision
@@ -198,16 +199,17 @@ def learning_rate(step: int, peak_lr: float, warmup_steps: int) -> float:
     return peak_lr * min(step / warmup_steps, math.sqrt(warmup_steps / step))
 
 
-def load_splits(settings: TrainSettings) -> Splits:
-    """The corpus the settings name, split into train / valid / test."""
+def load_splits(settings: TrainSettings, *, normalized: bool = True) -> Splits:
+    """The corpus the settings name, split into train / valid / test by the current rules (normalized=False: by those of a
+    run started before them, see NORMALIZED_SPLIT)."""
     if settings.corpus is not None:
-        pairs: list[Pair] = read_tsv(settings.corpus)
+        pairs: list[Pair] = read_tsv(settings.corpus, strict=normalized)
         if len(pairs) <= settings.valid_size + settings.test_size:  # known only once the file is read
             raise TrainSettingsError([
                 f"--corpus {settings.corpus} has {len(pairs)} pairs, which leaves none for training after --valid-size "
                 f"{settings.valid_size} and --test-size {settings.test_size}: give more pairs or hold out fewer"])
-        return split_corpus(pairs, valid_size=settings.valid_size, test_size=settings.test_size)
-    return settings.corpus_settings().splits()
+        return split_corpus(pairs, valid_size=settings.valid_size, test_size=settings.test_size, normalized=normalized)
+    return settings.corpus_settings().splits()  # generated sources are written normalized: both rules split them alike
 
 
 _NAMED_PAIRS = 5  # pairs past --max-length named in full, in file order; a count of the rest
@@ -228,13 +230,15 @@ def length_problems(settings: TrainSettings, pairs: list[Pair], sources: list[li
             f"write: {named}{more}; split or remove them, or raise --max-length"]
 
 
-def corpus_metadata(settings: TrainSettings) -> dict:
-    """How to rebuild the corpus exactly (for evaluation and the bundle manifest)."""
+def corpus_metadata(settings: TrainSettings, *, normalized: bool = True) -> dict:
+    """How to rebuild the corpus exactly (for evaluation and the bundle manifest): with normalized=False, as a run started
+    before NORMALIZED_SPLIT recorded it, without the rules."""
     source_lang, target_lang = settings.languages()
+    rules = {"split": NORMALIZED_SPLIT} if normalized else {}
     if settings.corpus is not None:
         path = Path(settings.corpus).resolve()  # evaluate and plot may run from another directory
         return {"kind": "tsv", "path": str(path), "sha256": file_sha256(path), "source_lang": source_lang,
-                "target_lang": target_lang, "valid_size": settings.valid_size, "test_size": settings.test_size}
+                "target_lang": target_lang, "valid_size": settings.valid_size, "test_size": settings.test_size, **rules}
     return {
         "kind": "cldr",
         "size": settings.corpus_size,
@@ -243,6 +247,7 @@ def corpus_metadata(settings: TrainSettings) -> dict:
         "seed": settings.seed,
         "valid_size": settings.valid_size,
         "test_size": settings.test_size,
+        **rules,
     }
 
 
@@ -299,7 +304,10 @@ def _train(settings: TrainSettings, device: torch.device) -> Path:
     if settings.threads:
         torch.set_num_threads(settings.threads)
 
-    splits = load_splits(settings)
+    resuming = settings.resume and (out / checkpoint.STATE_FILE).is_file()
+    # A resumed run keeps the rules its splits were made by: other ones could move pairs it trained on into valid or test.
+    normalized = not resuming or normalized_split(checkpoint.read_metadata(out)["corpus"])
+    splits = load_splits(settings, normalized=normalized)
     tokenizer_path = out / checkpoint.TOKENIZER_FILE
     if settings.resume and tokenizer_path.is_file():
         tokenizer = load_tokenizer(tokenizer_path)
@@ -322,14 +330,14 @@ def _train(settings: TrainSettings, device: torch.device) -> Path:
     model = Transformer(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
     step, history, elapsed_before = 0, [], 0.0
-    if settings.resume and (out / checkpoint.STATE_FILE).is_file():
+    if resuming:
         model.load_state_dict(checkpoint.load_model(out)[0].state_dict())
         step, history = checkpoint.load_train_state(out, optimizer)
         elapsed_before = history[-1]["seconds"] if history else 0.0
         log.info("resuming from step %d", step)
 
     metadata = {
-        "corpus": corpus_metadata(settings),
+        "corpus": corpus_metadata(settings, normalized=normalized),
         "training": {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
                      "device": _device_name(device)},
         "parameters": count_parameters(model),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
-from nmtserve_export.corpus import generate_corpus
-from nmtserve_export.evaluate import bleu_tokenizer, score
+from nmtserve_export.corpus import CorpusError, file_sha256, generate_corpus
+from nmtserve_export.evaluate import bleu_tokenizer, held_out_pairs, score
 
 
 @pytest.mark.parametrize(("target_lang", "tokenize"), [
@@ -35,3 +37,20 @@ def test_several_target_languages_are_also_scored_one_by_one():
     assert scores["exact_match"] == 0.5
     assert scores["by_language"]["de"]["exact_match"] == 1.0 and scores["by_language"]["de"]["bleu_tokenize"] == "13a"
     assert scores["by_language"]["ja"]["exact_match"] == 0.0 and scores["by_language"]["ja"]["bleu_tokenize"] == "char"
+
+
+def test_a_checkpoint_from_before_the_split_was_recorded_is_held_out_from_as_it_was_trained(tmp_path):
+    """A TSV checkpoint trained before sources were grouped as the model reads them, and before read_tsv refused bare
+    CRs and CSV quoting: its test set is the one it held out, not another with sentences it trained on."""
+    lines = [f"Sentence {i}\tSatz {i}" for i in range(40)] + [f"Sentence\xa0{i} \tSatz {i}" for i in range(40)]
+    lines += ["a bare\rCR\tein CR", '"He said ""hi""."\tEr sagte „hi“.']
+    path = tmp_path / "old.tsv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    corpus = {"kind": "tsv", "path": str(path), "sha256": file_sha256(path), "valid_size": 10, "test_size": 10}
+    # Every source as written is distinct, so the old rule made each its own group and held out the first 10 in sha1 order.
+    sources = sorted((line.split("\t")[0] for line in lines), key=lambda s: hashlib.sha1(s.encode("utf-8")).digest())
+    assert sorted(p.source for p in held_out_pairs({"corpus": corpus})) == sorted(sources[:10])
+    with pytest.raises(CorpusError, match=":81: a carriage return inside the line"):  # a new checkpoint's file is read strictly
+        held_out_pairs({"corpus": {**corpus, "split": "normalized"}})
+    with pytest.raises(CorpusError, match="split by rules 'v3', which this nmtserve does not know"):  # not guessed at
+        held_out_pairs({"corpus": {**corpus, "split": "v3"}})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 
@@ -13,7 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from nmtserve.bundle import BOS_ID, EOS_ID
 from nmtserve_export.checkpoint import load_model, read_metadata
-from nmtserve_export.corpus import generate_corpus
+from nmtserve_export.corpus import Pair, file_sha256, generate_corpus
 from nmtserve_export.data import encode_sources, encode_targets, make_batch, token_batches
 from nmtserve_export.decode import greedy_search
 from nmtserve_export.tokenizer import train_tokenizer
@@ -224,6 +225,35 @@ def test_resume_refuses_a_corpus_file_that_is_not_the_one_the_run_started_on(tmp
     assert problem.startswith(f"--resume: {data / 'my.tsv'} has changed since the run in {tmp_path / 'run'} was started on it")
     (problem,) = TrainSettings(steps=4, resume=True, **common).resume_problems()
     assert problem.startswith(f"--resume: the run in {tmp_path / 'run'} was started on {data / 'my.tsv'}, not the built-in corpus")
+
+
+def test_a_run_started_before_the_split_rules_were_recorded_resumes_by_its_own(tmp_path):
+    """Such a run's corpus metadata lacks the rules: a resume reads its file leniently (a bare CR, CSV quoting) and groups
+    sources as written, as it was started, and records no rules that would have evaluate rebuild other splits."""
+    lines = [f"Sentence {i}\tSatz {i}" for i in range(40)] + [f"Sentence\xa0{i} \tSatz {i}" for i in range(40)]
+    corpus = tmp_path / "old.tsv"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    common = dict(out=tmp_path / "run", preset="tiny", corpus=corpus, valid_size=10, test_size=10, vocab_size=300,
+                  max_tokens=512, valid_every=2, valid_decode=0, threads=1)
+    run = train(TrainSettings(steps=2, **common))
+    # What the older code had trained on: a file the new code reads strictly.
+    lines += ["a bare\rCR\tein CR", '"He said ""hi""."\tEr sagte „hi“.']
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = json.loads((run / "config.json").read_text())
+    config["corpus"].pop("split", None)
+    config["corpus"]["sha256"] = file_sha256(corpus)
+    (run / "config.json").write_text(json.dumps(config))
+
+    model, tokenizer, metadata = load_model(train(TrainSettings(steps=4, resume=True, **common)))
+    assert "split" not in metadata["corpus"]  # evaluate keeps rebuilding the old splits
+    # Every source as written is distinct: the old rule held out the first 10 in sha1 order for test, the next 10 for valid.
+    targets = dict(line.split("\t") for line in lines)
+    in_order = sorted(targets, key=lambda s: hashlib.sha1(s.encode("utf-8")).digest())
+    valid = [Pair(source, targets[source], "tsv") for source in in_order[10:20]]
+    scores = validate(model, tokenizer, valid, encode_sources(tokenizer, [p.source for p in valid]),
+                      encode_targets(tokenizer, [p.target for p in valid]), n_decode=0, max_tokens=512)
+    saved = json.loads((run / "train_state.json").read_text())["history"][-1]
+    assert saved["step"] == 4 and scores["valid_loss"] == pytest.approx(saved["valid_loss"], rel=1e-5)
 
 
 def test_a_new_run_replaces_nothing_of_an_old_checkpoint_before_its_first_save(tiny_run, tmp_path, monkeypatch):

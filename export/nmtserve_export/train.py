@@ -105,7 +105,8 @@ class TrainSettings:
         if not self.resume or not (Path(self.out) / checkpoint.STATE_FILE).is_file():
             return []
         metadata = checkpoint.read_metadata(Path(self.out))
-        started = metadata["training"]["settings"]
+        # A run started before --max-length was saved has the model length chosen for it then, its max_len.
+        started = {"max_length": metadata["model"]["max_len"], **metadata["training"]["settings"]}
         found = [f"--resume: {flag(name)} is {_stored(getattr(self, name))!r}, but the run in {self.out} was started with "
                  f"{started[name]!r}; a resumed run keeps its corpus, model and optimisation (give the same, or a new --out)"
                  for name in FIXED_ON_RESUME if name in started and _stored(getattr(self, name)) != started[name]]

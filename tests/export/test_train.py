@@ -227,6 +227,22 @@ def test_resume_refuses_a_corpus_file_that_is_not_the_one_the_run_started_on(tmp
     assert problem.startswith(f"--resume: the run in {tmp_path / 'run'} was started on {data / 'my.tsv'}, not the built-in corpus")
 
 
+def test_a_run_started_before_max_length_was_saved_resumes_with_its_models_length(tmp_path):
+    """Its model's length was its own (twice its longest pair, at least 256): a resume must keep it, not take the default
+    --max-length, which would silently give its weights another positional table."""
+    common = dict(out=tmp_path / "run", preset="tiny", corpus_size=300, valid_size=20, test_size=20, vocab_size=300,
+                  max_tokens=512, valid_every=2, valid_decode=0, threads=1)
+    run = train(TrainSettings(steps=2, max_length=200, **common))
+    config = json.loads((run / "config.json").read_text())
+    config["training"]["settings"].pop("max_length", None)  # as the older code saved them
+    (run / "config.json").write_text(json.dumps(config))
+    assert TrainSettings(steps=4, resume=True, **common).resume_problems() == [
+        f"--resume: --max-length is 256, but the run in {run} was started with 200; a resumed run keeps its corpus, model "
+        "and optimisation (give the same, or a new --out)"]
+    model, _, metadata = load_model(train(TrainSettings(steps=4, resume=True, max_length=200, **common)))
+    assert model.config.max_len == 200 and metadata["training"]["settings"]["max_length"] == 200
+
+
 def test_a_run_started_before_the_split_rules_were_recorded_resumes_by_its_own(tmp_path):
     """Such a run's corpus metadata lacks the rules: a resume reads its file leniently (a bare CR, CSV quoting) and groups
     sources as written, as it was started, and records no rules that would have evaluate rebuild other splits."""

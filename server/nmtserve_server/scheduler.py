@@ -132,9 +132,14 @@ class Scheduler:
         ready = await self._loaded
         if ready is None:
             await asyncio.to_thread(self._process.join, STOP_TIMEOUT)
-            ready = LoadFailed(f"the decode process ended while loading ({_exit_status(self._process.exitcode)}"
-                               + ("; killed, as for want of memory: a smaller --max-batch-size needs less)"
-                                  if self._process.exitcode == -signal.SIGKILL else ")"))
+            status = _exit_status(self._process.exitcode)
+            if self.state == "stopped":  # stop() ended it
+                ready = LoadFailed(f"the server stopped while the decode process was loading ({status})")
+            elif self._process.exitcode == -signal.SIGKILL:
+                ready = LoadFailed(f"the decode process was killed while loading ({status}), most often for want of "
+                                   "memory: a smaller --max-batch-size needs less")
+            else:
+                ready = LoadFailed(f"the decode process ended while loading ({status})")
         if isinstance(ready, LoadFailed):
             await asyncio.to_thread(self._process.join, STOP_TIMEOUT)
             raise EngineFailed(ready.reason)

@@ -305,7 +305,7 @@ def test_a_stop_while_the_decode_process_loads_ends_the_start(tiny_bundle):
         starting = asyncio.create_task(scheduler.start(spec, log_level="warning"))
         await asyncio.sleep(0)  # start() has started the process and waits for it
         await scheduler.stop()
-        with pytest.raises(EngineFailed, match="the decode process exited with code -9 while loading"):
+        with pytest.raises(EngineFailed, match=r"the server stopped while the decode process was loading \(signal=SIGKILL\)"):
             await asyncio.wait_for(starting, 30)
 
     asyncio.run(main())

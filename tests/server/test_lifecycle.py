@@ -396,6 +396,16 @@ def test_environment_variables_configure_the_server_and_the_config_is_logged(ser
     assert server.wait() == 0
 
 
+def test_a_decode_process_killed_while_loading_fails_the_start_naming_the_likely_cause(serve_process, tiny_bundle):
+    server = serve_process("--bundle", str(tiny_bundle))
+    decode_pid = _decode_pid_started(server)
+    os.kill(decode_pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    assert server.wait(TIMEOUT) == 1, server.log
+    (failed,) = [line for line in server.lines if "event=startup_failed" in line]
+    assert "the decode process was killed while loading (signal=SIGKILL)" in failed and "--max-batch-size" in failed
+    assert "event=serving" not in server.log and "event=decode_process_lost" not in server.log
+
+
 def test_a_signal_while_the_model_loads_stops_the_server_at_once(serve_process, tiny_bundle):
     server = serve_process("--bundle", str(tiny_bundle))
     decode_pid = _decode_pid_started(server)

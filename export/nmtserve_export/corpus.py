@@ -25,6 +25,7 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
 
+import babel
 from babel import Locale, UnknownLocaleError, dates, numbers, units
 
 from nmtserve.normalize import normalize_source
@@ -501,6 +502,16 @@ def generate_corpus(
 # --resume rebuild a checkpoint's splits by the rules it was trained with, and one without the record is older: it was
 # read leniently and split by sources as written, and only those rules give back the test set it held out.
 NORMALIZED_SPLIT = "normalized"
+
+
+def cldr_problem(corpus: dict) -> str | None:
+    """Why a checkpoint's built-in corpus cannot be made again here: it was generated from the CLDR data of another Babel
+    release (None where it can, or the checkpoint recorded none)."""
+    made_with = corpus.get("babel")
+    if corpus.get("kind") != "cldr" or made_with is None or made_with == babel.__version__:
+        return None
+    return (f"the built-in corpus was generated with Babel {made_with}, and this machine has Babel {babel.__version__}, "
+            f"whose CLDR data can make other pairs and splits: install the same (pip install 'babel=={made_with}')")
 
 
 def normalized_split(corpus: dict) -> bool:

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from .checkpoint import load_model, update_metadata
-from .corpus import CorpusError, Pair, file_sha256, generate_corpus, normalized_split, read_tsv, split_corpus, target_languages
+from .corpus import CorpusError, Pair, cldr_problem, file_sha256, generate_corpus, normalized_split, read_tsv, split_corpus, target_languages
 from .data import encode_sources
 from .decode import beam_search, greedy_search
 from .devices import torch_device
@@ -34,6 +34,8 @@ def held_out_pairs(metadata: dict) -> list[Pair]:
                               "can no longer be rebuilt; restore the file, or train again")
         pairs = read_tsv(corpus["path"], strict=normalized)
     else:
+        if problem := cldr_problem(corpus):  # another release's corpus: its test set could hold sentences trained on
+            raise CorpusError(f"{problem}; its held-out split can only be rebuilt so")
         pairs = generate_corpus(corpus["size"], source_lang=corpus["source_lang"], target_lang=corpus["target_lang"], seed=corpus["seed"])
     return split_corpus(pairs, valid_size=corpus["valid_size"], test_size=corpus["test_size"], normalized=normalized).test
 

@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import babel
 import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
@@ -18,7 +19,7 @@ from nmtserve.normalize import normalize_source
 from nmtserve.settings import env_value, flag
 
 from . import checkpoint
-from .corpus import (NORMALIZED_SPLIT, CorpusSettings, Pair, Splits, file_sha256, normalized_split, read_tsv, split_corpus,
+from .corpus import (NORMALIZED_SPLIT, CorpusSettings, Pair, Splits, cldr_problem, file_sha256, normalized_split, read_tsv, split_corpus,
                      target_languages)
 from .data import Batch, encode_sources, encode_targets, epoch_batches, make_batch, token_batches
 from .decode import greedy_search, model_device
@@ -125,6 +126,8 @@ class TrainSettings:
         found = [f"--resume: {flag(name)} is {now!r}, but the run in {self.out} was started with {corpus[name]!r}; a resumed "
                  "run keeps its corpus (give the same, or a new --out)"
                  for name, now in zip(("source_lang", "target_lang"), self.languages()) if corpus.get(name, now) != now]
+        if problem := cldr_problem(corpus):
+            found.append(f"--resume: {problem}, or start a new --out")
         return found + (self._corpus_file_problems(corpus) if started_on_file else [])
 
     def _corpus_file_problems(self, corpus: dict) -> list[str]:
@@ -242,6 +245,7 @@ def corpus_metadata(settings: TrainSettings, *, normalized: bool = True) -> dict
                 "target_lang": target_lang, "valid_size": settings.valid_size, "test_size": settings.test_size, **rules}
     return {
         "kind": "cldr",
+        "babel": babel.__version__,  # whose CLDR data the corpus is made from: another release can make other pairs
         "size": settings.corpus_size,
         "source_lang": source_lang,
         "target_lang": target_lang,

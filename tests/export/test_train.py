@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 
+import babel
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,9 +15,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from nmtserve.bundle import BOS_ID, EOS_ID
 from nmtserve_export.checkpoint import load_model, read_metadata
-from nmtserve_export.corpus import Pair, file_sha256, generate_corpus
+from nmtserve_export.corpus import CorpusError, Pair, file_sha256, generate_corpus
 from nmtserve_export.data import encode_sources, encode_targets, make_batch, token_batches
 from nmtserve_export.decode import greedy_search
+from nmtserve_export.evaluate import held_out_pairs
 from nmtserve_export.tokenizer import train_tokenizer
 from nmtserve_export.model import Transformer, model_config
 from nmtserve_export.train import TrainSettings, TrainSettingsError, learning_rate, load_splits, optimizer_step, train, validate
@@ -241,6 +243,24 @@ def test_a_run_started_before_max_length_was_saved_resumes_with_its_models_lengt
         "and optimisation (give the same, or a new --out)"]
     model, _, metadata = load_model(train(TrainSettings(steps=4, resume=True, max_length=200, **common)))
     assert model.config.max_len == 200 and metadata["training"]["settings"]["max_length"] == 200
+
+
+def test_a_built_in_corpus_made_by_another_babel_is_not_made_again_in_its_place(tmp_path):
+    """CLDR data changes between Babel releases: the corpus, and the held-out split, made again from another release's
+    would not be the run's, and its test set could hold sentences the model trained on."""
+    common = dict(out=tmp_path / "run", preset="tiny", corpus_size=300, valid_size=20, test_size=20, vocab_size=300,
+                  max_tokens=512, valid_every=2, valid_decode=0, threads=1)
+    run = train(TrainSettings(steps=2, **common))
+    config = json.loads((run / "config.json").read_text())
+    assert config["corpus"]["babel"] == babel.__version__
+    assert held_out_pairs(config)  # made again here, by the same release
+    config["corpus"]["babel"] = "2.0.0"
+    (run / "config.json").write_text(json.dumps(config))
+    problem = (f"the built-in corpus was generated with Babel 2.0.0, and this machine has Babel {babel.__version__}, whose "
+               "CLDR data can make other pairs and splits: install the same (pip install 'babel==2.0.0')")
+    assert TrainSettings(steps=4, resume=True, **common).resume_problems() == [f"--resume: {problem}, or start a new --out"]
+    with pytest.raises(CorpusError, match=re.escape(problem)):
+        held_out_pairs(config)
 
 
 def test_a_run_started_before_the_split_rules_were_recorded_resumes_by_its_own(tmp_path):

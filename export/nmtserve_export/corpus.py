@@ -196,8 +196,9 @@ _PHRASES = (
 def _render(value: object, formats: _Formats, k: int, src: Locale, tgt: Locale) -> _Text:
     """Render value in formats[k]; the first format rendering the same source, as written, supplies the target."""
     source = formats[k](value, locale=src)
+    written = normalize_source(source)
     for fmt in formats[:k]:
-        if normalize_source(fmt(value, locale=src)) == normalize_source(source):
+        if normalize_source(fmt(value, locale=src)) == written:
             return _Text(source, fmt(value, locale=tgt), value)
     return _Text(source, formats[k](value, locale=tgt), value)
 
@@ -266,12 +267,13 @@ def _names(src: Locale, tgt: Locale) -> dict[tuple[str, str | None], list[_Text]
     first: dict[str, tuple] = {}  # source as written -> its highest-priority entry
     ambiguous = set()
     for category, width, key, source, target in entries:
-        seen = first.setdefault(normalize_source(source), (category, width, key, source, target))
+        written = normalize_source(source)
+        seen = first.setdefault(written, (category, width, key, source, target))
         if (seen[0], seen[2]) != (category, key):
-            ambiguous.add(normalize_source(source))
+            ambiguous.add(written)
     table: dict[tuple[str, str | None], list[_Text]] = {}
-    for category, width, key, source, target in first.values():
-        if normalize_source(source) not in ambiguous:
+    for written, (category, width, key, source, target) in first.items():
+        if written not in ambiguous:
             table.setdefault((category, width), []).append(_Text(source, target, key))
     return table
 

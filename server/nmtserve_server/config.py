@@ -19,6 +19,7 @@ LOG_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 MAX_PORT = 65535
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC takes message limits as a C int
 MAX_GRPC_MILLISECONDS = 2**31 - 1  # and durations as milliseconds in one (about 24 days)
+STALL_WARM_UPS = 4  # the decode process is taken for hung only after this many times its warm-up without a word
 MAX_QUEUE_DELAY_MS = 60_000.0  # a wait far beyond any use; epoll's own limit (about 25 days) would end the decode process
 
 
@@ -107,8 +108,9 @@ class ServeSettings:
         default=60.0,
         metadata={"help": "with texts waiting or decoding, a decode process that reports nothing for this long is taken "
                           "for hung (a stuck model run, a wedged GPU): it is killed, health turns NOT_SERVING and the "
-                          "server exits 1, for its supervisor to restart it; at least 4 times the warm-up (which runs the "
-                          "longest model runs once) and twice --max-queue-delay-ms, logged at start (0: never)"},
+                          f"server exits 1, for its supervisor to restart it; at least {STALL_WARM_UPS} times the warm-up "
+                          "(which runs the longest model runs once) and twice --max-queue-delay-ms, logged at start (0: "
+                          "never)"},
     )
     max_connection_age_seconds: float = field(
         default=0.0,

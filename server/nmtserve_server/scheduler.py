@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from . import decode_loop
+from .config import STALL_WARM_UPS
 from .decode_loop import EngineSpec, LoadFailed, Ready, Report, Text
 from .metrics import Metrics
 from .pipes import MessageReader, MessageWriter
@@ -33,7 +34,6 @@ _keys = itertools.count()
 
 STOP_TIMEOUT = 30.0  # seconds the decode process gets to stop before it is killed
 FORCED_STOP_TIMEOUT = 1.0  # the same after a second signal
-STALL_WARM_UPS = 4  # the decode process is taken for hung only after this many times its warm-up without a word
 
 
 class EngineFailed(RuntimeError):
@@ -258,10 +258,10 @@ class Scheduler:
                 if not joined.done():  # a second signal: a loop that stops at all does so between two steps
                     await asyncio.wait({joined}, timeout=FORCED_STOP_TIMEOUT)
                 killed = self._process.is_alive()
+            if killed:
+                log.warning("event=decode_process_killed reason=%s",
+                            "a_second_signal" if force is not None and force.is_set() else f"not_stopped_within_{STOP_TIMEOUT:g}s")
             if self._process.is_alive():  # still loading, or stuck: nothing it holds needs saving
-                if killed:
-                    log.warning("event=decode_process_killed reason=%s",
-                                "a_second_signal" if force is not None and force.is_set() else f"not_stopped_within_{STOP_TIMEOUT:g}s")
                 self._process.kill()
             await asyncio.to_thread(self._process.join)
         if self.lost.is_set() and self._process is not None:

@@ -36,7 +36,7 @@ class ClientSettings:
     server: str = field(default=DEFAULT_SERVER, metadata={
         "help": "gRPC target: host:port, dns:///name:port (every address, round robin) or ipv4:a:p,b:q"})
     timeout: float | None = field(default=60.0, metadata={
-        "help": "deadline of each call in seconds, retries included (in Python, None: no deadline)"})
+        "help": "deadline of each call in seconds, retries included (unset, None in Python: no deadline)"})
     tls: bool = field(default=False, metadata={"help": "connect with TLS, trusting the system's root certificates"})
     tls_ca: Path | None = field(default=None, metadata={
         "help": "PEM root certificates to trust instead of the system's (implies TLS)"})
@@ -60,6 +60,9 @@ class ClientSettings:
     def problems(self) -> list[str]:
         """What is wrong with the settings, one sentence per problem (empty when they are usable)."""
         found = []
+        for name in ("initial_backoff", "max_backoff", "backoff_multiplier", "keepalive_time", "keepalive_timeout"):
+            if not math.isfinite(getattr(self, name)):
+                found.append(f"{name} must be a finite number, not {getattr(self, name)}")
         if not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
             found.append(f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}, not {self.max_attempts}")
         if self.initial_backoff <= 0 or self.max_backoff < self.initial_backoff or self.backoff_multiplier < 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -18,6 +19,9 @@ from typing import Any, TypeVar
 
 ENV_PREFIX = "NMTSERVE_"
 T = TypeVar("T")
+# Numbers as people write them in flags and manifests; int() and float() alone also take 1_000, other scripts' digits,
+# inf and nan, which no setting means.
+_NUMBER = {int: re.compile(r"[+-]?[0-9]+"), float: re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")}
 
 
 def env_var(name: str) -> str:
@@ -41,6 +45,14 @@ def _base_type(hint: Any) -> type:
     return args[0] if args else hint
 
 
+def _value(kind: type, text: str) -> Any:
+    """`text` as a value of `kind`; a number only in ASCII decimal notation."""
+    pattern = _NUMBER.get(kind)
+    if pattern is not None and not pattern.fullmatch(text.strip()):
+        raise ValueError(f"{text!r} is not a decimal {kind.__name__}")
+    return kind(text)
+
+
 def _parse(kind: type, text: str, name: str) -> Any:
     if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):
@@ -49,7 +61,7 @@ def _parse(kind: type, text: str, name: str) -> Any:
             return False
         raise ValueError(f"{env_var(name)}={text!r} is not a boolean (use true or false)")
     try:
-        return kind(text)
+        return _value(kind, text)
     except ValueError as error:
         raise ValueError(f"{env_var(name)}={text!r} is not a valid {kind.__name__}") from error
 
@@ -59,12 +71,15 @@ class _FromEnvironment(str):
     that a bad variable neither hides the help nor stops a flag that overrides it."""
 
 
-def _converter(kind: type, name: str, choices: tuple | None) -> Any:
-    """A flag's argparse type: its kind, and for a variable's text a usage error naming the variable."""
+def _converter(kind: type, name: str, choices: tuple | None, optional: bool) -> Any:
+    """A flag's argparse type: its kind (an empty value unsets an optional field), and for a variable's text a usage
+    error naming the variable."""
 
     def convert(text: str) -> Any:
+        if optional and text == "":
+            return None
         if not isinstance(text, _FromEnvironment):
-            return kind(text)
+            return _value(kind, text)
         try:
             value = _parse(kind, text, name)
         except ValueError as error:
@@ -83,11 +98,13 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, *, positi
     for f in fields(cls):
         kind = _base_type(hints[f.name])
         kind = str if kind is Path else kind
+        optional = type(None) in typing.get_args(hints[f.name])
         env = env_var(f.name)
         default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
         text = env_value(f.name)
-        help_text = f"{f.metadata.get('help', '')} [env {env}; default: %(default)s]"
-        convert = _converter(kind, f.name, f.metadata.get("choices"))
+        unset = "; an empty value unsets it" if optional and kind is not bool else ""
+        help_text = f"{f.metadata.get('help', '')} [env {env}; default: %(default)s{unset}]"
+        convert = _converter(kind, f.name, f.metadata.get("choices"), optional)
         default = _FromEnvironment(text) if text is not None else default
         if kind is bool:
             action = parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)

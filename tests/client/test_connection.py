@@ -42,7 +42,9 @@ def test_settings_are_checked_and_calls_spread_round_robin():
     # keepalive_time 5: the server would end a long call with GOAWAY "too_many_pings", and gRPC would send it again.
     # An infinite or NaN timeout would reach gRPC as a deadline already passed.
     for bad in (dict(max_attempts=6), dict(max_attempts=0), dict(initial_backoff=0), dict(client_cert=Path("c.pem")), dict(timeout=0),
-                dict(timeout=math.inf), dict(timeout=math.nan), dict(keepalive_time=5)):
+                dict(timeout=math.inf), dict(timeout=math.nan), dict(keepalive_time=5), dict(initial_backoff=math.nan),
+                dict(max_backoff=math.nan), dict(backoff_multiplier=math.nan), dict(keepalive_time=math.nan),
+                dict(keepalive_timeout=math.inf)):
         with pytest.raises(ValueError):
             Client("localhost:1", **bad)
     with Client("localhost:1") as client:

@@ -43,6 +43,7 @@ class Example:
     rate: float = field(default=0.5, metadata={"help": "how fast"})
     resume: bool = field(default=False, metadata={"help": "again"})
     mode: str = field(default="quiet", metadata={"help": "how loud", "choices": ("quiet", "chatty")})
+    port: int | None = field(default=None, metadata={"help": "where else"})
 
 
 def parse(args: list[str]) -> Example:
@@ -63,9 +64,29 @@ def test_settings_flags_environment_and_defaults(monkeypatch):
     assert parse([]) == Example()
 
 
+def test_an_empty_flag_unsets_an_optional_setting_the_environment_set(monkeypatch):
+    monkeypatch.setenv("NMTSERVE_PORT", "9")
+    assert parse([]) == Example(port=9)
+    assert parse(["--port="]) == Example(port=None)
+    with pytest.raises(SystemExit):
+        parse(["--steps="])  # a setting that must have a value keeps needing one
+
+
+@pytest.mark.parametrize("value", ["1_000", "\u0661\u0662", "nan", "inf", "-Infinity", "0x10", ""])
+def test_numbers_are_plain_decimals(capsys, value):
+    # int() and float() take these; no setting means them, and 1_000 read as 1000 hides a typo.
+    for flag in ("--steps", "--rate"):
+        with pytest.raises(SystemExit) as exited:
+            parse([f"{flag}={value}"])
+        assert exited.value.code == 2 and "invalid" in capsys.readouterr().err
+    assert parse(["--steps", "-12", "--rate", "1.5e-3"]) == Example(steps=-12, rate=1.5e-3)
+    assert parse(["--rate", ".5"]) == Example(rate=0.5)
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [("NMTSERVE_RATE", "fast", "NMTSERVE_RATE='fast' is not a valid float"),
+     ("NMTSERVE_STEPS", "1_000", "NMTSERVE_STEPS='1_000' is not a valid int"),
      ("NMTSERVE_MODE", "loud", "NMTSERVE_MODE='loud' is not one of quiet, chatty")],
 )
 def test_bad_environment_value_is_a_usage_error_naming_the_variable(monkeypatch, capsys, variable, value, message):

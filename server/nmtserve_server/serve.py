@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Callable
@@ -58,7 +59,25 @@ def _listen(flag: str, address: str, add: Callable[..., int], *credentials: grpc
     try:
         return add(address, *credentials)
     except RuntimeError as error:  # gRPC's says "Failed to bind to address A; set GRPC_VERBOSITY=debug ..." only
-        raise OSError(f"{flag}: cannot listen on {address} (in use, or not an address of this machine)") from error
+        raise OSError(f"{flag}: cannot listen on {address} ({_why_not_bound(address)})") from error
+
+
+def _why_not_bound(address: str) -> str:
+    """Why the system refuses to bind `address` (host:port), asked again directly since gRPC does not say."""
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        found = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        return f"{host!r}: {error.strerror}"
+    for family, kind, protocol, _, socket_address in found:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(socket_address)
+            except OSError as error:
+                return error.strerror or str(error)
+    return "refused by gRPC; GRPC_VERBOSITY=debug says why"
 
 
 def _address(host: str, port: int) -> str:

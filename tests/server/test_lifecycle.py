@@ -312,7 +312,8 @@ def test_device_cuda_without_a_gpu_fails_fast(serve_process, tiny_bundle):
 
 @pytest.mark.parametrize(
     ("flag", "cause"),
-    [(flag, f"{flag}: cannot listen on 127.0.0.1:{{port}}") for flag in ("--port", "--health-port", "--metrics-port")],
+    [(flag, f"{flag}: cannot listen on 127.0.0.1:{{port}} (Address already in use)")
+     for flag in ("--port", "--health-port", "--metrics-port")],
 )
 def test_a_port_already_taken_fails_the_start_with_the_reason(serve_process, tiny_bundle, flag, cause):
     with socket.socket() as taken:
@@ -324,6 +325,21 @@ def test_a_port_already_taken_fails_the_start_with_the_reason(serve_process, tin
     failed = [line for line in server.lines if "event=startup_failed" in line]
     assert failed and cause.format(port=port) in failed[0], server.log
     assert "event=serving" not in server.log
+
+
+@pytest.mark.parametrize(
+    ("host", "cause"),
+    [("192.0.2.1", "cannot listen on 192.0.2.1:{port} (Cannot assign requested address)"),  # TEST-NET-1: no machine's
+     ("no-such-host.invalid", "cannot listen on no-such-host.invalid:{port} ('no-such-host.invalid': ")],
+)
+def test_a_host_this_machine_cannot_listen_on_is_named_with_the_reason(serve_process, tiny_bundle, host, cause):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    server = serve_process("--bundle", str(tiny_bundle), "--host", host, "--port", str(port))
+    assert server.wait(20) == 1, server.log
+    (failed,) = [line for line in server.lines if "event=startup_failed" in line]
+    assert cause.format(port=port) in failed, failed
 
 
 def test_help_documents_every_setting_and_its_environment_variable():

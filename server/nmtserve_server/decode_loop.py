@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 REPORT_INTERVAL = 0.05  # seconds: the longest the server's step metrics lag while nothing else happens
 REPORT_STEPS = 32  # and in steps: a small model on a fast machine runs hundreds in REPORT_INTERVAL
+LONGEST_WAIT = 3600.0  # seconds: a deadline further off is looked at again then; epoll refuses waits of about 24.8 days
 
 
 @dataclass(frozen=True)
@@ -464,7 +465,7 @@ class DecodeLoop:
                 return 0
             self.starved = True
         deadlines = [t.deadline for t in self.pending if t.deadline is not None]
-        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        return min(max(0.0, min(deadlines) - time.monotonic()), LONGEST_WAIT) if deadlines else None
 
     def _read(self) -> bool:
         """Take the messages that have arrived: queue the texts, drop the cancelled ones and pass the cancellation

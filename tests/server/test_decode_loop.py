@@ -177,6 +177,19 @@ def test_the_intake_starts_only_texts_the_batch_has_free_rows_for(harness, test_
     assert loop.ahead == 0 and not loop.pending and loop.decoder.rows_free() == CAPACITY
 
 
+def test_a_text_waiting_for_rows_may_have_a_deadline_months_away(harness, test_texts):
+    """Its deadline bounds the intake's wait: one beyond what epoll takes (about 24.8 days) must not end the intake."""
+    h, loop = harness, harness.loop
+    first, second = loop.decoder.engine.encode_texts(test_texts[:2])
+    _start_long_text(h, first)  # one row taken: a beam as wide as the batch waits
+    options = DecodeOptions(beam_size=CAPACITY, min_length=3, max_length=3)
+    h.send(("submit", [Text(1, second, options, time.monotonic() + 90 * 86400, time.monotonic(), stream=False)]))
+    _wait_for(lambda: loop.starved)
+    time.sleep(0.1)
+    assert loop.intake.is_alive() and loop.events.empty(), "the intake stopped"
+    assert sorted(_finish(h, 2)) == [0, 1]
+
+
 def test_a_text_cancelled_while_queued_is_never_encoded(harness, test_texts):
     h, loop = harness, harness.loop
     first, second = loop.decoder.engine.encode_texts(test_texts[:2])

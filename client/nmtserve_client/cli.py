@@ -13,7 +13,6 @@ were refused, 130 interrupted (Ctrl-C), 141 the reader of the output went away
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import os
@@ -23,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from nmtserve.cli import install_hint
+from nmtserve.normalize import is_blank
 from nmtserve.settings import add_settings_arguments, settings_from_args
 
 from .channel import ClientSettings
@@ -65,7 +65,7 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
 
 def _print_result(source: str, hypotheses: list[Hypothesis], args: argparse.Namespace) -> None:
     """Print a text's hypotheses; a blank text (never sent) prints as blank, as many lines as a translation would."""
-    if not source.strip() and not args.json:
+    if is_blank(source) and not args.json:
         print("\n" * (args.n_best - 1))
     elif args.json:
         print(json.dumps({"source": source, "hypotheses": [{"text": h.text, "score": h.score} for h in hypotheses]}, ensure_ascii=False))
@@ -81,9 +81,9 @@ def _options(args: argparse.Namespace) -> dict:
 
 def _skipping_blanks(texts: list[str], translate: Callable[[list[str]], list[list[H]]]) -> Iterator[tuple[str, list[H]]]:
     """Each text with its hypotheses, translating only the texts that are not blank (a blank one has none)."""
-    sent = [text for text in texts if text.strip()]
+    sent = [text for text in texts if not is_blank(text)]
     results = iter(translate(sent) if sent else [])
-    return ((text, next(results) if text.strip() else []) for text in texts)
+    return ((text, [] if is_blank(text) else next(results)) for text in texts)
 
 
 def _arriving_lines(fd: int) -> Iterator[bytes]:
@@ -118,10 +118,11 @@ def _stdin_lines() -> Iterable[bytes]:
 
 
 def _lines(stream: Iterable[bytes]) -> Iterator[str]:
-    """The lines of a byte stream without their ends; InvalidInputError naming the first one that is not UTF-8."""
+    """The lines of a byte stream without their ends, nor the byte-order mark that Windows tools put first;
+    InvalidInputError naming the first one that is not UTF-8."""
     for number, line in enumerate(stream, 1):
         try:
-            yield line.decode("utf-8").rstrip("\r\n")
+            yield line.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
         except UnicodeDecodeError as error:
             description = f"not UTF-8 text (byte {error.start + 1} of the line)"
             raise InvalidInputError(f"line {number}: {description}", [FieldViolation(f"line {number}", description)]) from None
@@ -138,7 +139,7 @@ def _through_server(client: Client, texts: Iterable[str], args: argparse.Namespa
     options = dict(beam_size=args.beam_size, num_hypotheses=args.n_best, **_options(args))
     remaining, start = iter(texts), 1
     while batch := list(itertools.islice(remaining, chunk)):
-        numbers = [start + index for index, text in enumerate(batch) if text.strip()]  # the input's, of the texts sent
+        numbers = [start + index for index, text in enumerate(batch) if not is_blank(text)]  # the input's, of the texts sent
         try:
             translated = _skipping_blanks(batch, lambda sent: [t.hypotheses for t in client.translate(sent, **options)])
         except InvalidInputError as error:
@@ -151,7 +152,7 @@ def _through_server(client: Client, texts: Iterable[str], args: argparse.Namespa
 
 def _stream(client: Client, texts: Iterable[str], args: argparse.Namespace, *, place: str) -> None:
     for number, text in enumerate(texts, 1):
-        if not text.strip():
+        if is_blank(text):
             _print_result(text, [], args)
             continue
         if args.show_source and not args.json:
@@ -171,8 +172,9 @@ def _stream(client: Client, texts: Iterable[str], args: argparse.Namespace, *, p
             print(flush=True)
 
 
-def _in_process(texts: list[str], args: argparse.Namespace) -> None:
-    """Translate with the ONNX Runtime engine in this process; imports the server package only here."""
+def _in_process(texts: list[str], args: argparse.Namespace, *, place: str) -> None:
+    """Translate with the ONNX Runtime engine in this process, after the server's checks of the texts, in its words;
+    imports the server package only here."""
     from nmtserve.bundle import BundleError
     from nmtserve_server.engine import DeviceError, Engine, translate
     from nmtserve_server.search import DecodeOptions, describe
@@ -186,11 +188,20 @@ def _in_process(texts: list[str], args: argparse.Namespace) -> None:
         max_length=args.max_length or engine.max_target_length,  # 0: the model's limit, as the API reads it
         min_length=args.min_length, length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
     )
-    problems = options.problems(engine.max_target_length)  # the server's own checks, in its words
+    problems = options.problems(engine.max_target_length)
+    language = args.target_language or None  # empty: the model's first, as the server reads it
+    if language is not None and (problem := engine.language_problem(language)) is not None:
+        problems.append(("options.target_language", problem))
+        language = None
+    sent = [number for number, text in enumerate(texts) if not is_blank(text)]
+    wrong = {number: problem for number in sent if (problem := engine.text_problem(texts[number])) is not None}
+    readable = [number for number in sent if number not in wrong]
+    sources = dict(zip(readable, engine.encode_texts([texts[number] for number in readable], language)))
+    wrong |= {number: problem for number, source in sources.items() if (problem := engine.source_problem(source)) is not None}
+    problems += [(f"{place} {number + 1}", wrong[number]) for number in sorted(wrong)]
     if problems:
         raise InvalidInputError(describe(problems), [FieldViolation(*p) for p in problems])
-    encode = functools.partial(engine.encode_texts, target_language=args.target_language)
-    for text, hypotheses in _skipping_blanks(texts, lambda sent: translate(engine, encode(sent), options)):
+    for text, hypotheses in _skipping_blanks(texts, lambda _: translate(engine, [sources[number] for number in sent], options)):
         outputs = engine.decode_ids([h.tokens for h in hypotheses])
         _print_result(text, [Hypothesis(o, h.tokens, h.score) for o, h in zip(outputs, hypotheses)], args)
 
@@ -226,7 +237,7 @@ def _run(command: str, args: argparse.Namespace) -> int:
             for number, text in enumerate(texts, 1):
                 check_text(text, f"{place} {number}")
             try:
-                _in_process(texts, args)
+                _in_process(texts, args, place=place)
             except InProcessError as error:
                 return fail(1, str(error))
             except ImportError as error:

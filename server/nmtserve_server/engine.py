@@ -25,12 +25,15 @@ import numpy as np
 import onnxruntime as ort
 
 from nmtserve.bundle import Bundle, SpecialTokens, read_bundle
+from nmtserve.normalize import is_blank, normalize_source
 
 from .config import DEVICES, logfmt
-from .search import BeamSearch, DecodeOptions, Hypothesis, describe
+from .search import BeamSearch, DecodeOptions, Hypothesis, describe, echo
 from .tokenization import language_prefixes, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+MAX_CHARACTERS_PER_TOKEN = 16  # a text longer than this per token the model reads is refused before it is tokenized
 
 
 class DeviceError(RuntimeError):
@@ -130,13 +133,37 @@ class Model:
         if target_language is None:
             prefix = self.language_prefixes[self.target_languages[0]]
             return [ids if ids[:1] and ids[0] in self._language_token_ids else prefix + ids for ids in encoded]
-        if target_language not in self.language_prefixes:
-            raise ValueError(f"{target_language!r} is not one of this model's target languages ({', '.join(self.target_languages)})")
+        if (problem := self.language_problem(target_language)) is not None:
+            raise ValueError(problem)
         return [self.language_prefixes[target_language] + ids for ids in encoded]
 
     def decode_ids(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Texts of generated id lists."""
         return self.tokenizer.decode_batch([list(i) for i in ids])
+
+    # What the model cannot translate, in the words the server's INVALID_ARGUMENT and `translate --bundle` use.
+
+    def text_problem(self, text: str) -> str | None:
+        """Why a text cannot be read, found before it is tokenized (a long one is slow to tokenize); None if it can."""
+        if is_blank(text):
+            return "empty text"
+        most = MAX_CHARACTERS_PER_TOKEN * self.max_source_length
+        length = len(text) if len(text) <= most else len(normalize_source(text))  # as the tokenizer will read it
+        if length > most:
+            return f"{length} characters, above the {most} a text may have (the model reads at most {self.max_source_length} tokens)"
+        return None
+
+    def source_problem(self, source: Sequence[int]) -> str | None:
+        """Why a tokenized text is longer than the model reads; None if it is not."""
+        if len(source) > self.max_source_length:
+            return f"{len(source)} tokens, the model reads at most {self.max_source_length}"
+        return None
+
+    def language_problem(self, language: str) -> str | None:
+        """Why the model cannot translate into `language`; None if it can."""
+        if language not in self.language_prefixes:
+            return f"{echo(language)} is not one of this model's target languages ({', '.join(self.target_languages)})"
+        return None
 
 
 class Engine(Model):

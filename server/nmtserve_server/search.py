@@ -20,6 +20,7 @@ from nmtserve.bundle import SpecialTokens
 
 
 MAX_LENGTH_PENALTY = 10.0  # the API's range for length_penalty is [0, 10] (translator.proto)
+MAX_ECHOED = 32  # characters of a bad value repeated in an error
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ class DecodeOptions:
 def describe(problems: list[tuple[str, str]]) -> str:
     """One message for a list of (field, why) problems, the way the server's INVALID_ARGUMENT states them."""
     return "; ".join(f"{name}: {why}" for name, why in problems)
+
+
+def echo(value: str) -> str:
+    """A client's value, quoted and cut short, for an error message."""
+    return repr(value[:MAX_ECHOED]) + ("…" if len(value) > MAX_ECHOED else "")
 
 
 @dataclass

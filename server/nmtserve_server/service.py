@@ -32,10 +32,8 @@ from .search import DecodeOptions, Hypothesis, describe
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
-MAX_CHARACTERS_PER_TOKEN = 16  # a text longer than this per token the model reads is refused before it is tokenized
 INLINE_TOKENIZING_CHARACTERS = 4096  # a request with more characters is tokenized off the event loop (a few ms of work)
 MAX_VIOLATIONS = 10  # violations listed in one error: its trailers must stay small enough to reach the client
-MAX_ECHOED = 32  # characters of a bad value repeated in an error
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _INCOMPLETE = "\ufffd"  # what byte-level decoding shows for a multi-byte character cut short
 
@@ -85,17 +83,6 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status
         DeadlineError: (grpc.StatusCode.DEADLINE_EXCEEDED, code_pb2.DEADLINE_EXCEEDED, None),
     }.get(type(error), (grpc.StatusCode.INTERNAL, code_pb2.INTERNAL, "internal error; see the server log"))
     return code, status_pb2.Status(code=rpc_code, message=message or str(error))
-
-
-def _echo(value: str) -> str:
-    """A client's value, quoted and cut short, for an error message."""
-    return repr(value[:MAX_ECHOED]) + ("…" if len(value) > MAX_ECHOED else "")
-
-
-def _blank(text: str) -> bool:
-    """Whether a text holds nothing to translate: only white space, control and invisible format characters (a
-    zero-width space, a byte-order mark), which the model would translate into words it makes up."""
-    return not any(c.isprintable() and not c.isspace() for c in text)
 
 
 def _less(name: str) -> str:
@@ -242,24 +229,19 @@ class TranslatorService:
         if beam_size > self.settings.max_beam_size:
             violations.append(("options.beam_size", f"{beam_size} is above the server's limit of {self.settings.max_beam_size}"))
         violations += decode.problems(model.max_target_length)  # as `nmtserve translate --bundle` checks them
-        if options.target_language and options.target_language not in model.language_prefixes:
-            violations.append(("options.target_language", f"{_echo(options.target_language)} is not one of this model's target "
-                                                          f"languages ({', '.join(model.target_languages)})"))
+        if options.target_language and (problem := model.language_problem(options.target_language)) is not None:
+            violations.append(("options.target_language", problem))
         return decode
 
     async def _sources(self, texts: list[str], name: str, target_language: str, violations: list[tuple[str, str]]) -> list[list[int]]:
         """Source ids of each text, target-language token first where the model needs one; adds a violation per bad text."""
         model = self.model
         language = target_language if target_language in model.language_prefixes else None  # a bad one is _options' violation
-        most_characters = MAX_CHARACTERS_PER_TOKEN * model.max_source_length
         sources: list[list[int]] = [[] for _ in texts]
         wrong: dict[int, str] = {}
         for index, text in enumerate(texts):  # first what needs no tokenizing, which a long text makes slow
-            if _blank(text):
-                wrong[index] = "empty text"
-            elif len(text) > most_characters:
-                wrong[index] = (f"{len(text)} characters, above the {most_characters} a text may have "
-                                f"(the model reads at most {model.max_source_length} tokens)")
+            if (problem := model.text_problem(text)) is not None:
+                wrong[index] = problem
         readable = [index for index in range(len(texts)) if index not in wrong]
         encode = functools.partial(model.encode_texts, [texts[index] for index in readable], language)
         # A long request is tokenized in a thread: on the event loop, 64 texts of 4,096 characters held every other
@@ -267,8 +249,8 @@ class TranslatorService:
         lengthy = sum(len(texts[index]) for index in readable) > INLINE_TOKENIZING_CHARACTERS
         for index, ids in zip(readable, await asyncio.to_thread(encode) if lengthy else encode()):
             sources[index] = ids
-            if len(sources[index]) > model.max_source_length:
-                wrong[index] = f"{len(sources[index])} tokens, the model reads at most {model.max_source_length}"
+            if (problem := model.source_problem(ids)) is not None:
+                wrong[index] = problem
         violations += [(f"{name}[{index}]" if name == "texts" else name, wrong[index]) for index in sorted(wrong)]
         return sources
 

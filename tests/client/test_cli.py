@@ -144,6 +144,32 @@ def test_options_are_refused_in_process_as_the_server_refuses_them(server, tiny_
     assert refusal.startswith("options.") and in_process.stderr == f"nmtserve translate: invalid input: {refusal}"
 
 
+@pytest.mark.parametrize("case", ["too-long", "target-language"])
+def test_texts_are_refused_in_process_as_the_server_refuses_them(server, tiny_bundle, case):
+    """The same checks in the same words, named by line, with --bundle as through a server."""
+    options, stdin = {
+        "too-long": ([], "Friday\n\n" + "Friday " * 300 + "\nMay\n"),
+        "target-language": (["--target-language", "xx"], "Friday\n"),
+    }[case]
+    through_server = translate("--server", server.address, *options, stdin=stdin)
+    in_process = translate("--bundle", str(tiny_bundle), *options, stdin=stdin)
+    assert through_server.returncode == in_process.returncode == 2 and through_server.stdout == in_process.stdout == ""
+    refusal = through_server.stderr.removeprefix("nmtserve translate: the server refused the input: ")
+    assert refusal != through_server.stderr and in_process.stderr == f"nmtserve translate: invalid input: {refusal}"
+
+
+@pytest.mark.parametrize("where", ["server", "bundle"])
+def test_lines_that_show_nothing_stay_blank_and_a_byte_order_mark_is_no_text(server, tiny_bundle, test_texts, expected, where):
+    """Blank as the server counts blank (invisible, filler and lone combining characters): printed blank, never sent;
+    the byte-order mark a Windows editor writes first is not part of the first line."""
+    at = ("--server", server.address) if where == "server" else ("--bundle", str(tiny_bundle))
+    stdin = f"\ufeff{test_texts[0]}\n\u200b\n\u3164\n\u0301\n{test_texts[1]}\n"
+    result = translate(*at, stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [expected[test_texts[0]], "", "", "", expected[test_texts[1]]]
+    assert translate(*at, stdin="\ufeff\n").stdout == "\n"
+
+
 def test_a_closed_stdin_is_no_input(server):
     result = subprocess.run(["bash", "-c", f"{sys.executable} -m nmtserve.cli translate --server {server.address} <&-"],
                             capture_output=True, text=True, timeout=TIMEOUT)

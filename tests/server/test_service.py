@@ -131,6 +131,7 @@ INVALID = [
     ("empty text", pb.TranslateRequest(texts=["Friday", " "]), "texts[1]"),
     ("white space only", pb.TranslateRequest(texts=["Friday", "\xa0\u202f\r\n"]), "texts[1]"),  # nothing left once normalized
     ("invisible text", pb.TranslateRequest(texts=["Friday", "\u200b\ufeff\x00 \t"]), "texts[1]"),  # zero-width, BOM, NUL
+    ("filler text", pb.TranslateRequest(texts=["Friday", "\u3164\u2800\u0301"]), "texts[1]"),  # Hangul filler, blank braille, a lone mark
     ("too many texts", pb.TranslateRequest(texts=["Friday"] * 65), "texts"),
     ("source too long", pb.TranslateRequest(texts=["Friday " * 300]), "texts[0]"),  # tokenized, then refused
     ("too long to tokenize", pb.TranslateRequest(texts=["Friday " * 600]), "texts[0]"),  # refused by its characters
@@ -153,6 +154,14 @@ def test_invalid_requests_name_the_field(stub, request_, field):
     assert field in _bad_request(caught.value)
     if field == "texts[0]":  # two limits name the same field: each says which it is
         assert ("characters" in caught.value.details()) == (len(request_.texts[0]) > 16 * 256), caught.value.details()
+
+
+def test_the_character_limit_counts_a_text_as_it_is_read(stub):
+    """Runs of white space count as the one space the model reads: padding is no reason to refuse a short text."""
+    padded = "Friday" + " " * 5000 + "May 2003"
+    (translation,) = stub.Translate(pb.TranslateRequest(texts=[padded]), timeout=TIMEOUT).translations
+    (alone,) = stub.Translate(pb.TranslateRequest(texts=["Friday May 2003"]), timeout=TIMEOUT).translations
+    assert translation.hypotheses[0].text == alone.hypotheses[0].text
 
 
 def test_oversized_requests_are_refused_before_tokenizing_and_in_a_small_error(stub):

@@ -146,6 +146,28 @@ def test_a_text_held_in_the_queue_has_waited_at_least_as_long(traffic, test_text
     assert held <= response.timings.queue_seconds <= response.timings.total_seconds
 
 
+def test_calls_their_deadline_ended_are_counted_apart_from_those_cancelled(traffic, test_texts):
+    """The client's deadline passes just before the server's (which starts on arrival), so its cancellation reaches
+    the server first: still DEADLINE_EXCEEDED. A call the client cancels well before its deadline is CANCELLED."""
+    server, *_ = traffic
+    calls = 8
+    before = server.scrape()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        with server.paused():  # nothing finishes: each call ends by its deadline or its cancellation
+            late = [stub.Translate.future(pb.TranslateRequest(texts=test_texts[:1]), timeout=0.2) for _ in range(calls)]
+            cancelled = [stub.Translate.future(pb.TranslateRequest(texts=test_texts[:1]), timeout=TIMEOUT) for _ in range(calls)]
+            server.wait_for(lambda: server.metric("nmtserve_queue_depth") >= calls, what="the texts queued")
+            for call in cancelled:
+                call.cancel()
+            assert all(call.exception(TIMEOUT).code() == grpc.StatusCode.DEADLINE_EXCEEDED for call in late)
+            server.wait_for(lambda: server.server.service.in_flight == 0, what="the server to end the calls")
+    after = server.scrape()
+    for code in ("DEADLINE_EXCEEDED", "CANCELLED"):
+        labels = {"method": "Translate", "code": code}
+        assert (after.value("nmtserve_requests_total", labels) or 0) - (before.value("nmtserve_requests_total", labels) or 0) == calls, code
+
+
 def test_promtool_check_metrics_is_clean(traffic):
     promtool = shutil.which("promtool")
     if promtool is None:

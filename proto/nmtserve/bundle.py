@@ -30,6 +30,8 @@ verified.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -201,9 +203,14 @@ def write_bundle(directory: Path, files: dict[str, bytes], manifest: dict[str, A
     at `directory` (new, empty, or an earlier bundle, which it replaces); raises BundleError, leaving `directory` as
     it was."""
     directory = destination(directory)
+    with _writes_beside(directory):
+        return _write(directory, files, manifest)
+
+
+def _write(directory: Path, files: dict[str, bytes], manifest: dict[str, Any]) -> Path:
     staging = _beside(directory, "new")
     try:
-        staging.mkdir(parents=True)
+        staging.mkdir()
     except OSError as error:
         raise BundleError(f"{directory}: cannot write beside it ({error.strerror or error})") from error
     try:
@@ -254,6 +261,30 @@ def _holds_a_bundle(directory: Path) -> bool:
         return json.loads((directory / MANIFEST).read_bytes()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):  # none, unreadable, not JSON, not an object
         return False
+
+
+@contextlib.contextmanager
+def _writes_beside(directory: Path) -> Iterator[None]:
+    """Hold the lock on bundle writes in the folder of `directory`, once what a write killed there left is cleared:
+    a staged bundle never put in place, and an earlier bundle moved aside (put back if none took its place)."""
+    import fcntl  # POSIX only, as is exporting; reading a bundle needs none of this
+
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        folder = os.open(directory.parent, os.O_RDONLY)
+    except OSError as error:
+        raise BundleError(f"{directory}: cannot write beside it ({error.strerror or error})") from error
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)  # a second export into the same folder waits here
+        for path in sorted(directory.parent.glob(f".{glob.escape(directory.name)}.*-*")):
+            label = path.name.removeprefix(f".{directory.name}.").rpartition("-")[0]
+            if label == "earlier" and not directory.exists() and _holds_a_bundle(path):
+                path.rename(directory)
+            elif label in ("new", "earlier"):
+                shutil.rmtree(path, ignore_errors=True)
+        yield
+    finally:
+        os.close(folder)  # and with it the lock
 
 
 def _beside(directory: Path, label: str) -> Path:

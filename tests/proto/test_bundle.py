@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import onnx
@@ -263,6 +264,28 @@ def test_an_export_interrupted_between_its_renames_puts_the_earlier_bundle_back(
     with pytest.raises(KeyboardInterrupt):
         write_bundle(bundle_copy, files, {**manifest, "name": "never-in-place"})
     assert read_bundle(bundle_copy).sha256 == before and _left_beside(bundle_copy) == []
+
+
+def test_what_a_killed_export_left_is_cleared_and_its_earlier_bundle_put_back(bundle_copy):
+    """A SIGKILL leaves the staged bundle beside its place, or, between the renames, the earlier one moved aside and
+    none in place: the next write clears the first and puts the second back before its own work."""
+    files, manifest = _contents(bundle_copy)
+    before = read_bundle(bundle_copy).sha256
+    staged = bundle_copy.with_name(f".{bundle_copy.name}.new-0123456789ab")
+    staged.mkdir()
+    (staged / "encoder.onnx").write_bytes(b"half written")
+    bundle_copy.rename(bundle_copy.with_name(f".{bundle_copy.name}.earlier-0123456789ab"))
+    with pytest.raises(BundleError):  # this write fails: what is in place is the bundle the killed one had replaced
+        write_bundle(bundle_copy, {**files, "encoder": b"not a graph"}, manifest)
+    assert read_bundle(bundle_copy).sha256 == before and _left_beside(bundle_copy) == []
+
+
+def test_exports_into_one_folder_at_once_each_put_a_whole_bundle_in_place(bundle_copy):
+    files, manifest = _contents(bundle_copy)
+    names = [f"export-{i}" for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda name: write_bundle(bundle_copy, files, {**manifest, "name": name}), names))
+    assert read_bundle(bundle_copy).manifest["name"] in names and _left_beside(bundle_copy) == []
 
 
 def test_a_bundle_written_through_a_symlink_keeps_the_link(bundle_copy, tmp_path):

@@ -148,7 +148,7 @@ class Model:
         if is_blank(text):
             return "empty text"
         most = MAX_CHARACTERS_PER_TOKEN * self.max_source_length
-        length = len(text) if len(text) <= most else len(normalize_source(text))  # as the tokenizer will read it
+        length = len(text) if len(text) <= most else len(normalize_source(text))  # padding is no reason to refuse a text
         if length > most:
             return f"{length} characters, above the {most} a text may have (the model reads at most {self.max_source_length} tokens)"
         return None

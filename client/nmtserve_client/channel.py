@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,20 @@ class ClientSettings:
             found.append("texts_per_request and max_concurrent_requests must be at least 1")
         if (self.client_cert is None) != (self.client_key is None):
             found.append("client_cert and client_key go together")
+        files = {}  # the TLS files that are there, by setting
         for name in ("tls_ca", "client_cert", "client_key"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 found.append(f"{name} {path}: no such file")
+            elif path is not None:
+                files[name] = path
+        # gRPC reads the files only when it connects: one it cannot use fails every attempt as UNAVAILABLE, with the
+        # reason on stderr alone. The ssl module reads PEM files as gRPC does, and says here what is wrong.
+        if "tls_ca" in files:
+            found += _certificate_problems("tls_ca", files["tls_ca"])
+        if "client_cert" in files and "client_key" in files:
+            cert, key = files["client_cert"], files["client_key"]
+            found += _certificate_problems("client_cert", cert) or _key_problems(cert, key)
         if self.tls_server_name and not self.secure:
             found.append("tls_server_name applies to TLS only (with tls, tls_ca or client_cert)")
         return found
@@ -89,6 +100,43 @@ class ClientSettings:
     def secure(self) -> bool:
         """Whether the channel uses TLS."""
         return self.tls or self.tls_ca is not None or self.client_cert is not None
+
+
+class _Encrypted(Exception):
+    """The key file asked for a passphrase."""
+
+
+def _refuse_passphrase() -> str:
+    raise _Encrypted  # OpenSSL would otherwise prompt on the terminal for it
+
+
+def _certificate_problems(name: str, path: Path | str) -> list[str]:
+    """Why the file cannot be used as PEM certificates (empty where it can)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=path)
+    except ssl.SSLError:
+        pass  # nothing it could read: no PEM certificate, as below
+    except OSError as error:
+        return [f"{name} {path}: cannot be read: {error.strerror}"]
+    if not context.cert_store_stats()["x509"]:  # also where the file held only revocation lists
+        return [f"{name} {path}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)"]
+    return []
+
+
+def _key_problems(cert: Path | str, key: Path | str) -> list[str]:
+    """Why the key file cannot be used with the certificate chain, a file of PEM certificates (empty where it can)."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=_refuse_passphrase)
+    except _Encrypted:
+        return [f"client_key {key}: encrypted, and gRPC takes no passphrase (decrypt it: openssl pkey -in {key} -out plain.key)"]
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            return [f"client_key {key}: not the private key of client_cert {cert}"]
+        return [f"client_key {key}: holds no PEM private key"]
+    except OSError as error:
+        return [f"client_key {key}: cannot be read: {error.strerror}"]
+    return []
 
 
 def service_config() -> dict[str, Any]:

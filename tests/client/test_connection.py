@@ -276,3 +276,34 @@ def test_mutual_tls_with_a_client_certificate(start_server, certificates):
     with Client(server.address, max_attempts=1, **tls) as client, pytest.raises(UnavailableError):
         client.translate(["Friday"])
 
+
+
+def test_tls_files_gRPC_cannot_use_are_refused_naming_the_file_and_what_is_wrong(certificates, tmp_path):
+    d = certificates
+    client_key = serialization.load_pem_private_key((d / "client.key").read_bytes(), password=None)
+    (tmp_path / "encrypted.key").write_bytes(client_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"secret")))
+    (tmp_path / "ca.der").write_bytes(x509.load_pem_x509_certificate((d / "ca.pem").read_bytes()).public_bytes(serialization.Encoding.DER))
+    (tmp_path / "notes.txt").write_text("not a certificate\n")
+    ca_key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), password=None)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    (tmp_path / "crl.pem").write_bytes(  # a revocation list alone: PEM, but no certificate to trust
+        x509.CertificateRevocationListBuilder().issuer_name(_name("nmtserve test CA")).last_update(now)
+        .next_update(now + datetime.timedelta(days=1)).sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    mutual = dict(client_cert=d / "client.pem", client_key=d / "client.key")
+    assert ClientSettings(tls_ca=d / "ca.pem", **mutual).problems() == []
+    for wrong, problem in [
+        (dict(tls_ca=tmp_path / "ca.der"), f"tls_ca {tmp_path / 'ca.der'}: holds no PEM certificate"),
+        (dict(tls_ca=tmp_path / "notes.txt"), f"tls_ca {tmp_path / 'notes.txt'}: holds no PEM certificate"),
+        (dict(tls_ca=tmp_path / "crl.pem"), f"tls_ca {tmp_path / 'crl.pem'}: holds no PEM certificate"),
+        (dict(mutual, client_cert=d / "client.key"), f"client_cert {d / 'client.key'}: holds no PEM certificate"),
+        (dict(mutual, client_key=d / "client.pem"), f"client_key {d / 'client.pem'}: holds no PEM private key"),
+        (dict(mutual, client_key=d / "server.key"),
+         f"client_key {d / 'server.key'}: not the private key of client_cert {d / 'client.pem'}"),
+        # Refused by name, never a passphrase prompt on the terminal.
+        (dict(mutual, client_key=tmp_path / "encrypted.key"),
+         f"client_key {tmp_path / 'encrypted.key'}: encrypted, and gRPC takes no passphrase"),
+    ]:
+        assert [p for p in ClientSettings(**wrong).problems() if problem in p], (wrong, ClientSettings(**wrong).problems())
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            Client("localhost:1", **wrong)

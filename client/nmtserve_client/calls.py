@@ -35,6 +35,8 @@ class Deadline:
     """The time left of one SDK call that may make several RPCs."""
 
     def __init__(self, timeout: float | None):
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
+            raise TypeError(f"timeout must be a number of seconds (or None for the client's), not {type(timeout).__name__} {timeout!r}")
         if timeout is not None and not 0 < timeout < math.inf:
             raise ValueError(f"timeout must be a positive, finite number of seconds (or None for the client's), not {timeout}")
         self.timeout = timeout

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import ssl
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +62,9 @@ class ClientSettings:
 
     def problems(self) -> list[str]:
         """What is wrong with the settings, one sentence per problem (empty when they are usable)."""
-        found = []
+        found = _type_problems(self)
+        if found:
+            return found  # the checks below compare values, which needs them of the right types
         for name in ("initial_backoff", "max_backoff", "backoff_multiplier", "keepalive_time", "keepalive_timeout"):
             if not math.isfinite(getattr(self, name)):
                 found.append(f"{name} must be a finite number, not {getattr(self, name)}")
@@ -100,6 +104,33 @@ class ClientSettings:
     def secure(self) -> bool:
         """Whether the channel uses TLS."""
         return self.tls or self.tls_ca is not None or self.client_cert is not None
+
+
+# What a field of each type takes, and how a problem names it. An int is a number; a bool, though Python makes it an int,
+# is not (timeout=True is a typo, not one second).
+_KINDS: dict[type, tuple[tuple[type, ...], str]] = {
+    str: ((str,), "a str"),
+    int: ((int,), "an int"),
+    float: ((int, float), "a number"),
+    bool: ((bool,), "True or False"),
+    Path: ((str, os.PathLike), "a path (str or Path)"),
+}
+
+
+def _type_problems(settings: ClientSettings) -> list[str]:
+    """A sentence per field whose value is not of the field's type."""
+    found = []
+    for name, hint in typing.get_type_hints(ClientSettings).items():
+        value = getattr(settings, name)
+        kinds = typing.get_args(hint) or (hint,)
+        optional = type(None) in kinds
+        kind = next(k for k in kinds if k is not type(None))
+        accepted, description = _KINDS[kind]
+        if optional and value is None:
+            continue
+        if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
+            found.append(f"{name} must be {description}{' or None' if optional else ''}, not {type(value).__name__} {value!r}")
+    return found
 
 
 class _Encrypted(Exception):

@@ -53,6 +53,24 @@ def test_settings_are_checked_and_calls_spread_round_robin():
                 client.translate(["Friday"], timeout=timeout)
 
 
+def test_settings_and_timeouts_of_the_wrong_type_are_refused_naming_the_type():
+    for bad, problem in [
+        (dict(texts_per_request=2.5), "texts_per_request must be an int, not float 2.5"),
+        (dict(timeout="5"), "timeout must be a number or None, not str '5'"),
+        (dict(max_attempts=True), "max_attempts must be an int, not bool True"),  # a bool is not a number here
+        (dict(tls="yes"), "tls must be True or False, not str 'yes'"),
+        (dict(tls_ca=3), "tls_ca must be a path (str or Path) or None, not int 3"),
+    ]:
+        assert ClientSettings(**bad).problems() == [problem]
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            Client("localhost:1", **bad)
+    assert ClientSettings(timeout=5, initial_backoff=1, tls_ca=None).problems() == []  # an int is a number
+    with Client("localhost:1") as client:
+        for timeout in ("5", True):
+            with pytest.raises(TypeError, match=f"timeout must be a number of seconds .*, not {type(timeout).__name__}"):
+                client.translate(["Friday"], timeout=timeout)
+
+
 def test_a_call_survives_a_server_that_comes_back_within_the_retry_budget(start_server, monkeypatch):
     port = _free_port()
     # Every back-off its longest: retries 1, 3, 7 and 15 s after the first attempt, against a server that is back

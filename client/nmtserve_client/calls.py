@@ -235,18 +235,30 @@ def client_settings(server: str | None, settings: ClientSettings | None, changes
     return settings
 
 
+# Options whose 0 the API reads as unset, that is 1: refused as the CLI refuses them, since a call asks for the default
+# with None and 0 is a mistake.
+AT_LEAST_ONE = ("beam_size", "num_hypotheses")
+
+
 def translate_options(**values: Any) -> pb.TranslateOptions:
     """TranslateOptions from a call's keyword options; a value the message cannot hold is an InvalidInputError."""
     options = pb.TranslateOptions()
     for name, value in values.items():
         if value is None:  # the server's default
             continue
+        field = f"options.{name}"
+        if name in AT_LEAST_ONE and isinstance(value, int) and value < 1:
+            raise _invalid(field, f"must be at least 1, not {value}")
         try:
             setattr(options, name, value)
         except (TypeError, ValueError) as error:
-            field = f"options.{name}"
-            raise InvalidInputError(f"{field}: {error}", [FieldViolation(field, str(error))]) from None
+            raise _invalid(field, str(error)) from None
     return options
+
+
+def _invalid(field: str, description: str) -> InvalidInputError:
+    """The error of an argument refused before anything was sent."""
+    return InvalidInputError(f"{field}: {description}", [FieldViolation(field, description)])
 
 
 def text_list(texts: Sequence[str]) -> list[str]:

@@ -110,11 +110,11 @@ class Client:
 
         Args:
             texts: The texts to translate (a list, even for one text).
-            beam_size: Beam width (1 for greedy search).
+            beam_size: Beam width, at least 1 (1 for greedy search).
             max_length: Most tokens to generate per text (None: the model's limit).
             min_length: Fewest tokens to generate before the translation may end.
             length_penalty: Scores are divided by length ** length_penalty (None: 1.0).
-            num_hypotheses: Hypotheses to return per text, best first (at most beam_size).
+            num_hypotheses: Hypotheses to return per text, best first (at least 1, at most beam_size).
             return_scores: Fill Hypothesis.score.
             return_alignment: Fill Hypothesis.alignment with each token's attention over the source.
             target_language: Language to translate into (None: the model's first, or the language token a text

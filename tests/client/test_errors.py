@@ -42,12 +42,17 @@ QUICK_RETRIES = dict(initial_backoff=0.05, max_backoff=0.05)
         (dict(min_length=10, max_length=5), "options.min_length"),
         (dict(target_language="xx"), "options.target_language"),
         (dict(beam_size=-1), "options.beam_size"),  # refused before it is sent: a uint32 cannot hold it
+        # Refused before they are sent: the server reads 0 as unset, and would decode with 1.
+        (dict(beam_size=0), "options.beam_size"),
+        (dict(beam_size=4, num_hypotheses=0), "options.num_hypotheses"),
     ],
 )
 def test_invalid_options_name_the_field(server, options, field):
     with Client(server.address) as client, pytest.raises(InvalidInputError) as caught:
         client.translate(["Friday"], **options)
     assert caught.value.field == field
+    if 0 in options.values():
+        assert caught.value.message == f"{field}: must be at least 1, not 0" and caught.value.code is None
     assert caught.value.message.startswith(f"{field}: ")
     assert isinstance(caught.value, ValueError)
 

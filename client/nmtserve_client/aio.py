@@ -14,7 +14,7 @@ from nmtserve.v1 import translator_pb2_grpc
 
 from .calls import (
     HEALTH_CHECK, Closing, Deadline, HealthCheckRequest, HealthCheckResponse, Retries, StreamCall, check_text, chunks, client_settings,
-    task_cancelling, text_list, translate_options,
+    request_metadata, sent_with, task_cancelling, text_list, translate_options,
 )
 from .channel import SERVICE_NAME, ClientSettings, channel_options, credentials
 from .client import POLL_SECONDS, Client, not_serving
@@ -42,7 +42,7 @@ class AsyncTranslationStream(StreamCall):
         return self
 
     async def __anext__(self) -> Piece:
-        with self._closing.calls():
+        with sent_with(self._request_id), self._closing.calls():
             while True:
                 try:
                     message = await self._call.read()
@@ -120,6 +120,7 @@ class AsyncClient:
         return_alignment: bool = False,
         target_language: str | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> list[Translation]:
         texts = text_list(texts)
         self._closing.check()  # an empty list makes no RPC that would say so
@@ -128,6 +129,7 @@ class AsyncClient:
             num_hypotheses=num_hypotheses, return_scores=return_scores, return_alignment=return_alignment,
             target_language=target_language,
         )
+        metadata = request_metadata(request_id)
         deadline = self._deadline(timeout)
         slots = asyncio.Semaphore(self.settings.max_concurrent_requests)
 
@@ -137,14 +139,14 @@ class AsyncClient:
                 retries = Retries(self.settings, deadline, offset)
                 while True:
                     try:
-                        return translations_from(await self._stub.Translate(request, timeout=deadline.remaining()))
+                        return translations_from(await self._stub.Translate(request, timeout=deadline.remaining(), metadata=metadata))
                     except grpc.RpcError as error:
                         delay = retries.after(error)
                     await self._closing.sleep_async(delay)
 
         tasks = [asyncio.create_task(send(offset, chunk)) for offset, chunk in chunks(texts, self.settings.texts_per_request)]
         try:
-            with self._closing.calls():
+            with sent_with(request_id), self._closing.calls():
                 # In order, as in the blocking client: a failed call raises the error of its first request that failed, not of the
                 # one that failed soonest.
                 results = [await task for task in tasks]
@@ -166,6 +168,7 @@ class AsyncClient:
         return_alignment: bool = False,
         target_language: str | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> AsyncTranslationStream:
         options = translate_options(
             max_length=max_length, min_length=min_length, length_penalty=length_penalty, return_scores=return_scores,
@@ -173,21 +176,25 @@ class AsyncClient:
         )
         check_text(text, "text")
         request = pb.TranslateStreamRequest(text=text, options=options)
+        metadata = request_metadata(request_id)
         deadline = self._deadline(timeout)
-        with self._closing.calls():
-            return AsyncTranslationStream(
-                lambda: self._stub.TranslateStream(request, timeout=deadline.remaining()), Retries(self.settings, deadline), self._closing,
-                asyncio.Event(),
-            )
+
+        def start() -> grpc.aio.UnaryStreamCall:  # again for each attempt, with the time then left
+            return self._stub.TranslateStream(request, timeout=deadline.remaining(), metadata=metadata)
+
+        with sent_with(request_id), self._closing.calls():
+            return AsyncTranslationStream(start, Retries(self.settings, deadline), self._closing, asyncio.Event(), request_id)
 
     @_documented_as(Client.model_info)
-    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+    async def model_info(self, *, timeout: float | None = None, request_id: str | None = None) -> ModelInfo:
+        metadata = request_metadata(request_id)
         deadline = self._deadline(timeout)
         retries = Retries(self.settings, deadline)
-        with self._closing.calls():
+        request = pb.GetModelInfoRequest()
+        with sent_with(request_id), self._closing.calls():
             while True:
                 try:
-                    return model_info_from(await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=deadline.remaining()))
+                    return model_info_from(await self._stub.GetModelInfo(request, timeout=deadline.remaining(), metadata=metadata))
                 except grpc.RpcError as error:
                     delay = retries.after(error)
                 await self._closing.sleep_async(delay)

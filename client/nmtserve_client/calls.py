@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,6 +17,7 @@ from typing import Any
 import grpc
 from google.protobuf import wrappers_pb2
 
+from nmtserve.v1 import REQUEST_ID_KEY
 from nmtserve.v1 import translator_pb2 as pb
 
 from .channel import ClientSettings
@@ -29,6 +31,9 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # have the wire format of these well-known wrappers, so the health check needs no grpcio-health-checking.
 HealthCheckRequest = wrappers_pb2.StringValue
 HealthCheckResponse = wrappers_pb2.Int32Value
+# The request ids the server logs as the client sent them (server/nmtserve_server/service.py): it logs a call with any
+# other under one of its own, which the caller could not find the call by.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class Deadline:
@@ -183,11 +188,12 @@ class StreamCall:
     before its first piece (Retries), and cancel(), which also ends a back-off."""
 
     def __init__(self, start: Callable[[], grpc.Call | grpc.aio.UnaryStreamCall], retries: Retries, closing: Closing,
-                 wake: threading.Event | asyncio.Event):
+                 wake: threading.Event | asyncio.Event, request_id: str | None):
         self._start = start
         self._retries = retries
         self._closing = closing
         self._wake = wake  # set by cancel(): a back-off in progress ends at once
+        self._request_id = request_id  # what the stream was sent with, for its errors
         self._call = start()
         self._cancelled = False
 
@@ -222,6 +228,30 @@ class StreamCall:
     def cancelled_error() -> RequestCancelledError:
         """What a read of a stream that cancel() ended raises, in both clients."""
         return RequestCancelledError("the stream was cancelled", code=grpc.StatusCode.CANCELLED)
+
+
+def request_metadata(request_id: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The call metadata that sends request_id (None: none; the server makes an id); InvalidInputError for an id the
+    server would log under one of its own instead, TypeError where it is not a str."""
+    if request_id is None:
+        return None
+    if not isinstance(request_id, str):
+        raise TypeError(f"request_id must be a str, not {type(request_id).__name__}")
+    if not REQUEST_ID.fullmatch(request_id):
+        raise _invalid("request_id", f"{request_id!r} is not 1 to 64 ASCII letters, digits, '.', '_', ':' or '-'")
+    return ((REQUEST_ID_KEY, request_id),)
+
+
+@contextmanager
+def sent_with(request_id: str | None) -> Iterator[None]:
+    """Give an SDK error raised inside the request id the call was sent with, where no answer of the server named one
+    (the call's own deadline, a server out of reach, a closed client)."""
+    try:
+        yield
+    except NmtserveError as error:
+        if error.request_id is None:
+            error.request_id = request_id
+        raise
 
 
 def client_settings(server: str | None, settings: ClientSettings | None, changes: dict[str, Any]) -> ClientSettings:

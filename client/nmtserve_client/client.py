@@ -15,7 +15,7 @@ from nmtserve.v1 import translator_pb2_grpc
 
 from .calls import (
     HEALTH_CHECK, Closing, Deadline, HealthCheckRequest, HealthCheckResponse, Retries, StreamCall, check_text, chunks, client_settings,
-    text_list, translate_options,
+    request_metadata, sent_with, text_list, translate_options,
 )
 from .channel import SERVICE_NAME, ClientSettings, channel_options, credentials
 from .errors import DeadlineExceededError, UnavailableError, from_rpc_error
@@ -36,7 +36,7 @@ class TranslationStream(StreamCall):
         return self
 
     def __next__(self) -> Piece:
-        with self._closing.calls():
+        with sent_with(self._request_id), self._closing.calls():
             while True:
                 try:
                     message = next(self._call)
@@ -102,6 +102,7 @@ class Client:
         return_alignment: bool = False,
         target_language: str | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> list[Translation]:
         """Translate texts; one Translation per text, in order.
 
@@ -120,6 +121,9 @@ class Client:
             target_language: Language to translate into (None: the model's first, or the language token a text
                 already begins with; see model_info()).
             timeout: Seconds the whole call may take, retries included (None: the client's timeout).
+            request_id: Sent as x-request-id metadata with each of the call's requests: the server logs them under
+                it, and it is each Translation's request_id and an error's (None: the server makes one per request).
+                1 to 64 ASCII letters, digits, '.', '_', ':' or '-'.
         """
         texts = text_list(texts)
         self._closing.check()  # an empty list makes no RPC that would say so
@@ -128,25 +132,27 @@ class Client:
             num_hypotheses=num_hypotheses, return_scores=return_scores, return_alignment=return_alignment,
             target_language=target_language,
         )
+        metadata = request_metadata(request_id)
         deadline = self._deadline(timeout)
         in_flight: deque[tuple[grpc.Future, pb.TranslateRequest, Retries]] = deque()
         results: list[Translation] = []
         try:
-            with self._closing.calls():
+            with sent_with(request_id), self._closing.calls():
                 for offset, chunk in chunks(texts, self.settings.texts_per_request):
                     if len(in_flight) == self.settings.max_concurrent_requests:
-                        results += self._first_answer(in_flight, deadline)
+                        results += self._first_answer(in_flight, deadline, metadata)
                     request = pb.TranslateRequest(texts=chunk, options=options)
-                    future = self._stub.Translate.future(request, timeout=deadline.remaining())
+                    future = self._stub.Translate.future(request, timeout=deadline.remaining(), metadata=metadata)
                     in_flight.append((future, request, Retries(self.settings, deadline, offset)))
                 while in_flight:
-                    results += self._first_answer(in_flight, deadline)
+                    results += self._first_answer(in_flight, deadline, metadata)
         finally:
             for future, _, _ in in_flight:  # the rest of a call that failed
                 future.cancel()
         return results
 
-    def _first_answer(self, in_flight: deque[tuple[grpc.Future, pb.TranslateRequest, Retries]], deadline: Deadline) -> list[Translation]:
+    def _first_answer(self, in_flight: deque[tuple[grpc.Future, pb.TranslateRequest, Retries]], deadline: Deadline,
+                      metadata: tuple[tuple[str, str], ...] | None) -> list[Translation]:
         """The translations of the oldest request in flight, sending it again while a full server refuses it."""
         while True:
             future, request, retries = in_flight[0]
@@ -156,7 +162,7 @@ class Client:
             except grpc.RpcError as error:
                 delay = retries.after(error)
             self._closing.sleep(delay)
-            in_flight[0] = (self._stub.Translate.future(request, timeout=deadline.remaining()), request, retries)
+            in_flight[0] = (self._stub.Translate.future(request, timeout=deadline.remaining(), metadata=metadata), request, retries)
         in_flight.popleft()
         return translations_from(response)
 
@@ -171,6 +177,7 @@ class Client:
         return_alignment: bool = False,
         target_language: str | None = None,
         timeout: float | None = None,
+        request_id: str | None = None,
     ) -> TranslationStream:
         """Translate one text with greedy search; iterate over the result for the output as it is decoded.
 
@@ -189,6 +196,8 @@ class Client:
             target_language: Language to translate into (None: the model's first, or the language token the text
                 already begins with).
             timeout: Seconds the whole stream may take (None: the client's timeout).
+            request_id: Sent as x-request-id metadata: the server logs the stream under it, and it is the final
+                Translation's request_id and an error's (None: the server makes one). As in translate().
         """
         options = translate_options(
             max_length=max_length, min_length=min_length, length_penalty=length_penalty, return_scores=return_scores,
@@ -196,21 +205,25 @@ class Client:
         )
         check_text(text, "text")
         request = pb.TranslateStreamRequest(text=text, options=options)
+        metadata = request_metadata(request_id)
         deadline = self._deadline(timeout)
-        with self._closing.calls():
-            return TranslationStream(
-                lambda: self._stub.TranslateStream(request, timeout=deadline.remaining()), Retries(self.settings, deadline), self._closing,
-                threading.Event(),
-            )
 
-    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        """The model the server hosts, its limits and where it runs."""
+        def start() -> grpc.Call:  # again for each attempt, with the time then left
+            return self._stub.TranslateStream(request, timeout=deadline.remaining(), metadata=metadata)
+
+        with sent_with(request_id), self._closing.calls():
+            return TranslationStream(start, Retries(self.settings, deadline), self._closing, threading.Event(), request_id)
+
+    def model_info(self, *, timeout: float | None = None, request_id: str | None = None) -> ModelInfo:
+        """The model the server hosts, its limits and where it runs (timeout and request_id as in translate())."""
+        metadata = request_metadata(request_id)
         deadline = self._deadline(timeout)
         retries = Retries(self.settings, deadline)
-        with self._closing.calls():
+        request = pb.GetModelInfoRequest()
+        with sent_with(request_id), self._closing.calls():
             while True:
                 try:
-                    return model_info_from(self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=deadline.remaining()))
+                    return model_info_from(self._stub.GetModelInfo(request, timeout=deadline.remaining(), metadata=metadata))
                 except grpc.RpcError as error:
                     delay = retries.after(error)
                 self._closing.sleep(delay)

@@ -53,7 +53,7 @@ class NmtserveError(Exception):
         super().__init__(message)
         self.message = message  # the server's (or gRPC's) explanation
         self.code = code  # the gRPC status code, where the failure came from gRPC
-        self.request_id = request_id  # the id the server logged the call under, where it sent one
+        self.request_id = request_id  # the id the call was sent with (request_id=), else the one the server logged it under
 
 
 class InvalidInputError(NmtserveError, ValueError):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from nmtserve.v1 import translator_pb2 as pb
 from nmtserve_client import (
-    AsyncClient, Client, HealthStatus, Hypothesis, Limits, ModelDimensions, ModelInfo, RequestCancelledError, Timings, Translation, Usage,
+    AsyncClient, Client, HealthStatus, Hypothesis, InvalidInputError, Limits, ModelDimensions, ModelInfo, Piece, RequestCancelledError,
+    Timings, Translation, Usage,
 )
 
 pytestmark = pytest.mark.e2e
@@ -96,6 +99,38 @@ def test_a_long_list_is_split_into_concurrent_requests_in_order(server, test_tex
             client.translate(["Friday", b"Friday"])
         with pytest.raises(TypeError, match=r"text must be a str, not NoneType"):
             client.translate_stream(None)
+
+
+def test_a_request_id_is_what_the_server_logs_each_call_under(server, test_texts, caplog):
+    caplog.set_level(logging.INFO, logger="nmtserve_server.service")
+    texts = test_texts[:3]  # two requests, two texts a request: both logged under the call's id
+
+    async def main() -> tuple[list[Translation], list[Piece]]:
+        async with AsyncClient(server.address, texts_per_request=2) as client:
+            await client.model_info(request_id="async-info-1")
+            return (await client.translate(texts, request_id="async-translate-1"),
+                    [piece async for piece in client.translate_stream(texts[0], request_id="async-stream-1")])
+
+    with Client(server.address, texts_per_request=2) as client:
+        translations = client.translate(texts, request_id="sync-translate-1")
+        pieces = list(client.translate_stream(texts[0], request_id="sync-stream-1"))
+        client.model_info(request_id="sync-info-1")
+        with pytest.raises(InvalidInputError) as refused:  # the server would log it under an id of its own
+            client.translate(texts, request_id="two words")
+        assert refused.value.field == "request_id" and refused.value.code is None
+        with pytest.raises(TypeError, match="request_id must be a str, not int"):
+            client.model_info(request_id=1)
+    async_translations, async_pieces = asyncio.run(main())
+    assert {t.request_id for t in translations} == {"sync-translate-1"} and pieces[-1].final.request_id == "sync-stream-1"
+    assert {t.request_id for t in async_translations} == {"async-translate-1"} and async_pieces[-1].final.request_id == "async-stream-1"
+    logged = [("Translate", "sync-translate-1")] * 2 + [("TranslateStream", "sync-stream-1"), ("GetModelInfo", "sync-info-1"),
+              ("GetModelInfo", "async-info-1")] + [("Translate", "async-translate-1")] * 2 + [("TranslateStream", "async-stream-1")]
+
+    def lines() -> list[tuple[str, str]]:  # of these calls: the server is shared
+        found = (re.match(r"event=rpc method=(\w+) request_id=(\S+) code=OK ", r.getMessage()) for r in caplog.records)
+        return sorted(m.groups() for m in found if m and m[2] in {request_id for _, request_id in logged})
+
+    server.wait_for(lambda: lines() == sorted(logged), timeout=5, what="one log line for each request, under its call's id")
 
 
 @pytest.fixture(scope="module")
@@ -234,5 +269,5 @@ def test_public_api_is_documented():
         for attribute, member in vars(item).items():
             if callable(member) and not attribute.startswith("_"):
                 assert member.__doc__, f"{name}.{attribute}"
-    for option in ("beam_size:", "max_length:", "num_hypotheses:", "return_scores:", "return_alignment:", "timeout:"):
+    for option in ("beam_size:", "max_length:", "num_hypotheses:", "return_scores:", "return_alignment:", "timeout:", "request_id:"):
         assert option in Client.translate.__doc__ and option in AsyncClient.translate.__doc__

@@ -258,6 +258,34 @@ def test_a_passed_deadline_is_deadline_exceeded(server, test_texts):
             asyncio.run(main())
 
 
+def test_errors_carry_the_request_id_the_call_was_sent_with(server, test_texts):
+    long = dict(min_length=server.long_options().min_length)
+
+    async def main():
+        async with AsyncClient(server.address, timeout=0.05) as client:
+            await client.translate(test_texts[:1], request_id="late-async", **long)
+
+    with Client(server.address) as client:
+        with pytest.raises(InvalidInputError) as refused:  # the server's refusal, which names the id it logged
+            client.translate(["Friday", " "], request_id="refused-1")
+        assert refused.value.request_id == "refused-1"
+        # The call's own deadline, with no answer from the server (its decode process paused) to name an id.
+        with server.paused():
+            with pytest.raises(DeadlineExceededError) as late:
+                client.translate(test_texts[:1], timeout=0.05, request_id="late-1", **long)
+            assert late.value.request_id == "late-1"
+            with pytest.raises(DeadlineExceededError) as late:
+                list(client.translate_stream(test_texts[0], timeout=0.05, request_id="late-2", **long))
+            assert late.value.request_id == "late-2"
+            with pytest.raises(DeadlineExceededError) as late:
+                asyncio.run(main())
+            assert late.value.request_id == "late-async"
+    with Client("127.0.0.1:1", max_attempts=1) as client:  # nothing listens there: no server to name an id
+        with pytest.raises(UnavailableError) as unreached:
+            client.model_info(request_id="unreached-1")
+        assert unreached.value.request_id == "unreached-1"
+
+
 def test_a_stopped_server_is_unavailable(start_server):
     server = start_server()
     address = server.address

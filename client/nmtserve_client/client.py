@@ -117,7 +117,8 @@ class Client:
             length_penalty: Scores are divided by length ** length_penalty (None: 1.0).
             num_hypotheses: Hypotheses to return per text, best first (at least 1, at most beam_size).
             return_scores: Fill Hypothesis.score.
-            return_alignment: Fill Hypothesis.alignment with each token's attention over the source.
+            return_alignment: Fill Hypothesis.alignment: a row of attention over source_tokens per generated token, plus
+                one for end-of-sentence where the hypothesis ended with it.
             target_language: Language to translate into (None: the model's first, or the language token a text
                 already begins with; see model_info()).
             timeout: Seconds the whole call may take, retries included (None: the client's timeout).
@@ -192,7 +193,7 @@ class Client:
             min_length: Fewest tokens to generate before the translation may end.
             length_penalty: The final score is divided by length ** length_penalty (None: 1.0).
             return_scores: Fill the final hypothesis's score.
-            return_alignment: Fill the final hypothesis's alignment.
+            return_alignment: Fill the final hypothesis's alignment (rows as in translate()).
             target_language: Language to translate into (None: the model's first, or the language token the text
                 already begins with).
             timeout: Seconds the whole stream may take (None: the client's timeout).

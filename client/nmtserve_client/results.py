@@ -15,7 +15,9 @@ class Hypothesis:
     text: str  # the translated text
     tokens: list[int]  # generated token ids, without begin- and end-of-sentence
     score: float | None = None  # log-probability / length ** length_penalty; set with return_scores=True
-    alignment: list[list[float]] | None = None  # per generated token, its attention over source_tokens; with return_alignment=True
+    # A row of attention over source_tokens per generated token, plus one for end-of-sentence where the hypothesis ended
+    # with it (tokens leaves it out); set with return_alignment=True.
+    alignment: list[list[float]] | None = None
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,19 @@ def test_translate_equals_the_raw_api(server, stub, test_texts):
     assert 0 <= greedy[0].timings.queue_seconds <= greedy[0].timings.total_seconds < TIMEOUT
 
 
+def test_alignment_has_a_row_per_generated_token_and_one_for_end_of_sentence(server, test_texts):
+    length = server.server.service.model.max_target_length
+    with Client(server.address) as client:
+        (ended,) = client.translate(test_texts[:1], return_alignment=True)
+        (cut,) = client.translate(test_texts[:1], min_length=length, max_length=length, return_alignment=True)  # never ends
+        final = list(client.translate_stream(test_texts[0], return_alignment=True))[-1].final
+    assert len(ended.hypotheses[0].tokens) < length, "the translation did not end by itself"
+    assert len(ended.hypotheses[0].alignment) == len(ended.hypotheses[0].tokens) + 1
+    assert len(cut.hypotheses[0].alignment) == len(cut.hypotheses[0].tokens) == length
+    assert len(final.hypotheses[0].alignment) == len(final.hypotheses[0].tokens) + 1  # the stream's too
+    assert all(sum(row) == pytest.approx(1, abs=1e-4) and len(row) == len(ended.source_tokens) for row in ended.hypotheses[0].alignment)
+
+
 def test_stream_yields_pieces_in_order_then_the_whole_result(server, stub, test_texts):
     text, length = test_texts[8], server.server.service.model.max_target_length
     # The longest decode: a reader on a busy machine, whose missed steps arrive as one piece, still sees it stream.

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import math
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +16,7 @@ from typing import Any
 import grpc
 from google.protobuf import wrappers_pb2
 
-from nmtserve.v1 import REQUEST_ID_KEY
+from nmtserve.v1 import REQUEST_ID_KEY, REQUEST_ID_PATTERN
 from nmtserve.v1 import translator_pb2 as pb
 
 from .channel import ClientSettings
@@ -31,9 +30,6 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # have the wire format of these well-known wrappers, so the health check needs no grpcio-health-checking.
 HealthCheckRequest = wrappers_pb2.StringValue
 HealthCheckResponse = wrappers_pb2.Int32Value
-# The request ids the server logs as the client sent them (server/nmtserve_server/service.py): it logs a call with any
-# other under one of its own, which the caller could not find the call by.
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class Deadline:
@@ -237,7 +233,7 @@ def request_metadata(request_id: str | None) -> tuple[tuple[str, str], ...] | No
         return None
     if not isinstance(request_id, str):
         raise TypeError(f"request_id must be a str, not {type(request_id).__name__}")
-    if not REQUEST_ID.fullmatch(request_id):
+    if not REQUEST_ID_PATTERN.fullmatch(request_id):
         raise _invalid("request_id", f"{request_id!r} is not 1 to 64 ASCII letters, digits, '.', '_', ':' or '-'")
     return ((REQUEST_ID_KEY, request_id),)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +19,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from nmtserve import __version__
-from nmtserve.v1 import REQUEST_ID_KEY
+from nmtserve.v1 import REQUEST_ID_KEY, REQUEST_ID_PATTERN
 from nmtserve.v1 import translator_pb2 as pb
 
 from .config import ServeSettings, logfmt
@@ -37,7 +36,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
 DEADLINE_SLACK = 0.1
 INLINE_TOKENIZING_CHARACTERS = 4096  # a request with more characters is tokenized off the event loop (a few ms of work)
 MAX_VIOLATIONS = 10  # violations listed in one error: its trailers must stay small enough to reach the client
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _INCOMPLETE = "\ufffd"  # what byte-level decoding shows for a multi-byte character cut short
 
 
@@ -171,7 +169,7 @@ class TranslatorService:
         """Run one RPC: request id, error -> status mapping, the requests metric and one log line."""
         given = dict(context.invocation_metadata() or ()).get(REQUEST_ID_KEY)
         # The client's id is logged as is only when it cannot forge log fields; otherwise the server makes one.
-        call = Call(method, given if isinstance(given, str) and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16])
+        call = Call(method, given if isinstance(given, str) and REQUEST_ID_PATTERN.fullmatch(given) else uuid.uuid4().hex[:16])
         code = grpc.StatusCode.OK
         recorded = False
         self.in_flight += 1

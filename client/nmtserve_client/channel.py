@@ -16,6 +16,7 @@ import math
 import os
 import ssl
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,44 +61,49 @@ class ClientSettings:
         "help": "translate() sends a longer list as requests of this many texts (at most the server's max_texts_per_request)"})
     max_concurrent_requests: int = field(default=4, metadata={"help": "requests translate() keeps in flight at once"})
 
-    def problems(self) -> list[str]:
-        """What is wrong with the settings, one sentence per problem (empty when they are usable)."""
-        found = _type_problems(self)
+    def problems(self, called: Callable[[str], str] = str) -> list[str]:
+        """What is wrong with the settings, one sentence per problem (empty when they are usable), each setting named
+        as called(field) names it: the keyword as it is, or the command line's flag."""
+        found = _type_problems(self, called)
         if found:
             return found  # the checks below compare values, which needs them of the right types
-        for name in ("initial_backoff", "max_backoff", "backoff_multiplier", "keepalive_time", "keepalive_timeout"):
-            if not math.isfinite(getattr(self, name)):
-                found.append(f"{name} must be a finite number, not {getattr(self, name)}")
+        for field_name in ("initial_backoff", "max_backoff", "backoff_multiplier", "keepalive_time", "keepalive_timeout"):
+            if not math.isfinite(getattr(self, field_name)):
+                found.append(f"{called(field_name)} must be a finite number, not {getattr(self, field_name)}")
         if not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
-            found.append(f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}, not {self.max_attempts}")
+            found.append(f"{called('max_attempts')} must be between 1 and {MAX_ATTEMPTS_LIMIT}, not {self.max_attempts}")
         if self.initial_backoff <= 0 or self.max_backoff < self.initial_backoff or self.backoff_multiplier < 1:
-            found.append("retries need initial_backoff > 0, max_backoff >= initial_backoff and backoff_multiplier >= 1")
+            found.append(f"retries need {called('initial_backoff')} > 0, {called('max_backoff')} >= "
+                         f"{called('initial_backoff')} and {called('backoff_multiplier')} >= 1")
         if self.timeout is not None and not 0 < self.timeout < math.inf:
-            found.append(f"timeout must be a positive, finite number of seconds (or None for no deadline), not {self.timeout}")
+            found.append(f"{called('timeout')} must be a positive, finite number of seconds (or None for no deadline), "
+                         f"not {self.timeout}")
         if self.keepalive_time < 0 or self.keepalive_timeout <= 0:
-            found.append("keepalive_time cannot be negative and keepalive_timeout must be positive")
+            found.append(f"{called('keepalive_time')} cannot be negative and {called('keepalive_timeout')} must be positive")
         elif 0 < self.keepalive_time < MIN_KEEPALIVE_TIME:
-            found.append(f"keepalive_time must be 0 (off) or at least {MIN_KEEPALIVE_TIME:g} s, the server's limit, not {self.keepalive_time:g}")
+            found.append(f"{called('keepalive_time')} must be 0 (off) or at least {MIN_KEEPALIVE_TIME:g} s, the server's "
+                         f"limit, not {self.keepalive_time:g}")
         if self.texts_per_request < 1 or self.max_concurrent_requests < 1:
-            found.append("texts_per_request and max_concurrent_requests must be at least 1")
+            found.append(f"{called('texts_per_request')} and {called('max_concurrent_requests')} must be at least 1")
         if (self.client_cert is None) != (self.client_key is None):
-            found.append("client_cert and client_key go together")
+            found.append(f"{called('client_cert')} and {called('client_key')} go together")
         files = {}  # the TLS files that are there, by setting
         for name in ("tls_ca", "client_cert", "client_key"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
-                found.append(f"{name} {path}: no such file")
+                found.append(f"{called(name)} {path}: no such file")
             elif path is not None:
                 files[name] = path
         # gRPC reads the files only when it connects: one it cannot use fails every attempt as UNAVAILABLE, with the
         # reason on stderr alone. The ssl module reads PEM files as gRPC does, and says here what is wrong.
         if "tls_ca" in files:
-            found += _certificate_problems("tls_ca", files["tls_ca"])
+            found += _certificate_problems(called("tls_ca"), files["tls_ca"])
         if "client_cert" in files and "client_key" in files:
             cert, key = files["client_cert"], files["client_key"]
-            found += _certificate_problems("client_cert", cert) or _key_problems(cert, key)
+            found += _certificate_problems(called("client_cert"), cert) or _key_problems(cert, key, called)
         if self.tls_server_name and not self.secure:
-            found.append("tls_server_name applies to TLS only (with tls, tls_ca or client_cert)")
+            found.append(f"{called('tls_server_name')} applies to TLS only (with {called('tls')}, {called('tls_ca')} or "
+                         f"{called('client_cert')})")
         return found
 
     @property
@@ -117,8 +123,8 @@ _KINDS: dict[type, tuple[tuple[type, ...], str]] = {
 }
 
 
-def _type_problems(settings: ClientSettings) -> list[str]:
-    """A sentence per field whose value is not of the field's type."""
+def _type_problems(settings: ClientSettings, called: Callable[[str], str]) -> list[str]:
+    """A sentence per field whose value is not of the field's type, named as called(field) names it."""
     found = []
     for name, hint in typing.get_type_hints(ClientSettings).items():
         value = getattr(settings, name)
@@ -129,7 +135,7 @@ def _type_problems(settings: ClientSettings) -> list[str]:
         if optional and value is None:
             continue
         if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
-            found.append(f"{name} must be {description}{' or None' if optional else ''}, not {type(value).__name__} {value!r}")
+            found.append(f"{called(name)} must be {description}{' or None' if optional else ''}, not {type(value).__name__} {value!r}")
     return found
 
 
@@ -155,18 +161,19 @@ def _certificate_problems(name: str, path: Path | str) -> list[str]:
     return []
 
 
-def _key_problems(cert: Path | str, key: Path | str) -> list[str]:
+def _key_problems(cert: Path | str, key: Path | str, called: Callable[[str], str]) -> list[str]:
     """Why the key file cannot be used with the certificate chain, a file of PEM certificates (empty where it can)."""
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=_refuse_passphrase)
     except _Encrypted:
-        return [f"client_key {key}: encrypted, and gRPC takes no passphrase (decrypt it: openssl pkey -in {key} -out plain.key)"]
+        return [f"{called('client_key')} {key}: encrypted, and gRPC takes no passphrase (decrypt it: openssl pkey -in "
+                f"{key} -out plain.key)"]
     except ssl.SSLError as error:
         if error.reason == "KEY_VALUES_MISMATCH":
-            return [f"client_key {key}: not the private key of client_cert {cert}"]
-        return [f"client_key {key}: holds no PEM private key"]
+            return [f"{called('client_key')} {key}: not the private key of {called('client_cert')} {cert}"]
+        return [f"{called('client_key')} {key}: holds no PEM private key"]
     except OSError as error:
-        return [f"client_key {key}: cannot be read: {error.strerror}"]
+        return [f"{called('client_key')} {key}: cannot be read: {error.strerror}"]
     return []
 
 

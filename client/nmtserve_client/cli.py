@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from nmtserve.cli import install_hint
 from nmtserve.normalize import is_blank
-from nmtserve.settings import add_settings_arguments, settings_from_args
+from nmtserve.settings import add_settings_arguments, flag, settings_from_args
 
 from .channel import ClientSettings
 from .calls import check_text
@@ -251,8 +251,8 @@ def _run(command: str, args: argparse.Namespace) -> int:
             return 0
         if args.stream and (args.beam_size != 1 or args.n_best != 1):
             return fail(2, "--stream decodes greedily: it takes no --beam-size or --n-best")
-        if settings.problems():
-            return fail(2, "; ".join(settings.problems()))
+        if problems := settings.problems(flag):
+            return fail(2, "; ".join(problems))
         with Client(settings=settings) as client:
             if args.wait > 0:
                 client.wait_until_serving(args.wait)

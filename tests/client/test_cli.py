@@ -80,10 +80,14 @@ def test_stream_prints_the_same_translations(server, test_texts, expected):
     assert "".join(p["text"] for p in partial) == final["hypotheses"][0]["text"] == expected[test_texts[0]]
 
 
-def test_missing_certificate_files_are_a_clear_error():
+def test_connection_settings_are_refused_naming_their_flags():
     result = translate("--server", "127.0.0.1:1", "--tls-ca", "no/such/ca.pem", "Friday")
-    assert result.returncode == 2 and "tls_ca no/such/ca.pem: no such file" in result.stderr
+    assert result.returncode == 2 and "--tls-ca no/such/ca.pem: no such file" in result.stderr
     assert "Traceback" not in result.stderr
+    result = translate("--server", "127.0.0.1:1", "--max-attempts", "9", "--client-cert", "c.pem", "Friday")
+    assert result.returncode == 2 and result.stderr == (
+        "nmtserve translate: --max-attempts must be between 1 and 5, not 9; --client-cert and --client-key go together; "
+        "--client-cert c.pem: no such file\n")
 
 
 def test_an_unreachable_server_is_a_clear_error():

@@ -129,8 +129,15 @@ def _lines(stream: Iterable[bytes]) -> Iterator[str]:
 
 
 def _placed(error: InvalidInputError, numbers: list[int], place: str) -> InvalidInputError:
-    """error with the request's texts[i] named by where text i came from in the input (e.g. "line 12")."""
-    return error.renamed(lambda field: field if (index := text_index(field)) is None else f"{place} {numbers[index]}")
+    """error with the request's texts[i] named by where text i came from in the input (e.g. "line 12"), and its texts,
+    too many for the server, by the flag that sets how many go in one request."""
+
+    def rename(field: str) -> str:
+        if field == "texts":
+            return flag("texts_per_request")
+        return field if (index := text_index(field)) is None else f"{place} {numbers[index]}"
+
+    return error.renamed(rename)
 
 
 def _through_server(client: Client, texts: Iterable[str], args: argparse.Namespace, *, place: str, typed: bool = False) -> None:

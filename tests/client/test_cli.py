@@ -109,6 +109,8 @@ def test_rejected_input_is_a_clear_error(server):
     result = translate("--server", server.address, "--texts-per-request", "2", "--max-concurrent-requests", "1",
                        stdin="Friday\n" * 5 + "Friday " * 300 + "\n")
     assert result.returncode == 2 and result.stdout.count("\n") == 4 and "refused the input: line 6: " in result.stderr
+    result = translate("--server", server.address, "--texts-per-request", "65", stdin="Friday\n" * 65)  # the server takes 64
+    assert result.returncode == 2 and "refused the input: --texts-per-request: 65 texts, at most 64 per request" in result.stderr
     result = translate("--server", server.address, "--beam-size", "2", "--n-best", "3", "Friday")
     assert result.returncode == 2 and "options.num_hypotheses: 3 is above beam_size 2" in result.stderr
     result = translate("--server", server.address, "--stream", "--n-best", "2", "--beam-size", "2", "Friday")

@@ -180,6 +180,7 @@ def export_graph(module: nn.Module, role: str, inputs: tuple[Tensor, ...]) -> by
             input_names=list(spec_in), output_names=list(spec_out), dynamic_shapes=_dynamic_shapes(spec_in, role),
         )
         model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {bundle_format.POSITIONS_PROPERTY: str(module.model.config.max_len)})
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()
 

@@ -51,6 +51,10 @@ FORMAT_VERSION = 2  # 2 added the tokenizer kind and the manifest's own special 
 READABLE_VERSIONS = (1, 2)  # a version 1 manifest is a "tokenizers" bundle with the ids above
 MANIFEST = "manifest.json"
 GRAPH_FILES = {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx"}
+# A graph's metadata property: the positions its positional encoding table holds. The graphs are covered by their
+# sha256, the manifest is not: its length limits are checked against this (bundles written before it have none).
+POSITIONS_PROPERTY = "nmtserve.positions"
+LIMIT_OF_GRAPH = {"encoder": "max_source_length", "decoder_step": "max_target_length"}  # what reads each one's positions
 # Tokenizer kind -> (the files it needs, the files it may add), each role -> file name.
 TOKENIZER_FILES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "tokenizers": ({"tokenizer": "tokenizer.json"}, {}),
@@ -408,6 +412,19 @@ def _graph_precision(model: Any) -> str:
     return "fp32"
 
 
+def _check_positions(role: str, model: Any, manifest: dict[str, Any]) -> None:
+    """The manifest's length limit read by this graph must fit its positional table, where the graph records it."""
+    recorded = {p.key: p.value for p in model.metadata_props}.get(POSITIONS_PROPERTY)
+    if recorded is None:
+        return
+    if not recorded.isdigit():
+        raise BundleError(f"{GRAPH_FILES[role]}: metadata {POSITIONS_PROPERTY}={recorded!r} is not a number of positions")
+    limit = LIMIT_OF_GRAPH[role]
+    if manifest["limits"][limit] > int(recorded):
+        raise BundleError(f"manifest.json: limits.{limit} is {manifest['limits'][limit]}, but {GRAPH_FILES[role]} has "
+                          f"positions for {recorded} tokens")
+
+
 def _check_graph(role: str, bundle: Bundle) -> None:
     import onnx  # only the reader needs it; imported here to keep the module light for the client
 
@@ -424,6 +441,7 @@ def _check_graph(role: str, bundle: Bundle) -> None:
     opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
     if opset != manifest["opset"]:
         raise BundleError(f"{GRAPH_FILES[role]}: opset {opset}, the manifest says {manifest['opset']}")
+    _check_positions(role, model, manifest)
     precision = _graph_precision(model)
     if precision != manifest["precision"]:
         raise BundleError(f"{GRAPH_FILES[role]}: its weights are {precision}, the manifest says precision {manifest['precision']}")

@@ -192,6 +192,11 @@ MANIFEST_ERRORS = {  # what a wrong manifest says, by the edit that makes it wro
     "target_tokens_unlike_the_targets": (lambda m: m["languages"].update(target=["de", "fr"], target_tokens={"de": "<2de>"}),
                                          r"languages\.target_tokens must map each target language, and no other, to a token"),
     "length_beyond_any_model": (lambda m: m["limits"].update(max_source_length=10**12), r"limits\.max_source_length is 1000000000000, above any model's \(65536\)"),
+    # Beyond the graphs' positional tables: ONNX Runtime would fail on the first long text, naming an index only.
+    "source_length_beyond_the_positions": (lambda m: m["limits"].update(max_source_length=m["limits"]["max_source_length"] + 1),
+                                           r"limits\.max_source_length is \d+, but encoder\.onnx has positions for \d+ tokens"),
+    "target_length_beyond_the_positions": (lambda m: m["limits"].update(max_target_length=m["limits"]["max_target_length"] * 2),
+                                           r"limits\.max_target_length is \d+, but decoder_step\.onnx has positions for \d+ tokens"),
     "layers_beyond_any_model": (lambda m: m["model"].update(n_decoder_layers=300_000), r"model\.n_decoder_layers is 300000, above any model's"),
     "eos_that_is_the_padding": (lambda m: m["tokens"].update(eos=m["tokens"]["pad"]), r"tokens\.eos \d+ must differ from tokens\.pad and tokens\.bos"),
     "optional_file_entry_not_an_object": (lambda m: m["files"].update(target_vocab="x"), r"files\.target_vocab must be an object"),

@@ -249,13 +249,19 @@ def _write(directory: Path, files: dict[str, bytes], manifest: dict[str, Any]) -
 
 def destination(directory: Path | str) -> Path:
     """Where a bundle written to `directory` goes (a symlink's target: the link is kept); raises BundleError where
-    that holds something other than a bundle, which writing would replace."""
+    that holds something other than a bundle, which writing would replace, or where nothing can be written beside it."""
     directory = Path(os.path.abspath(directory))  # "." and "a/.." have a name, and a parent to stage beside
     if directory.is_symlink():
         directory = directory.resolve()
     if directory.exists() and not _holds_a_bundle(directory) and (not directory.is_dir() or any(directory.iterdir())):
         raise BundleError(f"{directory}: exists and is not a bundle; export into a new or empty directory, or over an "
                           "earlier bundle")
+    probe = _beside(directory, "probe")  # as the write will stage it, found now rather than after the export's work
+    try:
+        probe.mkdir(parents=True)
+        probe.rmdir()
+    except OSError as error:
+        raise BundleError(f"{directory}: cannot write beside it ({error.strerror or error})") from error
     return directory
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from nmtserve.bundle import MANIFEST, BundleError, read_bundle, sha256_bytes, write_bundle
+from nmtserve.bundle import MANIFEST, BundleError, destination, read_bundle, sha256_bytes, write_bundle
 
 
 @pytest.fixture
@@ -291,6 +291,15 @@ def test_exports_into_one_folder_at_once_each_put_a_whole_bundle_in_place(bundle
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda name: write_bundle(bundle_copy, files, {**manifest, "name": name}), names))
     assert read_bundle(bundle_copy).manifest["name"] in names and _left_beside(bundle_copy) == []
+
+
+def test_a_place_nothing_can_be_written_beside_is_refused_before_any_work(tmp_path):
+    """destination() is what export asks first: an --out it could not write is refused then, not after the export."""
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(BundleError, match=r"a-file/bundle: cannot write beside it \(Not a directory\)"):
+        destination(tmp_path / "a-file" / "bundle")
+    assert destination(tmp_path / "new" / "bundle") == tmp_path / "new" / "bundle"
+    assert sorted(path.name for path in (tmp_path / "new").iterdir()) == []  # the probe is gone
 
 
 def test_a_bundle_written_through_a_symlink_keeps_the_link(bundle_copy, tmp_path):

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import datetime
-import itertools
 import math
 import re
 import socket
@@ -14,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import grpc
 import pytest
@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from nmtserve.v1 import translator_pb2 as pb
 from nmtserve.v1 import translator_pb2_grpc
 from nmtserve_client import AsyncClient, Client, OverloadedError, UnavailableError, calls
 from nmtserve_client.channel import ClientSettings, service_config
@@ -97,43 +98,54 @@ def test_retries_give_up_after_the_budget():
     assert time.monotonic() - started < 0.4 + 2.0  # two back-offs of at most 0.2 s, plus slack for a busy machine
 
 
-class _Refusing(translator_pb2_grpc.TranslatorServicer):
-    """Replicas that refuse every call: each attempt gets the next code of `codes`, as a fleet with one replica draining
-    (UNAVAILABLE) and another full (RESOURCE_EXHAUSTED) answers."""
+class _Fleet(NamedTuple):
+    """Two real servers that refuse every call, as a fleet with one replica draining (UNAVAILABLE) and another full
+    (RESOURCE_EXHAUSTED) answers."""
 
-    def __init__(self, codes: list[grpc.StatusCode]):
-        self.codes = itertools.cycle(codes)
-        self.attempts = 0
-        self.lock = threading.Lock()
+    draining: Any  # conftest's InProcessServer
+    full: Any
 
-    def _refuse(self, context: grpc.ServicerContext) -> None:
-        with self.lock:
-            self.attempts += 1
-            code = next(self.codes)
-        context.abort(code, f"refused with {code.name}")
+    def target(self, *names: str) -> str:
+        """A target of the named servers ("draining", "full"): with both, the SDK's round robin spreads the attempts over
+        the two, as over a fleet's replicas."""
+        return "ipv4:" + ",".join(getattr(self, name).address for name in names)
 
-    def Translate(self, request, context):
-        self._refuse(context)
-
-    def TranslateStream(self, request, context):
-        self._refuse(context)
-
-    def GetModelInfo(self, request, context):
-        self._refuse(context)
+    def counted(self) -> collections.Counter[tuple[str, str]]:
+        """Every call the two servers have counted in nmtserve_requests_total, by method and code."""
+        counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        for server in self:
+            for family in server.server.metrics.registry.collect():
+                for sample in family.samples:
+                    if sample.name == "nmtserve_requests_total":
+                        counts[sample.labels["method"], sample.labels["code"]] += int(sample.value)
+        return counts
 
 
-@contextlib.contextmanager
-def _refusing_server(codes: list[grpc.StatusCode]) -> Iterator[tuple[_Refusing, str]]:
-    """A loopback server whose every call is refused with the next of codes, and its target."""
-    refusing = _Refusing(codes)
-    server = grpc.server(ThreadPoolExecutor(2))
-    translator_pb2_grpc.add_TranslatorServicer_to_server(refusing, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield refusing, f"127.0.0.1:{port}"
-    finally:
-        server.stop(None)
+@pytest.fixture(scope="module")
+def fleet(start_server) -> Iterator[_Fleet]:
+    """A draining server and a full one, for the module's tests; both stopped at its end."""
+    draining = start_server()
+    # The drain TranslationServer.stop() begins, without its closing of the port: each call still reaches the service,
+    # as one on its way when a replica begins to drain does, and is refused and counted there.
+    drained = threading.Event()
+    draining._loop.call_soon_threadsafe(lambda: (draining.server.scheduler.drain(), drained.set()))
+    assert drained.wait(TIMEOUT)
+    # One call at a time, and one held in flight: every other call is refused. The held call waits for a paused decode
+    # process, which the watchdog must not take for hung (decode_stall_seconds 0) however long the module runs.
+    full = start_server(max_concurrent_rpcs=1, decode_stall_seconds=0)
+    with grpc.insecure_channel(full.address) as channel:
+        with full.paused():
+            stub = translator_pb2_grpc.TranslatorStub(channel)
+            held = stub.Translate.future(pb.TranslateRequest(texts=["Friday"]))  # no deadline: held until the module's end
+            try:
+                full.wait_for(lambda: full.server.service.in_flight == 1, timeout=TIMEOUT, what="the held call in the server")
+                yield _Fleet(draining, full)
+                assert not held.done(), "the held call ended: the full server was not full throughout"
+            finally:
+                held.cancel()
+        full.wait_for(lambda: full.server.service.in_flight == 0, timeout=TIMEOUT, what="the held call ended")
+    draining.stop()
+    full.stop()
 
 
 def _every_call(target: str, **settings: object) -> dict[str, Callable[[], object]]:
@@ -159,43 +171,61 @@ def _every_call(target: str, **settings: object) -> dict[str, Callable[[], objec
             "async translate": lambda: asyncio.run(translate_async()), "async model info": lambda: asyncio.run(model_info_async())}
 
 
-@pytest.mark.parametrize("codes", [
-    [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED],
-    [grpc.StatusCode.UNAVAILABLE] * 4 + [grpc.StatusCode.RESOURCE_EXHAUSTED],
-], ids=["alternating", "mostly-unavailable"])
-def test_max_attempts_bounds_every_call_whichever_codes_refuse_it(codes):
-    with _refusing_server(codes) as (refusing, target):
-        for name, call in _every_call(target, max_attempts=3, initial_backoff=0.01, max_backoff=0.01).items():
-            refusing.attempts = 0
-            with pytest.raises((UnavailableError, OverloadedError)):
-                call()
-            assert refusing.attempts == 3, f"{name}: {refusing.attempts} attempts"
+# The method each of _every_call's calls makes.
+METHODS = {"translate": "Translate", "stream": "TranslateStream", "model info": "GetModelInfo",
+           "async translate": "Translate", "async model info": "GetModelInfo"}
+REFUSED_BY = {"draining": "UNAVAILABLE", "full": "RESOURCE_EXHAUSTED"}
 
 
-def test_the_servers_refusal_is_raised_at_once_where_the_next_back_off_would_pass_the_deadline(monkeypatch):
+@pytest.mark.parametrize("servers", [["draining"], ["full"], ["draining", "full"]],
+                         ids=["unavailable", "resource-exhausted", "alternating"])
+def test_max_attempts_bounds_every_call_whichever_codes_refuse_it(fleet, servers):
+    """Each kind of SDK call makes max_attempts attempts in all, counted by the servers that refused them, whether a
+    draining server, a full one, or both by turns refuse it."""
+    codes: set[str] = set()  # the codes the calls met
+    for name, call in _every_call(fleet.target(*servers), max_attempts=3, initial_backoff=0.01, max_backoff=0.01).items():
+        before = fleet.counted()
+        with pytest.raises((UnavailableError, OverloadedError)):
+            call()
+        # Exact, with no wait: the service counts a refusal before the client hears of it.
+        attempts = fleet.counted() - before
+        assert sum(attempts.values()) == 3, f"{name}: {attempts}"
+        assert {method for method, _ in attempts} == {METHODS[name]}, f"{name}: {attempts}"
+        codes |= {code for _, code in attempts}
+    # Each server refused every method with its own code; with both, round robin took the attempts to both.
+    assert codes == {REFUSED_BY[server] for server in servers}
+
+
+@pytest.mark.parametrize("server, refusal", [("draining", (UnavailableError, "server is draining")),
+                                             ("full", (OverloadedError, "--max-concurrent-rpcs"))], ids=["draining", "full"])
+def test_the_servers_refusal_is_raised_at_once_where_the_next_back_off_would_pass_the_deadline(fleet, monkeypatch, server, refusal):
+    """Each kind of SDK call raises the server's own refusal after one attempt, where waiting to retry would outlast
+    the call's deadline."""
     # Every back-off 30 s, the deadline 10 s: the call ends with what the server said, not in waiting for DEADLINE_EXCEEDED.
     monkeypatch.setattr(calls.random, "uniform", lambda low, high: high)
-    with _refusing_server([grpc.StatusCode.UNAVAILABLE]) as (refusing, target):
-        for name, call in _every_call(target, timeout=10.0, initial_backoff=30.0, max_backoff=30.0).items():
-            refusing.attempts = 0
-            started = time.monotonic()
-            with pytest.raises(UnavailableError, match="refused with UNAVAILABLE"):
-                call()
-            assert refusing.attempts == 1 and time.monotonic() - started < 5, name
+    error, words = refusal
+    for name, call in _every_call(fleet.target(server), timeout=10.0, initial_backoff=30.0, max_backoff=30.0).items():
+        before = fleet.counted()
+        started = time.monotonic()
+        with pytest.raises(error, match=re.escape(words)):
+            call()
+        assert time.monotonic() - started < 5, name
+        assert fleet.counted() - before == {(METHODS[name], REFUSED_BY[server]): 1}, name
 
 
-def test_a_stream_that_failed_stays_failed_when_read_again(monkeypatch):
+def test_a_stream_that_failed_stays_failed_when_read_again(fleet, monkeypatch):
+    """A read of a stream that failed raises its error again, and sends nothing: the server counts one attempt."""
     # The first back-off would pass the deadline, so the stream fails with the server's refusal; a later read drew a
-    # back-off of its own, which fitted, and started the stream again.
+    # back-off of its own, which fitted, and started the stream again (a second refusal, counted).
     backoffs = iter([30.0])
     monkeypatch.setattr(calls.random, "uniform", lambda low, high: next(backoffs, 0.01))
-    with _refusing_server([grpc.StatusCode.UNAVAILABLE]) as (refusing, target):
-        with Client(target, timeout=10.0, initial_backoff=30.0, max_backoff=30.0) as client:
-            stream = client.translate_stream("Friday")
-            for _ in range(2):
-                with pytest.raises(UnavailableError, match="refused with UNAVAILABLE"):
-                    next(stream)
-    assert refusing.attempts == 1
+    before = fleet.counted()
+    with Client(fleet.target("draining"), timeout=10.0, initial_backoff=30.0, max_backoff=30.0) as client:
+        stream = client.translate_stream("Friday")
+        for _ in range(2):
+            with pytest.raises(UnavailableError, match="server is draining"):
+                next(stream)
+    assert fleet.counted() - before == {("TranslateStream", "UNAVAILABLE"): 1}
 
 
 def test_an_answer_above_grpcs_default_limit_arrives_from_a_server_allowed_to_send_it(start_server):
@@ -325,3 +355,4 @@ def test_tls_files_gRPC_cannot_use_are_refused_naming_the_file_and_what_is_wrong
         assert [p for p in ClientSettings(**wrong).problems() if problem in p], (wrong, ClientSettings(**wrong).problems())
         with pytest.raises(ValueError, match=re.escape(problem)):
             Client("localhost:1", **wrong)
+

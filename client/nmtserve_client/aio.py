@@ -123,13 +123,14 @@ class AsyncClient:
         request_id: str | None = None,
     ) -> list[Translation]:
         texts = text_list(texts)
-        self._closing.check()  # an empty list makes no RPC that would say so
         options = translate_options(
             beam_size=beam_size, max_length=max_length, min_length=min_length, length_penalty=length_penalty,
             num_hypotheses=num_hypotheses, return_scores=return_scores, return_alignment=return_alignment,
             target_language=target_language,
         )
         metadata = request_metadata(request_id)
+        with sent_with(request_id):
+            self._closing.check()  # an empty list makes no RPC that would say so
         deadline = self._deadline(timeout)
         slots = asyncio.Semaphore(self.settings.max_concurrent_requests)
 

@@ -70,14 +70,16 @@ class ClientSettings:
         for field_name in ("initial_backoff", "max_backoff", "backoff_multiplier", "keepalive_time", "keepalive_timeout"):
             if not math.isfinite(getattr(self, field_name)):
                 found.append(f"{called(field_name)} must be a finite number, not {getattr(self, field_name)}")
+        if found:
+            return found  # and the comparisons below, finite numbers
         if not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
             found.append(f"{called('max_attempts')} must be between 1 and {MAX_ATTEMPTS_LIMIT}, not {self.max_attempts}")
         if self.initial_backoff <= 0 or self.max_backoff < self.initial_backoff or self.backoff_multiplier < 1:
             found.append(f"retries need {called('initial_backoff')} > 0, {called('max_backoff')} >= "
                          f"{called('initial_backoff')} and {called('backoff_multiplier')} >= 1")
         if self.timeout is not None and not 0 < self.timeout < math.inf:
-            found.append(f"{called('timeout')} must be a positive, finite number of seconds (or None for no deadline), "
-                         f"not {self.timeout}")
+            found.append(f"{called('timeout')} must be a positive, finite number of seconds (unset, None in Python: no "
+                         f"deadline), not {self.timeout}")
         if self.keepalive_time < 0 or self.keepalive_timeout <= 0:
             found.append(f"{called('keepalive_time')} cannot be negative and {called('keepalive_timeout')} must be positive")
         elif 0 < self.keepalive_time < MIN_KEEPALIVE_TIME:

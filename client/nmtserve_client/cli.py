@@ -23,7 +23,7 @@ from typing import TypeVar
 
 from nmtserve.cli import install_hint
 from nmtserve.normalize import is_blank
-from nmtserve.settings import add_settings_arguments, flag, settings_from_args
+from nmtserve.settings import add_settings_arguments, decimal, flag, settings_from_args
 
 from .channel import ClientSettings
 from .calls import check_text
@@ -44,17 +44,17 @@ class InProcessError(Exception):
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     """Define the flags of `nmtserve translate`: the texts, decoding options, output, and how to reach the server."""
     parser.add_argument("texts", nargs="*", help="texts to translate (default: one per line on stdin)")
-    parser.add_argument("--beam-size", type=int, default=1, help="beam width (1: greedy search)")
-    parser.add_argument("--n-best", type=int, default=1, help="hypotheses per text, best first (at most --beam-size)")
-    parser.add_argument("--max-length", type=int, default=None, help="most tokens to generate per text (default: the model's limit)")
-    parser.add_argument("--min-length", type=int, default=0, help="fewest tokens to generate before a translation may end")
-    parser.add_argument("--length-penalty", type=float, default=None, help="scores are divided by length ** this (default: 1.0)")
+    parser.add_argument("--beam-size", type=decimal(int), default=1, help="beam width (1: greedy search)")
+    parser.add_argument("--n-best", type=decimal(int), default=1, help="hypotheses per text, best first (at most --beam-size)")
+    parser.add_argument("--max-length", type=decimal(int), default=None, help="most tokens to generate per text (default: the model's limit)")
+    parser.add_argument("--min-length", type=decimal(int), default=0, help="fewest tokens to generate before a translation may end")
+    parser.add_argument("--length-penalty", type=decimal(float), default=None, help="scores are divided by length ** this (default: 1.0)")
     parser.add_argument("--target-language", default=None, help="language to translate into (default: the model's first)")
     parser.add_argument("--json", action="store_true",
                         help="one JSON object per text, with scores (with --stream, one per piece, then the text's)")
     parser.add_argument("--stream", action="store_true", help="print each translation as it is decoded (greedy search)")
     parser.add_argument("--show-source", action="store_true", help="print each source before its translation")
-    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+    parser.add_argument("--wait", type=decimal(float), default=0.0, metavar="SECONDS",
                         help="first wait up to this long for the server to report SERVING (default: do not wait)")
     connection = parser.add_argument_group("server connection")
     add_settings_arguments(connection, ClientSettings)

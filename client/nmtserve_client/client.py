@@ -127,13 +127,14 @@ class Client:
                 1 to 64 ASCII letters, digits, '.', '_', ':' or '-'.
         """
         texts = text_list(texts)
-        self._closing.check()  # an empty list makes no RPC that would say so
         options = translate_options(
             beam_size=beam_size, max_length=max_length, min_length=min_length, length_penalty=length_penalty,
             num_hypotheses=num_hypotheses, return_scores=return_scores, return_alignment=return_alignment,
             target_language=target_language,
         )
         metadata = request_metadata(request_id)
+        with sent_with(request_id):
+            self._closing.check()  # an empty list makes no RPC that would say so
         deadline = self._deadline(timeout)
         in_flight: deque[tuple[grpc.Future, pb.TranslateRequest, Retries]] = deque()
         results: list[Translation] = []

@@ -31,6 +31,7 @@ verified.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -256,9 +257,14 @@ def destination(directory: Path | str) -> Path:
     if directory.exists() and not _holds_a_bundle(directory) and (not directory.is_dir() or any(directory.iterdir())):
         raise BundleError(f"{directory}: exists and is not a bundle; export into a new or empty directory, or over an "
                           "earlier bundle")
-    probe = _beside(directory, "probe")  # as the write will stage it, found now rather than after the export's work
+    # As the write will stage it, found now rather than after the export's work; in the nearest folder there is,
+    # since the folders still missing are made only by the write.
+    there = next(folder for folder in directory.parents if folder.exists())
+    probe = _beside(there / directory.name, "probe")
     try:
-        probe.mkdir(parents=True)
+        if not there.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(there))
+        probe.mkdir()
         probe.rmdir()
     except OSError as error:
         raise BundleError(f"{directory}: cannot write beside it ({error.strerror or error})") from error
@@ -423,7 +429,7 @@ def _check_positions(role: str, model: Any, manifest: dict[str, Any]) -> None:
     recorded = {p.key: p.value for p in model.metadata_props}.get(POSITIONS_PROPERTY)
     if recorded is None:
         return
-    if not recorded.isdigit():
+    if not (recorded.isascii() and recorded.isdigit()):
         raise BundleError(f"{GRAPH_FILES[role]}: metadata {POSITIONS_PROPERTY}={recorded!r} is not a number of positions")
     limit = LIMIT_OF_GRAPH[role]
     if manifest["limits"][limit] > int(recorded):

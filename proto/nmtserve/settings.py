@@ -10,9 +10,11 @@ leave one.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,11 +48,24 @@ def _base_type(hint: Any) -> type:
 
 
 def _value(kind: type, text: str) -> Any:
-    """`text` as a value of `kind`; a number only in ASCII decimal notation."""
+    """`text` as a value of `kind`; a number only in ASCII decimal notation, and finite."""
     pattern = _NUMBER.get(kind)
     if pattern is not None and not pattern.fullmatch(text.strip()):
         raise ValueError(f"{text!r} is not a decimal {kind.__name__}")
-    return kind(text)
+    value = kind(text)
+    if kind is float and not math.isfinite(value):  # 1e999
+        raise ValueError(f"{text!r} is beyond any float")
+    return value
+
+
+def decimal(kind: type) -> Callable[[str], Any]:
+    """An argparse type for a flag outside the settings dataclasses: an int or float read as the settings read one."""
+
+    def convert(text: str) -> Any:
+        return _value(kind, text)
+
+    convert.__name__ = kind.__name__  # argparse's "invalid int value"
+    return convert
 
 
 def _parse(kind: type, text: str, name: str) -> Any:

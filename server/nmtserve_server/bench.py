@@ -53,6 +53,7 @@ import psutil
 from matplotlib.figure import Figure
 from prometheus_client.parser import text_string_to_metric_families
 
+from nmtserve.settings import decimal
 from nmtserve.v1 import translator_pb2 as pb
 from nmtserve.v1 import translator_pb2_grpc
 
@@ -71,22 +72,22 @@ FOREIGN_LOAD_CORES = 0.05
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     """Define the benchmark's flags."""
     parser.add_argument("bundle", type=Path, nargs="?", default=DEFAULT_BUNDLE, help="model bundle directory (default: %(default)s)")
-    parser.add_argument("--streams", type=int, default=64, help="concurrent client streams")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of engine alone, then served")
-    parser.add_argument("--engine-seconds", type=float, default=3.0, help="engine-alone measurement per round (whole passes over the texts)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="served window per round (after the warm-up)")
-    parser.add_argument("--warm-up-seconds", type=float, default=1.0, help="load before each served window")
-    parser.add_argument("--length", type=int, default=32, help="tokens generated per text (min = max length)")
-    parser.add_argument("--source-tokens", type=int, default=12, help="words per made-up source text")
+    parser.add_argument("--streams", type=decimal(int), default=64, help="concurrent client streams")
+    parser.add_argument("--rounds", type=decimal(int), default=3, help="rounds of engine alone, then served")
+    parser.add_argument("--engine-seconds", type=decimal(float), default=3.0, help="engine-alone measurement per round (whole passes over the texts)")
+    parser.add_argument("--seconds", type=decimal(float), default=5.0, help="served window per round (after the warm-up)")
+    parser.add_argument("--warm-up-seconds", type=decimal(float), default=1.0, help="load before each served window")
+    parser.add_argument("--length", type=decimal(int), default=32, help="tokens generated per text (min = max length)")
+    parser.add_argument("--source-tokens", type=decimal(int), default=12, help="words per made-up source text")
     parser.add_argument("--client-nice", type=_niceness, default=10,
                         help="the client streams run in a process this much nicer than the server and the engine alone: "
                              "they stand in for callers on other machines, so they take the cores the server leaves "
                              "(0: the same priority)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where ONNX Runtime runs, for both sides")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime encoder threads, for both sides (0: each side's default: all cores for the engine alone, "
+    parser.add_argument("--threads", type=decimal(int), default=0, help="ONNX Runtime encoder threads, for both sides (0: each side's default: all cores for the engine alone, "
                              "whose encoder runs between its steps; a core fewer in the server, whose encoder runs beside them)")
-    parser.add_argument("--decoder-threads", type=int, default=0, help="decoder step threads, for both sides (0: the faster of 1 and --threads)")
-    parser.add_argument("--max-seconds", type=float, default=600, help="give up (non-zero exit) after this long")
+    parser.add_argument("--decoder-threads", type=decimal(int), default=0, help="decoder step threads, for both sides (0: the faster of 1 and --threads)")
+    parser.add_argument("--max-seconds", type=decimal(float), default=600, help="give up (non-zero exit) after this long")
     parser.add_argument("--out", type=Path, default=None, help="where to write bench_serve.json/.png (default: the bundle's parent)")
 
 

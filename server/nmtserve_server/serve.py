@@ -71,12 +71,12 @@ def _why_not_bound(address: str) -> str:
     except socket.gaierror as error:
         return f"{host!r}: {error.strerror}"
     for family, kind, protocol, _, socket_address in found:
-        with socket.socket(family, kind, protocol) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
-            try:
+        try:
+            with socket.socket(family, kind, protocol) as probe:  # a family the host lacks fails here
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
                 probe.bind(socket_address)
-            except OSError as error:
-                return error.strerror or str(error)
+        except OSError as error:
+            return error.strerror or str(error)
     return "refused by gRPC; GRPC_VERBOSITY=debug says why"
 
 

@@ -325,7 +325,6 @@ def test_mutual_tls_with_a_client_certificate(start_server, certificates):
         client.translate(["Friday"])
 
 
-
 def test_tls_files_gRPC_cannot_use_are_refused_naming_the_file_and_what_is_wrong(certificates, tmp_path):
     d = certificates
     client_key = serialization.load_pem_private_key((d / "client.key").read_bytes(), password=None)

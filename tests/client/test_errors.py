@@ -41,8 +41,8 @@ QUICK_RETRIES = dict(initial_backoff=0.05, max_backoff=0.05)
         (dict(beam_size=2, num_hypotheses=3), "options.num_hypotheses"),
         (dict(min_length=10, max_length=5), "options.min_length"),
         (dict(target_language="xx"), "options.target_language"),
-        (dict(beam_size=-1), "options.beam_size"),  # refused before it is sent: a uint32 cannot hold it
         # Refused before they are sent: the server reads 0 as unset, and would decode with 1.
+        (dict(beam_size=-1), "options.beam_size"),
         (dict(beam_size=0), "options.beam_size"),
         (dict(beam_size=4, num_hypotheses=0), "options.num_hypotheses"),
     ],
@@ -284,6 +284,22 @@ def test_errors_carry_the_request_id_the_call_was_sent_with(server, test_texts):
         with pytest.raises(UnavailableError) as unreached:
             client.model_info(request_id="unreached-1")
         assert unreached.value.request_id == "unreached-1"
+
+    async def closed_async() -> None:
+        client = AsyncClient(server.address)
+        await client.close()
+        await client.translate(["Friday"], request_id="closed-async")
+
+    # A closed client's refusal, every call.
+    client = Client(server.address)
+    client.close()
+    for name, call in {"closed-translate": client.translate, "closed-stream": client.translate_stream}.items():
+        with pytest.raises(ClientClosedError) as closed:
+            call(["Friday"] if name == "closed-translate" else "Friday", request_id=name)
+        assert closed.value.request_id == name
+    with pytest.raises(ClientClosedError) as closed:
+        asyncio.run(closed_async())
+    assert closed.value.request_id == "closed-async"
 
 
 def test_a_stopped_server_is_unavailable(start_server):

@@ -89,6 +89,15 @@ def test_graph_with_renamed_input_is_refused(bundle_copy):
         read_bundle(bundle_copy)
 
 
+@pytest.mark.parametrize("positions", ["", "many", "\u00b2", "\u0663"])  # superscript two and Arabic-Indic three
+def test_a_graph_whose_positions_are_not_a_number_is_refused(bundle_copy, positions):
+    model = onnx.load(str(bundle_copy / "encoder.onnx"))
+    onnx.helper.set_model_props(model, {"nmtserve.positions": positions})
+    _replace_graph(bundle_copy, "encoder", model)
+    with pytest.raises(BundleError, match=r"encoder\.onnx: metadata nmtserve\.positions=.* is not a number of positions"):
+        read_bundle(bundle_copy)
+
+
 def test_a_graph_fixed_at_one_batch_size_is_refused(bundle_copy):
     """Such a graph would load, then fail the first batch of two."""
     model = onnx.load(str(bundle_copy / "decoder_step.onnx"))
@@ -299,7 +308,7 @@ def test_a_place_nothing_can_be_written_beside_is_refused_before_any_work(tmp_pa
     with pytest.raises(BundleError, match=r"a-file/bundle: cannot write beside it \(Not a directory\)"):
         destination(tmp_path / "a-file" / "bundle")
     assert destination(tmp_path / "new" / "bundle") == tmp_path / "new" / "bundle"
-    assert sorted(path.name for path in (tmp_path / "new").iterdir()) == []  # the probe is gone
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]  # nothing made: no folder, no probe left
 
 
 def test_a_bundle_written_through_a_symlink_keeps_the_link(bundle_copy, tmp_path):

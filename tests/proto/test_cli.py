@@ -72,7 +72,7 @@ def test_an_empty_flag_unsets_an_optional_setting_the_environment_set(monkeypatc
         parse(["--steps="])  # a setting that must have a value keeps needing one
 
 
-@pytest.mark.parametrize("value", ["1_000", "\u0661\u0662", "nan", "inf", "-Infinity", "0x10", ""])
+@pytest.mark.parametrize("value", ["1_000", "\u0661\u0662", "nan", "inf", "-Infinity", "0x10", "", "1e999"])
 def test_numbers_are_plain_decimals(capsys, value):
     # int() and float() take these; no setting means them, and 1_000 read as 1000 hides a typo.
     for flag in ("--steps", "--rate"):
@@ -81,6 +81,12 @@ def test_numbers_are_plain_decimals(capsys, value):
         assert exited.value.code == 2 and "invalid" in capsys.readouterr().err
     assert parse(["--steps", "-12", "--rate", "1.5e-3"]) == Example(steps=-12, rate=1.5e-3)
     assert parse(["--rate", ".5"]) == Example(rate=0.5)
+
+
+def test_the_commands_own_numeric_flags_read_numbers_as_the_settings_do():
+    for command, flag_ in (("translate", "--wait"), ("translate", "--max-length"), ("bench-serve", "--streams")):
+        result = nmtserve(command, flag_, "1_0", "Friday")
+        assert result.returncode == 2 and f"argument {flag_}: invalid" in result.stderr, (command, flag_)
 
 
 @pytest.mark.parametrize(

@@ -155,9 +155,17 @@ def test_calls_their_deadline_ended_are_counted_apart_from_those_cancelled(traff
     with grpc.insecure_channel(server.address) as channel:
         stub = translator_pb2_grpc.TranslatorStub(channel)
         with server.paused():  # nothing finishes: each call ends by its deadline or its cancellation
-            late = [stub.Translate.future(pb.TranslateRequest(texts=test_texts[:1]), timeout=0.2) for _ in range(calls)]
-            cancelled = [stub.Translate.future(pb.TranslateRequest(texts=test_texts[:1]), timeout=TIMEOUT) for _ in range(calls)]
-            server.wait_for(lambda: server.metric("nmtserve_queue_depth") >= calls, what="the texts queued")
+
+            def queued(timeout: float) -> grpc.Future:
+                """A call sent once the one before is queued: none waits for the server to read it, which would start
+                the server's deadline later than the slack allows."""
+                depth = server.metric("nmtserve_queue_depth")
+                call = stub.Translate.future(pb.TranslateRequest(texts=test_texts[:1]), timeout=timeout)
+                server.wait_for(lambda: server.metric("nmtserve_queue_depth") > depth, what="the text queued")
+                return call
+
+            late = [queued(timeout=3.0) for _ in range(calls)]  # all sent well before the first deadline
+            cancelled = [queued(timeout=TIMEOUT) for _ in range(calls)]
             for call in cancelled:
                 call.cancel()
             assert all(call.exception(TIMEOUT).code() == grpc.StatusCode.DEADLINE_EXCEEDED for call in late)

@@ -184,7 +184,7 @@ def _in_process(texts: list[str], args: argparse.Namespace, *, place: str) -> No
     imports the server package only here."""
     from nmtserve.bundle import BundleError
     from nmtserve_server.engine import DeviceError, Engine, translate
-    from nmtserve_server.search import DecodeOptions, describe
+    from nmtserve_server.search import DecodeOptions, describe, listed
 
     try:
         engine = Engine.from_path(args.bundle, device=args.device)
@@ -206,7 +206,7 @@ def _in_process(texts: list[str], args: argparse.Namespace, *, place: str) -> No
     sources = dict(zip(readable, engine.encode_texts([texts[number] for number in readable], language)))
     wrong |= {number: problem for number, source in sources.items() if (problem := engine.source_problem(source)) is not None}
     problems += [(f"{place} {number + 1}", wrong[number]) for number in sorted(wrong)]
-    if problems:
+    if problems := listed(problems):
         raise InvalidInputError(describe(problems), [FieldViolation(*p) for p in problems])
     for text, hypotheses in _skipping_blanks(texts, lambda _: translate(engine, [sources[number] for number in sent], options)):
         outputs = engine.decode_ids([h.tokens for h in hypotheses])

@@ -21,6 +21,7 @@ from nmtserve.bundle import SpecialTokens
 
 MAX_LENGTH_PENALTY = 10.0  # the API's range for length_penalty is [0, 10] (translator.proto)
 MAX_ECHOED = 32  # characters of a bad value repeated in an error
+MAX_VIOLATIONS = 10  # violations listed in one error: a server's trailers must stay small enough to reach the client
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,13 @@ class DecodeOptions:
 def describe(problems: list[tuple[str, str]]) -> str:
     """One message for a list of (field, why) problems, the way the server's INVALID_ARGUMENT states them."""
     return "; ".join(f"{name}: {why}" for name, why in problems)
+
+
+def listed(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (field, why) problems one error names: the first MAX_VIOLATIONS, then a count of the rest."""
+    if len(problems) <= MAX_VIOLATIONS:
+        return problems
+    return [*problems[:MAX_VIOLATIONS], ("request", f"{len(problems) - MAX_VIOLATIONS} more violations not listed")]
 
 
 def echo(value: str) -> str:

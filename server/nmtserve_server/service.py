@@ -26,7 +26,7 @@ from .config import ServeSettings, logfmt
 from .engine import Model
 from .metrics import Metrics
 from .scheduler import DeadlineError, Job, QueueFullError, Scheduler, UnavailableError
-from .search import DecodeOptions, Hypothesis, describe
+from .search import DecodeOptions, Hypothesis, describe, listed
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
 # cancellation it sends then finds the server's this close to passing.
 DEADLINE_SLACK = 0.1
 INLINE_TOKENIZING_CHARACTERS = 4096  # a request with more characters is tokenized off the event loop (a few ms of work)
-MAX_VIOLATIONS = 10  # violations listed in one error: its trailers must stay small enough to reach the client
 _INCOMPLETE = "\ufffd"  # what byte-level decoding shows for a multi-byte character cut short
 
 
@@ -43,9 +42,7 @@ class ValidationError(Exception):
     """A request the server will not run; each violation names its field."""
 
     def __init__(self, violations: list[tuple[str, str]]):
-        self.violations = violations[:MAX_VIOLATIONS]
-        if len(violations) > MAX_VIOLATIONS:
-            self.violations.append(("request", f"{len(violations) - MAX_VIOLATIONS} more violations not listed"))
+        self.violations = listed(violations)
         super().__init__(describe(self.violations))
 
 

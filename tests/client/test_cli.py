@@ -150,11 +150,12 @@ def test_options_are_refused_in_process_as_the_server_refuses_them(server, tiny_
     assert refusal.startswith("options.") and in_process.stderr == f"nmtserve translate: invalid input: {refusal}"
 
 
-@pytest.mark.parametrize("case", ["too-long", "target-language"])
+@pytest.mark.parametrize("case", ["too-long", "many-too-long", "target-language"])
 def test_texts_are_refused_in_process_as_the_server_refuses_them(server, tiny_bundle, case):
     """The same checks in the same words, named by line, with --bundle as through a server."""
     options, stdin = {
         "too-long": ([], "Friday\n\n" + "Friday " * 300 + "\nMay\n"),
+        "many-too-long": ([], ("Friday " * 300 + "\n") * 12),  # ten named, and a count of the rest
         "target-language": (["--target-language", "xx"], "Friday\n"),
     }[case]
     through_server = translate("--server", server.address, *options, stdin=stdin)

@@ -363,8 +363,8 @@ def test_missing_bundle_and_inconsistent_settings_are_refused():
 @pytest.mark.parametrize(
     ("flags", "environment", "message"),
     [
-        (["--max-queue-delay-ms", "inf"], {}, "--max-queue-delay-ms must be a number of at least 0, not inf"),
-        (["--grace-seconds", "nan"], {}, "--grace-seconds must be a number of at least 0, not nan"),
+        (["--max-queue-delay-ms", "inf"], {}, "argument --max-queue-delay-ms: invalid float value: 'inf'"),
+        ([], {"NMTSERVE_GRACE_SECONDS": "nan"}, "NMTSERVE_GRACE_SECONDS='nan' is not a valid float"),
         (["--port", "70000"], {}, "--port 70000 is not a port (0 to 65535)"),
         (["--max-message-bytes", str(2**31)], {}, "--max-message-bytes cannot exceed 2147483647"),
         (["--max-queue-delay-ms", "1e10"], {}, "--max-queue-delay-ms cannot exceed 60000, not 1e+10"),

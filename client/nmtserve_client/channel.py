@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import ssl
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from nmtserve.pem import certificate_problems, chain_problems
 from nmtserve.v1 import translator_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Translator"].full_name
@@ -99,10 +99,10 @@ class ClientSettings:
         # gRPC reads the files only when it connects: one it cannot use fails every attempt as UNAVAILABLE, with the
         # reason on stderr alone. The ssl module reads PEM files as gRPC does, and says here what is wrong.
         if "tls_ca" in files:
-            found += _certificate_problems(called("tls_ca"), files["tls_ca"])
+            found += certificate_problems(called("tls_ca"), files["tls_ca"])
         if "client_cert" in files and "client_key" in files:
             cert, key = files["client_cert"], files["client_key"]
-            found += _certificate_problems(called("client_cert"), cert) or _key_problems(cert, key, called)
+            found += chain_problems(called("client_cert"), cert, called("client_key"), key)
         if self.tls_server_name and not self.secure:
             found.append(f"{called('tls_server_name')} applies to TLS only (with {called('tls')}, {called('tls_ca')} or "
                          f"{called('client_cert')})")
@@ -139,44 +139,6 @@ def _type_problems(settings: ClientSettings, called: Callable[[str], str]) -> li
         if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
             found.append(f"{called(name)} must be {description}{' or None' if optional else ''}, not {type(value).__name__} {value!r}")
     return found
-
-
-class _Encrypted(Exception):
-    """The key file asked for a passphrase."""
-
-
-def _refuse_passphrase() -> str:
-    raise _Encrypted  # OpenSSL would otherwise prompt on the terminal for it
-
-
-def _certificate_problems(name: str, path: Path | str) -> list[str]:
-    """Why the file cannot be used as PEM certificates (empty where it can)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    try:
-        context.load_verify_locations(cafile=path)
-    except ssl.SSLError:
-        pass  # nothing it could read: no PEM certificate, as below
-    except OSError as error:
-        return [f"{name} {path}: cannot be read: {error.strerror}"]
-    if not context.cert_store_stats()["x509"]:  # also where the file held only revocation lists
-        return [f"{name} {path}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)"]
-    return []
-
-
-def _key_problems(cert: Path | str, key: Path | str, called: Callable[[str], str]) -> list[str]:
-    """Why the key file cannot be used with the certificate chain, a file of PEM certificates (empty where it can)."""
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=_refuse_passphrase)
-    except _Encrypted:
-        return [f"{called('client_key')} {key}: encrypted, and gRPC takes no passphrase (decrypt it: openssl pkey -in "
-                f"{key} -out plain.key)"]
-    except ssl.SSLError as error:
-        if error.reason == "KEY_VALUES_MISMATCH":
-            return [f"{called('client_key')} {key}: not the private key of {called('client_cert')} {cert}"]
-        return [f"{called('client_key')} {key}: holds no PEM private key"]
-    except OSError as error:
-        return [f"{called('client_key')} {key}: cannot be read: {error.strerror}"]
-    return []
 
 
 def service_config() -> dict[str, Any]:

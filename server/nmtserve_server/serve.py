@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import socket
-import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -34,6 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nmtserve.bundle import BundleError
+from nmtserve.pem import certificate_problems, chain_problems
 from nmtserve.settings import add_settings_arguments, flag, settings_from_args
 
 from .config import ServeSettings, configure_logging, freeze_startup_objects, logfmt
@@ -84,35 +84,16 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-class _EncryptedKeyError(Exception):
-    """The private key is encrypted: gRPC takes only a plain one."""
-
-
-def _encrypted_key() -> str:
-    """OpenSSL asks for a passphrase only for an encrypted key; without this it would prompt on the terminal."""
-    raise _EncryptedKeyError("an encrypted private key, which gRPC cannot use; decrypt it (openssl pkey -in KEY -out "
-                             "PLAIN_KEY) and keep it as a Secret")
-
-
 def _credentials(settings: ServeSettings) -> grpc.ServerCredentials | None:
     """TLS credentials for the main port, requiring client certificates when a client CA is given (mutual TLS); raises
     OSError naming the flag whose file is unusable."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None
-    # gRPC finds out only as it binds the port, and says so as "cannot bind": ask OpenSSL first, naming the file.
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(settings.tls_cert, settings.tls_key, password=_encrypted_key)
-    except _EncryptedKeyError as error:
-        raise OSError(f"--tls-key {settings.tls_key}: {error}") from None
-    except (ssl.SSLError, OSError) as error:
-        raise OSError(f"--tls-cert {settings.tls_cert} and --tls-key {settings.tls_key}: not a PEM certificate chain and its "
-                      f"private key ({error})") from error
+    problems = chain_problems("--tls-cert", settings.tls_cert, "--tls-key", settings.tls_key)
     if settings.tls_client_ca is not None:
-        try:
-            context.load_verify_locations(cafile=settings.tls_client_ca)
-        except (ssl.SSLError, OSError) as error:
-            raise OSError(f"--tls-client-ca {settings.tls_client_ca}: not PEM CA certificates ({error})") from error
+        problems += certificate_problems("--tls-client-ca", settings.tls_client_ca)
+    if problems:
+        raise OSError("; ".join(problems))
     return grpc.ssl_server_credentials(
         [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
         root_certificates=settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None,

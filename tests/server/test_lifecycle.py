@@ -457,8 +457,18 @@ def test_a_bad_tls_key_is_named_and_not_taken_for_a_busy_port(serve_process, tin
     server = serve_process("--bundle", str(tiny_bundle), "--tls-cert", str(d / "server.pem"), "--tls-key", str(d / "client.key"))
     assert server.wait(TIMEOUT) == 1, server.log
     (failed,) = [line for line in server.lines if "event=startup_failed" in line]
-    assert f'error="--tls-cert {d / "server.pem"} and --tls-key {d / "client.key"}: not a PEM certificate chain' in failed
+    assert f'error="--tls-key {d / "client.key"}: not the private key of --tls-cert {d / "server.pem"}' in failed
     assert "cannot listen" not in failed
+
+
+def test_a_client_ca_with_no_certificate_is_named(serve_process, tiny_bundle, certificates, tmp_path):
+    d = certificates
+    (tmp_path / "ca.txt").write_text("not a certificate\n")
+    server = serve_process("--bundle", str(tiny_bundle), "--tls-cert", str(d / "server.pem"), "--tls-key", str(d / "server.key"),
+                           "--tls-client-ca", str(tmp_path / "ca.txt"))
+    assert server.wait(TIMEOUT) == 1, server.log
+    (failed,) = [line for line in server.lines if "event=startup_failed" in line]
+    assert f'error="--tls-client-ca {tmp_path / "ca.txt"}: holds no PEM certificate' in failed
 
 
 def test_an_encrypted_tls_key_is_refused_without_asking_for_its_passphrase(serve_process, tiny_bundle, certificates):
@@ -467,7 +477,7 @@ def test_an_encrypted_tls_key_is_refused_without_asking_for_its_passphrase(serve
     server = serve_process("--bundle", str(tiny_bundle), "--tls-cert", str(d / "server.pem"), "--tls-key", str(d / "encrypted.key"))
     assert server.wait(TIMEOUT) == 1, server.log
     (failed,) = [line for line in server.lines if "event=startup_failed" in line]
-    assert f'error="--tls-key {d / "encrypted.key"}: an encrypted private key' in failed
+    assert f'error="--tls-key {d / "encrypted.key"}: encrypted, and gRPC takes no passphrase' in failed
     assert "pass phrase" not in server.log
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import ssl
 
-Path = str | os.PathLike[str]
+FilePath = str | os.PathLike[str]  # as the ssl module takes file names
 
 
 class _Encrypted(Exception):
@@ -20,7 +20,7 @@ def _refuse_passphrase() -> str:
     raise _Encrypted  # OpenSSL would otherwise prompt on the terminal for it
 
 
-def certificate_problems(name: str, path: Path) -> list[str]:
+def certificate_problems(name: str, path: FilePath) -> list[str]:
     """Why the file named `name` cannot be used as PEM certificates (empty where it can)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
@@ -34,7 +34,7 @@ def certificate_problems(name: str, path: Path) -> list[str]:
     return []
 
 
-def key_problems(cert_name: str, cert: Path, key_name: str, key: Path) -> list[str]:
+def key_problems(cert_name: str, cert: FilePath, key_name: str, key: FilePath) -> list[str]:
     """Why the key file cannot be used with the certificate chain, a file of PEM certificates (empty where it can)."""
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=_refuse_passphrase)
@@ -50,6 +50,6 @@ def key_problems(cert_name: str, cert: Path, key_name: str, key: Path) -> list[s
     return []
 
 
-def chain_problems(cert_name: str, cert: Path, key_name: str, key: Path) -> list[str]:
+def chain_problems(cert_name: str, cert: FilePath, key_name: str, key: FilePath) -> list[str]:
     """Why a certificate chain and its private key cannot be used together (empty where they can)."""
     return certificate_problems(cert_name, cert) or key_problems(cert_name, cert, key_name, key)

@@ -163,8 +163,12 @@ def _run(command: str, args: argparse.Namespace) -> int:
             return 1
         print(f"bundle written to {out}")
     elif command == "plot":
-        from .plots import plot_all
+        from .plots import SentenceError, plot_all
 
-        for path in plot_all(args.checkpoint, sentence=args.sentence):
+        try:
+            paths = plot_all(args.checkpoint, sentence=args.sentence)
+        except SentenceError as error:
+            return _refuse(command, [f"--sentence: {error}"])
+        for path in paths:
             print(path)
     return 0

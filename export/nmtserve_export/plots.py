@@ -51,6 +51,10 @@ def plot_training(history: list[dict], path: Path) -> Path:
     return path
 
 
+class SentenceError(ValueError):
+    """A sentence the model cannot read: longer than its source limit."""
+
+
 def _pieces(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
     return [tokenizer.decode([i], skip_special_tokens=False) or tokenizer.id_to_token(i) for i in ids]
 
@@ -60,11 +64,16 @@ def plot_attention(model: Transformer, tokenizer: Tokenizer, sentence: str, dire
     """Encoder self-attention of every head (last layer) and the encoder-decoder attention (alignment); `language`:
     the target a multilingual model is asked for."""
     source = encode_sources(tokenizer, [sentence], [language])[0]
+    if len(source) > model.config.max_len:  # past the positional table; in the words `translate` refuses it with
+        raise SentenceError(f"{len(source)} tokens, the model reads at most {model.config.max_len}")
     output = greedy_search(model, [source])[0]
-    target_in = torch.tensor([[BOS_ID] + output])  # <bos> + translation
+    # A row per generated token, as the search fed it, and one for <eos> where the search ended with it: a translation
+    # cut at the model's limit has no <eos>, and its last token was never fed (nor has it a position to be fed at).
+    ended = len(output) < model.config.max_len
+    target_in = torch.tensor([[BOS_ID] + (output if ended else output[:-1])])  # (1, T)
     model(torch.tensor([source]), target_in)  # fills each MultiHeadAttention's .attention
     src_labels = _pieces(tokenizer, source)
-    tgt_labels = _pieces(tokenizer, output) + ["<eos>"]
+    tgt_labels = _pieces(tokenizer, output) + (["<eos>"] if ended else [])
 
     encoder_attention = model.encoder_layers[-1].self_attn.attention[0]  # (h, S, S)
     h = encoder_attention.size(0)

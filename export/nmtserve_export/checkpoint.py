@@ -28,6 +28,7 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "train_state.safetensors"
 STATE_META_FILE = "train_state.json"
+FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, STATE_FILE, STATE_META_FILE)  # every one a save writes
 
 
 def _json(data: Any) -> str:

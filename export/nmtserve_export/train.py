@@ -67,7 +67,8 @@ class TrainSettings:
     device: str = field(default="auto", metadata={
         "help": "where to train: auto (a CUDA GPU where PyTorch sees one, else the CPU), cpu or cuda", "choices": list(DEVICES)})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores)"})
-    resume: bool = field(default=False, metadata={"help": "continue from the checkpoint in --out, with the settings it was started with"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the checkpoint in --out, with the settings it was started with (where --out holds none, start a new run)"})
 
     def problems(self) -> list[str]:
         """What is wrong with the settings, one sentence per problem (empty when they can train)."""
@@ -102,9 +103,18 @@ class TrainSettings:
         return CorpusSettings(self.corpus_size, *self.languages(), self.seed, self.valid_size, self.test_size)
 
     def resume_problems(self) -> list[str]:
-        """With --resume, the settings that differ from those the run in --out was started with (empty otherwise)."""
-        if not self.resume or not (Path(self.out) / checkpoint.STATE_FILE).is_file():
+        """With --resume, a checkpoint in --out that is not whole, or the settings that differ from those its run was
+        started with (empty otherwise, and where --out holds no checkpoint: the run starts anew)."""
+        if not self.resume:
             return []
+        present = [name for name in checkpoint.FILES if (Path(self.out) / name).is_file()]
+        missing = [name for name in checkpoint.FILES if name not in present]
+        if not present:
+            return []  # nothing to resume: the run starts anew, and says so
+        if missing:  # started anew instead, the run would replace the model there with its first save
+            return [f"--resume: {self.out} holds a checkpoint that cannot be resumed: {' and '.join(missing)} "
+                    f"{'is' if len(missing) == 1 else 'are'} missing; without --resume, a new run would replace it (to keep "
+                    "it, give another --out)"]
         metadata = checkpoint.read_metadata(Path(self.out))
         # A run started before --max-length was saved has the model length chosen for it then, its max_len.
         started = {"max_length": metadata["model"]["max_len"], **metadata["training"]["settings"]}
@@ -309,12 +319,14 @@ def _train(settings: TrainSettings, device: torch.device) -> Path:
     if settings.threads:
         torch.set_num_threads(settings.threads)
 
-    resuming = settings.resume and (out / checkpoint.STATE_FILE).is_file()
+    resuming = settings.resume and (out / checkpoint.STATE_FILE).is_file()  # resume_problems: the whole checkpoint, or none of it
+    if settings.resume and not resuming:  # e.g. a mistyped --out: say so rather than train anew without a word
+        log.warning("nothing to resume in %s; starting a new run", out)
     # A resumed run keeps the rules its splits were made by: other ones could move pairs it trained on into valid or test.
     normalized = not resuming or normalized_split(checkpoint.read_metadata(out)["corpus"])
     splits = load_splits(settings, normalized=normalized)
     tokenizer_path = out / checkpoint.TOKENIZER_FILE
-    if settings.resume and tokenizer_path.is_file():
+    if resuming:
         tokenizer = load_tokenizer(tokenizer_path)
     else:
         targets = target_languages(settings.languages()[1])

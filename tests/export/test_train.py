@@ -306,3 +306,31 @@ def test_a_new_run_replaces_nothing_of_an_old_checkpoint_before_its_first_save(t
     with pytest.raises(KeyboardInterrupt):
         train(TrainSettings(out=run, preset="tiny", corpus_size=1500, valid_size=50, test_size=50, vocab_size=300, threads=1))
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+
+
+@pytest.mark.parametrize("removed", [["train_state.safetensors"], ["train_state.json"], ["train_state.safetensors", "train_state.json"]])
+def test_resume_refuses_a_checkpoint_without_its_training_state_rather_than_train_over_it(tiny_run, tmp_path, removed):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for name in removed:
+        (run / name).unlink()
+    weights = (run / "model.safetensors").read_bytes()
+    settings = TrainSettings(out=run, preset="tiny", corpus_size=1500, valid_size=50, test_size=50, vocab_size=300, threads=1,
+                             resume=True)
+    with pytest.raises(TrainSettingsError) as caught:
+        train(settings)
+    assert caught.value.problems == [
+        f"--resume: {run} holds a checkpoint that cannot be resumed: {' and '.join(removed)} {'is' if len(removed) == 1 else 'are'} "
+        "missing; without --resume, a new run would replace it (to keep it, give another --out)"]
+    assert (run / "model.safetensors").read_bytes() == weights
+
+
+def test_resume_with_nothing_to_resume_starts_a_new_run_and_says_so(tmp_path, caplog):
+    run = tmp_path / "mistyped"
+    with caplog.at_level("WARNING", logger="nmtserve_export"):
+        train(TrainSettings(out=run, preset="tiny", corpus_size=300, valid_size=20, test_size=20, vocab_size=300, max_tokens=512,
+                            steps=1, valid_every=1, valid_decode=0, threads=1, resume=True))
+    assert f"nothing to resume in {run}; starting a new run" in caplog.messages
+    assert json.loads((run / "train_state.json").read_text())["step"] == 1

@@ -526,6 +526,15 @@ def normalized_split(corpus: dict) -> bool:
     return split == NORMALIZED_SPLIT
 
 
+def source_groups(pairs: list[Pair], *, normalized: bool = True) -> dict[str, list[int]]:
+    """The indices of the pairs by source sentence, as split_corpus keeps them together (normalized: see there)."""
+    copies: dict[str, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        source = unicodedata.normalize("NFC", normalize_source(pair.source)) if normalized else pair.source
+        copies.setdefault(source, []).append(i)
+    return copies
+
+
 def split_corpus(pairs: list[Pair], *, valid_size: int, test_size: int, normalized: bool = True) -> Splits:
     """Split pairs into train/valid/test so that no source sentence is in two splits: sources that differ only in white
     space, which the model never sees (normalize_source), or in Unicode composition ("é" as one character or two) are
@@ -536,10 +545,7 @@ def split_corpus(pairs: list[Pair], *, valid_size: int, test_size: int, normaliz
             f"valid_size={valid_size} and test_size={test_size} must be >= 0 "
             f"and leave training pairs among {len(pairs)}"
         )
-    copies: dict[str, list[int]] = {}  # all copies of a source go to the same split
-    for i, pair in enumerate(pairs):
-        source = unicodedata.normalize("NFC", normalize_source(pair.source)) if normalized else pair.source
-        copies.setdefault(source, []).append(i)
+    copies = source_groups(pairs, normalized=normalized)  # all copies of a source go to the same split
     # Hash order is stable across runs and machines and independent of the corpus order.
     room = {"test": test_size, "valid": valid_size}
     split_of: dict[int, str] = {}

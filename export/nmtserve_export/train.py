@@ -19,8 +19,8 @@ from nmtserve.normalize import normalize_source
 from nmtserve.settings import env_value, flag
 
 from . import checkpoint
-from .corpus import (NORMALIZED_SPLIT, CorpusSettings, Pair, Splits, cldr_problem, file_sha256, normalized_split, read_tsv, split_corpus,
-                     target_languages)
+from .corpus import (NORMALIZED_SPLIT, CorpusSettings, Pair, Splits, cldr_problem, file_sha256, normalized_split, read_tsv,
+                     source_groups, split_corpus, target_languages)
 from .data import Batch, encode_sources, encode_targets, epoch_batches, make_batch, token_batches
 from .decode import greedy_search, model_device
 from .devices import DEVICES, device_problem, torch_device, training_precision
@@ -222,8 +222,25 @@ def load_splits(settings: TrainSettings, *, normalized: bool = True) -> Splits:
             raise TrainSettingsError([
                 f"--corpus {settings.corpus} has {len(pairs)} pairs, which leaves none for training after --valid-size "
                 f"{settings.valid_size} and --test-size {settings.test_size}: give more pairs or hold out fewer"])
-        return split_corpus(pairs, valid_size=settings.valid_size, test_size=settings.test_size, normalized=normalized)
+        splits = split_corpus(pairs, valid_size=settings.valid_size, test_size=settings.test_size, normalized=normalized)
+        if problems := _empty_split_problems(settings, splits, normalized=normalized):
+            raise TrainSettingsError(problems)
+        return splits
     return settings.corpus_settings().splits()  # generated sources are written normalized: both rules split them alike
+
+
+def _empty_split_problems(settings: TrainSettings, splits: Splits, *, normalized: bool) -> list[str]:
+    """A sentence for each held-out split of a --corpus file that its repeated sources leave empty: validation would
+    average over no pairs, and evaluation score none."""
+    found = []
+    for name, held_out, size, candidates in (("test_size", splits.test, settings.test_size, splits.valid + splits.train),
+                                             ("valid_size", splits.valid, settings.valid_size, splits.train)):
+        if not held_out:  # the splits fill test first: a group that fit in neither is left for training
+            smallest = min(len(group) for group in source_groups(candidates, normalized=normalized).values())
+            found.append(f"--corpus {settings.corpus}: nothing is held out for {flag(name)} {size}: all copies of a source "
+                         f"go to one split, and its sources repeat in groups of more than {size} pairs (the smallest left has "
+                         f"{smallest}); give {flag(name)} {smallest} or more, or a corpus with fewer repeats")
+    return found
 
 
 _NAMED_PAIRS = 5  # pairs past --max-length named in full, in file order; a count of the rest

@@ -334,3 +334,18 @@ def test_resume_with_nothing_to_resume_starts_a_new_run_and_says_so(tmp_path, ca
                             steps=1, valid_every=1, valid_decode=0, threads=1, resume=True))
     assert f"nothing to resume in {run}; starting a new run" in caplog.messages
     assert json.loads((run / "train_state.json").read_text())["step"] == 1
+
+
+def test_a_tsv_whose_repeated_sources_cannot_be_held_out_is_refused_before_training(tmp_path):
+    """20 sentences, 60 copies each: no group fits in 50 pairs, and an empty validation split divided by zero at the
+    first validation."""
+    corpus = tmp_path / "repeated.tsv"
+    corpus.write_text("".join(f"source {i}\ttarget {i}\n" for _ in range(60) for i in range(20)), encoding="utf-8")
+    with pytest.raises(TrainSettingsError) as caught:
+        load_splits(TrainSettings(corpus=corpus, valid_size=50, test_size=50))
+    assert caught.value.problems == [
+        f"--corpus {corpus}: nothing is held out for --{name}-size 50: all copies of a source go to one split, and its sources "
+        f"repeat in groups of more than 50 pairs (the smallest left has 60); give --{name}-size 60 or more, or a corpus with "
+        "fewer repeats" for name in ("test", "valid")]
+    splits = load_splits(TrainSettings(corpus=corpus, valid_size=60, test_size=60))
+    assert (len(splits.valid), len(splits.test)) == (60, 60)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,14 +21,16 @@ import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from nmtserve.bundle import BundleError, read_bundle
 from nmtserve_server.engine import engines_for, translate
 from nmtserve_server.search import DecodeOptions
 
-from .checkpoint import load_model
+from .checkpoint import NotACheckpointError, load_model
+from .corpus import CorpusError
 from .data import encode_sources
 from .decode import greedy_search
 from .evaluate import held_out_pairs
-from .onnx_export import export_bundle
+from .onnx_export import export_bundle, not_exported_from
 from .train import default_run
 
 
@@ -50,21 +53,67 @@ def _seconds(decode, batches: list[list[list[int]]]) -> float:
     return time.perf_counter() - start
 
 
+def _number_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the numbers the flags give, one sentence each."""
+    found = [f"--batch-sizes {size}: a batch holds at least 1 sentence" for size in args.batch_sizes if size < 1]
+    found += [f"--{name} must be at least 1, not {value}" for name, value in
+              (("length", args.length), ("sentences", args.sentences), ("repeats", args.repeats)) if value < 1]
+    if args.threads < 0:
+        found.append(f"--threads must be 0 (all cores) or a number of threads, not {args.threads}")
+    if args.streams < 0:
+        found.append(f"--streams must be 0 (one engine per thread) or a number of engines, not {args.streams}")
+    return found
+
+
+def _bundle_problem(bundle_dir: Path, precision: str, checkpoint: Path, metadata: dict) -> str | None:
+    """Why the bundle in bundle_dir is not this checkpoint's at this precision (none there, another model's, one
+    that fails verification); None where it is."""
+    if not bundle_dir.exists():
+        return "not there yet"
+    try:
+        manifest = read_bundle(bundle_dir).manifest
+    except BundleError as error:
+        return str(error)
+    if manifest["precision"] != precision:
+        return f"its precision is {manifest['precision']}"
+    problem = not_exported_from(manifest, checkpoint, metadata)
+    return f"not exported from this checkpoint: {problem}" if problem else None
+
+
 def run(command: str, args: argparse.Namespace) -> int:
-    """Measure and print tokens/s per engine and batch size, and the ratios to PyTorch."""
+    """Measure and print tokens/s per engine and batch size, and the ratios to PyTorch; numbers out of range end it with
+    a line each, exit 2, and a checkpoint, corpus or bundle that cannot be used with one line naming it, exit 1."""
+    if problems := _number_problems(args):
+        for problem in problems:
+            print(f"nmtserve {command}: {problem}", file=sys.stderr)
+        return 2
+    try:
+        return _run(command, args)
+    except (CorpusError, NotACheckpointError, BundleError) as error:  # BundleError: export's checks too
+        print(f"nmtserve {command}: {error}", file=sys.stderr)
+        return 1
+
+
+def _run(command: str, args: argparse.Namespace) -> int:
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    out = Path(args.out or args.checkpoint)
-    out.mkdir(parents=True, exist_ok=True)  # before the measurements, not after them
-    model, tokenizer, metadata = load_model(args.checkpoint)
+    checkpoint = Path(args.checkpoint)
+    model, tokenizer, metadata = load_model(checkpoint)  # before making --out: a mistyped checkpoint leaves nothing
+    if args.length > model.config.max_len:
+        print(f"nmtserve {command}: --length {args.length}: the model writes at most {model.config.max_len} tokens", file=sys.stderr)
+        return 2
     pairs = held_out_pairs(metadata)[: args.sentences]
     sources = encode_sources(tokenizer, [p.source for p in pairs], [p.language for p in pairs])
+    out = Path(args.out or checkpoint)
+    out.mkdir(parents=True, exist_ok=True)  # before the measurements, not after them
     streams = args.streams or threads
     engines = {}
     for precision in ("fp32", "int8"):
-        bundle_dir = Path(args.checkpoint) / f"bundle-{precision}"
-        if not (bundle_dir / "manifest.json").is_file():
-            export_bundle(args.checkpoint, bundle_dir, precision=precision)
+        bundle_dir = checkpoint / f"bundle-{precision}"
+        # A bundle left there from an earlier model in this directory would measure that model, not this one.
+        if problem := _bundle_problem(bundle_dir, precision, checkpoint, metadata):
+            print(f"{bundle_dir}: {problem}; exporting it", file=sys.stderr)
+            export_bundle(checkpoint, bundle_dir, precision=precision)
         engines[precision] = engines_for(bundle_dir, streams, device="cpu", capacity=max(args.batch_sizes), threads=threads)
 
     fixed = DecodeOptions(min_length=args.length, max_length=args.length)

@@ -24,7 +24,7 @@ from nmtserve import bundle as bundle_format
 from nmtserve.bundle import UNDETERMINED
 
 from .checkpoint import TOKENIZER_FILE, load_model
-from .corpus import target_languages
+from .corpus import file_sha256, target_languages
 from .model import Transformer
 from .tokenizer import language_token
 
@@ -257,9 +257,34 @@ def export_bundle(checkpoint_dir: Path, out: Path, *, precision: str = "fp32", n
             "device": training.get("device"),
             "parameters": metadata.get("parameters"),
             "scores": metadata.get("scores", {}),
+            # The save the weights come from (config.json's id): what tells this checkpoint's bundles from others'.
+            **({"checkpoint_save": metadata["save"]} if "save" in metadata else {}),
         },
         precision=precision,
     )
+
+
+def not_exported_from(manifest: dict, checkpoint_dir: Path, metadata: dict) -> str | None:
+    """Why a bundle (its manifest) was not exported from the checkpoint in `checkpoint_dir` (its config.json `metadata`),
+    as a clause; None where it was. Told by the tokenizer's sha256 and the save of the weights, or, for a bundle or
+    checkpoint from before saves were recorded, by what the training recorded (corpus, steps, seconds)."""
+    if manifest["tokenizer"]["kind"] != "tokenizers":
+        return f"it holds a {manifest['tokenizer']['kind']!r} tokenizer, not a checkpoint's {TOKENIZER_FILE}"
+    exported, own = manifest["files"]["tokenizer"]["sha256"], file_sha256(Path(checkpoint_dir) / TOKENIZER_FILE)
+    if exported != own:
+        return f"its {TOKENIZER_FILE} is another (sha256 {exported[:12]}…, the checkpoint's {own[:12]}…)"
+    training, trained = manifest["training"], metadata.get("training", {})
+    if "checkpoint_save" in training and "save" in metadata:
+        if training["checkpoint_save"] != metadata["save"]:
+            return (f"its weights are of another save (save {training['checkpoint_save']}, step {training.get('steps')}; the "
+                    f"checkpoint's is save {metadata['save']}, step {trained.get('steps')})")
+        return None
+    if training.get("corpus") != metadata.get("corpus"):
+        return "its model was trained on another corpus"
+    for what in ("steps", "seconds"):
+        if training.get(what) != trained.get(what):
+            return f"its model was trained for {training.get(what)} {what}, the checkpoint's for {trained.get(what)}"
+    return None
 
 
 def write_model_bundle(

@@ -11,7 +11,7 @@ import torch
 from nmtserve.bundle import read_bundle
 from nmtserve_export.checkpoint import load_model
 from nmtserve_export.onnx_export import (
-    DecoderStepGraph, EncoderGraph, ExportError, export_graph, max_graph_difference, parity_inputs, write_model_bundle,
+    DecoderStepGraph, EncoderGraph, ExportError, export_graph, max_graph_difference, not_exported_from, parity_inputs, write_model_bundle,
 )
 
 pytestmark = pytest.mark.e2e
@@ -27,6 +27,22 @@ def test_the_bundle_says_where_its_model_was_trained(tiny_run, tiny_bundle):
     trained_on = read_bundle(tiny_bundle).manifest["training"]["device"]
     assert trained_on == json.loads((tiny_run / "config.json").read_text())["training"]["device"]
     assert trained_on == ("cpu" if not torch.cuda.is_available() else f"cuda ({torch.cuda.get_device_name()})")
+
+
+def test_a_bundle_is_known_for_its_checkpoints_by_the_save_it_was_exported_from(tiny_run, tiny_bundle):
+    manifest = read_bundle(tiny_bundle).manifest
+    metadata = json.loads((tiny_run / "config.json").read_text())
+    assert manifest["training"]["checkpoint_save"] == metadata["save"]
+    assert not_exported_from(manifest, tiny_run, metadata) is None
+    later = {**metadata, "save": "later", "training": {**metadata["training"], "steps": 800}}  # the run resumed since
+    assert not_exported_from(manifest, tiny_run, later) == (
+        f"its weights are of another save (save {metadata['save']}, step 400; the checkpoint's is save later, step 800)")
+    # A bundle from before the save was recorded: by what its training recorded.
+    older = {**manifest, "training": {k: v for k, v in manifest["training"].items() if k != "checkpoint_save"}}
+    assert not_exported_from(older, tiny_run, metadata) is None
+    assert not_exported_from(older, tiny_run, later) == "its model was trained for 400 steps, the checkpoint's for 800"
+    other = {**manifest, "files": {**manifest["files"], "tokenizer": {**manifest["files"]["tokenizer"], "sha256": "0" * 64}}}
+    assert not_exported_from(other, tiny_run, metadata).startswith("its tokenizer.json is another (sha256 000000000000…, ")
 
 
 def test_a_model_whose_outputs_are_not_numbers_is_refused(tiny_run, tmp_path):

@@ -108,6 +108,20 @@ def test_a_bundle_that_cannot_be_written_or_read_ends_in_one_line(tiny_run, tiny
                                    f"{(tiny_bundle / 'encoder.onnx').stat().st_size}")
 
 
+def test_evaluate_refuses_a_bundle_not_exported_from_the_checkpoint(tiny_run, tiny_bundle, tmp_path):
+    other = tmp_path / "other"  # as a bundle of the same run's later save, or of another model, records it
+    shutil.copytree(tiny_bundle, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "training": {**manifest["training"], "checkpoint_save": "another"}}))
+    status, line = refused("evaluate", tiny_run, "--bundle", other, "--limit", "5")
+    assert status == "1" and line.startswith(f"nmtserve evaluate: {other} was not exported from {tiny_run}: its weights are of "
+                                             "another save (save another, step 400; the checkpoint's is save ")
+    assert line.endswith(f"; export this checkpoint (nmtserve export {tiny_run} --out DIR), or evaluate the one {other} was "
+                         "exported from")
+    scores = json.loads(nmtserve("evaluate", tiny_run, "--bundle", tiny_bundle, "--beam-sizes", "1", "--limit", "5", "--json").stdout)
+    assert scores["test_pairs"] == 5 and scores["decoder"] == f"onnxruntime:{tiny_bundle}"
+
+
 def test_a_tsv_corpus_is_found_from_any_directory_and_a_changed_one_is_refused(tmp_path):
     from nmtserve_export.corpus import generate_corpus, write_tsv
 

@@ -53,8 +53,8 @@ def _seconds(decode, batches: list[list[list[int]]]) -> float:
     return time.perf_counter() - start
 
 
-def _number_problems(args: argparse.Namespace) -> list[str]:
-    """What is wrong with the numbers the flags give, one sentence each."""
+def _problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the flags' numbers and --out, one sentence each."""
     found = [f"--batch-sizes {size}: a batch holds at least 1 sentence" for size in args.batch_sizes if size < 1]
     found += [f"--{name} must be at least 1, not {value}" for name, value in
               (("length", args.length), ("sentences", args.sentences), ("repeats", args.repeats)) if value < 1]
@@ -62,6 +62,8 @@ def _number_problems(args: argparse.Namespace) -> list[str]:
         found.append(f"--threads must be 0 (all cores) or a number of threads, not {args.threads}")
     if args.streams < 0:
         found.append(f"--streams must be 0 (one engine per thread) or a number of engines, not {args.streams}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        found.append(f"--out {args.out} is a file; name a directory for bench_engine.json and bench_engine.png")
     return found
 
 
@@ -81,9 +83,9 @@ def _bundle_problem(bundle_dir: Path, precision: str, checkpoint: Path, metadata
 
 
 def run(command: str, args: argparse.Namespace) -> int:
-    """Measure and print tokens/s per engine and batch size, and the ratios to PyTorch; numbers out of range end it with
-    a line each, exit 2, and a checkpoint, corpus or bundle that cannot be used with one line naming it, exit 1."""
-    if problems := _number_problems(args):
+    """Measure and print tokens/s per engine and batch size, and the ratios to PyTorch; flags out of range end it with a
+    line each, exit 2, and a checkpoint, corpus or bundle that cannot be used with one line naming it, exit 1."""
+    if problems := _problems(args):
         for problem in problems:
             print(f"nmtserve {command}: {problem}", file=sys.stderr)
         return 2

@@ -129,6 +129,9 @@ def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Tra
     """The trained model (in eval mode, on `device`), its tokenizer and its metadata."""
     directory = Path(directory)
     metadata = read_metadata(directory)
+    if missing := [name for name in (MODEL_FILE, TOKENIZER_FILE) if not (directory / name).is_file()]:
+        raise NotACheckpointError(f"{directory} is not a checkpoint: {' and '.join(missing)} "
+                                  f"{'is' if len(missing) == 1 else 'are'} missing (train one with 'nmtserve train')")
     model = Transformer(ModelConfig(**metadata["model"]))
     model.load_state_dict(load_file(str(directory / MODEL_FILE)))
     model.to(device).eval()

@@ -83,6 +83,8 @@ class TrainSettings:
             found.append(f"--peak-lr must be a positive number, not {self.peak_lr}")
         if problem := device_problem(self.device):
             found.append(problem)
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            found.append(f"--out {self.out} is a file; name a directory for the checkpoint")
         if self.corpus is None:
             found += [problem for problem in self.corpus_settings().problems() if problem not in found]
         elif not Path(self.corpus).is_file():

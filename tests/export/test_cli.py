@@ -61,6 +61,30 @@ def test_mistakes_end_in_one_line_naming_them(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("notes")
+    assert refused("corpus", "--out", afile) == [
+        "2", f"nmtserve corpus: --out {afile} is a file; name a directory for train.tsv, valid.tsv and test.tsv"]
+    assert refused("train", "--out", afile) == ["2", f"nmtserve train: --out {afile} is a file; name a directory for the checkpoint"]
+    assert refused("bench-engine", tmp_path, "--out", afile) == [
+        "2", f"nmtserve bench-engine: --out {afile} is a file; name a directory for bench_engine.json and bench_engine.png"]
+    assert afile.read_text() == "notes"
+
+
+def test_a_checkpoint_missing_a_file_is_named_in_one_line(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "model.safetensors").unlink()
+    missing = f"{run} is not a checkpoint: model.safetensors is missing (train one with 'nmtserve train')"
+    assert refused("export", run, "--out", tmp_path / "bundle") == ["1", f"nmtserve export: {missing}"]
+    assert refused("evaluate", run, "--limit", "5") == ["1", f"nmtserve evaluate: {missing}"]
+    assert refused("plot", run) == ["1", f"nmtserve plot: {missing}"]
+    assert refused("train", "--out", run, "--resume") == [
+        "2", f"nmtserve train: --resume: {run} holds a checkpoint that cannot be resumed: model.safetensors is missing; without "
+             "--resume, a new run would replace it (to keep it, give another --out)"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a PyTorch that sees no GPU")
 def test_a_gpu_that_pytorch_cannot_see_is_refused_before_any_work(tmp_path):
     reason = (f"--device cuda: PyTorch sees no usable GPU (torch {torch.__version__}, "

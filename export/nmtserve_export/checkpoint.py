@@ -83,12 +83,13 @@ def save_checkpoint(
 
 def interrupted_save(directory: Path) -> str | None:
     """Why the checkpoint in `directory` is not one whole save (its last save was interrupted between renames), or None
-    where it is; files from before saves were identified are taken as they are."""
-    if not (directory / STATE_META_FILE).is_file():
+    where it is; files from before saves were identified are taken as they are, and so is a model whose training state
+    was removed (no save leaves both files out: it renames train_state.safetensors before config.json)."""
+    if (directory / STATE_FILE).is_file() and not (directory / STATE_META_FILE).is_file():
         return f"{directory}: its last save was interrupted before {STATE_META_FILE} was written"
-    meta = json.loads((directory / STATE_META_FILE).read_text())
-    tags = {name: _tag(directory / name) for name in (MODEL_FILE, STATE_FILE)}
-    steps = {**{name: tag.get("step") for name, tag in tags.items()}, STATE_META_FILE: str(meta["step"])}
+    meta = json.loads((directory / STATE_META_FILE).read_text()) if (directory / STATE_META_FILE).is_file() else {}
+    tags = {name: _tag(directory / name) for name in (MODEL_FILE, STATE_FILE) if (directory / name).is_file()}
+    steps = {**{name: tag.get("step") for name, tag in tags.items()}, STATE_META_FILE: str(meta["step"]) if meta else None}
     saves = {**{name: tag.get("save") for name, tag in tags.items()}, STATE_META_FILE: meta.get("save"),
              CONFIG_FILE: read_metadata(directory).get("save")}
     for what, found in (("steps", steps), ("saves", saves)):
@@ -126,12 +127,15 @@ def update_metadata(directory: Path, **entries: Any) -> None:
 
 
 def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Transformer, Tokenizer, dict[str, Any]]:
-    """The trained model (in eval mode, on `device`), its tokenizer and its metadata."""
+    """The trained model (in eval mode, on `device`), its tokenizer and its metadata; NotACheckpointError where a file is
+    missing or the files are not of one save (interrupted_save)."""
     directory = Path(directory)
     metadata = read_metadata(directory)
     if missing := [name for name in (MODEL_FILE, TOKENIZER_FILE) if not (directory / name).is_file()]:
         raise NotACheckpointError(f"{directory} is not a checkpoint: {' and '.join(missing)} "
                                   f"{'is' if len(missing) == 1 else 'are'} missing (train one with 'nmtserve train')")
+    if problem := interrupted_save(directory):  # weights of one save, configuration or tokenizer of another
+        raise NotACheckpointError(f"{problem}; train again")
     model = Transformer(ModelConfig(**metadata["model"]))
     model.load_state_dict(load_file(str(directory / MODEL_FILE)))
     model.to(device).eval()

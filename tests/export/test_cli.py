@@ -85,6 +85,24 @@ def test_a_checkpoint_missing_a_file_is_named_in_one_line(tiny_run, tmp_path):
              "--resume, a new run would replace it (to keep it, give another --out)"]
 
 
+def test_a_checkpoint_whose_last_save_was_interrupted_is_refused_as_resume_refuses_it(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "save": "another"}))  # the configuration of another save
+    for command in ("export", "evaluate"):
+        status, line = refused(command, run, *(["--out", tmp_path / "bundle"] if command == "export" else []))
+        assert status == "1" and line.startswith(f"nmtserve {command}: {run}: its last save was interrupted, and its files "
+                                                 "are of different saves (model.safetensors: ")
+        assert line.endswith(", config.json: another); train again")
+    assert line.replace("nmtserve evaluate: ", "nmtserve train: --resume: ") in refused("train", "--out", run, "--resume")
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "tokenizer.json").write_text((run / "tokenizer.json").read_text() + " ")
+    assert refused("evaluate", run) == ["1", f"nmtserve evaluate: {run}: its last save was interrupted, and its tokenizer.json "
+                                             "is not the one its training state was saved with; train again"]
+    assert not (tmp_path / "bundle").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a PyTorch that sees no GPU")
 def test_a_gpu_that_pytorch_cannot_see_is_refused_before_any_work(tmp_path):
     reason = (f"--device cuda: PyTorch sees no usable GPU (torch {torch.__version__}, "

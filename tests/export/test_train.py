@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from nmtserve.bundle import BOS_ID, EOS_ID
-from nmtserve_export.checkpoint import load_model, read_metadata
+from nmtserve_export.checkpoint import NotACheckpointError, load_model, read_metadata
 from nmtserve_export.corpus import CorpusError, Pair, file_sha256, generate_corpus
 from nmtserve_export.data import encode_sources, encode_targets, make_batch, token_batches
 from nmtserve_export.decode import greedy_search
@@ -349,3 +349,16 @@ def test_a_tsv_whose_repeated_sources_cannot_be_held_out_is_refused_before_train
         "fewer repeats" for name in ("test", "valid")]
     splits = load_splits(TrainSettings(corpus=corpus, valid_size=60, test_size=60))
     assert (len(splits.valid), len(splits.test)) == (60, 60)
+
+
+def test_a_model_without_its_training_state_is_loaded_as_it_is(tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for name in ("train_state.safetensors", "train_state.json"):  # as a model is shipped: no save leaves both out
+        (run / name).unlink()
+    assert load_model(run)[2]["save"] == read_metadata(tiny_run)["save"]
+    (run / "train_state.safetensors").write_bytes((tiny_run / "train_state.safetensors").read_bytes())
+    with pytest.raises(NotACheckpointError, match="its last save was interrupted before train_state.json was written; train again"):
+        load_model(run)

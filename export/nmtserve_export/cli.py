@@ -111,12 +111,15 @@ def _run(command: str, args: argparse.Namespace) -> int:
             write_tsv(getattr(splits, name), args.out / f"{name}.tsv")
             print(f"{args.out / name}.tsv: {len(getattr(splits, name))} pairs")
     elif command == "train":
-        from .train import TrainSettingsError, train
+        from .train import TrainingInterrupted, TrainSettingsError, train
 
         try:
             out = train(settings_from_args(TrainSettings, args))  # checks the settings before any work
         except TrainSettingsError as error:
             return _refuse(command, error.problems)
+        except TrainingInterrupted as interrupted:
+            print(f"nmtserve {command}: {interrupted}", file=sys.stderr)
+            return 128 + 2  # SIGINT
         print(f"checkpoint written to {out}")
     elif command == "evaluate":
         from .evaluate import evaluate

@@ -162,6 +162,10 @@ class TrainSettingsError(ValueError):
         self.problems = problems
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says where the run's last save is, and how to go on from it."""
+
+
 def default_run() -> Path:
     """The checkpoint `nmtserve train` writes when not told where: NMTSERVE_OUT, else runs/default; the other
     commands read it by default."""
@@ -324,11 +328,32 @@ def train(settings: TrainSettings) -> Path:
         raise TrainSettingsError(problems)
     device = torch_device(settings.device)
     threads = torch.get_num_threads()
+    before = _save_in(Path(settings.out))
     try:
         with training_precision(device):
             return _train(settings, device)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(_interrupted(settings, before)) from None
     finally:
         torch.set_num_threads(threads)  # --threads is the training's, not the calling process's
+
+
+def _save_in(directory: Path) -> str | None:
+    """The id of the save of the checkpoint in `directory` (None: none there, or one from before saves had ids)."""
+    return checkpoint.read_metadata(directory).get("save") if (directory / checkpoint.CONFIG_FILE).is_file() else None
+
+
+def _interrupted(settings: TrainSettings, before: str | None) -> str:
+    """Where a run stopped by Ctrl-C leaves --out, and what to do next; `before`: the save that was there at its start."""
+    out = Path(settings.out)
+    if not (out / checkpoint.CONFIG_FILE).is_file():
+        return f"interrupted before the first save; nothing is saved in {out}"
+    if not settings.resume and _save_in(out) == before:  # a resume would continue the run that was there, not this one
+        return f"interrupted before this run's first save; {out} holds the checkpoint it held before"
+    if problem := checkpoint.interrupted_save(out):  # stopped between a save's renames
+        return f"interrupted while saving: {problem}; train again"
+    step = json.loads((out / checkpoint.STATE_META_FILE).read_text())["step"]
+    return f"interrupted; the last save is step {step} in {out}; continue with --resume"
 
 
 def _train(settings: TrainSettings, device: torch.device) -> Path:
@@ -409,20 +434,22 @@ def _train(settings: TrainSettings, device: torch.device) -> Path:
         start += window["start"] - now  # validation and saving are not training time
 
     progress = tqdm(total=settings.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    while step < settings.steps:
-        if settings.max_minutes and time.perf_counter() - start > 60 * settings.max_minutes:
-            log.info("stopping at step %d: --max-minutes %.1f reached", step, settings.max_minutes)
-            break
-        batches_of_step = [next(batches) for _ in range(settings.accumulate)]
-        step += 1
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, settings.peak_lr, settings.warmup_steps)
-        window["loss"] += optimizer_step(model, optimizer, batches_of_step, settings.label_smoothing, settings.clip_norm)
-        window["tokens"] += sum(batch.n_tokens for batch in batches_of_step)
-        progress.update(1)
-        if step % settings.valid_every == 0:
+    try:
+        while step < settings.steps:
+            if settings.max_minutes and time.perf_counter() - start > 60 * settings.max_minutes:
+                log.info("stopping at step %d: --max-minutes %.1f reached", step, settings.max_minutes)
+                break
+            batches_of_step = [next(batches) for _ in range(settings.accumulate)]
+            step += 1
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, settings.peak_lr, settings.warmup_steps)
+            window["loss"] += optimizer_step(model, optimizer, batches_of_step, settings.label_smoothing, settings.clip_norm)
+            window["tokens"] += sum(batch.n_tokens for batch in batches_of_step)
+            progress.update(1)
+            if step % settings.valid_every == 0:
+                validate_and_save()
+        if not history or history[-1]["step"] != step:
             validate_and_save()
-    if not history or history[-1]["step"] != step:
-        validate_and_save()
-    progress.close()
+    finally:
+        progress.close()  # ends its line, also before a Ctrl-C's message
     return out

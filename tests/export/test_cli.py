@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -134,6 +136,27 @@ def test_train_then_evaluate(tmp_path):
     beam = json.loads(nmtserve("evaluate", run, "--beam-sizes", "2", "--json").stdout)
     stored = json.loads((run / "config.json").read_text())["scores"]
     assert stored["greedy"] == scores["greedy"] and stored["beam2"] == beam["beam2"]  # another beam size adds its own
+
+
+def test_ctrl_c_during_training_says_in_one_line_where_the_last_save_is(tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nmtserve.cli", "train", "--out", str(run), "--preset", "tiny", "--corpus-size", "800",
+         "--valid-size", "50", "--test-size", "50", "--vocab-size", "300", "--steps", "100000", "--valid-every", "5",
+         "--valid-decode", "0", "--max-tokens", "512", "--threads", "1"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "train_state.json").is_file():
+            assert process.poll() is None and time.monotonic() < deadline, "no save"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    step = json.loads((run / "train_state.json").read_text())["step"]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.splitlines()[-1] == f"nmtserve train: interrupted; the last save is step {step} in {run}; continue with --resume"
 
 
 def test_a_bundle_that_cannot_be_written_or_read_ends_in_one_line(tiny_run, tiny_bundle, tmp_path):

@@ -21,7 +21,7 @@ from nmtserve_export.decode import greedy_search
 from nmtserve_export.evaluate import held_out_pairs
 from nmtserve_export.tokenizer import train_tokenizer
 from nmtserve_export.model import Transformer, model_config
-from nmtserve_export.train import TrainSettings, TrainSettingsError, learning_rate, load_splits, optimizer_step, train, validate
+from nmtserve_export.train import TrainingInterrupted, TrainSettings, TrainSettingsError, learning_rate, load_splits, optimizer_step, train, validate
 
 
 def test_learning_rate_warms_up_then_decays_as_the_paper():
@@ -303,9 +303,13 @@ def test_a_new_run_replaces_nothing_of_an_old_checkpoint_before_its_first_save(t
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch.optim, "Adam", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainSettings(out=run, preset="tiny", corpus_size=1500, valid_size=50, test_size=50, vocab_size=300, threads=1))
+    common = dict(preset="tiny", corpus_size=1500, valid_size=50, test_size=50, vocab_size=300, threads=1)
+    with pytest.raises(TrainingInterrupted, match=re.escape(f"interrupted before this run's first save; {run} holds the "
+                                                            "checkpoint it held before")):
+        train(TrainSettings(out=run, **common))
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    with pytest.raises(TrainingInterrupted, match=re.escape(f"interrupted before the first save; nothing is saved in {tmp_path / 'new'}")):
+        train(TrainSettings(out=tmp_path / "new", **common))
 
 
 @pytest.mark.parametrize("removed", [["train_state.safetensors"], ["train_state.json"], ["train_state.safetensors", "train_state.json"]])

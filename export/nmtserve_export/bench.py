@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from nmtserve.bundle import BundleError, read_bundle
+from nmtserve.settings import decimal
 from nmtserve_server.engine import engines_for, translate
 from nmtserve_server.search import DecodeOptions
 
@@ -37,12 +38,12 @@ from .train import default_run
 def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     """Define the benchmark's flags."""
     parser.add_argument("checkpoint", type=Path, nargs="?", default=default_run(), help="checkpoint directory (default: %(default)s)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="sentences decoded together")
-    parser.add_argument("--length", type=int, default=32, help="tokens generated per sentence (min = max length)")
-    parser.add_argument("--sentences", type=int, default=128, help="test sentences per measurement")
-    parser.add_argument("--repeats", type=int, default=5, help="measurements per engine, taken in turns; the fastest is kept")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch and ONNX Runtime (0: all cores)")
-    parser.add_argument("--streams", type=int, default=0, help="ONNX Runtime engines decoding side by side (0: one per thread)")
+    parser.add_argument("--batch-sizes", type=decimal(int), nargs="+", default=[1, 32], help="sentences decoded together")
+    parser.add_argument("--length", type=decimal(int), default=32, help="tokens generated per sentence (min = max length)")
+    parser.add_argument("--sentences", type=decimal(int), default=128, help="test sentences per measurement")
+    parser.add_argument("--repeats", type=decimal(int), default=5, help="measurements per engine, taken in turns; the fastest is kept")
+    parser.add_argument("--threads", type=decimal(int), default=0, help="CPU threads for torch and ONNX Runtime (0: all cores)")
+    parser.add_argument("--streams", type=decimal(int), default=0, help="ONNX Runtime engines decoding side by side (0: one per thread)")
     parser.add_argument("--out", type=Path, default=None, help="where to write bench_engine.json/.png (default: the checkpoint)")
 
 

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from nmtserve.settings import add_settings_arguments, settings_from_args
+from nmtserve.settings import add_settings_arguments, decimal, settings_from_args
 
 from .devices import DEVICES
 from .train import TrainSettings, default_run
@@ -25,10 +25,10 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
         add_settings_arguments(parser, TrainSettings)
     elif command == "evaluate":
         parser.add_argument("checkpoint", type=Path, nargs="?", default=default_run(), help="checkpoint directory (default: %(default)s)")
-        parser.add_argument("--beam-sizes", type=int, nargs="+", default=[1, 4], help="beam sizes to decode with (1: greedy)")
-        parser.add_argument("--limit", type=int, default=0,
+        parser.add_argument("--beam-sizes", type=decimal(int), nargs="+", default=[1, 4], help="beam sizes to decode with (1: greedy)")
+        parser.add_argument("--limit", type=decimal(int), default=0,
                             help="decode only the first N test pairs (0: all; the scores of a part are not stored in the checkpoint)")
-        parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+        parser.add_argument("--threads", type=decimal(int), default=0, help="torch CPU threads (0: all cores)")
         parser.add_argument("--bundle", type=Path, default=None, help="decode with the ONNX Runtime engine and this bundle instead of PyTorch")
         parser.add_argument("--device", choices=DEVICES, default="auto",
                             help="where to decode, with PyTorch or ONNX Runtime: auto (a CUDA GPU where there is one), cpu or cuda")

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import babel
 from babel import Locale, UnknownLocaleError, dates, numbers, units
 
-from nmtserve.normalize import normalize_source
+from nmtserve.normalize import is_blank, normalize_source
 from nmtserve.settings import flag
 
 
@@ -611,7 +611,7 @@ def read_tsv(path: str | os.PathLike, *, strict: bool = True) -> list[Pair]:
                 f"{path}:{lineno}: expected 'source<TAB>target', got {len(fields)} tab-separated field(s)"
             )
         for side, text in zip(("source", "target"), fields):
-            if not text.strip():
+            if is_blank(text):  # as the server refuses it (nothing visible): a model would learn to make words up for it
                 raise CorpusError(f"{path}:{lineno}: empty {side}")
             if strict and _csv_quoted(text):
                 raise CorpusError(f"{path}:{lineno}: the {side} looks CSV-quoted (wrapped in double quotes, its own "
@@ -626,7 +626,7 @@ def write_tsv(pairs: Iterable[Pair], path: str | os.PathLike) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for pair in pairs:
             for text in (pair.source, pair.target):
-                if not text.strip() or any(c in text for c in "\t\n\r"):
+                if is_blank(text) or any(c in text for c in "\t\n\r"):
                     raise ValueError(f"cannot write {text!r} as a TSV field: empty, or has a tab or newline")
                 if _csv_quoted(text):
                     raise ValueError(f"cannot write {text!r} as a TSV field: read_tsv would take it for CSV-quoted")

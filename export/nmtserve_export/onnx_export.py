@@ -299,10 +299,11 @@ def write_model_bundle(
     precision: str = "fp32",
 ) -> Path:
     """Export a model's two graphs, check them against PyTorch, and write them with its tokenizer as a verified bundle;
-    raises ExportError (the graphs' checks), or BundleError (`out` holds something other than a bundle)."""
+    raises ExportError (the graphs' checks), or BundleError (`out` holds something other than a bundle, or cannot be
+    written beside)."""
     if precision not in bundle_format.PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(bundle_format.PRECISIONS)}, got {precision!r}")
-    bundle_format.destination(out)  # before minutes of work: refuses a directory that holds something else
+    bundle_format.destination(out)  # before minutes of work: refuses a directory that holds something else, or unwritable
     model.eval()
     torch.manual_seed(0)
     checks = parity_inputs(model)

@@ -293,6 +293,7 @@ def test_tsv_line_endings(tmp_path):
         (b"a\tb\n\tc\n", r":2: empty source"),
         (b"a\tb\nc\t\n", r":2: empty target"),
         (b"a\tb\nc\t  \n", r":2: empty target"),
+        ("a\tb\n\u200b\u3164\tc\n".encode(), r":2: empty source"),  # nothing visible: blank, as the server reads it
         (b"a\tb\n\nc\td\n", r":2: empty line"),
         (b"a\tb\nc\td\n\xffe\tf\n", r":3: not valid UTF-8"),
         # A bare CR was kept in the field, which write_tsv refuses and no line ending explains.

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from nmtserve.bundle import BundleError, read_bundle
-from nmtserve.settings import decimal
+from nmtserve.settings import decimal, directory_problem
 from nmtserve_server.engine import engines_for, translate
 from nmtserve_server.search import DecodeOptions
 
@@ -63,8 +63,8 @@ def _problems(args: argparse.Namespace) -> list[str]:
         found.append(f"--threads must be 0 (all cores) or a number of threads, not {args.threads}")
     if args.streams < 0:
         found.append(f"--streams must be 0 (one engine per thread) or a number of engines, not {args.streams}")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        found.append(f"--out {args.out} is a file; name a directory for bench_engine.json and bench_engine.png")
+    if args.out is not None and (problem := directory_problem("--out", args.out, "bench_engine.json and bench_engine.png")):
+        found.append(problem)
     return found
 
 

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from nmtserve.settings import add_settings_arguments, decimal, settings_from_args
+from nmtserve.settings import add_settings_arguments, decimal, directory_problem, settings_from_args
 
 from .devices import DEVICES
 from .train import TrainSettings, default_run
@@ -101,8 +101,8 @@ def _run(command: str, args: argparse.Namespace) -> int:
         if len(target_languages(settings.target_lang)) > 1:
             problems.append(f"--target-lang {settings.target_lang}: a TSV file holds one target language; write one "
                             "directory per language")
-        if args.out.exists() and not args.out.is_dir():
-            problems.append(f"--out {args.out} is a file; name a directory for train.tsv, valid.tsv and test.tsv")
+        if problem := directory_problem("--out", args.out, "train.tsv, valid.tsv and test.tsv"):
+            problems.append(problem)
         if problems:
             return _refuse(command, problems)
         splits = settings.splits()

@@ -126,10 +126,10 @@ def _check_exported_from(bundle: Path, checkpoint_dir: Path, metadata: dict) -> 
     that model may have trained on, would be taken for this one's."""
     from nmtserve.bundle import BundleError, read_bundle
 
-    from .onnx_export import not_exported_from
+    from .onnx_export import not_of_the_run
 
-    if problem := not_exported_from(read_bundle(bundle).manifest, checkpoint_dir, metadata):
-        raise BundleError(f"{bundle} was not exported from {checkpoint_dir}: {problem}; export this checkpoint "
+    if problem := not_of_the_run(read_bundle(bundle).manifest, checkpoint_dir, metadata):
+        raise BundleError(f"{bundle} was not exported from the run of {checkpoint_dir}: {problem}; export this checkpoint "
                           f"(nmtserve export {checkpoint_dir} --out DIR), or evaluate the one {bundle} was exported from")
 
 

@@ -264,23 +264,32 @@ def export_bundle(checkpoint_dir: Path, out: Path, *, precision: str = "fp32", n
     )
 
 
-def not_exported_from(manifest: dict, checkpoint_dir: Path, metadata: dict) -> str | None:
-    """Why a bundle (its manifest) was not exported from the checkpoint in `checkpoint_dir` (its config.json `metadata`),
-    as a clause; None where it was. Told by the tokenizer's sha256 and the save of the weights, or, for a bundle or
-    checkpoint from before saves were recorded, by what the training recorded (corpus, steps, seconds)."""
+def not_of_the_run(manifest: dict, checkpoint_dir: Path, metadata: dict) -> str | None:
+    """Why a bundle (its manifest) was not exported from the run that made the checkpoint in `checkpoint_dir` (its
+    config.json `metadata`), at any of its saves, as a clause; None where it was. Another tokenizer or corpus: another
+    model, whose held-out pairs are not the checkpoint's."""
     if manifest["tokenizer"]["kind"] != "tokenizers":
         return f"it holds a {manifest['tokenizer']['kind']!r} tokenizer, not a checkpoint's {TOKENIZER_FILE}"
     exported, own = manifest["files"]["tokenizer"]["sha256"], file_sha256(Path(checkpoint_dir) / TOKENIZER_FILE)
     if exported != own:
         return f"its {TOKENIZER_FILE} is another (sha256 {exported[:12]}…, the checkpoint's {own[:12]}…)"
+    if manifest["training"].get("corpus") != metadata.get("corpus"):
+        return "its model was trained on another corpus"
+    return None
+
+
+def not_exported_from(manifest: dict, checkpoint_dir: Path, metadata: dict) -> str | None:
+    """Why a bundle (its manifest) was not exported from the checkpoint in `checkpoint_dir` (its config.json `metadata`),
+    as a clause; None where it was. Told by the run (not_of_the_run), then the save of the weights, or, for a bundle or
+    checkpoint from before saves were recorded, by the training's steps and seconds."""
+    if problem := not_of_the_run(manifest, checkpoint_dir, metadata):
+        return problem
     training, trained = manifest["training"], metadata.get("training", {})
     if "checkpoint_save" in training and "save" in metadata:
         if training["checkpoint_save"] != metadata["save"]:
             return (f"its weights are of another save (save {training['checkpoint_save']}, step {training.get('steps')}; the "
                     f"checkpoint's is save {metadata['save']}, step {trained.get('steps')})")
         return None
-    if training.get("corpus") != metadata.get("corpus"):
-        return "its model was trained on another corpus"
     for what in ("steps", "seconds"):
         if training.get(what) != trained.get(what):
             return f"its model was trained for {training.get(what)} {what}, the checkpoint's for {trained.get(what)}"

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from nmtserve.bundle import PAD_ID, SPECIAL_TOKENS, UNDETERMINED
 from nmtserve.normalize import normalize_source
-from nmtserve.settings import env_value, flag
+from nmtserve.settings import directory_problem, env_value, flag
 
 from . import checkpoint
 from .corpus import (NORMALIZED_SPLIT, CorpusSettings, Pair, Splits, cldr_problem, file_sha256, normalized_split, read_tsv,
@@ -83,8 +83,8 @@ class TrainSettings:
             found.append(f"--peak-lr must be a positive number, not {self.peak_lr}")
         if problem := device_problem(self.device):
             found.append(problem)
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            found.append(f"--out {self.out} is a file; name a directory for the checkpoint")
+        if problem := directory_problem("--out", Path(self.out), "the checkpoint"):
+            found.append(problem)
         if self.corpus is None:
             found += [problem for problem in self.corpus_settings().problems() if problem not in found]
         elif not Path(self.corpus).is_file():
@@ -109,12 +109,11 @@ class TrainSettings:
         started with (empty otherwise, and where --out holds no checkpoint: the run starts anew)."""
         if not self.resume:
             return []
-        present = [name for name in checkpoint.FILES if (Path(self.out) / name).is_file()]
-        missing = [name for name in checkpoint.FILES if name not in present]
-        if not present:
-            return []  # nothing to resume: the run starts anew, and says so
-        if missing:  # started anew instead, the run would replace the model there with its first save
-            return [f"--resume: {self.out} holds a checkpoint that cannot be resumed: {' and '.join(missing)} "
+        missing = [name for name in checkpoint.FILES if not (Path(self.out) / name).is_file()]
+        if checkpoint.CONFIG_FILE in missing or checkpoint.MODEL_FILE in missing:
+            return []  # no model there to lose (none, or a first save cut short): the run starts anew, and says so
+        if missing:  # a model without the state to resume it: started anew, the run would replace it with its first save
+            return [f"--resume: {self.out} holds a model that cannot be resumed: {_listing(missing)} "
                     f"{'is' if len(missing) == 1 else 'are'} missing; without --resume, a new run would replace it (to keep "
                     "it, give another --out)"]
         metadata = checkpoint.read_metadata(Path(self.out))
@@ -219,9 +218,14 @@ def learning_rate(step: int, peak_lr: float, warmup_steps: int) -> float:
     return peak_lr * min(step / warmup_steps, math.sqrt(warmup_steps / step))
 
 
-def load_splits(settings: TrainSettings, *, normalized: bool = True) -> Splits:
+def _listing(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def load_splits(settings: TrainSettings, *, normalized: bool = True, new_run: bool = True) -> Splits:
     """The corpus the settings name, split into train / valid / test by the current rules (normalized=False: by those of a
-    run started before them, see NORMALIZED_SPLIT)."""
+    run started before them, see NORMALIZED_SPLIT); a new run's held-out splits must not be empty (a resumed run's were
+    made at its start)."""
     if settings.corpus is not None:
         pairs: list[Pair] = read_tsv(settings.corpus, strict=normalized)
         if len(pairs) <= settings.valid_size + settings.test_size:  # known only once the file is read
@@ -229,7 +233,7 @@ def load_splits(settings: TrainSettings, *, normalized: bool = True) -> Splits:
                 f"--corpus {settings.corpus} has {len(pairs)} pairs, which leaves none for training after --valid-size "
                 f"{settings.valid_size} and --test-size {settings.test_size}: give more pairs or hold out fewer"])
         splits = split_corpus(pairs, valid_size=settings.valid_size, test_size=settings.test_size, normalized=normalized)
-        if problems := _empty_split_problems(settings, splits, normalized=normalized):
+        if new_run and (problems := _empty_split_problems(settings, splits, normalized=normalized)):
             raise TrainSettingsError(problems)
         return splits
     return settings.corpus_settings().splits()  # generated sources are written normalized: both rules split them alike
@@ -358,17 +362,18 @@ def _interrupted(settings: TrainSettings, before: str | None) -> str:
 
 def _train(settings: TrainSettings, device: torch.device) -> Path:
     out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)  # seeds a GPU's generator too
     if settings.threads:
         torch.set_num_threads(settings.threads)
 
-    resuming = settings.resume and (out / checkpoint.STATE_FILE).is_file()  # resume_problems: the whole checkpoint, or none of it
+    # resume_problems: a whole checkpoint, or no model to lose.
+    resuming = settings.resume and all((out / name).is_file() for name in checkpoint.FILES)
     if settings.resume and not resuming:  # e.g. a mistyped --out: say so rather than train anew without a word
         log.warning("nothing to resume in %s; starting a new run", out)
     # A resumed run keeps the rules its splits were made by: other ones could move pairs it trained on into valid or test.
     normalized = not resuming or normalized_split(checkpoint.read_metadata(out)["corpus"])
-    splits = load_splits(settings, normalized=normalized)
+    splits = load_splits(settings, normalized=normalized, new_run=not resuming)
+    out.mkdir(parents=True, exist_ok=True)  # once the corpus is known to split: a refused run leaves no folder
     tokenizer_path = out / checkpoint.TOKENIZER_FILE
     if resuming:
         tokenizer = load_tokenizer(tokenizer_path)

@@ -147,3 +147,13 @@ def settings_from_args(cls: type[T], args: argparse.Namespace) -> T:
             value = Path(value)
         values[f.name] = value
     return cls(**values)
+
+
+def directory_problem(name: str, directory: Path, holds: str) -> str | None:
+    """Why the flag `name` cannot give `directory` to write `holds` into: a file there or on its way; None if it can."""
+    directory = Path(directory)
+    there = next(path for path in (directory, *directory.absolute().parents) if path.exists())
+    if there.is_dir():
+        return None
+    where = "is a file" if there == directory else f"is inside {there}, a file"
+    return f"{name} {directory} {where}; name a directory for {holds}"

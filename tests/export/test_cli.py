@@ -71,6 +71,11 @@ def test_an_out_that_is_a_file_is_refused_in_one_line(tmp_path):
     assert refused("train", "--out", afile) == ["2", f"nmtserve train: --out {afile} is a file; name a directory for the checkpoint"]
     assert refused("bench-engine", tmp_path, "--out", afile) == [
         "2", f"nmtserve bench-engine: --out {afile} is a file; name a directory for bench_engine.json and bench_engine.png"]
+    inside = afile / "run"  # a path through a file: mkdir would fail with NotADirectoryError
+    assert refused("corpus", "--out", inside) == [
+        "2", f"nmtserve corpus: --out {inside} is inside {afile}, a file; name a directory for train.tsv, valid.tsv and test.tsv"]
+    assert refused("train", "--out", inside) == [
+        "2", f"nmtserve train: --out {inside} is inside {afile}, a file; name a directory for the checkpoint"]
     assert afile.read_text() == "notes"
 
 
@@ -82,9 +87,6 @@ def test_a_checkpoint_missing_a_file_is_named_in_one_line(tiny_run, tmp_path):
     assert refused("export", run, "--out", tmp_path / "bundle") == ["1", f"nmtserve export: {missing}"]
     assert refused("evaluate", run, "--limit", "5") == ["1", f"nmtserve evaluate: {missing}"]
     assert refused("plot", run) == ["1", f"nmtserve plot: {missing}"]
-    assert refused("train", "--out", run, "--resume") == [
-        "2", f"nmtserve train: --resume: {run} holds a checkpoint that cannot be resumed: model.safetensors is missing; without "
-             "--resume, a new run would replace it (to keep it, give another --out)"]
 
 
 def test_a_checkpoint_whose_last_save_was_interrupted_is_refused_as_resume_refuses_it(tiny_run, tmp_path):
@@ -173,18 +175,23 @@ def test_a_bundle_that_cannot_be_written_or_read_ends_in_one_line(tiny_run, tiny
                                    f"{(tiny_bundle / 'encoder.onnx').stat().st_size}")
 
 
-def test_evaluate_refuses_a_bundle_not_exported_from_the_checkpoint(tiny_run, tiny_bundle, tmp_path):
-    other = tmp_path / "other"  # as a bundle of the same run's later save, or of another model, records it
-    shutil.copytree(tiny_bundle, other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    (other / "manifest.json").write_text(json.dumps({**manifest, "training": {**manifest["training"], "checkpoint_save": "another"}}))
+def test_evaluate_refuses_a_bundle_of_another_run_and_takes_one_of_another_save(tiny_run, tiny_bundle, tmp_path):
+    """Another model's scores on this test set, which it may have trained on, would pass for this one's; a bundle of the
+    same run's other save held out the same pairs."""
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    bundles = {"other-save": {"checkpoint_save": "another"},
+               "other-run": {"corpus": {**manifest["training"]["corpus"], "seed": -1}}}
+    for name, training in bundles.items():
+        shutil.copytree(tiny_bundle, tmp_path / name)
+        (tmp_path / name / "manifest.json").write_text(json.dumps({**manifest, "training": {**manifest["training"], **training}}))
+    other = tmp_path / "other-run"
     status, line = refused("evaluate", tiny_run, "--bundle", other, "--limit", "5")
-    assert status == "1" and line.startswith(f"nmtserve evaluate: {other} was not exported from {tiny_run}: its weights are of "
-                                             "another save (save another, step 400; the checkpoint's is save ")
-    assert line.endswith(f"; export this checkpoint (nmtserve export {tiny_run} --out DIR), or evaluate the one {other} was "
-                         "exported from")
-    scores = json.loads(nmtserve("evaluate", tiny_run, "--bundle", tiny_bundle, "--beam-sizes", "1", "--limit", "5", "--json").stdout)
-    assert scores["test_pairs"] == 5 and scores["decoder"] == f"onnxruntime:{tiny_bundle}"
+    assert (status, line) == ("1", f"nmtserve evaluate: {other} was not exported from the run of {tiny_run}: its model was "
+                                   f"trained on another corpus; export this checkpoint (nmtserve export {tiny_run} --out DIR), "
+                                   f"or evaluate the one {other} was exported from")
+    for bundle in (tiny_bundle, tmp_path / "other-save"):
+        scores = json.loads(nmtserve("evaluate", tiny_run, "--bundle", bundle, "--beam-sizes", "1", "--limit", "5", "--json").stdout)
+        assert scores["test_pairs"] == 5 and scores["decoder"] == f"onnxruntime:{bundle}"
 
 
 def test_a_tsv_corpus_is_found_from_any_directory_and_a_changed_one_is_refused(tmp_path):

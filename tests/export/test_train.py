@@ -326,13 +326,21 @@ def test_resume_refuses_a_checkpoint_without_its_training_state_rather_than_trai
     with pytest.raises(TrainSettingsError) as caught:
         train(settings)
     assert caught.value.problems == [
-        f"--resume: {run} holds a checkpoint that cannot be resumed: {' and '.join(removed)} {'is' if len(removed) == 1 else 'are'} "
+        f"--resume: {run} holds a model that cannot be resumed: {' and '.join(removed)} {'is' if len(removed) == 1 else 'are'} "
         "missing; without --resume, a new run would replace it (to keep it, give another --out)"]
     assert (run / "model.safetensors").read_bytes() == weights
 
 
-def test_resume_with_nothing_to_resume_starts_a_new_run_and_says_so(tmp_path, caplog):
-    run = tmp_path / "mistyped"
+@pytest.mark.parametrize("left", [[], ["tokenizer.json"], ["model.safetensors", "tokenizer.json"]],
+                         ids=["mistyped", "older-codes-first-step", "first-save-cut-short"])
+def test_resume_with_no_model_to_resume_starts_a_new_run_and_says_so(tiny_run, tmp_path, caplog, left):
+    """Nothing there, or what a run stopped before its first whole save left (no configuration to go with weights): no
+    model to lose, and `make demo`, which trains with --resume, must go on."""
+    run = tmp_path / "run"
+    if left:
+        run.mkdir()
+        for name in left:
+            (run / name).write_bytes((tiny_run / name).read_bytes())
     with caplog.at_level("WARNING", logger="nmtserve_export"):
         train(TrainSettings(out=run, preset="tiny", corpus_size=300, valid_size=20, test_size=20, vocab_size=300, max_tokens=512,
                             steps=1, valid_every=1, valid_decode=0, threads=1, resume=True))

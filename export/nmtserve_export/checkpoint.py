@@ -9,9 +9,14 @@ A checkpoint directory holds:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -75,10 +80,28 @@ def save_checkpoint(
     for name, write in writers.items():  # in this order: train_state.json hashes the tokenizer written before it
         write(directory / (name + ".tmp"))
     mode = (directory / (CONFIG_FILE + ".tmp")).stat().st_mode & 0o777  # as the umask has it
-    for name in writers:
-        path = directory / (name + ".tmp")
-        path.chmod(mode)  # safetensors writes through a private temporary file (0600): others could not export it
-        path.replace(directory / name)
+    with _ctrl_c_held():
+        for name in writers:
+            path = directory / (name + ".tmp")
+            path.chmod(mode)  # safetensors writes through a private temporary file (0600): others could not export it
+            path.replace(directory / name)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Take a Ctrl-C (SIGINT) that comes during the block at its end: stopped between renames, a save leaves files of two
+    saves, which nothing can load (a process killed there still does; interrupted_save tells it)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set a signal handler
+        yield
+        return
+    held: list[FrameType | None] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):
+            previous(signal.SIGINT, held[0])  # Python's own raises KeyboardInterrupt
 
 
 def interrupted_save(directory: Path) -> str | None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
+import shutil
+import signal
+from pathlib import Path
 
 import babel
 import pytest
@@ -14,6 +18,7 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from nmtserve.bundle import BOS_ID, EOS_ID
+from nmtserve_export import checkpoint
 from nmtserve_export.checkpoint import NotACheckpointError, load_model, read_metadata
 from nmtserve_export.corpus import CorpusError, Pair, file_sha256, generate_corpus
 from nmtserve_export.data import encode_sources, encode_targets, make_batch, token_batches
@@ -293,8 +298,6 @@ def test_a_run_started_before_the_split_rules_were_recorded_resumes_by_its_own(t
 
 
 def test_a_new_run_replaces_nothing_of_an_old_checkpoint_before_its_first_save(tiny_run, tmp_path, monkeypatch):
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
@@ -314,8 +317,6 @@ def test_a_new_run_replaces_nothing_of_an_old_checkpoint_before_its_first_save(t
 
 @pytest.mark.parametrize("removed", [["train_state.safetensors"], ["train_state.json"], ["train_state.safetensors", "train_state.json"]])
 def test_resume_refuses_a_checkpoint_without_its_training_state_rather_than_train_over_it(tiny_run, tmp_path, removed):
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     for name in removed:
@@ -364,8 +365,6 @@ def test_a_tsv_whose_repeated_sources_cannot_be_held_out_is_refused_before_train
 
 
 def test_a_model_without_its_training_state_is_loaded_as_it_is(tiny_run, tmp_path):
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     for name in ("train_state.safetensors", "train_state.json"):  # as a model is shipped: no save leaves both out
@@ -374,3 +373,24 @@ def test_a_model_without_its_training_state_is_loaded_as_it_is(tiny_run, tmp_pat
     (run / "train_state.safetensors").write_bytes((tiny_run / "train_state.safetensors").read_bytes())
     with pytest.raises(NotACheckpointError, match="its last save was interrupted before train_state.json was written; train again"):
         load_model(run)
+
+
+def test_a_ctrl_c_between_a_saves_renames_is_taken_once_the_save_is_whole(tiny_run, tmp_path, monkeypatch):
+    """A save stopped between its renames would leave files of two saves that nothing loads; the Ctrl-C waits."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    model, tokenizer, metadata = load_model(run)
+    optimizer = torch.optim.Adam(model.parameters())
+    replace, renamed = Path.replace, []
+
+    def renaming(self: Path, target: Path) -> Path:
+        renamed.append(self.name)
+        if len(renamed) == 2:  # the weights and the tokenizer in place, the rest not yet
+            os.kill(os.getpid(), signal.SIGINT)
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", renaming)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(run, model, tokenizer, {k: v for k, v in metadata.items() if k != "model"}, optimizer, 7, [])
+    assert len(renamed) == len(checkpoint.FILES) and checkpoint.interrupted_save(run) is None
+    assert json.loads((run / "train_state.json").read_text())["step"] == 7

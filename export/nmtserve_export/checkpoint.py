@@ -91,7 +91,8 @@ def save_checkpoint(
 def _ctrl_c_held() -> Iterator[None]:
     """Take a Ctrl-C (SIGINT) that comes during the block at its end: stopped between renames, a save leaves files of two
     saves, which nothing can load (a process killed there still does; interrupted_save tells it)."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set a signal handler
+    # Only the main thread may set a handler, and one installed from C (getsignal: None) could not be put back.
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
         yield
         return
     held: list[FrameType | None] = []
@@ -100,8 +101,8 @@ def _ctrl_c_held() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if held and callable(previous):
-            previous(signal.SIGINT, held[0])  # Python's own raises KeyboardInterrupt
+        if held:
+            signal.raise_signal(signal.SIGINT)  # to the handler there was: Python's, the default, or ignored
 
 
 def interrupted_save(directory: Path) -> str | None:

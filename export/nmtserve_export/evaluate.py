@@ -121,9 +121,9 @@ def translate_pairs_onnx(
     return engine.decode_ids(outputs), sum(len(o) + 1 for o in outputs), seconds
 
 
-def _check_exported_from(bundle: Path, checkpoint_dir: Path, metadata: dict) -> None:
-    """BundleError unless the bundle was exported from the checkpoint: another model's scores on this test set, which
-    that model may have trained on, would be taken for this one's."""
+def _check_of_the_run(bundle: Path, checkpoint_dir: Path, metadata: dict) -> None:
+    """BundleError unless the bundle was exported from the checkpoint's run (any of its saves): another model's scores
+    on this test set, which that model may have trained on, would be taken for this one's."""
     from nmtserve.bundle import BundleError, read_bundle
 
     from .onnx_export import not_of_the_run
@@ -137,14 +137,14 @@ def evaluate(
     checkpoint_dir: Path, *, beam_sizes: tuple[int, ...] = (1, 4), limit: int = 0, threads: int = 0, bundle: Path | None = None,
     device: str = "auto",
 ) -> dict:
-    """Decode the test set with each beam size (PyTorch, or the ONNX engine with a bundle exported from this checkpoint,
+    """Decode the test set with each beam size (PyTorch, or the ONNX engine with a bundle exported from this checkpoint's run,
     else BundleError) on `device` (auto|cpu|cuda); the PyTorch scores of the whole test set are stored in the checkpoint
     (and so in the bundle an export makes of it)."""
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer, metadata = load_model(checkpoint_dir, "cpu" if bundle else torch_device(device))
     if bundle:
-        _check_exported_from(Path(bundle), Path(checkpoint_dir), metadata)
+        _check_of_the_run(Path(bundle), Path(checkpoint_dir), metadata)
     pairs = held_out_pairs(metadata)
     if limit:
         pairs = pairs[:limit]

@@ -273,7 +273,9 @@ def not_of_the_run(manifest: dict, checkpoint_dir: Path, metadata: dict) -> str 
     exported, own = manifest["files"]["tokenizer"]["sha256"], file_sha256(Path(checkpoint_dir) / TOKENIZER_FILE)
     if exported != own:
         return f"its {TOKENIZER_FILE} is another (sha256 {exported[:12]}…, the checkpoint's {own[:12]}…)"
-    if manifest["training"].get("corpus") != metadata.get("corpus"):
+    exported_corpus, own_corpus = manifest["training"].get("corpus", {}), metadata.get("corpus", {})
+    # Keys both record: a resume records some that older code did not (the file's sha256, Babel's version).
+    if any(exported_corpus[key] != own_corpus[key] for key in exported_corpus.keys() & own_corpus.keys()):
         return "its model was trained on another corpus"
     return None
 

@@ -110,8 +110,11 @@ class TrainSettings:
         if not self.resume:
             return []
         missing = [name for name in checkpoint.FILES if not (Path(self.out) / name).is_file()]
-        if checkpoint.CONFIG_FILE in missing or checkpoint.MODEL_FILE in missing:
-            return []  # no model there to lose (none, or a first save cut short): the run starts anew, and says so
+        # No model there to lose: none, or a first save cut short (train_state.json, renamed last, never came, while
+        # the state file it goes with did). The run starts anew, and says so.
+        cut_short = checkpoint.STATE_META_FILE in missing and checkpoint.STATE_FILE not in missing
+        if checkpoint.CONFIG_FILE in missing or checkpoint.MODEL_FILE in missing or cut_short:
+            return []
         if missing:  # a model without the state to resume it: started anew, the run would replace it with its first save
             return [f"--resume: {self.out} holds a model that cannot be resumed: {_listing(missing)} "
                     f"{'is' if len(missing) == 1 else 'are'} missing; without --resume, a new run would replace it (to keep "
@@ -373,10 +376,8 @@ def _train(settings: TrainSettings, device: torch.device) -> Path:
     # A resumed run keeps the rules its splits were made by: other ones could move pairs it trained on into valid or test.
     normalized = not resuming or normalized_split(checkpoint.read_metadata(out)["corpus"])
     splits = load_splits(settings, normalized=normalized, new_run=not resuming)
-    out.mkdir(parents=True, exist_ok=True)  # once the corpus is known to split: a refused run leaves no folder
-    tokenizer_path = out / checkpoint.TOKENIZER_FILE
     if resuming:
-        tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(out / checkpoint.TOKENIZER_FILE)
     else:
         targets = target_languages(settings.languages()[1])
         texts = (text for p in splits.train for text in (normalize_source(p.source), p.target))  # sources as encoded
@@ -388,6 +389,7 @@ def _train(settings: TrainSettings, device: torch.device) -> Path:
     # tokens, exhaust memory in attention; a held-out one too: evaluation and the server could not read it.
     if problems := length_problems(settings, pairs, sources, targets):
         raise TrainSettingsError(problems)
+    out.mkdir(parents=True, exist_ok=True)  # once the corpus is known to split and fit: a refused run leaves no folder
     n_train, n_valid = len(splits.train), len(splits.valid)
     train_src, train_tgt = sources[:n_train], targets[:n_train]
     valid_src, valid_tgt = sources[n_train : n_train + n_valid], targets[n_train : n_train + n_valid]

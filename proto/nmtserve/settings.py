@@ -152,8 +152,10 @@ def settings_from_args(cls: type[T], args: argparse.Namespace) -> T:
 def directory_problem(name: str, directory: Path, holds: str) -> str | None:
     """Why the flag `name` cannot give `directory` to write `holds` into: a file there or on its way; None if it can."""
     directory = Path(directory)
-    there = next(path for path in (directory, *directory.absolute().parents) if path.exists())
-    if there.is_dir():
+    if directory.is_symlink() and not directory.exists():
+        return f"{name} {directory} is a link to nothing ({os.readlink(directory)}); name a directory for {holds}"
+    there = next((path for path in (directory, *directory.parents) if path.exists()), None)
+    if there is None or there.is_dir():  # None: a relative path whose first part is still to be made
         return None
     where = "is a file" if there == directory else f"is inside {there}, a file"
     return f"{name} {directory} {where}; name a directory for {holds}"

@@ -315,7 +315,7 @@ def test_a_new_run_replaces_nothing_of_an_old_checkpoint_before_its_first_save(t
         train(TrainSettings(out=tmp_path / "new", **common))
 
 
-@pytest.mark.parametrize("removed", [["train_state.safetensors"], ["train_state.json"], ["train_state.safetensors", "train_state.json"]])
+@pytest.mark.parametrize("removed", [["train_state.safetensors"], ["train_state.safetensors", "train_state.json"]])
 def test_resume_refuses_a_checkpoint_without_its_training_state_rather_than_train_over_it(tiny_run, tmp_path, removed):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -332,8 +332,9 @@ def test_resume_refuses_a_checkpoint_without_its_training_state_rather_than_trai
     assert (run / "model.safetensors").read_bytes() == weights
 
 
-@pytest.mark.parametrize("left", [[], ["tokenizer.json"], ["model.safetensors", "tokenizer.json"]],
-                         ids=["mistyped", "older-codes-first-step", "first-save-cut-short"])
+@pytest.mark.parametrize("left", [[], ["tokenizer.json"], ["model.safetensors", "tokenizer.json"],
+                                  ["model.safetensors", "tokenizer.json", "train_state.safetensors", "config.json"]],
+                         ids=["mistyped", "older-codes-first-step", "first-save-cut-short", "first-save-cut-before-its-last-file"])
 def test_resume_with_no_model_to_resume_starts_a_new_run_and_says_so(tiny_run, tmp_path, caplog, left):
     """Nothing there, or what a run stopped before its first whole save left (no configuration to go with weights): no
     model to lose, and `make demo`, which trains with --resume, must go on."""
@@ -390,7 +391,11 @@ def test_a_ctrl_c_between_a_saves_renames_is_taken_once_the_save_is_whole(tiny_r
         return replace(self, target)
 
     monkeypatch.setattr(Path, "replace", renaming)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_checkpoint(run, model, tokenizer, {k: v for k, v in metadata.items() if k != "model"}, optimizer, 7, [])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal: `make test &` ignores it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.save_checkpoint(run, model, tokenizer, {k: v for k, v in metadata.items() if k != "model"}, optimizer, 7, [])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert len(renamed) == len(checkpoint.FILES) and checkpoint.interrupted_save(run) is None
     assert json.loads((run / "train_state.json").read_text())["step"] == 7

@@ -114,3 +114,16 @@ def test_a_bad_environment_value_hides_neither_the_help_nor_a_flag_given_instead
     with pytest.raises(SystemExit) as exited:
         parse(["--rate", "0.25"])
     assert exited.value.code == 2 and "NMTSERVE_RESUME='maybe' is not a boolean" in capsys.readouterr().err
+
+
+def test_a_directory_flag_is_refused_where_a_file_or_a_dangling_link_is_in_the_way(tmp_path, monkeypatch):
+    from nmtserve.settings import directory_problem
+
+    (tmp_path / "afile").write_text("notes")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    monkeypatch.chdir(tmp_path)
+    assert directory_problem("--out", Path("afile"), "it") == "--out afile is a file; name a directory for it"
+    assert directory_problem("--out", Path("afile/run"), "it") == "--out afile/run is inside afile, a file; name a directory for it"
+    assert directory_problem("--out", Path("dangling"), "it").startswith("--out dangling is a link to nothing")
+    for fine in ("new/run", ".", ".."):
+        assert directory_problem("--out", Path(fine), "it") is None, fine

@@ -234,7 +234,7 @@ def request_metadata(request_id: str | None) -> tuple[tuple[str, str], ...] | No
     if not isinstance(request_id, str):
         raise TypeError(f"request_id must be a str, not {type(request_id).__name__}")
     if not REQUEST_ID_PATTERN.fullmatch(request_id):
-        raise _invalid("request_id", f"{request_id!r} is not 1 to 64 ASCII letters, digits, '.', '_', ':' or '-'")
+        raise invalid_input("request_id", f"{request_id!r} is not 1 to 64 ASCII letters, digits, '.', '_', ':' or '-'")
     return ((REQUEST_ID_KEY, request_id),)
 
 
@@ -274,15 +274,15 @@ def translate_options(**values: Any) -> pb.TranslateOptions:
             continue
         field = f"options.{name}"
         if name in AT_LEAST_ONE and isinstance(value, int) and value < 1:
-            raise _invalid(field, f"must be at least 1, not {value}")
+            raise invalid_input(field, f"must be at least 1, not {value}")
         try:
             setattr(options, name, value)
         except (TypeError, ValueError) as error:
-            raise _invalid(field, str(error)) from None
+            raise invalid_input(field, str(error)) from None
     return options
 
 
-def _invalid(field: str, description: str) -> InvalidInputError:
+def invalid_input(field: str, description: str) -> InvalidInputError:
     """The error of an argument refused before anything was sent."""
     return InvalidInputError(f"{field}: {description}", [FieldViolation(field, description)])
 
@@ -307,7 +307,7 @@ def check_text(text: str, field: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
         description = f"not valid Unicode text: {error.reason} at character {error.start} (was the input UTF-8?)"
-        raise InvalidInputError(f"{field}: {description}", [FieldViolation(field, description)]) from None
+        raise invalid_input(field, description) from None
 
 
 def chunks(texts: list[str], size: int) -> list[tuple[int, list[str]]]:

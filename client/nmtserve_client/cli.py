@@ -26,7 +26,7 @@ from nmtserve.normalize import is_blank
 from nmtserve.settings import add_settings_arguments, decimal, flag, settings_from_args
 
 from .channel import ClientSettings
-from .calls import check_text
+from .calls import check_text, invalid_input
 from .client import Client
 from .errors import FieldViolation, InvalidInputError, NmtserveError, UnavailableError, text_index
 from .results import Hypothesis
@@ -125,7 +125,7 @@ def _lines(stream: Iterable[bytes]) -> Iterator[str]:
             yield line.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
         except UnicodeDecodeError as error:
             description = f"not UTF-8 text (byte {error.start + 1} of the line)"
-            raise InvalidInputError(f"line {number}: {description}", [FieldViolation(f"line {number}", description)]) from None
+            raise invalid_input(f"line {number}", description) from None
 
 
 def _placed(error: InvalidInputError, numbers: list[int], place: str) -> InvalidInputError:
@@ -201,14 +201,11 @@ def _in_process(texts: list[str], args: argparse.Namespace, *, place: str) -> No
         problems.append(("options.target_language", problem))
         language = None
     sent = [number for number, text in enumerate(texts) if not is_blank(text)]
-    wrong = {number: problem for number in sent if (problem := engine.text_problem(texts[number])) is not None}
-    readable = [number for number in sent if number not in wrong]
-    sources = dict(zip(readable, engine.encode_texts([texts[number] for number in readable], language)))
-    wrong |= {number: problem for number, source in sources.items() if (problem := engine.source_problem(source)) is not None}
-    problems += [(f"{place} {number + 1}", wrong[number]) for number in sorted(wrong)]
+    sources, wrong = engine.read_sources([texts[number] for number in sent], language)
+    problems += [(f"{place} {sent[index] + 1}", problem) for index, problem in wrong.items()]
     if problems := listed(problems):
         raise InvalidInputError(describe(problems), [FieldViolation(*p) for p in problems])
-    for text, hypotheses in _skipping_blanks(texts, lambda _: translate(engine, [sources[number] for number in sent], options)):
+    for text, hypotheses in _skipping_blanks(texts, lambda _: translate(engine, sources, options)):
         outputs = engine.decode_ids([h.tokens for h in hypotheses])
         _print_result(text, [Hypothesis(o, h.tokens, h.score) for o, h in zip(outputs, hypotheses)], args)
 

@@ -150,14 +150,19 @@ def update_metadata(directory: Path, **entries: Any) -> None:
     _write_json(Path(directory) / CONFIG_FILE, metadata)
 
 
+def are_missing(names: list[str]) -> str:
+    """A sentence's end naming missing files: "a is missing", "a, b and c are missing"."""
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return f"{listed} {'is' if len(names) == 1 else 'are'} missing"
+
+
 def load_model(directory: Path, device: torch.device | str = "cpu") -> tuple[Transformer, Tokenizer, dict[str, Any]]:
     """The trained model (in eval mode, on `device`), its tokenizer and its metadata; NotACheckpointError where a file is
     missing or the files are not of one save (interrupted_save)."""
     directory = Path(directory)
     metadata = read_metadata(directory)
     if missing := [name for name in (MODEL_FILE, TOKENIZER_FILE) if not (directory / name).is_file()]:
-        raise NotACheckpointError(f"{directory} is not a checkpoint: {' and '.join(missing)} "
-                                  f"{'is' if len(missing) == 1 else 'are'} missing (train one with 'nmtserve train')")
+        raise NotACheckpointError(f"{directory} is not a checkpoint: {are_missing(missing)} (train one with 'nmtserve train')")
     if problem := interrupted_save(directory):  # weights of one save, configuration or tokenizer of another
         raise NotACheckpointError(f"{problem}; train again")
     model = Transformer(ModelConfig(**metadata["model"]))

@@ -116,9 +116,8 @@ class TrainSettings:
         if checkpoint.CONFIG_FILE in missing or checkpoint.MODEL_FILE in missing or cut_short:
             return []
         if missing:  # a model without the state to resume it: started anew, the run would replace it with its first save
-            return [f"--resume: {self.out} holds a model that cannot be resumed: {_listing(missing)} "
-                    f"{'is' if len(missing) == 1 else 'are'} missing; without --resume, a new run would replace it (to keep "
-                    "it, give another --out)"]
+            return [f"--resume: {self.out} holds a model that cannot be resumed: {checkpoint.are_missing(missing)}; without "
+                    "--resume, a new run would replace it (to keep it, give another --out)"]
         metadata = checkpoint.read_metadata(Path(self.out))
         # A run started before --max-length was saved has the model length chosen for it then, its max_len.
         started = {"max_length": metadata["model"]["max_len"], **metadata["training"]["settings"]}
@@ -219,10 +218,6 @@ def learning_rate(step: int, peak_lr: float, warmup_steps: int) -> float:
     """lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), rescaled so the peak is peak_lr."""
     step = max(step, 1)
     return peak_lr * min(step / warmup_steps, math.sqrt(warmup_steps / step))
-
-
-def _listing(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def load_splits(settings: TrainSettings, *, normalized: bool = True, new_run: bool = True) -> Splits:

@@ -31,7 +31,6 @@ verified.
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import hashlib
 import json
@@ -258,12 +257,10 @@ def destination(directory: Path | str) -> Path:
         raise BundleError(f"{directory}: exists and is not a bundle; export into a new or empty directory, or over an "
                           "earlier bundle")
     # As the write will stage it, found now rather than after the export's work; in the nearest folder there is,
-    # since the folders still missing are made only by the write.
+    # since the folders still missing are made only by the write (a file there fails the mkdir: not a directory).
     there = next(folder for folder in directory.parents if folder.exists())
     probe = _beside(there / directory.name, "probe")
     try:
-        if not there.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(there))
         probe.mkdir()
         probe.rmdir()
     except OSError as error:

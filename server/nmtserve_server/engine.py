@@ -141,22 +141,26 @@ class Model:
         """Texts of generated id lists."""
         return self.tokenizer.decode_batch([list(i) for i in ids])
 
-    # What the model cannot translate, in the words the server's INVALID_ARGUMENT and `translate --bundle` use.
+    def read_sources(self, texts: Sequence[str], target_language: str | None = None) -> tuple[list[list[int]], dict[int, str]]:
+        """Source ids of each text as encode_texts gives them (none for a refused one), and why each text the model
+        cannot translate is refused, by its index, in the words of the server's INVALID_ARGUMENT and `translate --bundle`."""
+        wrong = {index: problem for index, text in enumerate(texts) if (problem := self._text_problem(text)) is not None}
+        readable = [index for index in range(len(texts)) if index not in wrong]  # a long text is slow to tokenize
+        sources: list[list[int]] = [[] for _ in texts]
+        for index, ids in zip(readable, self.encode_texts([texts[index] for index in readable], target_language)):
+            sources[index] = ids
+            if len(ids) > self.max_source_length:
+                wrong[index] = f"{len(ids)} tokens, the model reads at most {self.max_source_length}"
+        return sources, dict(sorted(wrong.items()))
 
-    def text_problem(self, text: str) -> str | None:
-        """Why a text cannot be read, found before it is tokenized (a long one is slow to tokenize); None if it can."""
+    def _text_problem(self, text: str) -> str | None:
+        """Why a text cannot be read, found before it is tokenized; None if it can."""
         if is_blank(text):
             return "empty text"
         most = MAX_CHARACTERS_PER_TOKEN * self.max_source_length
         length = len(text) if len(text) <= most else len(normalize_source(text))  # padding is no reason to refuse a text
         if length > most:
             return f"{length} characters, above the {most} a text may have (the model reads at most {self.max_source_length} tokens)"
-        return None
-
-    def source_problem(self, source: Sequence[int]) -> str | None:
-        """Why a tokenized text is longer than the model reads; None if it is not."""
-        if len(source) > self.max_source_length:
-            return f"{len(source)} tokens, the model reads at most {self.max_source_length}"
         return None
 
     def language_problem(self, language: str) -> str | None:

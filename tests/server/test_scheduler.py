@@ -143,17 +143,20 @@ def _steps(server) -> float:
 # Steps the decode process may have run before a pause without having reported them yet: it reports the step metrics at
 # least every REPORT_STEPS steps (and the step in progress at the pause is not reported either).
 REPORT_LAG = REPORT_STEPS
+# Steps the loop's thread may run after the pause before its intake thread, woken at the same time, has read the
+# withdrawal from the pipe: on a loaded 2-core machine the intake waits for a core (9 steps seen in CI).
+INTAKE_LAG = 16
 
 
 def _left_at_the_next_step(server, started_at: float, withdrawn_at: float) -> None:
     """A text withdrawn while the decode process was paused (the server had heard of `withdrawn_at` steps then) left the
-    batch at the next step: its rows came free within the steps not yet reported at the pause and the one or two after
-    it, where decoding on would have taken the rest of its fixed length."""
+    batch at the next step: its rows came free within the steps not yet reported at the pause and the few the loop ran
+    before its intake had read the withdrawal, where decoding on would have taken the rest of its fixed length."""
     server.wait_for(lambda: _all_rows_free(server), timeout=10, what="the rows to be freed")
     remaining = server.server.service.model.max_target_length - (withdrawn_at - started_at)  # at least, by the reports
-    assert remaining > 2 * REPORT_LAG + 2, "the text was nearly done when withdrawn; the test proves nothing"
-    after = _steps(server) - withdrawn_at  # decoding on: at least remaining - REPORT_LAG > REPORT_LAG + 2
-    assert after <= REPORT_LAG + 2, f"{after} steps after the text was withdrawn: it did not leave at the next step"
+    assert remaining > 2 * REPORT_LAG + INTAKE_LAG, "the text was nearly done when withdrawn; the test proves nothing"
+    after = _steps(server) - withdrawn_at  # decoding on: at least remaining - REPORT_LAG > REPORT_LAG + INTAKE_LAG
+    assert after <= REPORT_LAG + INTAKE_LAG, f"{after} steps after the text was withdrawn: it did not leave at the next step"
 
 
 def _all_rows_free(server) -> bool:

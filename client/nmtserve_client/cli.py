@@ -195,12 +195,16 @@ def _in_process(texts: list[str], args: argparse.Namespace, *, place: str) -> No
         max_length=args.max_length or engine.max_target_length,  # 0: the model's limit, as the API reads it
         min_length=args.min_length, length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
     )
+    sent = [number for number, text in enumerate(texts) if not is_blank(text)]
+    if not sent:  # as through a server: with no text to send, there is no request to refuse
+        for text in texts:
+            _print_result(text, [], args)
+        return
     problems = options.problems(engine.max_target_length)
     language = args.target_language or None  # empty: the model's first, as the server reads it
     if language is not None and (problem := engine.language_problem(language)) is not None:
         problems.append(("options.target_language", problem))
         language = None
-    sent = [number for number, text in enumerate(texts) if not is_blank(text)]
     sources, wrong = engine.read_sources([texts[number] for number in sent], language)
     problems += [(f"{place} {sent[index] + 1}", problem) for index, problem in wrong.items()]
     if problems := listed(problems):

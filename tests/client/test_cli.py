@@ -148,6 +148,11 @@ def test_options_are_refused_in_process_as_the_server_refuses_them(server, tiny_
     assert through_server.returncode == in_process.returncode == 2 and through_server.stdout == in_process.stdout == ""
     refusal = through_server.stderr.removeprefix("nmtserve translate: the server refused the input: ")
     assert refusal.startswith("options.") and in_process.stderr == f"nmtserve translate: invalid input: {refusal}"
+    # With only blank lines nothing is sent, so there is no request to refuse, in-process as through a server.
+    blank = [translate(*at, *options, "--target-language", "xx", stdin="\n \n") for at in
+             (("--server", server.address), ("--bundle", str(tiny_bundle)))]
+    lines = 2 * (int(options[3]) if options[2:3] == ["--n-best"] else 1)  # a blank text prints as its hypotheses would
+    assert [(r.returncode, r.stdout, r.stderr) for r in blank] == [(0, "\n" * lines, "")] * 2
 
 
 @pytest.mark.parametrize("case", ["too-long", "many-too-long", "target-language"])

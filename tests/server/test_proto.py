@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor_pb2
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO = "nmtserve/v1/translator.proto"
@@ -48,3 +52,19 @@ def test_every_rpc_message_and_field_is_documented(tmp_path):
 @pytest.mark.parametrize("module", ["nmtserve.v1.translator_pb2", "nmtserve.v1.translator_pb2_grpc"])
 def test_stubs_import_from_the_one_package(module):
     subprocess.run([sys.executable, "-c", f"import {module}"], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("extra", ["serve", "client"])
+def test_the_extras_install_a_grpc_and_protobuf_the_stubs_import_with(extra):
+    """The stubs raise at import under an older gRPC or protobuf than generated them; pip must not install one."""
+    stubs = ROOT / "proto/nmtserve/v1"
+    made_by = {
+        "grpcio": re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", (stubs / "translator_pb2_grpc.py").read_text())[1],
+        "protobuf": re.search(r"# Protobuf Python Version: ([\d.]+)", (stubs / "translator_pb2.py").read_text())[1],
+    }
+    requirements = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][extra]]
+    floors = {r.name: min((Version(s.version) for s in r.specifier if s.operator in (">=", "==")), default=None) for r in requirements}
+    for package, version in made_by.items():
+        assert floors.get(package) is not None and floors[package] >= Version(version), (
+            f"the {extra} extra admits {package} {floors.get(package)}, the stubs need {version}")
+    assert all(floors[name] >= Version(made_by["grpcio"]) for name in floors if name.startswith("grpcio-")), floors

@@ -3,8 +3,8 @@
 The decode loop (`decode_loop.py`) runs in a process of its own, owns the
 engine and does the batching; this side owns every future, stream and metric,
 on the event loop. A request's texts are admitted here (at most
-`max_queue_size` of them outside the batch, counted until they join it) and
-sent to the loop at once; the loop starts them and admits them between decoder
+`max_queue_size` of them waiting for rows, reckoned from what the loop last
+reported) and sent to the loop at once; the loop starts them and admits them between decoder
 steps as rows come free, and reports what each iteration did, which the event
 loop reads off the pipe as they come.
 """
@@ -107,7 +107,8 @@ class Scheduler:
         self._reports: MessageReader | None = None  # on _from_loop
         self._loaded: asyncio.Future[Ready | LoadFailed | None] | None = None  # the first message (None: none came)
         self._jobs: dict[int, Job] = {}  # every text sent to the loop and not yet ended
-        self._queued = 0  # of those, the ones the loop has not admitted yet
+        self._unadmitted: dict[int, Job] = {}  # of those, the ones the loop has not reported admitted, in arrival order
+        self._rows_held = 0  # KV-cache rows of the admitted ones (a beam of k holds k)
         self._capacity = 0  # KV-cache rows the decode process holds, once it is ready
         self.lost = asyncio.Event()  # set if the decode process ends while serving
         self._heard = time.monotonic()  # when the decode process last reported, or last had nothing to report
@@ -179,9 +180,10 @@ class Scheduler:
         new calls are refused before they get here (`accepting`)."""
         if self.state not in ("serving", "draining"):
             raise UnavailableError(f"server is {self.state}")
-        if self._queued + len(sources) > self.max_queue_size:
+        waiting = self._waiting()
+        if (after := self._waiting(len(sources), options.beam_size)) > self.max_queue_size:
             raise QueueFullError(
-                f"queue full: {self._queued} of {self.max_queue_size} places taken, {len(sources)} asked; retry later"
+                f"queue full: {waiting} of {self.max_queue_size} places taken, {after - waiting} needed; retry later"
             )
         loop = asyncio.get_running_loop()
         if not self._jobs:  # the decode process had nothing to report until now
@@ -192,10 +194,19 @@ class Scheduler:
         ]
         self._send("submit", [Text(job.key, job.source, options, deadline, job.arrived, stream) for job in jobs])
         for job in jobs:
-            self._jobs[job.key] = job
-        self._queued += len(jobs)
-        self.metrics.queue_depth.set(self._queued)
+            self._jobs[job.key] = self._unadmitted[job.key] = job
+        self.metrics.queue_depth.set(after)
         return jobs
+
+    def _waiting(self, arriving: int = 0, beam_size: int = 1) -> int:
+        """How many unadmitted texts, and then `arriving` texts of this beam width, must wait for rows: the loop admits
+        in arrival order into the rows the admitted texts leave free (none sooner than the last report says)."""
+        free = self._capacity - self._rows_held
+        for taken, job in enumerate(self._unadmitted.values()):
+            if job.options.beam_size > free:  # in order: once one waits, all behind it wait
+                return len(self._unadmitted) - taken + arriving
+            free -= job.options.beam_size
+        return max(0, arriving - free // beam_size)
 
     def cancel(self, jobs: Sequence[Job]) -> None:
         """Withdraw unfinished jobs (the client went away); the loop frees their rows at its next iteration."""
@@ -210,7 +221,7 @@ class Scheduler:
             self._send("cancel", [job.key for job in unfinished])
         except UnavailableError:
             pass  # the decode process is gone, and the rows with it
-        self.metrics.queue_depth.set(self._queued)
+        self.metrics.queue_depth.set(self._waiting())
 
     async def pieces(self, job: Job) -> AsyncIterator[list[int]]:
         """New token ids of a streamed job as they are decoded; ends when the job does.
@@ -288,15 +299,19 @@ class Scheduler:
 
     def _forget(self, job: Job) -> None:
         """The job has ended here: stop counting it."""
-        if self._jobs.pop(job.key, None) is not None and job.admitted is None:
-            self._queued -= 1
+        if self._jobs.pop(job.key, None) is None:
+            return
+        if job.admitted is None:
+            del self._unadmitted[job.key]
+        else:
+            self._rows_held -= job.options.beam_size
 
     def _fail_all(self, error: Exception) -> None:
         """End every job with `error`: the decode process has stopped or is gone, and its batch with it."""
         for job in list(self._jobs.values()):
             self._forget(job)
             job.finish(error)
-        self.metrics.queue_depth.set(self._queued)
+        self.metrics.queue_depth.set(self._waiting())
         self.metrics.active_sequences.set(0)
         self.metrics.kv_cache_free_slots.set(self._capacity)  # no text holds a row any more
 
@@ -366,7 +381,8 @@ class Scheduler:
             if (job := jobs.get(key)) is None:
                 continue
             job.admitted = admitted
-            self._queued -= 1
+            del self._unadmitted[key]
+            self._rows_held += job.options.beam_size
             m.queue_wait.observe(admitted - job.arrived)
         for texts, seconds in report.encoder_runs:
             m.encoder_batch_size.observe(texts)
@@ -392,4 +408,4 @@ class Scheduler:
         if report.active is not None:  # else the intake's report: the batch's gauges stay as the loop last told
             m.active_sequences.set(report.active)
             m.kv_cache_free_slots.set(report.rows_free)
-        m.queue_depth.set(self._queued)
+        m.queue_depth.set(self._waiting())

@@ -125,7 +125,8 @@ def test_a_text_held_in_the_queue_has_waited_at_least_as_long(traffic, test_text
         with server.paused():
             sent = time.monotonic()
             call = stub.Translate.future(pb.TranslateRequest(texts=test_texts[:1]), timeout=TIMEOUT)
-            server.wait_for(lambda: server.metric("nmtserve_queue_depth") == 1, what="the text queued")
+            # A short request's call is counted, its text read and sent to the decode process in one turn of the event loop.
+            server.wait_for(lambda: server.server.service.in_flight == 1, what="the text sent")
             queued = time.monotonic()  # the text arrived before this
             time.sleep(hold)  # the time measured, not a wait for anything: nothing can move until the process resumes
             resumed = time.monotonic()  # it is admitted after this
@@ -156,16 +157,16 @@ def test_calls_their_deadline_ended_are_counted_apart_from_those_cancelled(traff
         stub = translator_pb2_grpc.TranslatorStub(channel)
         with server.paused():  # nothing finishes: each call ends by its deadline or its cancellation
 
-            def queued(timeout: float) -> grpc.Future:
-                """A call sent once the one before is queued: none waits for the server to read it, which would start
+            def sent(timeout: float) -> grpc.Future:
+                """A call sent once the one before is in the server: none waits for the server to read it, which would start
                 the server's deadline later than the slack allows."""
-                depth = server.metric("nmtserve_queue_depth")
+                in_flight = server.server.service.in_flight  # counted, read and sent in one turn of the event loop
                 call = stub.Translate.future(pb.TranslateRequest(texts=test_texts[:1]), timeout=timeout)
-                server.wait_for(lambda: server.metric("nmtserve_queue_depth") > depth, what="the text queued")
+                server.wait_for(lambda: server.server.service.in_flight > in_flight, what="the text sent")
                 return call
 
-            late = [queued(timeout=3.0) for _ in range(calls)]  # all sent well before the first deadline
-            cancelled = [queued(timeout=TIMEOUT) for _ in range(calls)]
+            late = [sent(timeout=3.0) for _ in range(calls)]  # all sent well before the first deadline
+            cancelled = [sent(timeout=TIMEOUT) for _ in range(calls)]
             for call in cancelled:
                 call.cancel()
             assert all(call.exception(TIMEOUT).code() == grpc.StatusCode.DEADLINE_EXCEEDED for call in late)

@@ -60,7 +60,8 @@ def test_a_short_request_joins_the_running_batch_and_finishes_first(start_server
             joined_before = _bucket(server, "nmtserve_decode_step_batch_size", 16) - _bucket(server, "nmtserve_decode_step_batch_size", 8)
             pending = stub.Translate.future(pb.TranslateRequest(texts=[test_texts[9]], options=pb.TranslateOptions(max_length=3)), timeout=TIMEOUT)
             pending.add_done_callback(lambda _: finished.append("short"))
-            server.wait_for(lambda: server.metric("nmtserve_queue_depth") == 1, what="the short text queued")
+            # A short request's call is counted, its text read and sent to the decode process in one turn of the event loop.
+            server.wait_for(lambda: server.server.service.in_flight == 9, what="the short text sent")
         short = pending.result()
         assert len(short.translations[0].hypotheses[0].tokens) <= 3
         joined = _bucket(server, "nmtserve_decode_step_batch_size", 16) - _bucket(server, "nmtserve_decode_step_batch_size", 8)
@@ -88,6 +89,31 @@ def test_queue_full_rejects_exactly_the_overflow(start_server, test_texts):
         assert codes.count(grpc.StatusCode.OK) == 4
         assert busy.result().translations
     assert server.metric("nmtserve_requests_total", {"method": "Translate", "code": "RESOURCE_EXHAUSTED"}) == 3
+
+
+def test_texts_that_fit_in_free_rows_take_no_place_in_the_queue(start_server, test_texts):
+    """The queue bounds the texts waiting for rows: a burst that free rows take at once is not refused as queue full,
+    however fast it comes (it is sent to the decode process before the process can report any text admitted)."""
+    server = start_server(max_batch_size=24, max_queue_size=8, max_texts_per_request=8, max_queue_delay_ms=0)
+    channel, stub = _stub(server)
+    with channel:
+        requests = [pb.TranslateRequest(texts=test_texts[i : i + 8], options=pb.TranslateOptions(max_length=2)) for i in (0, 8, 16)]
+        burst = [stub.Translate.future(r, timeout=TIMEOUT) for r in requests]
+        assert all(len(f.result().translations) == 8 for f in burst)
+        # One more burst than the rows and the queue hold between them: the last request's 8 texts are refused.
+        with server.paused_mid_decode(
+            lambda: [stub.Translate.future(pb.TranslateRequest(texts=test_texts[i : i + 8], options=server.long_options()), timeout=TIMEOUT)
+                     for i in (0, 8, 16)],
+            lambda: server.metric("nmtserve_kv_cache_free_slots") == 0, "all rows taken",
+        ) as busy:
+            queued = stub.Translate.future(pb.TranslateRequest(texts=test_texts[24:32], options=pb.TranslateOptions(max_length=2)), timeout=TIMEOUT)
+            server.wait_for(lambda: server.metric("nmtserve_queue_depth") == 8, what="8 texts waiting")
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Translate(pb.TranslateRequest(texts=test_texts[32:33]), timeout=TIMEOUT)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.details().startswith("queue full: 8 of 8 places taken, 1 needed")
+        assert all(len(f.result().translations) == 8 for f in busy) and len(queued.result().translations) == 8
+    assert server.metric("nmtserve_requests_total", {"method": "Translate", "code": "RESOURCE_EXHAUSTED"}) == 1
 
 
 def test_calls_beyond_max_concurrent_rpcs_are_refused_by_name_and_counted(start_server, test_texts):
@@ -253,7 +279,8 @@ def test_the_server_answers_while_the_decode_loop_reads_nothing(start_server, te
     with channel:
         with server.paused():
             calls = [stub.Translate.future(request, timeout=TIMEOUT) for _ in range(8)]
-            server.wait_for(lambda: server.metric("nmtserve_queue_depth") == 8 * len(texts), what="every text queued")
+            beyond_the_rows = 8 * len(texts) - server.server.settings.max_batch_size
+            server.wait_for(lambda: server.metric("nmtserve_queue_depth") == beyond_the_rows, what="every text queued")
             assert server.server.scheduler.pending_bytes > 0, "the requests did not fill the pipe"
             assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5).name
         assert all(len(call.result().translations) == len(texts) for call in calls)

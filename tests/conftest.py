@@ -81,6 +81,14 @@ def tiny_bundle_int8(tiny_run, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle_fp16(tiny_run, tmp_path_factory) -> Path:
+    """The tiny model exported with fp16 weights."""
+    from nmtserve_export.onnx_export import export_bundle
+
+    return export_bundle(tiny_run, tmp_path_factory.mktemp("bundle") / "fp16", precision="fp16")
+
+
+@pytest.fixture(scope="session")
 def default_corpus():
     """The built-in corpus at its default size (English -> German)."""
     from nmtserve_export.corpus import generate_corpus

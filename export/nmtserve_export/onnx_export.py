@@ -34,7 +34,8 @@ OPSET = 18
 
 
 class ExportError(bundle_format.BundleError):
-    """The exported graphs must not be shipped: they do not compute what the PyTorch model computes."""
+    """The exported graphs must not be shipped: they fail the ONNX checker, or do not compute what the PyTorch model
+    computes."""
 
 
 def reference_encoder(model: Transformer, source_ids: Tensor, source_mask: Tensor) -> tuple[Tensor, ...]:
@@ -181,8 +182,16 @@ def export_graph(module: nn.Module, role: str, inputs: tuple[Tensor, ...]) -> by
         )
         model = onnx.load(str(path))
     onnx.helper.set_model_props(model, {bundle_format.POSITIONS_PROPERTY: str(module.model.config.max_len)})
-    onnx.checker.check_model(model, full_check=True)
-    return model.SerializeToString()
+    return _checked(role, model.SerializeToString(), "fp32")
+
+
+def _checked(role: str, model_bytes: bytes, precision: str) -> bytes:
+    """The graph's bytes, once the full ONNX checker passes them; raises ExportError naming the graph."""
+    try:
+        onnx.checker.check_model(model_bytes, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise ExportError(f"{bundle_format.GRAPH_FILES[role]}: the {precision} graph fails the ONNX checker ({error})") from error
+    return model_bytes
 
 
 def quantize_int8(model_bytes: bytes) -> bytes:
@@ -205,8 +214,12 @@ def quantize_int8(model_bytes: bytes) -> bytes:
 def convert_fp16(model_bytes: bytes) -> bytes:
     """Weights and arithmetic in float16, inputs and outputs kept float32 (the bundle's I/O contract)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = convert_float_to_float16(onnx.load_model_from_string(model_bytes), keep_io_types=True)
+    # The converter puts the Casts of the float32 inputs after nodes that read them; the ONNX format requires
+    # nodes in topological order (ONNX Runtime sorts them on load, but the checker refuses such a graph).
+    OnnxModel(model).topological_sort()
     return model.SerializeToString()
 
 
@@ -335,7 +348,8 @@ def write_model_bundle(
                 log.info("ONNX Runtime matches PyTorch to %.1e", difference)
             elif stage.startswith("convert"):
                 convert = quantize_int8 if precision == "int8" else convert_fp16
-                graphs = {role: convert(content) for role, content in graphs.items()}
+                # Checked again: the checks of export_graph were of the fp32 graphs, these are the ones shipped.
+                graphs = {role: _checked(role, convert(content), precision) for role, content in graphs.items()}
                 difference = max_graph_difference(model, graphs, checks)  # the manifest's figure is the shipped graphs'
                 if not math.isfinite(difference):
                     raise ExportError(f"the {precision} graphs' outputs are not all numbers")

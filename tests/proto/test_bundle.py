@@ -37,9 +37,11 @@ def test_exported_bundle_verifies(tiny_bundle):
         assert sha256_bytes((tiny_bundle / entry["path"]).read_bytes()) == entry["sha256"]
 
 
-def test_graphs_pass_the_full_onnx_checker(tiny_bundle):
+@pytest.mark.parametrize("bundle", ["tiny_bundle", "tiny_bundle_int8", "tiny_bundle_fp16"])
+def test_graphs_pass_the_full_onnx_checker(bundle, request):
+    """The graphs as shipped, int8 and fp16 too: those are converted after the fp32 graphs were checked."""
     for name in ("encoder.onnx", "decoder_step.onnx"):
-        onnx.checker.check_model(onnx.load(str(tiny_bundle / name)), full_check=True)
+        onnx.checker.check_model(onnx.load(str(request.getfixturevalue(bundle) / name)), full_check=True)
 
 
 def test_changed_byte_is_refused(bundle_copy):

@@ -25,7 +25,7 @@ from nmtserve.bundle import UNDETERMINED
 
 from .checkpoint import TOKENIZER_FILE, load_model
 from .corpus import file_sha256, target_languages
-from .model import Transformer
+from .model import ModelConfig, Transformer
 from .tokenizer import language_token
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,17 @@ def _dynamic_shapes(spec: dict, role: str) -> tuple:
     return shapes if role == "encoder" else (*shapes[:4], shapes[4:])  # the decoder's caches are one *args
 
 
+def model_sections(c: ModelConfig) -> dict[str, dict[str, int]]:
+    """The manifest's model and tokens sections (dimensions, special token ids) for a model's configuration."""
+    return {
+        "model": {
+            "vocab_size": c.vocab_size, "d_model": c.d_model, "d_ff": c.d_ff, "n_heads": c.n_heads,
+            "d_k": c.d_k, "n_encoder_layers": c.n_encoder_layers, "n_decoder_layers": c.n_decoder_layers,
+        },
+        "tokens": {"pad": c.pad_id, "bos": c.bos_id, "eos": c.eos_id, "unk": c.unk_id},
+    }
+
+
 def export_graph(module: nn.Module, role: str, inputs: tuple[Tensor, ...]) -> bytes:
     """Export one graph with the bundle's input/output names and dynamic axes; returns the ONNX bytes."""
     spec_in, spec_out = bundle_format.graph_io(module.model.config.n_decoder_layers)[role]
@@ -181,7 +192,10 @@ def export_graph(module: nn.Module, role: str, inputs: tuple[Tensor, ...]) -> by
             input_names=list(spec_in), output_names=list(spec_out), dynamic_shapes=_dynamic_shapes(spec_in, role),
         )
         model = onnx.load(str(path))
-    onnx.helper.set_model_props(model, {bundle_format.POSITIONS_PROPERTY: str(module.model.config.max_len)})
+    c = module.model.config
+    onnx.helper.set_model_props(model, {
+        bundle_format.POSITIONS_PROPERTY: str(c.max_len), **bundle_format.graph_properties(model_sections(c)),
+    })
     return _checked(role, model.SerializeToString(), "fp32")
 
 
@@ -358,11 +372,7 @@ def write_model_bundle(
                 c = model.config
                 manifest = {
                     "name": name,
-                    "model": {
-                        "vocab_size": c.vocab_size, "d_model": c.d_model, "d_ff": c.d_ff, "n_heads": c.n_heads,
-                        "d_k": c.d_k, "n_encoder_layers": c.n_encoder_layers, "n_decoder_layers": c.n_decoder_layers,
-                    },
-                    "tokens": {"pad": c.pad_id, "bos": c.bos_id, "eos": c.eos_id, "unk": c.unk_id},
+                    **model_sections(c),
                     "tokenizer": {"kind": tokenizer_kind},
                     "limits": {"max_source_length": c.max_len, "max_target_length": c.max_len},
                     "languages": languages,

@@ -22,8 +22,9 @@ multilingual Marian model; the first target is the default.
 The reader trusts nothing: it checks the manifest's schema and version, every
 listed file's presence, size and sha256, that no path leaves the directory,
 that the graphs' inputs and outputs are the ones below (dynamic axes left
-dynamic), that their opset and precision are the manifest's, and that no ONNX
-tensor refers to data outside the bundle. The verified bytes are what the
+dynamic), that their opset and precision are the manifest's, that the model's
+numbers and special token ids the graphs record are the manifest's, and that no
+ONNX tensor refers to data outside the bundle. The verified bytes are what the
 server loads. The writer puts a bundle in place only once it is whole and
 verified.
 """
@@ -113,6 +114,13 @@ _TYPE_NAMES = {str: "string", int: "integer", dict: "object"}
 _MODEL_FIELDS = ("vocab_size", "d_model", "d_ff", "n_heads", "d_k", "n_encoder_layers", "n_decoder_layers")
 _LIMIT_FIELDS = ("max_source_length", "max_target_length")
 _TOKEN_FIELDS = ("pad", "bos", "eos", "unk")
+# The manifest's fields that the graphs' inputs and outputs do not pin down (those fix h, d_k and so d_model, V, and the
+# decoder layers), which export records in each graph's metadata under these properties: like positions, covered by
+# the graphs' sha256 and checked against the manifest on read (bundles written before have none).
+RECORDED_PROPERTIES = {
+    f"nmtserve.{section}.{field}": (section, field)
+    for section, field in (("model", "d_ff"), ("model", "n_encoder_layers"), *(("tokens", name) for name in _TOKEN_FIELDS))
+}
 # Bounds past any real model, so that a wrong manifest fails here rather than exhausting memory in the server.
 _FIELD_MAXIMA = {"n_encoder_layers": 1_000, "n_decoder_layers": 1_000, "max_source_length": 65_536, "max_target_length": 65_536}
 
@@ -194,6 +202,11 @@ _AXIS_FIELDS = {"h": "n_heads", "d_k": "d_k", "V": "vocab_size"}
 def expected_shape(shape: tuple, dims: ModelDims) -> tuple:
     """A graph shape with h, d_k and V replaced by the model's numbers."""
     return tuple(getattr(dims, _AXIS_FIELDS[d]) if d in _AXIS_FIELDS else d for d in shape)
+
+
+def graph_properties(manifest: dict[str, Any]) -> dict[str, str]:
+    """The metadata export records in each graph: the manifest's fields its inputs and outputs do not pin down."""
+    return {key: str(manifest[section][field]) for key, (section, field) in RECORDED_PROPERTIES.items()}
 
 
 def file_names(tokenizer_kind: str) -> dict[str, str]:
@@ -421,9 +434,9 @@ def _graph_precision(model: Any) -> str:
     return "fp32"
 
 
-def _check_positions(role: str, model: Any, manifest: dict[str, Any]) -> None:
+def _check_positions(role: str, properties: dict[str, str], manifest: dict[str, Any]) -> None:
     """The manifest's length limit read by this graph must fit its positional table, where the graph records it."""
-    recorded = {p.key: p.value for p in model.metadata_props}.get(POSITIONS_PROPERTY)
+    recorded = properties.get(POSITIONS_PROPERTY)
     if recorded is None:
         return
     if not (recorded.isascii() and recorded.isdigit()):
@@ -432,6 +445,16 @@ def _check_positions(role: str, model: Any, manifest: dict[str, Any]) -> None:
     if manifest["limits"][limit] > int(recorded):
         raise BundleError(f"manifest.json: limits.{limit} is {manifest['limits'][limit]}, but {GRAPH_FILES[role]} has "
                           f"positions for {recorded} tokens")
+
+
+def _check_recorded(role: str, properties: dict[str, str], manifest: dict[str, Any]) -> None:
+    """Each manifest field this graph records (RECORDED_PROPERTIES; graphs exported before record none) must be the
+    value recorded."""
+    for key, (section, field) in RECORDED_PROPERTIES.items():
+        recorded = properties.get(key)
+        if recorded is not None and recorded != str(manifest[section][field]):
+            raise BundleError(f"{MANIFEST}: {section}.{field} is {manifest[section][field]}, but {GRAPH_FILES[role]} records "
+                              f"{recorded} (metadata {key})")
 
 
 def _check_graph(role: str, bundle: Bundle) -> None:
@@ -450,7 +473,9 @@ def _check_graph(role: str, bundle: Bundle) -> None:
     opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
     if opset != manifest["opset"]:
         raise BundleError(f"{GRAPH_FILES[role]}: opset {opset}, the manifest says {manifest['opset']}")
-    _check_positions(role, model, manifest)
+    properties = {p.key: p.value for p in model.metadata_props}
+    _check_positions(role, properties, manifest)
+    _check_recorded(role, properties, manifest)
     precision = _graph_precision(model)
     if precision != manifest["precision"]:
         raise BundleError(f"{GRAPH_FILES[role]}: its weights are {precision}, the manifest says precision {manifest['precision']}")

@@ -10,7 +10,9 @@ from pathlib import Path
 import onnx
 import pytest
 
-from nmtserve.bundle import MANIFEST, BundleError, destination, read_bundle, sha256_bytes, write_bundle
+from nmtserve.bundle import (
+    MANIFEST, RECORDED_PROPERTIES, BundleError, destination, graph_properties, read_bundle, sha256_bytes, write_bundle,
+)
 
 
 @pytest.fixture
@@ -74,11 +76,14 @@ def test_symlink_out_of_the_bundle_is_refused(bundle_copy, tmp_path):
         read_bundle(bundle_copy)
 
 
-def _replace_graph(bundle: Path, role: str, model: onnx.ModelProto) -> None:
-    """Write a changed graph into the bundle with its manifest entry updated, as a careful forger would."""
-    data = model.SerializeToString()
-    (bundle / f"{role}.onnx").write_bytes(data)
+def _replace_file(bundle: Path, role: str, data: bytes) -> None:
+    """Write a changed file into the bundle with its manifest entry updated, as a careful forger would."""
+    (bundle / json.loads((bundle / MANIFEST).read_text())["files"][role]["path"]).write_bytes(data)
     edit_manifest(bundle, lambda m: m["files"][role].update(sha256=sha256_bytes(data), bytes=len(data)))
+
+
+def _replace_graph(bundle: Path, role: str, model: onnx.ModelProto) -> None:
+    _replace_file(bundle, role, model.SerializeToString())
 
 
 def test_graph_with_renamed_input_is_refused(bundle_copy):
@@ -209,6 +214,13 @@ MANIFEST_ERRORS = {  # what a wrong manifest says, by the edit that makes it wro
     "target_length_beyond_the_positions": (lambda m: m["limits"].update(max_target_length=m["limits"]["max_target_length"] * 2),
                                            r"limits\.max_target_length is \d+, but decoder_step\.onnx has positions for \d+ tokens"),
     "layers_beyond_any_model": (lambda m: m["model"].update(n_decoder_layers=300_000), r"model\.n_decoder_layers is 300000, above any model's"),
+    # The fields the graphs' shapes do not pin down, which the graphs record: a wrong eos would decode every text to
+    # the length limit, wrong dimensions would be what GetModelInfo tells clients.
+    "eos_unlike_the_graphs": (lambda m: m["tokens"].update(eos=5), r"tokens\.eos is 5, but encoder\.onnx records 2 \(metadata nmtserve\.tokens\.eos\)"),
+    "bos_unlike_the_graphs": (lambda m: m["tokens"].update(bos=7), r"tokens\.bos is 7, but encoder\.onnx records 1 \(metadata nmtserve\.tokens\.bos\)"),
+    "d_ff_unlike_the_graphs": (lambda m: m["model"].update(d_ff=9), r"model\.d_ff is 9, but encoder\.onnx records \d+ \(metadata nmtserve\.model\.d_ff\)"),
+    "encoder_layers_unlike_the_graphs": (lambda m: m["model"].update(n_encoder_layers=7),
+                                         r"model\.n_encoder_layers is 7, but encoder\.onnx records \d+ \(metadata nmtserve\.model\.n_encoder_layers\)"),
     "eos_that_is_the_padding": (lambda m: m["tokens"].update(eos=m["tokens"]["pad"]), r"tokens\.eos \d+ must differ from tokens\.pad and tokens\.bos"),
     "optional_file_entry_not_an_object": (lambda m: m["files"].update(target_vocab="x"), r"files\.target_vocab must be an object"),
     "tokenizer_files_unlike_the_kind": (lambda m: m["tokenizer"].update(kind="marian"), r"files\.source_spm is missing: a 'marian' bundle lists encoder, decoder_step, source_spm, target_spm, vocab"),
@@ -221,6 +233,28 @@ def test_wrong_manifest_is_refused_with_the_reason(bundle_copy, case):
     edit_manifest(bundle_copy, edit)
     with pytest.raises(BundleError, match=message):
         read_bundle(bundle_copy)
+
+
+def _as_written_before_the_graphs_recorded_the_model(bundle: Path) -> None:
+    """Take the recorded model fields and special token ids out of the graphs' metadata (positions stay)."""
+    for role in ("encoder", "decoder_step"):
+        model = onnx.load(str(bundle / f"{role}.onnx"))
+        kept = {p.key: p.value for p in model.metadata_props if p.key not in RECORDED_PROPERTIES}
+        onnx.helper.set_model_props(model, kept)
+        _replace_graph(bundle, role, model)
+
+
+def test_the_graphs_record_the_manifests_fields_their_shapes_do_not_fix(tiny_bundle):
+    manifest = read_bundle(tiny_bundle).manifest
+    for name in ("encoder.onnx", "decoder_step.onnx"):
+        recorded = {p.key: p.value for p in onnx.load(str(tiny_bundle / name)).metadata_props}
+        assert {key: recorded.get(key) for key in RECORDED_PROPERTIES} == graph_properties(manifest)
+
+
+def test_a_bundle_whose_graphs_record_no_model_fields_still_loads(bundle_copy):
+    """As one exported before they did: read as a bundle whose graphs record no positions is."""
+    _as_written_before_the_graphs_recorded_the_model(bundle_copy)
+    read_bundle(bundle_copy)
 
 
 def _contents(bundle: Path) -> tuple[dict[str, bytes], dict]:

@@ -23,7 +23,8 @@ The reader trusts nothing: it checks the manifest's schema and version, every
 listed file's presence, size and sha256, that no path leaves the directory,
 that the graphs' inputs and outputs are the ones below (dynamic axes left
 dynamic), that their opset and precision are the manifest's, that the model's
-numbers and special token ids the graphs record are the manifest's, and that no
+numbers and special token ids the graphs record are the manifest's, that the
+tokenizer's vocabulary gives the special tokens the manifest's ids, and that no
 ONNX tensor refers to data outside the bundle. The verified bytes are what the
 server loads. The writer puts a bundle in place only once it is whole and
 verified.
@@ -121,6 +122,9 @@ RECORDED_PROPERTIES = {
     f"nmtserve.{section}.{field}": (section, field)
     for section, field in (("model", "d_ff"), ("model", "n_encoder_layers"), *(("tokens", name) for name in _TOKEN_FIELDS))
 }
+# The special tokens' names in the vocabulary file of each tokenizer kind, by manifest field. Marian's are its target
+# vocabulary's; its <pad> and decoder start token come from the checkpoint's config.json, which a bundle does not hold.
+_SPECIAL_TOKEN_NAMES = {"tokenizers": dict(zip(_TOKEN_FIELDS, SPECIAL_TOKENS)), "marian": {"eos": "</s>", "unk": "<unk>"}}
 # Bounds past any real model, so that a wrong manifest fails here rather than exhausting memory in the server.
 _FIELD_MAXIMA = {"n_encoder_layers": 1_000, "n_decoder_layers": 1_000, "max_source_length": 65_536, "max_target_length": 65_536}
 
@@ -504,6 +508,31 @@ def _check_graph(role: str, bundle: Bundle) -> None:
                                   f"{want[0]}{list(want[1])}{''.join(f'; {problem}' for problem in problems)}")
 
 
+def _check_tokenizer(bundle: Bundle) -> None:
+    """The tokenizer's vocabulary, which its sha256 covers, must give the special tokens the manifest's ids."""
+    kind = bundle.tokenizer_kind
+    role = "tokenizer" if kind == "tokenizers" else "target_vocab" if "target_vocab" in bundle.files else "vocab"
+    path = bundle.manifest["files"][role]["path"]
+    try:
+        vocabulary = json.loads(bundle.files[role])
+    except ValueError as error:  # UnicodeDecodeError too
+        raise BundleError(f"{path}: not valid JSON ({error})") from error
+    if kind == "tokenizers":  # its "added_tokens", read as plain JSON: the server loads the whole tokenizer later
+        added = vocabulary.get("added_tokens") if isinstance(vocabulary, dict) else None
+        if not isinstance(added, list):
+            raise BundleError(f"{path}: no 'added_tokens' list; a {kind!r} bundle holds a Hugging Face tokenizer.json")
+        vocabulary = {token["content"]: token.get("id") for token in added
+                      if isinstance(token, dict) and isinstance(token.get("content"), str)}
+    elif not isinstance(vocabulary, dict):
+        raise BundleError(f"{path}: expected a JSON object of pieces and their ids")
+    tokens = bundle.manifest["tokens"]
+    for field, name in _SPECIAL_TOKEN_NAMES[kind].items():
+        if name not in vocabulary:
+            raise BundleError(f"{path}: has no special token {name!r} ({MANIFEST}'s tokens.{field})")
+        if vocabulary[name] != tokens[field]:
+            raise BundleError(f"{MANIFEST}: tokens.{field} is {tokens[field]}, but {path} gives {name!r} the id {vocabulary[name]!r}")
+
+
 def _dimension_problems(got: tuple, want: tuple, axes: tuple) -> list[str]:
     """How a graph's dimensions (a name or 0 where dynamic) differ from the expected ones (numbers for the model's
     fixed sizes, names for the axes that must stay dynamic: a graph fixed at batch 1 would fail the first batch of 2)."""
@@ -547,4 +576,5 @@ def read_bundle(directory: Path | str) -> Bundle:
     bundle = Bundle(path=root, manifest=manifest, files=files, sha256=sha256_bytes(manifest_bytes))
     for role in ("encoder", "decoder_step"):
         _check_graph(role, bundle)
+    _check_tokenizer(bundle)
     return bundle

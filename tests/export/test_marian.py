@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from nmtserve.bundle import read_bundle
+from nmtserve.bundle import MANIFEST, BundleError, read_bundle, sha256_bytes
 from nmtserve.cli import main
 from nmtserve.v1 import translator_pb2 as pb
 from nmtserve.v1 import translator_pb2_grpc
@@ -234,6 +234,19 @@ def test_bundle_holds_the_marian_tokenizer_and_ids(marian_bundle, marian_checkpo
     assert (bundle.tokens.pad, bundle.tokens.bos, bundle.tokens.eos) == (config["pad_token_id"], config["decoder_start_token_id"], EOS)
     assert bundle.manifest["languages"] == {"source": "en", "target": ["de"]}
     assert bundle.manifest["training"]["transformers_max_log_prob_difference"] < 1e-5
+
+
+def test_a_vocabulary_unlike_the_manifests_special_ids_is_refused(marian_bundle, tmp_path):
+    bundle = shutil.copytree(marian_bundle, tmp_path / "bundle")
+    vocab = json.loads((bundle / "vocab.json").read_text())
+    vocab["<unk>"] = 5
+    data = json.dumps(vocab).encode()
+    (bundle / "vocab.json").write_bytes(data)
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["files"]["vocab"].update(sha256=sha256_bytes(data), bytes=len(data))  # as a careful forger would
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"manifest\.json: tokens\.unk is 1, but vocab\.json gives '<unk>' the id 5"):
+        read_bundle(bundle)
 
 
 def test_onnx_log_probs_match_transformers(marian_bundle, marian_checkpoint, marian_pairs):

@@ -257,6 +257,26 @@ def test_a_bundle_whose_graphs_record_no_model_fields_still_loads(bundle_copy):
     read_bundle(bundle_copy)
 
 
+def test_special_ids_unlike_the_tokenizer_are_refused_where_the_graphs_record_none(bundle_copy):
+    """A bundle exported before the graphs recorded the ids: its manifest is still held to its tokenizer.json."""
+    _as_written_before_the_graphs_recorded_the_model(bundle_copy)
+    edit_manifest(bundle_copy, lambda m: m["tokens"].update(eos=5))
+    with pytest.raises(BundleError, match=r"manifest\.json: tokens\.eos is 5, but tokenizer\.json gives '<eos>' the id 2"):
+        read_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda tokens: tokens[2].update(id=5), r"manifest\.json: tokens\.eos is 2, but tokenizer\.json gives '<eos>' the id 5"),
+    (lambda tokens: tokens.pop(1), r"tokenizer\.json: has no special token '<bos>' \(manifest\.json's tokens\.bos\)"),
+], ids=["another-id", "missing"])
+def test_a_tokenizer_unlike_the_manifests_special_ids_is_refused(bundle_copy, change, message):
+    tokenizer = json.loads((bundle_copy / "tokenizer.json").read_text())
+    change(tokenizer["added_tokens"])
+    _replace_file(bundle_copy, "tokenizer", json.dumps(tokenizer).encode())
+    with pytest.raises(BundleError, match=message):
+        read_bundle(bundle_copy)
+
+
 def _contents(bundle: Path) -> tuple[dict[str, bytes], dict]:
     """A bundle's files by role and its manifest as the exporter hands them to write_bundle."""
     manifest = json.loads((bundle / MANIFEST).read_text())

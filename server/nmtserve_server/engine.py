@@ -119,7 +119,8 @@ class Model:
         self.tokens = bundle.tokens  # the model's special ids, read once: the decode loop needs them every step
         self.target_languages: list[str] = bundle.manifest["languages"]["target"]
         self.language_prefixes = language_prefixes(bundle.manifest["languages"], self.tokenizer)
-        self._language_token_ids = {ids[0] for ids in self.language_prefixes.values() if ids}
+        # The tokens a text may begin with to ask for a language (<2fr>, >>fra<<), as a user types them.
+        self._typed_languages = {token: language for language, token in (bundle.manifest["languages"].get("target_tokens") or {}).items()}
 
     @classmethod
     def from_path(cls, path: str | os.PathLike, **kwargs: Any) -> Self:
@@ -128,14 +129,23 @@ class Model:
 
     def encode_texts(self, texts: Sequence[str], target_language: str | None = None) -> list[list[int]]:
         """Source ids (subwords + <eos>) of each text, after the token that asks for target_language where the model
-        has several; None: the language token a text already begins with, else the model's first language."""
-        encoded = self.tokenizer.encode_batch(list(texts))
-        if target_language is None:
-            prefix = self.language_prefixes[self.target_languages[0]]
-            return [ids if ids[:1] and ids[0] in self._language_token_ids else prefix + ids for ids in encoded]
-        if (problem := self.language_problem(target_language)) is not None:
+        has several; None: the language whose token a text begins with, else the model's first language. A language
+        token the text begins with is read as that token, never as its characters, and gives way to target_language."""
+        if target_language is not None and (problem := self.language_problem(target_language)) is not None:
             raise ValueError(problem)
-        return [self.language_prefixes[target_language] + ids for ids in encoded]
+        typed = [self._typed_language(text) for text in texts]
+        encoded = self.tokenizer.encode_batch([rest for _, rest in typed])
+        first = self.target_languages[0]
+        return [self.language_prefixes[target_language or language or first] + ids for (language, _), ids in zip(typed, encoded)]
+
+    def _typed_language(self, text: str) -> tuple[str | None, str]:
+        """The language whose token the text begins with (None if none) and the rest of the text."""
+        if self._typed_languages:
+            start = text.lstrip()
+            for token, language in self._typed_languages.items():
+                if start.startswith(token):
+                    return language, start[len(token) :]
+        return None, text
 
     def decode_ids(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Texts of generated id lists."""
@@ -155,7 +165,7 @@ class Model:
 
     def _text_problem(self, text: str) -> str | None:
         """Why a text cannot be read, found before it is tokenized; None if it can."""
-        if is_blank(text):
+        if is_blank(self._typed_language(text)[1]):  # nothing to translate after a language token either
             return "empty text"
         most = MAX_CHARACTERS_PER_TOKEN * self.max_source_length
         length = len(text) if len(text) <= most else len(normalize_source(text))  # padding is no reason to refuse a text

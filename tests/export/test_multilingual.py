@@ -39,6 +39,9 @@ def test_a_multilingual_model_translates_into_the_language_it_is_asked_for(multi
             # The token steers the output: what was asked for is far nearer its language's references than the other.
             assert asked > misdirected + 15, (language, asked, misdirected)
         assert translate(sources) == translate(sources, "de")  # the first language is the default
+        # A text that begins with a language's token, typed, is translated into that language unless the options say.
+        assert translate([f"<2fr> {s}" for s in sources]) == translate(sources, "fr")
+        assert translate([f"<2fr> {s}" for s in sources], "de") == translate(sources, "de")
     # Scored per language, in PyTorch and through the bundle.
     for results in (evaluate(multilingual_run, beam_sizes=(1,), limit=100),
                     evaluate(multilingual_run, beam_sizes=(1,), limit=100, bundle=bundle)):

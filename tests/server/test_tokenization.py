@@ -60,6 +60,10 @@ def test_target_language_tokens_come_from_the_manifest(tiny_bundle, tmp_path):
     assert model.target_languages == ["de", "fr"]
     assert model.encode_texts(["Friday"], "fr") == [[vocab[second], *plain]]
     assert model.encode_texts(["Friday"]) == [[vocab[first], *plain]]  # the first language is the default
+    # A text may begin with a language's token, as typed: read as that token, and the options' language comes first.
+    assert model.encode_texts([f" {second} Friday"]) == [[vocab[second], *plain]]
+    assert model.encode_texts([f"{second} Friday"], "de") == [[vocab[first], *plain]]
+    assert model.read_sources([second, f"{second} Friday"])[1] == {0: "empty text"}
     with pytest.raises(ValueError, match=r"'it' is not one of this model's target languages \(de, fr\)"):
         model.encode_texts(["Friday"], "it")
     languages({"de": first, "fr": "<2fr>"})

@@ -200,7 +200,7 @@ class Scheduler:
 
     def _waiting(self, arriving: int = 0, beam_size: int = 1) -> int:
         """How many unadmitted texts, and then `arriving` texts of this beam width, must wait for rows: the loop admits
-        in arrival order into the rows the admitted texts leave free (none sooner than the last report says)."""
+        in arrival order into the rows the admitted texts leave free, as far as the server has heard."""
         free = self._capacity - self._rows_held
         for taken, job in enumerate(self._unadmitted.values()):
             if job.options.beam_size > free:  # in order: once one waits, all behind it wait

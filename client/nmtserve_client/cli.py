@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
+from nmtserve.bundle import DEVICES
 from nmtserve.cli import install_hint
 from nmtserve.normalize import is_blank
 from nmtserve.settings import add_settings_arguments, decimal, flag, settings_from_args
@@ -60,7 +61,8 @@ def add_arguments(command: str, parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(connection, ClientSettings)
     in_process = parser.add_argument_group("in-process translation (needs the 'serve' extra; no server)")
     in_process.add_argument("--bundle", default=None, help="translate in this process with a model bundle directory instead of a server")
-    in_process.add_argument("--device", default="auto", help="with --bundle: where ONNX Runtime runs, auto, cpu or cuda (default: %(default)s)")
+    in_process.add_argument("--device", choices=DEVICES, default=None,
+                            help="with --bundle: where ONNX Runtime runs (default: auto, CUDA where a usable GPU is)")
 
 
 def _print_result(source: str, hypotheses: list[Hypothesis], args: argparse.Namespace) -> None:
@@ -187,7 +189,7 @@ def _in_process(texts: list[str], args: argparse.Namespace, *, place: str) -> No
     from nmtserve_server.search import DecodeOptions, describe, listed
 
     try:
-        engine = Engine.from_path(args.bundle, device=args.device)
+        engine = Engine.from_path(args.bundle, device=args.device or "auto")
     except (BundleError, DeviceError) as error:
         raise InProcessError(str(error)) from error
     options = DecodeOptions(
@@ -257,6 +259,8 @@ def _run(command: str, args: argparse.Namespace) -> int:
                     raise
                 return fail(2, str(error))
             return 0
+        if args.device is not None:
+            return fail(2, "--device needs --bundle: a server runs on the device it was started with")
         if args.stream and (args.beam_size != 1 or args.n_best != 1):
             return fail(2, "--stream decodes greedily: it takes no --beam-size or --n-best")
         if problems := settings.problems(flag):

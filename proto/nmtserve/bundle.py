@@ -53,6 +53,7 @@ FORMAT_VERSION = 2  # 2 added the tokenizer kind and the manifest's own special 
 READABLE_VERSIONS = (1, 2)  # a version 1 manifest is a "tokenizers" bundle with the ids above
 MANIFEST = "manifest.json"
 GRAPH_FILES = {"encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx"}
+DEVICES = ("auto", "cpu", "cuda")  # where ONNX Runtime runs the graphs: auto takes CUDA where a usable GPU is
 # A graph's metadata property: the positions its positional encoding table holds. The graphs are covered by their
 # sha256, the manifest is not: its length limits are checked against this (bundles written before it have none).
 POSITIONS_PROPERTY = "nmtserve.positions"

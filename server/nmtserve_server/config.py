@@ -10,9 +10,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nmtserve.bundle import DEVICES
 from nmtserve.settings import flag
 
-DEVICES = ("auto", "cpu", "cuda")  # where ONNX Runtime runs: auto takes CUDA where a usable GPU is
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMAT = "time=%(asctime)s.%(msecs)03d level=%(levelname)s logger=%(name)s %(message)s"  # one key=value line per event
 LOG_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"

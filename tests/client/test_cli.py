@@ -90,6 +90,15 @@ def test_connection_settings_are_refused_naming_their_flags():
         "--client-cert c.pem: no such file\n")
 
 
+def test_device_is_one_of_onnx_runtimes_and_only_for_bundle(tiny_bundle):
+    result = translate("--bundle", str(tiny_bundle), "--device", "gpu", "Friday")
+    assert result.returncode == 2 and "argument --device: invalid choice: 'gpu'" in result.stderr
+    result = translate("--server", "127.0.0.1:1", "--device", "cpu", "Friday")
+    assert (result.returncode, result.stderr) == (2, "nmtserve translate: --device needs --bundle: a server runs on the device "
+                                                     "it was started with\n")
+    assert translate("--bundle", str(tiny_bundle), "--device", "cpu", "Friday").returncode == 0
+
+
 def test_an_unreachable_server_is_a_clear_error():
     result = translate("--server", "127.0.0.1:1", "--max-attempts", "1", "Friday")
     assert result.returncode == 1

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -356,6 +359,26 @@ def test_exports_into_one_folder_at_once_each_put_a_whole_bundle_in_place(bundle
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda name: write_bundle(bundle_copy, files, {**manifest, "name": name}), names))
     assert read_bundle(bundle_copy).manifest["name"] in names and _left_beside(bundle_copy) == []
+
+
+def test_a_write_waits_while_another_holds_the_folders_lock(bundle_copy):
+    """The lock is what keeps exports into one folder apart (the test above passes often enough without it): while
+    another holds it, a write stages nothing and leaves the earlier bundle in place; once it is let go, the write ends."""
+    files, manifest = _contents(bundle_copy)
+    before = (bundle_copy / MANIFEST).read_bytes()
+    folder = os.open(bundle_copy.parent, os.O_RDONLY)  # what write_bundle locks: the folder the bundle is in
+    fcntl.flock(folder, fcntl.LOCK_EX)  # another export, writing into the same folder
+    writer = threading.Thread(target=write_bundle, args=(bundle_copy, files, {**manifest, "name": "after-the-lock"}))
+    try:
+        writer.start()
+        writer.join(1.0)
+        assert writer.is_alive(), "the write went ahead while another held the folder's lock"
+        assert _left_beside(bundle_copy) == [] and (bundle_copy / MANIFEST).read_bytes() == before
+    finally:
+        os.close(folder)  # and with it the lock
+    writer.join(30)
+    assert not writer.is_alive()
+    assert read_bundle(bundle_copy).manifest["name"] == "after-the-lock" and _left_beside(bundle_copy) == []
 
 
 def test_a_place_nothing_can_be_written_beside_is_refused_before_any_work(tmp_path):

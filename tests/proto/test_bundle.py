@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -49,13 +50,39 @@ def test_graphs_pass_the_full_onnx_checker(bundle, request):
         onnx.checker.check_model(onnx.load(str(request.getfixturevalue(bundle) / name)), full_check=True)
 
 
-def test_changed_byte_is_refused(bundle_copy):
-    path = bundle_copy / "decoder_step.onnx"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=r"decoder_step\.onnx: sha256 .* does not match"):
+def _with_a_changed_byte(role: str, data: bytes) -> bytes:
+    """The file with one byte changed where only its sha256 can tell: in the middle of a graph's largest weight (the
+    graph still loads), or in an ordinary piece of the tokenizer's vocabulary, whose first letter changes case (the
+    JSON still parses, no piece is there twice, the special tokens keep their ids)."""
+    if role == "tokenizer":
+        vocabulary = json.loads(data)["model"]["vocab"]
+        piece = next(piece for piece in vocabulary if piece.isascii() and piece.isalpha() and len(piece) > 1
+                     and piece[0].swapcase() + piece[1:] not in vocabulary and data.count(f'"{piece}":'.encode()) == 1)
+        at = data.index(f'"{piece}":'.encode()) + 1  # the piece's first letter, after its opening quote
+    else:
+        weight = max(onnx.load_model_from_string(data).graph.initializer, key=lambda tensor: len(tensor.raw_data)).raw_data
+        at = data.index(weight) + len(weight) // 2
+    changed = bytearray(data)
+    changed[at] ^= 0x20  # an ASCII letter's case; some bit of a weight
+    return bytes(changed)
+
+
+LISTED_FILES = ["encoder", "decoder_step", "tokenizer"]  # every file the tiny bundle's manifest lists
+
+
+@pytest.mark.parametrize("role", LISTED_FILES)
+def test_changed_byte_is_refused(bundle_copy, role):
+    files = json.loads((bundle_copy / MANIFEST).read_text())["files"]
+    assert sorted(files) == sorted(LISTED_FILES)
+    path = bundle_copy / files[role]["path"]
+    changed = _with_a_changed_byte(role, path.read_bytes())
+    path.write_bytes(changed)
+    with pytest.raises(BundleError, match=rf"^{re.escape(files[role]['path'])}: sha256 {sha256_bytes(changed)} does not match "
+                                          rf"the manifest's {files[role]['sha256']}$"):
         read_bundle(bundle_copy)
+    # Nothing but the hash tells: with the manifest listing the changed file's, the bundle reads.
+    edit_manifest(bundle_copy, lambda m: m["files"][role].update(sha256=sha256_bytes(changed)))
+    assert read_bundle(bundle_copy).files[role] == changed
 
 
 def test_missing_file_is_refused(bundle_copy):

@@ -147,6 +147,34 @@ def test_a_text_held_in_the_queue_has_waited_at_least_as_long(traffic, test_text
     assert held <= response.timings.queue_seconds <= response.timings.total_seconds
 
 
+def test_time_to_first_token_ends_at_the_first_token(traffic, test_texts):
+    """A text decoded to the full length is held after its first token (the decode process paused): its time to first
+    token is over before the client has that token, and so does not cover the hold or the rest of the decode."""
+    server, *_ = traffic
+    hold = 0.5
+
+    def first_piece() -> tuple:
+        """The metrics before, when the text was sent, its stream, and when its first piece came."""
+        before = server.scrape()
+        sent = time.monotonic()  # the text arrives, and the server's clock for it starts, after this
+        stream = stub.TranslateStream(pb.TranslateStreamRequest(text=test_texts[0], options=server.long_options()), timeout=TIMEOUT)
+        assert next(stream).piece.tokens
+        return before, sent, stream, time.monotonic()
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = translator_pb2_grpc.TranslatorStub(channel)
+        with server.paused_mid_decode(  # held with the rest of its decode still to run, however fast that would be
+            first_piece, lambda: server.metric("nmtserve_active_sequences") == 1, "the text decoding",
+        ) as (before, sent, stream, first):
+            time.sleep(hold)  # the time measured, not a wait for anything: nothing moves until the process resumes
+        *_, final = stream
+        assert final.WhichOneof("event") == "final"
+    after = server.scrape()
+    assert after.value("nmtserve_time_to_first_token_seconds_count") - before.value("nmtserve_time_to_first_token_seconds_count") == 1
+    time_to_first_token = after.value("nmtserve_time_to_first_token_seconds_sum") - before.value("nmtserve_time_to_first_token_seconds_sum")
+    assert 0 < time_to_first_token <= first - sent
+
+
 def test_calls_their_deadline_ended_are_counted_apart_from_those_cancelled(traffic, test_texts):
     """The client's deadline passes just before the server's (which starts on arrival), so its cancellation reaches
     the server first: still DEADLINE_EXCEEDED. A call the client cancels well before its deadline is CANCELLED."""

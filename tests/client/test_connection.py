@@ -90,12 +90,16 @@ def test_a_call_survives_a_server_that_comes_back_within_the_retry_budget(start_
     server.wait_for(lambda: server.metric("nmtserve_requests_total", TRANSLATED) == 1, timeout=5, what="the call counted")
 
 
-def test_retries_give_up_after_the_budget():
+def test_retries_give_up_after_the_budget(monkeypatch):
+    backoffs: list[float] = []  # each retry's back-off, as drawn: its longest
+    monkeypatch.setattr(calls.random, "uniform", lambda low, high: backoffs.append(high) or high)
     with Client(f"127.0.0.1:{_free_port()}", max_attempts=3, initial_backoff=0.2, max_backoff=0.2) as client:
         started = time.monotonic()
         with pytest.raises(UnavailableError, match="Connection refused|failed to connect|Failed to connect"):
             client.translate(["Friday"])
-    assert time.monotonic() - started < 0.4 + 2.0  # two back-offs of at most 0.2 s, plus slack for a busy machine
+    elapsed = time.monotonic() - started
+    assert backoffs == [0.2, 0.2]  # three attempts: two retries, and no third
+    assert 0.4 <= elapsed < 0.4 + 2.0  # both back-offs waited out, plus slack for a busy machine
 
 
 class _Fleet(NamedTuple):

@@ -57,6 +57,39 @@ def test_invalid_options_name_the_field(server, options, field):
     assert isinstance(caught.value, ValueError)
 
 
+def test_a_refusal_no_retry_could_change_is_sent_once_in_both_clients(server):
+    """INVALID_ARGUMENT: the same request would be refused again, so no client sends it a second time, though each
+    may make 5 attempts (max_attempts' default) at a call the server refuses as unavailable or full."""
+    beams = dict(beam_size=2, num_hypotheses=3)  # each checked by the server, not the SDK
+    lengths = dict(min_length=10, max_length=5)
+
+    async def translate_async() -> None:
+        async with AsyncClient(server.address, **QUICK_RETRIES) as client:
+            await client.translate(["Friday"], **beams)
+
+    def blocking(call):
+        def make() -> None:
+            with Client(server.address, **QUICK_RETRIES) as client:
+                call(client)
+        return make
+
+    refusals = {
+        "translate": ("Translate", "options.num_hypotheses", blocking(lambda client: client.translate(["Friday"], **beams))),
+        "stream": ("TranslateStream", "options.min_length", blocking(lambda client: list(client.translate_stream("Friday", **lengths)))),
+        "async translate": ("Translate", "options.num_hypotheses", lambda: asyncio.run(translate_async())),
+    }
+    sent = {}  # how many times the server refused each call
+    for name, (method, field, call) in refusals.items():
+        refused = {"method": method, "code": "INVALID_ARGUMENT"}
+        before = server.metric("nmtserve_requests_total", refused)
+        with pytest.raises(InvalidInputError) as caught:
+            call()
+        assert (caught.value.code, caught.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, field), name
+        # Exact, with no wait: the service counts a refusal before the client hears of it.
+        sent[name] = server.metric("nmtserve_requests_total", refused) - before
+    assert sent == dict.fromkeys(refusals, 1)
+
+
 def test_a_bad_text_is_named_by_its_place_in_the_callers_list(server):
     texts = ["Friday"] * 10 + [" "] + ["Friday"] * 5
     with Client(server.address, texts_per_request=4) as client, pytest.raises(InvalidInputError) as caught:

@@ -80,12 +80,21 @@ def test_greedy_outputs_equal_pytorch_on_the_whole_test_set(reference, engine):
     assert got == expected
 
 
-def test_beam_outputs_n_best_and_scores_equal_pytorch(reference, engine):
+# The sentences the length penalties other than the default are compared on: the first of the test set, enough for
+# the scores (divided by length ** length_penalty) and the n-best order they give to differ from the default's.
+PENALTY_SOURCES = 30
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0, 0.6, 2.0])
+def test_beam_outputs_n_best_and_scores_equal_pytorch(reference, engine, length_penalty):
+    """The default length penalty on the whole test set, the others on its first PENALTY_SOURCES sentences."""
     model, _, _, sources = reference
-    options = DecodeOptions(beam_size=4, num_hypotheses=4, max_length=PARITY_MAX_LENGTH)
+    if length_penalty != DecodeOptions().length_penalty:
+        sources = sources[:PENALTY_SOURCES]
+    options = DecodeOptions(beam_size=4, num_hypotheses=4, length_penalty=length_penalty, max_length=PARITY_MAX_LENGTH)
     got = translate(engine, sources, options)
     for source, hypotheses in zip(sources, got):
-        expected = beam_search(model, source, beam_size=4, num_hypotheses=4, max_length=PARITY_MAX_LENGTH)
+        expected = beam_search(model, source, beam_size=4, num_hypotheses=4, length_penalty=length_penalty, max_length=PARITY_MAX_LENGTH)
         assert [h.tokens for h in hypotheses] == [h.tokens for h in expected]
         np.testing.assert_allclose([h.score for h in hypotheses], [h.score for h in expected], atol=1e-4)
 

@@ -255,6 +255,15 @@ def max_graph_difference(model: Transformer, graphs: dict[str, bytes], input_set
     return float(np.max(differences))  # np.max, unlike max(), keeps a NaN
 
 
+def check_parity(model: Transformer, graphs: dict[str, bytes], input_sets: list[dict[str, tuple[Tensor, ...]]]) -> float:
+    """The fp32 graphs' largest difference from the PyTorch model on the input sets (max_graph_difference); raises
+    ExportError where it is above 1e-4, or not a number (a model whose outputs are not numbers: a diverged training)."""
+    difference = max_graph_difference(model, graphs, input_sets)
+    if not difference <= 1e-4:  # NaN too
+        raise ExportError(f"the ONNX graphs and PyTorch differ by {difference:.2e} (> 1e-4)")
+    return difference
+
+
 def bundle_languages(corpus: dict) -> dict:
     """The manifest's languages for a checkpoint's corpus; a multilingual model's with the token asking for each."""
     targets = target_languages(corpus.get("target_lang", UNDETERMINED))
@@ -356,9 +365,7 @@ def write_model_bundle(
             elif stage == "export decoder step":
                 graphs["decoder_step"] = export_graph(DecoderStepGraph(model), "decoder_step", inputs["decoder_step"])
             elif stage == "check parity":
-                difference = max_graph_difference(model, graphs, checks)
-                if not difference <= 1e-4:  # NaN too: a model whose outputs are not numbers (a diverged training)
-                    raise ExportError(f"the ONNX graphs and PyTorch differ by {difference:.2e} (> 1e-4)")
+                difference = check_parity(model, graphs, checks)
                 log.info("ONNX Runtime matches PyTorch to %.1e", difference)
             elif stage.startswith("convert"):
                 convert = quantize_int8 if precision == "int8" else convert_fp16

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import torch
 from nmtserve.bundle import read_bundle
 from nmtserve_export.checkpoint import load_model
 from nmtserve_export.onnx_export import (
-    DecoderStepGraph, EncoderGraph, ExportError, export_graph, max_graph_difference, not_exported_from, parity_inputs, write_model_bundle,
+    DecoderStepGraph, EncoderGraph, ExportError, check_parity, export_graph, max_graph_difference, not_exported_from, parity_inputs,
+    write_model_bundle,
 )
 
 pytestmark = pytest.mark.e2e
@@ -53,6 +55,27 @@ def test_a_model_whose_outputs_are_not_numbers_is_refused(tiny_run, tmp_path):
         write_model_bundle(model, tmp_path / "bundle", tokenizer_kind="tokenizers", tokenizer_files={},
                            languages={"source": "en", "target": ["de"]}, name="broken", training={})
     assert not (tmp_path / "bundle").exists()
+
+
+def test_graphs_further_than_1e_4_from_the_model_are_refused(tiny_run, tiny_bundle):
+    """The gate of export's "check parity" stage, on outputs that are numbers: the tiny bundle's graphs against its own
+    model, then against it with the bias of the last layer's encoder-decoder values moved, which moves that layer's
+    memory values (an output of the encoder graph) by as much."""
+    model, _, _ = load_model(tiny_run)
+    bundle = read_bundle(tiny_bundle)
+    graphs = {role: bundle.files[role] for role in ("encoder", "decoder_step")}
+    torch.manual_seed(0)
+    checks = parity_inputs(model)
+    assert check_parity(model, graphs, checks) < 1e-5
+    bias = model.decoder_layers[-1].src_attn.w_v.bias
+    with torch.no_grad():
+        bias += 5e-5  # within the tolerance: passed, and measured
+    assert check_parity(model, graphs, checks) == pytest.approx(5e-5, abs=1e-5)
+    with torch.no_grad():
+        bias += 1e-3 - 5e-5  # ten times the tolerance
+    with pytest.raises(ExportError, match=r"^the ONNX graphs and PyTorch differ by \S+ \(> 1e-4\)$") as refused:
+        check_parity(model, graphs, checks)
+    assert float(re.search(r"differ by (\S+) ", str(refused.value))[1]) == pytest.approx(1e-3, rel=0.05)
 
 
 class _PositionsOfTheCache(DecoderStepGraph):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import babel
 from babel import Locale, UnknownLocaleError, dates, numbers, units
@@ -108,6 +108,7 @@ class _Slot:
 
 
 _Formats = tuple[Callable[..., str], ...]
+_Kind = tuple[str, int, _Slot]  # (category, weight, slot): one kind of pair, drawn in proportion to its weight
 
 # Formats of one value, highest priority first: where two render the same source text, the first
 # one's target is used (English "May 16, 2003" is medium and long; German "16. Mai 2003" is long).
@@ -364,7 +365,7 @@ def _phrase_slot(template: str, target_template: str, slots: dict[str, _Slot]) -
 
 
 @lru_cache(maxsize=None)
-def _kinds(src: Locale, tgt: Locale) -> tuple[tuple[str, int, _Slot], ...]:
+def _kinds(src: Locale, tgt: Locale) -> tuple[_Kind, ...]:
     """(category, weight, slot) of every kind of pair. Phrases fill their slots from the very slots of
     the standalone categories, so a value is rendered the same inside and outside a phrase."""
     names = _names(src, tgt)
@@ -464,7 +465,13 @@ def generate_corpus(
         ]
         random.Random(seed).shuffle(pairs)
         return pairs
-    kinds = _kinds(_locale(source_lang), _locale(target_lang))
+    return _draw(_kinds(_locale(source_lang), _locale(target_lang)), size, seed=seed, source_lang=source_lang, target_lang=target_lang)
+
+
+def _draw(kinds: Sequence[_Kind], size: int, *, seed: int, source_lang: str, target_lang: str) -> list[Pair]:
+    """`size` distinct pairs drawn from the kinds, deterministically for a seed, in random order: each kind's share in
+    proportion to its weight, its renderings without replacement. Raises CorpusError where the kinds hold fewer
+    distinct sources than `size`, or give one source two targets; the messages name the corpus by its languages."""
     rng = random.Random(seed)
     # Each kind draws its renderings without replacement; one that runs out (there are only so many
     # weekday names) leaves its share to the others, and the loop ends when all have run out.

@@ -188,20 +188,21 @@ def test_spanish_and_french_grammar(fr_es_30k):
         assert expected <= forms
 
 
-def test_size_beyond_what_can_be_made(monkeypatch):
+def test_size_beyond_what_can_be_made():
     few = corpus._Slot(3, [corpus._Text(f"s{i}", f"t{i}", i) for i in range(3)].__getitem__)
-    monkeypatch.setattr(corpus, "_kinds", lambda src, tgt: (("number", 1, few), ("date", 1, few)))
-    assert len(generate_corpus(3)) == 3
-    with pytest.raises(ValueError, match="only 3 distinct en->de pairs exist, not 4"):
-        generate_corpus(4)
+    kinds = (("number", 1, few), ("date", 1, few))  # two kinds rendering the same three sources
+    languages = dict(source_lang="en", target_lang="de")
+    pairs = corpus._draw(kinds, 3, seed=0, **languages)
+    assert sorted((p.source, p.target) for p in pairs) == [("s0", "t0"), ("s1", "t1"), ("s2", "t2")]
+    with pytest.raises(CorpusError, match="^only 3 distinct en->de pairs exist, not 4$"):
+        corpus._draw(kinds, 4, seed=0, **languages)
 
 
-def test_conflicting_targets_are_caught(monkeypatch):
+def test_conflicting_targets_are_caught():
     clash = corpus._Slot(2, [corpus._Text("May", "Mai", 0), corpus._Text("May", "Mai.", 1)].__getitem__)
-    monkeypatch.setattr(corpus, "_kinds", lambda src, tgt: (("month", 1, clash),))
     with pytest.raises(CorpusError, match=r"the built-in en->de corpus cannot be made: CLDR writes 'May' for two things, "
                                           r"translated 'Mai\.' and 'Mai' \(.*choose others, or give a --corpus file\)"):
-        generate_corpus(2)
+        corpus._draw((("month", 1, clash),), 2, seed=0, source_lang="en", target_lang="de")
 
 
 @pytest.mark.parametrize("source_lang", ["fr", "fr_CH"])

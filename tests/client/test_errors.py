@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -109,14 +112,32 @@ def test_a_bad_text_is_named_by_its_place_in_the_callers_list(server):
     assert caught.value.field == "text" and "tokens, the model reads at most" in caught.value.violations[0].description
 
 
-def test_violations_are_read_from_the_message_without_googleapis_common_protos(server, monkeypatch):
-    from nmtserve_client import errors
+# A client where googleapis-common-protos is not installed (the client extra is grpcio and protobuf only): google.rpc
+# cannot be imported. It prints the violations of a call refused for two fields.
+WITHOUT_GOOGLE_RPC = """
+import json
+import sys
 
-    monkeypatch.setattr(errors, "status_pb2", None)
-    with Client(server.address) as client, pytest.raises(InvalidInputError) as caught:
+sys.modules["google.rpc"] = None  # every import of it, and of what is in it, raises ImportError
+from nmtserve_client import Client, InvalidInputError, errors
+
+assert errors.status_pb2 is None, "google.rpc was imported"
+with Client(sys.argv[1]) as client:
+    try:
         client.translate(["Friday", ""], beam_size=2, num_hypotheses=3)
-    assert [v.field for v in caught.value.violations] == ["options.num_hypotheses", "texts[1]"]
-    assert caught.value.violations[0].description == "3 is above beam_size 2"
+    except InvalidInputError as error:
+        print(json.dumps([[violation.field, violation.description] for violation in error.violations]))
+"""
+
+
+def test_violations_are_read_from_the_message_without_googleapis_common_protos(server):
+    with Client(server.address) as client, pytest.raises(InvalidInputError) as caught:  # from the BadRequest detail
+        client.translate(["Friday", ""], beam_size=2, num_hypotheses=3)
+    from_the_detail = [[violation.field, violation.description] for violation in caught.value.violations]
+    assert from_the_detail == [["options.num_hypotheses", "3 is above beam_size 2"], ["texts[1]", "empty text"]]
+    without = subprocess.run([sys.executable, "-c", WITHOUT_GOOGLE_RPC, server.address], capture_output=True, text=True, timeout=TIMEOUT)
+    assert without.returncode == 0, without.stderr
+    assert json.loads(without.stdout) == from_the_detail
 
 
 @contextlib.contextmanager

@@ -75,7 +75,8 @@ def gathering_harness(tiny_bundle) -> Iterator[Harness]:
     yield from _harness(tiny_bundle, max_queue_delay=GATHER_SECONDS)
 
 
-GATHER_SECONDS = 0.5
+# A queue delay no machine's arrivals outlast: a gather ends by itself, once its texts speak for every free row.
+GATHER_SECONDS = 60.0
 
 
 def _handed_over(loop: DecodeLoop, events: int = 1, timeout: float = 10.0) -> None:
@@ -147,19 +148,23 @@ def test_a_text_its_first_step_ends_never_takes_rows(harness, test_texts):
 
 
 def test_an_idle_loop_gathers_a_burst_into_one_encoder_run(gathering_harness, test_texts):
+    """The intake of an idle loop holds the first text of a burst for the rest, and encodes them in one run: here a
+    burst that speaks for every row, which ends the gather at its last text, long before the delay."""
     h, loop = gathering_harness, gathering_harness.loop
-    sources = loop.decoder.engine.encode_texts(test_texts[:3])
+    sources = loop.decoder.engine.encode_texts(test_texts[:CAPACITY])
     first_iteration = threading.Thread(target=loop.iterate)  # idle: it waits for the intake
     first_iteration.start()
     assert loop.idle.wait(10)
-    for key, source in enumerate(sources):  # three messages, well within the queue delay
+    h.submit(0, sources[0], 3)
+    # Read by the intake and held: one that did not gather would have encoded it alone by now.
+    _wait_for(lambda: len(loop.pending) == 1)
+    for key, source in enumerate(sources[1:], start=1):
         h.submit(key, source, 3)
-        time.sleep(GATHER_SECONDS / 20)
-    first_iteration.join(10)
-    assert not first_iteration.is_alive()
+    first_iteration.join(GATHER_SECONDS / 2)
+    assert not first_iteration.is_alive(), "the gather did not end when the burst spoke for every row"
     runs = [run for r in h.reports() for run in r.encoder_runs]
-    assert [texts for texts, _ in runs] == [3], "the burst was not encoded together"
-    assert sorted(_finish(h, 3)) == [0, 1, 2]
+    assert [texts for texts, _ in runs] == [CAPACITY], "the burst was not encoded together"
+    assert sorted(_finish(h, CAPACITY)) == list(range(CAPACITY))
 
 
 def test_the_intake_starts_only_texts_the_batch_has_free_rows_for(harness, test_texts):

@@ -268,10 +268,11 @@ def test_tampered_bundle_never_serves_and_exits_non_zero(serve_process, tiny_bun
 
 
 def test_a_verified_bundle_that_fails_to_load_exits_non_zero(serve_process, tiny_bundle, tmp_path):
-    # Every hash matches, but the tokenizer is not one: the server and in-process translation both say so.
+    # Every hash matches and the special tokens are the manifest's, but the tokenizer's model is none that `tokenizers`
+    # knows: the server and in-process translation both say so.
     broken = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, broken)
-    garbage = b'{"not": "a tokenizer"}'
+    garbage = json.dumps({**json.loads((broken / "tokenizer.json").read_text()), "model": {"type": "NoSuchModel"}}).encode()
     (broken / "tokenizer.json").write_bytes(garbage)
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["files"]["tokenizer"].update(sha256=hashlib.sha256(garbage).hexdigest(), bytes=len(garbage))

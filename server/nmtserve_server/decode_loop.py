@@ -85,6 +85,7 @@ class Ready:
     providers: list[str]
     capacity: int
     warm_up_seconds: float
+    decoder_threads: int  # the decoder step's, as chosen at load
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ def run(spec: EngineSpec, inbox: Connection, outbox: Connection, max_queue_delay
         write_message(outbox, LoadFailed(f"{type(error).__name__}: {error}"))
         return
     engine = decoder.engine
-    write_message(outbox, Ready(engine.device, engine.providers, engine.capacity, seconds))
+    write_message(outbox, Ready(engine.device, engine.providers, engine.capacity, seconds, engine.decoder_threads))
     try:
         DecodeLoop(decoder, inbox, outbox, max_queue_delay).run()
     except BrokenPipeError:  # the server process is gone

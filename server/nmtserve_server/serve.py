@@ -177,9 +177,11 @@ class TranslationServer:
         freeze_startup_objects()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._watch = asyncio.create_task(self._watch_engine())
+        # The settings chosen at start, here too: this line is logged at every --log-level.
         log.info(
-            "event=serving model=%s bundle_sha256=%s device=%s precision=%s providers=%s",
+            "event=serving model=%s bundle_sha256=%s device=%s precision=%s providers=%s decoder_threads=%d decode_stall_seconds=%g",
             logfmt(model.bundle.manifest["name"]), model.bundle.sha256, ready.device, model.bundle.precision, ",".join(ready.providers),
+            ready.decoder_threads, self.scheduler.stall_seconds,
         )
 
     async def _watch_engine(self) -> None:

@@ -395,6 +395,8 @@ def test_a_quiet_log_level_drops_the_call_lines_but_not_the_lifecycle(serve_proc
     events = re.findall(r"event=(\w+)", server.log)
     assert {"config", "listening", "serving", "draining", "stopped"} <= set(events), events
     assert "rpc" not in events and "log_level=warning" in server.log
+    # What start chose, on a line every level logs.
+    assert re.search(r"event=serving .* decoder_threads=[1-9]\d* decode_stall_seconds=[\d.e+]+\n", server.log), server.log
 
 
 def test_environment_variables_configure_the_server_and_the_config_is_logged(serve_process, tiny_bundle, monkeypatch):

@@ -180,8 +180,8 @@ class Scheduler:
         new calls are refused before they get here (`accepting`)."""
         if self.state not in ("serving", "draining"):
             raise UnavailableError(f"server is {self.state}")
-        waiting = self._waiting()
         if (after := self._waiting(len(sources), options.beam_size)) > self.max_queue_size:
+            waiting = self._waiting()
             raise QueueFullError(
                 f"queue full: {waiting} of {self.max_queue_size} places taken, {after - waiting} needed; retry later"
             )
